@@ -1,0 +1,227 @@
+"""Frozen entities: what the store hands out instead of ORM rows."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class JobKind(enum.StrEnum):
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    CONSOLIDATE = "consolidate"
+    RETRAIN = "retrain"
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+# Allowed transitions; `running -> queued` re-queues a job whose worker died.
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class AdapterStatus(enum.StrEnum):
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class NodeKind(enum.StrEnum):
+    """Kinds of lineage nodes."""
+
+    SNAPSHOT = "snapshot"
+    ADAPTER = "adapter"
+    DATASET = "dataset"
+    JOB = "job"
+
+
+class Relation(enum.StrEnum):
+    """Edge labels, read as `child <relation> parent`."""
+
+    DERIVED_FROM = "derived_from"  # snapshot -> parent snapshot
+    FOLDS = "folds"  # snapshot -> adapter folded into it
+    TRAINED_ON = "trained_on"  # adapter -> base snapshot
+    DEPENDS_ON = "depends_on"  # adapter -> earlier adapter active during training
+    TRAINED_WITH = "trained_with"  # adapter -> dataset
+    PRODUCED_BY = "produced_by"  # adapter/snapshot -> job
+    USES = "uses"  # job -> dataset
+
+
+@dataclass(frozen=True)
+class Stream:
+    id: int
+    name: str
+    base_source: dict[str, Any]
+    method: str
+    hyperparams: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: int
+    stream_id: int
+    version: int
+    parent_id: int | None
+    artifact_digest: str
+    source: dict[str, Any]
+    job_id: int | None
+    created_at: datetime
+    folded_adapter_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dataset:
+    id: int
+    digest: str
+    format: str
+    num_train: int
+    num_test: int
+    labels: tuple[str, ...] | None
+    size_bytes: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    stream_id: int
+    name: str
+    position: int
+    dataset_id: int
+    dataset_digest: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    id: int
+    stream_id: int
+    task_id: int
+    task_name: str
+    version: int
+    method: str
+    hyperparams: dict[str, Any]
+    base_snapshot_id: int
+    dataset_id: int
+    depends_on: tuple[int, ...]
+    job_id: int | None
+    metrics: dict[str, Any]
+    artifact_digest: str | None
+    status: AdapterStatus
+    created_at: datetime
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: JobKind
+    state: JobState
+    stream_id: int | None
+    task_id: int | None
+    params: dict[str, Any]
+    progress: float
+    error: JobError | None
+    cancel_requested: bool
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: int
+    job_id: int
+    created_at: datetime
+    level: str
+    message: str
+    metrics: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    id: int
+    stream_id: int
+    after_position: int
+    task_id: int
+    snapshot_id: int
+    adapter_version_id: int | None
+    job_id: int | None
+    metric: str
+    value: float
+    num_examples: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class EvaluationMatrix:
+    """The stream's accuracy matrix: values[t][i] = metric of task i after learning task t.
+
+    `baseline[i]` is task i measured on the untrained base snapshot (None where not measured).
+    """
+
+    task_names: tuple[str, ...]
+    values: tuple[tuple[float | None, ...], ...]
+    baseline: tuple[float | None, ...]
+    metric: str
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    kind: NodeKind
+    id: int
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}:{self.id}"
+
+
+@dataclass(frozen=True)
+class LineageNode:
+    kind: NodeKind
+    id: int
+    depth: int
+    label: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LineageEdge:
+    child: NodeRef
+    parent: NodeRef
+    relation: Relation
+
+
+@dataclass(frozen=True)
+class LineageGraph:
+    root: NodeRef
+    direction: str  # "ancestors" | "descendants"
+    nodes: tuple[LineageNode, ...]
+    edges: tuple[LineageEdge, ...]

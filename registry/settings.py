@@ -1,0 +1,55 @@
+"""Deployment settings, read from the environment (prefix ``STRATA_``) or secret files."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StrataSettings(BaseSettings):
+    """Where the registry keeps its metadata and artifacts.
+
+    The embedded default needs no servers: SQLite and a local artifact directory, both under
+    `data_dir`. Point `database_url` at PostgreSQL and `artifact_backend` at MinIO for the service.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="STRATA_", secrets_dir=None, extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Path(".strata")
+    database_url: str | None = None
+    artifact_backend: Literal["local", "minio"] = "local"
+    artifact_dir: Path | None = None
+    minio_endpoint: str = "127.0.0.1:9000"
+    minio_access_key: SecretStr | None = None
+    minio_secret_key: SecretStr | None = None
+    minio_bucket: str = "strata"
+    minio_secure: bool = False
+    minio_region: str | None = None
+    broker_url: str = "redis://127.0.0.1:6379/0"
+
+    @model_validator(mode="after")
+    def _minio_needs_credentials(self) -> StrataSettings:
+        if self.artifact_backend == "minio" and not (
+            self.minio_access_key and self.minio_secret_key
+        ):
+            raise ValueError(
+                "STRATA_MINIO_ACCESS_KEY and STRATA_MINIO_SECRET_KEY are required "
+                "when STRATA_ARTIFACT_BACKEND=minio"
+            )
+        return self
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @cached_property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or self.data_dir / "artifacts"

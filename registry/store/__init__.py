@@ -1,0 +1,61 @@
+"""The registry store: `open_registry(url)` gives a `Registry` on SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine
+
+from registry.db import make_engine, migrate
+from registry.store._db import Database
+from registry.store.adapters import SqlAdapterStore
+from registry.store.base import (
+    AdapterStore,
+    EvaluationStore,
+    JobStore,
+    LineageStore,
+    Registry,
+    StreamStore,
+    TaskStore,
+)
+from registry.store.evaluations import SqlEvaluationStore
+from registry.store.jobs import SqlJobStore
+from registry.store.lineage import SqlLineageStore
+from registry.store.streams import SqlStreamStore
+from registry.store.tasks import SqlTaskStore
+
+
+class SqlRegistry:
+    """The registry on any SQLAlchemy engine (SQLite embedded, PostgreSQL via psycopg 3)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        db = Database(engine)
+        self.streams: StreamStore = SqlStreamStore(db)
+        self.tasks: TaskStore = SqlTaskStore(db)
+        self.adapters: AdapterStore = SqlAdapterStore(db)
+        self.jobs: JobStore = SqlJobStore(db)
+        self.evaluations: EvaluationStore = SqlEvaluationStore(db)
+        self.lineage: LineageStore = SqlLineageStore(db)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_registry(url: str, *, upgrade: bool = True) -> SqlRegistry:
+    """Open (and by default migrate to head) the registry database at `url`."""
+    engine = make_engine(url)
+    if upgrade:
+        migrate(engine)
+    return SqlRegistry(engine)
+
+
+__all__ = [
+    "AdapterStore",
+    "EvaluationStore",
+    "JobStore",
+    "LineageStore",
+    "Registry",
+    "SqlRegistry",
+    "StreamStore",
+    "TaskStore",
+    "open_registry",
+]

@@ -1,0 +1,85 @@
+"""Transactions shared by the SQL stores."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.entities import NodeKind, NodeRef, Relation
+from registry.errors import Conflict
+from registry.tables import Base, LineageEdgeRow
+
+T = TypeVar("T")
+
+# Version numbers and positions are allocated as max+1 under a unique constraint, with the parent
+# row locked (PostgreSQL) so writers to one parent queue up; should two still race, the insert
+# fails on the constraint and we retry a bounded number of times with a little jitter.
+ALLOCATION_RETRIES = 8
+
+
+class Database:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def allocate(self, attempt: Callable[[Session], T], *, what: str) -> T:
+        """Run `attempt` in its own transaction, retrying when a unique constraint races."""
+        for n in range(ALLOCATION_RETRIES):
+            try:
+                with self.tx() as session:
+                    return attempt(session)
+            except sa_exc.IntegrityError as exc:
+                if not _is_unique_violation(exc):
+                    raise
+                time.sleep(random.uniform(0, 0.01 * 2**n))
+        raise Conflict(f"could not allocate {what} after {ALLOCATION_RETRIES} attempts")
+
+
+def _is_unique_violation(exc: sa_exc.IntegrityError) -> bool:
+    text = str(exc.orig).lower()
+    return "unique" in text or "duplicate key" in text
+
+
+def add_edges(session: Session, child: NodeRef, parents: list[tuple[NodeRef, Relation]]) -> None:
+    """Record `child -> parent` lineage edges, skipping ones already present."""
+    for parent, relation in parents:
+        exists = session.scalar(
+            select(LineageEdgeRow.id).where(
+                LineageEdgeRow.child_kind == child.kind.value,
+                LineageEdgeRow.child_id == child.id,
+                LineageEdgeRow.parent_kind == parent.kind.value,
+                LineageEdgeRow.parent_id == parent.id,
+                LineageEdgeRow.relation == relation.value,
+            )
+        )
+        if exists is None:
+            session.add(
+                LineageEdgeRow(
+                    child_kind=child.kind.value,
+                    child_id=child.id,
+                    parent_kind=parent.kind.value,
+                    parent_id=parent.id,
+                    relation=relation.value,
+                )
+            )
+
+
+def lock(session: Session, table: type[Base], row_id: int) -> Any:
+    """Fetch a parent row FOR NO KEY UPDATE (a no-op on SQLite, whose writers are serial)."""
+    return session.get(table, row_id, with_for_update={"key_share": True})
+
+
+def ref(kind: NodeKind, id_: int) -> NodeRef:
+    return NodeRef(kind=kind, id=id_)

@@ -1,0 +1,171 @@
+"""The registry's interface. Callers depend on these protocols, never on SQL or ORM rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from registry.entities import (
+    AdapterVersion,
+    Dataset,
+    Evaluation,
+    EvaluationMatrix,
+    Job,
+    JobEvent,
+    JobKind,
+    JobState,
+    LineageGraph,
+    NodeRef,
+    Snapshot,
+    Stream,
+    Task,
+)
+
+
+class StreamStore(Protocol):
+    def create(
+        self, *, name: str, base_source: dict[str, Any], method: str, hyperparams: dict[str, Any]
+    ) -> Stream: ...
+    def get(self, name: str) -> Stream: ...
+    def get_by_id(self, stream_id: int) -> Stream: ...
+    def list_streams(self, *, limit: int = 100, after_id: int = 0) -> list[Stream]: ...
+    def add_snapshot(
+        self,
+        *,
+        stream_id: int,
+        artifact_digest: str,
+        source: dict[str, Any],
+        parent_id: int | None = None,
+        folded_adapter_ids: Sequence[int] = (),
+        job_id: int | None = None,
+        make_current: bool = True,
+    ) -> Snapshot: ...
+    def get_snapshot(self, *, stream_id: int, version: int) -> Snapshot: ...
+    def get_snapshot_by_id(self, snapshot_id: int) -> Snapshot: ...
+    def list_snapshots(self, stream_id: int) -> list[Snapshot]: ...
+    def current_snapshot(self, stream_id: int) -> Snapshot: ...
+    def set_current_snapshot(self, *, stream_id: int, snapshot_id: int) -> Snapshot: ...
+
+
+class TaskStore(Protocol):
+    def add_dataset(
+        self,
+        *,
+        digest: str,
+        format: str,
+        num_train: int,
+        num_test: int,
+        size_bytes: int,
+        labels: Sequence[str] | None = None,
+    ) -> Dataset: ...
+    def get_dataset(self, digest: str) -> Dataset: ...
+    def get_dataset_by_id(self, dataset_id: int) -> Dataset: ...
+    def submit(
+        self, *, stream_id: int, name: str, dataset_id: int, params: dict[str, Any] | None = None
+    ) -> tuple[Task, Job]: ...
+    def get(self, *, stream_id: int, name: str) -> Task: ...
+    def get_by_id(self, task_id: int) -> Task: ...
+    def list_tasks(self, stream_id: int) -> list[Task]: ...
+
+
+class AdapterStore(Protocol):
+    def create_version(
+        self,
+        *,
+        task_id: int,
+        method: str,
+        hyperparams: dict[str, Any],
+        base_snapshot_id: int,
+        dataset_id: int,
+        depends_on: Sequence[int] = (),
+        job_id: int | None = None,
+    ) -> AdapterVersion: ...
+    def mark_ready(
+        self, version_id: int, *, artifact_digest: str, metrics: dict[str, Any] | None = None
+    ) -> AdapterVersion: ...
+    def mark_failed(self, version_id: int) -> AdapterVersion: ...
+    def update_metrics(self, version_id: int, metrics: dict[str, Any]) -> AdapterVersion: ...
+    def get(self, *, task_id: int, ref_: int | str) -> AdapterVersion: ...
+    def get_by_id(self, version_id: int) -> AdapterVersion: ...
+    def list_versions(
+        self, *, stream_id: int, task_id: int | None = None, limit: int = 100, after_id: int = 0
+    ) -> list[AdapterVersion]: ...
+    def set_alias(self, *, task_id: int, alias: str, version_id: int) -> AdapterVersion: ...
+    def delete_alias(self, *, task_id: int, alias: str) -> None: ...
+    def delete(self, version_id: int) -> AdapterVersion: ...
+    def stream_state(self, *, stream_id: int, snapshot_id: int) -> list[AdapterVersion]: ...
+
+
+class JobStore(Protocol):
+    def create(
+        self,
+        *,
+        kind: JobKind,
+        stream_id: int | None,
+        task_id: int | None = None,
+        params: dict[str, Any] | None = None,
+        dataset_id: int | None = None,
+    ) -> Job: ...
+    def get(self, job_id: int) -> Job: ...
+    def list_jobs(
+        self,
+        *,
+        stream_id: int | None = None,
+        state: JobState | None = None,
+        limit: int = 50,
+        after_id: int = 0,
+    ) -> list[Job]: ...
+    def transition(
+        self,
+        job_id: int,
+        to: JobState,
+        *,
+        error_code: str | None = None,
+        error_message: str | None = None,
+    ) -> Job: ...
+    def heartbeat(self, job_id: int, *, progress: float | None = None) -> Job: ...
+    def request_cancel(self, job_id: int) -> Job: ...
+    def add_event(
+        self,
+        job_id: int,
+        *,
+        message: str,
+        level: str = "info",
+        metrics: dict[str, Any] | None = None,
+    ) -> JobEvent: ...
+    def events(self, job_id: int, *, after_id: int = 0, limit: int = 100) -> list[JobEvent]: ...
+    def stale_running(self, *, heartbeat_before: datetime) -> list[Job]: ...
+
+
+class EvaluationStore(Protocol):
+    def record(
+        self,
+        *,
+        stream_id: int,
+        after_position: int,
+        task_id: int,
+        snapshot_id: int,
+        metric: str,
+        value: float,
+        num_examples: int,
+        adapter_version_id: int | None = None,
+        job_id: int | None = None,
+    ) -> Evaluation: ...
+    def matrix(self, stream_id: int, *, metric: str = "accuracy") -> EvaluationMatrix: ...
+
+
+class LineageStore(Protocol):
+    def ancestors(self, node: NodeRef, *, max_depth: int = ...) -> LineageGraph: ...
+    def descendants(self, node: NodeRef, *, max_depth: int = ...) -> LineageGraph: ...
+
+
+class Registry(Protocol):
+    """Everything the registry stores about streams, grouped by resource."""
+
+    streams: StreamStore
+    tasks: TaskStore
+    adapters: AdapterStore
+    jobs: JobStore
+    evaluations: EvaluationStore
+    lineage: LineageStore

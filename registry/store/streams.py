@@ -1,0 +1,220 @@
+"""Streams and their base snapshots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from registry.entities import NodeKind, Relation, Snapshot, Stream
+from registry.errors import AlreadyExists, InvalidReference, NotFound
+from registry.store import _convert as convert
+from registry.store._db import Database, add_edges, lock, ref
+from registry.tables import (
+    AdapterVersionRow,
+    JobRow,
+    LineageEdgeRow,
+    SnapshotAliasRow,
+    SnapshotRow,
+    StreamRow,
+    utcnow,
+)
+from registry.validation import check_digest, check_name
+
+CURRENT = "current"
+
+
+class SqlStreamStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- streams --------------------------------------------------------------------------------
+    def create(
+        self, *, name: str, base_source: dict[str, Any], method: str, hyperparams: dict[str, Any]
+    ) -> Stream:
+        check_name(name, field="name")
+        with self._db.tx() as s:
+            if s.scalar(select(StreamRow.id).where(StreamRow.name == name)) is not None:
+                raise AlreadyExists(f"stream '{name}' already exists", field="name")
+            row = StreamRow(
+                name=name, base_source=base_source, method=method, hyperparams=hyperparams
+            )
+            s.add(row)
+            s.flush()
+            return convert.stream(row)
+
+    def get(self, name: str) -> Stream:
+        with self._db.tx() as s:
+            row = s.scalar(
+                select(StreamRow).where(StreamRow.name == name, StreamRow.deleted_at.is_(None))
+            )
+            if row is None:
+                raise NotFound(f"stream '{name}' not found", field="stream")
+            return convert.stream(row)
+
+    def get_by_id(self, stream_id: int) -> Stream:
+        with self._db.tx() as s:
+            return convert.stream(_stream_row(s, stream_id))
+
+    def list_streams(self, *, limit: int = 100, after_id: int = 0) -> list[Stream]:
+        with self._db.tx() as s:
+            rows = s.scalars(
+                select(StreamRow)
+                .where(StreamRow.deleted_at.is_(None), StreamRow.id > after_id)
+                .order_by(StreamRow.id)
+                .limit(limit)
+            )
+            return [convert.stream(r) for r in rows]
+
+    # -- snapshots ------------------------------------------------------------------------------
+    def add_snapshot(
+        self,
+        *,
+        stream_id: int,
+        artifact_digest: str,
+        source: dict[str, Any],
+        parent_id: int | None = None,
+        folded_adapter_ids: Sequence[int] = (),
+        job_id: int | None = None,
+        make_current: bool = True,
+    ) -> Snapshot:
+        """Register a new snapshot version (the blob must already be stored)."""
+        check_digest(artifact_digest, field="artifact_digest")
+
+        def attempt(s: Session) -> Snapshot:
+            _stream_row(s, stream_id, for_update=True)
+            _check_refs(s, stream_id, parent_id, folded_adapter_ids, job_id)
+            version = s.scalar(
+                select(func.coalesce(func.max(SnapshotRow.version) + 1, 0)).where(
+                    SnapshotRow.stream_id == stream_id
+                )
+            )
+            row = SnapshotRow(
+                stream_id=stream_id,
+                version=version,
+                parent_id=parent_id,
+                artifact_digest=artifact_digest,
+                source=source,
+                job_id=job_id,
+            )
+            s.add(row)
+            s.flush()
+            parents = [(ref(NodeKind.ADAPTER, a), Relation.FOLDS) for a in folded_adapter_ids]
+            if parent_id is not None:
+                parents.append((ref(NodeKind.SNAPSHOT, parent_id), Relation.DERIVED_FROM))
+            if job_id is not None:
+                parents.append((ref(NodeKind.JOB, job_id), Relation.PRODUCED_BY))
+            add_edges(s, ref(NodeKind.SNAPSHOT, row.id), parents)
+            if make_current:
+                _move_alias(s, stream_id, CURRENT, row.id)
+            return convert.snapshot(row, tuple(folded_adapter_ids))
+
+        return self._db.allocate(attempt, what="a snapshot version")
+
+    def get_snapshot(self, *, stream_id: int, version: int) -> Snapshot:
+        with self._db.tx() as s:
+            row = s.scalar(
+                select(SnapshotRow).where(
+                    SnapshotRow.stream_id == stream_id, SnapshotRow.version == version
+                )
+            )
+            if row is None:
+                raise NotFound(f"snapshot v{version} not found", field="version")
+            return _with_folds(s, row)
+
+    def get_snapshot_by_id(self, snapshot_id: int) -> Snapshot:
+        with self._db.tx() as s:
+            row = s.get(SnapshotRow, snapshot_id)
+            if row is None:
+                raise NotFound(f"snapshot {snapshot_id} not found", field="snapshot")
+            return _with_folds(s, row)
+
+    def list_snapshots(self, stream_id: int) -> list[Snapshot]:
+        with self._db.tx() as s:
+            rows = s.scalars(
+                select(SnapshotRow)
+                .where(SnapshotRow.stream_id == stream_id)
+                .order_by(SnapshotRow.version)
+            )
+            return [_with_folds(s, r) for r in rows]
+
+    def current_snapshot(self, stream_id: int) -> Snapshot:
+        with self._db.tx() as s:
+            alias = s.scalar(
+                select(SnapshotAliasRow).where(
+                    SnapshotAliasRow.stream_id == stream_id, SnapshotAliasRow.alias == CURRENT
+                )
+            )
+            if alias is None:
+                raise NotFound("stream has no base snapshot yet", field="snapshot")
+            return _with_folds(s, s.get_one(SnapshotRow, alias.snapshot_id))
+
+    def set_current_snapshot(self, *, stream_id: int, snapshot_id: int) -> Snapshot:
+        """Point the stream at one of its snapshots (e.g. a rollback); nothing is deleted."""
+        with self._db.tx() as s:
+            row = s.get(SnapshotRow, snapshot_id)
+            if row is None or row.stream_id != stream_id:
+                raise InvalidReference(
+                    f"snapshot {snapshot_id} does not belong to this stream", field="snapshot"
+                )
+            _move_alias(s, stream_id, CURRENT, snapshot_id)
+            return _with_folds(s, row)
+
+
+def _stream_row(s: Session, stream_id: int, *, for_update: bool = False) -> StreamRow:
+    row = lock(s, StreamRow, stream_id) if for_update else s.get(StreamRow, stream_id)
+    if row is None or row.deleted_at is not None:
+        raise NotFound(f"stream {stream_id} not found", field="stream")
+    return row
+
+
+def _check_refs(
+    s: Session,
+    stream_id: int,
+    parent_id: int | None,
+    folded: Sequence[int],
+    job_id: int | None,
+) -> None:
+    if parent_id is not None:
+        parent = s.get(SnapshotRow, parent_id)
+        if parent is None or parent.stream_id != stream_id:
+            raise InvalidReference(
+                f"parent snapshot {parent_id} does not belong to this stream", field="parent_id"
+            )
+    for adapter_id in folded:
+        row = s.get(AdapterVersionRow, adapter_id)
+        if row is None or row.stream_id != stream_id:
+            raise InvalidReference(
+                f"adapter version {adapter_id} does not belong to this stream",
+                field="folded_adapter_ids",
+            )
+    if job_id is not None and s.get(JobRow, job_id) is None:
+        raise InvalidReference(f"job {job_id} does not exist", field="job_id")
+
+
+def _move_alias(s: Session, stream_id: int, alias: str, snapshot_id: int) -> None:
+    row = s.scalar(
+        select(SnapshotAliasRow).where(
+            SnapshotAliasRow.stream_id == stream_id, SnapshotAliasRow.alias == alias
+        )
+    )
+    if row is None:
+        s.add(SnapshotAliasRow(stream_id=stream_id, alias=alias, snapshot_id=snapshot_id))
+    else:
+        row.snapshot_id = snapshot_id
+        row.updated_at = utcnow()
+
+
+def _with_folds(s: Session, row: SnapshotRow) -> Snapshot:
+    folded = s.scalars(
+        select(LineageEdgeRow.parent_id)
+        .where(
+            LineageEdgeRow.child_kind == NodeKind.SNAPSHOT.value,
+            LineageEdgeRow.child_id == row.id,
+            LineageEdgeRow.relation == Relation.FOLDS.value,
+        )
+        .order_by(LineageEdgeRow.parent_id)
+    )
+    return convert.snapshot(row, tuple(folded))

@@ -1,0 +1,147 @@
+"""Datasets (content-addressed) and the tasks of a stream."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from registry.entities import Dataset, Job, JobKind, Task
+from registry.errors import AlreadyExists, InvalidReference, InvalidValue, NotFound
+from registry.store import _convert as convert
+from registry.store._db import Database, lock
+from registry.store.jobs import insert_job
+from registry.tables import DatasetRow, StreamRow, TaskRow
+from registry.validation import check_digest, check_name
+
+
+class SqlTaskStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- datasets -------------------------------------------------------------------------------
+    def add_dataset(
+        self,
+        *,
+        digest: str,
+        format: str,
+        num_train: int,
+        num_test: int,
+        size_bytes: int,
+        labels: Sequence[str] | None = None,
+    ) -> Dataset:
+        """Register a dataset whose blob is already stored; the same digest is the same dataset."""
+        check_digest(digest)
+        if num_train < 1:
+            raise InvalidValue("a dataset needs at least one training example", field="num_train")
+
+        def attempt(s: Session) -> Dataset:
+            row = s.scalar(select(DatasetRow).where(DatasetRow.digest == digest))
+            if row is None:
+                row = DatasetRow(
+                    digest=digest,
+                    format=format,
+                    num_train=num_train,
+                    num_test=num_test,
+                    size_bytes=size_bytes,
+                    labels=list(labels) if labels is not None else None,
+                )
+                s.add(row)
+                s.flush()
+            return convert.dataset(row)
+
+        return self._db.allocate(attempt, what="a dataset row")
+
+    def get_dataset(self, digest: str) -> Dataset:
+        check_digest(digest)
+        with self._db.tx() as s:
+            row = s.scalar(select(DatasetRow).where(DatasetRow.digest == digest))
+            if row is None:
+                raise NotFound(f"dataset {digest} not found", field="dataset")
+            return convert.dataset(row)
+
+    def get_dataset_by_id(self, dataset_id: int) -> Dataset:
+        with self._db.tx() as s:
+            row = s.get(DatasetRow, dataset_id)
+            if row is None:
+                raise NotFound(f"dataset {dataset_id} not found", field="dataset")
+            return convert.dataset(row)
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def submit(
+        self,
+        *,
+        stream_id: int,
+        name: str,
+        dataset_id: int,
+        params: dict[str, Any] | None = None,
+    ) -> tuple[Task, Job]:
+        """Append a task to the stream and queue its training job, in one transaction."""
+        check_name(name, field="name")
+
+        def attempt(s: Session) -> tuple[Task, Job]:
+            stream = lock(s, StreamRow, stream_id)
+            if stream is None or stream.deleted_at is not None:
+                raise NotFound(f"stream {stream_id} not found", field="stream")
+            dataset = s.get(DatasetRow, dataset_id)
+            if dataset is None:
+                raise InvalidReference(f"dataset {dataset_id} does not exist", field="dataset_id")
+            taken = select(TaskRow.id).where(TaskRow.stream_id == stream_id, TaskRow.name == name)
+            if s.scalar(taken) is not None:
+                raise AlreadyExists(
+                    f"task '{name}' already exists in stream '{stream.name}'", field="name"
+                )
+            position = s.scalar(
+                select(func.coalesce(func.max(TaskRow.position) + 1, 0)).where(
+                    TaskRow.stream_id == stream_id
+                )
+            )
+            row = TaskRow(stream_id=stream_id, name=name, position=position, dataset_id=dataset_id)
+            s.add(row)
+            s.flush()
+            job = insert_job(
+                s,
+                kind=JobKind.TRAIN,
+                stream_id=stream_id,
+                task_id=row.id,
+                params=params or {},
+                dataset_id=dataset_id,
+            )
+            return convert.task(row, dataset.digest), convert.job(job)
+
+        return self._db.allocate(attempt, what="a task position")
+
+    def get(self, *, stream_id: int, name: str) -> Task:
+        with self._db.tx() as s:
+            row = s.scalar(
+                select(TaskRow).where(
+                    TaskRow.stream_id == stream_id,
+                    TaskRow.name == name,
+                    TaskRow.deleted_at.is_(None),
+                )
+            )
+            if row is None:
+                raise NotFound(f"task '{name}' not found", field="task")
+            return _task(s, row)
+
+    def get_by_id(self, task_id: int) -> Task:
+        with self._db.tx() as s:
+            row = s.get(TaskRow, task_id)
+            if row is None or row.deleted_at is not None:
+                raise NotFound(f"task {task_id} not found", field="task")
+            return _task(s, row)
+
+    def list_tasks(self, stream_id: int) -> list[Task]:
+        with self._db.tx() as s:
+            rows = s.scalars(
+                select(TaskRow)
+                .where(TaskRow.stream_id == stream_id, TaskRow.deleted_at.is_(None))
+                .order_by(TaskRow.position)
+            )
+            return [_task(s, r) for r in rows]
+
+
+def _task(s: Session, row: TaskRow) -> Task:
+    return convert.task(row, s.get_one(DatasetRow, row.dataset_id).digest)

@@ -1,0 +1,312 @@
+"""The registry store, run against SQLite and PostgreSQL with the same tests."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import func, select
+
+from registry.entities import AdapterStatus, JobKind, JobState, NodeKind, NodeRef, Relation
+from registry.errors import AlreadyExists, Conflict, InvalidReference, InvalidValue, NotFound
+from registry.store import SqlRegistry
+from registry.tables import JobRow, TaskRow
+
+D1, D2, D3 = "a" * 64, "b" * 64, "c" * 64
+
+
+def _stream(reg: SqlRegistry, name: str = "s1") -> tuple[int, int]:
+    stream = reg.streams.create(
+        name=name, base_source={"kind": "tiny"}, method="seq-lora", hyperparams={"rank": 4}
+    )
+    snap = reg.streams.add_snapshot(stream_id=stream.id, artifact_digest=D1, source={"k": "v0"})
+    return stream.id, snap.id
+
+
+def _dataset(reg: SqlRegistry, digest: str = D2) -> int:
+    return reg.tasks.add_dataset(
+        digest=digest, format="jsonl", num_train=10, num_test=2, size_bytes=100, labels=["x", "y"]
+    ).id
+
+
+def _trained(reg: SqlRegistry, stream_id: int, snap_id: int, name: str, deps=()):  # type: ignore[no-untyped-def]
+    ds = _dataset(reg)
+    task, job = reg.tasks.submit(stream_id=stream_id, name=name, dataset_id=ds)
+    v = reg.adapters.create_version(
+        task_id=task.id,
+        method="seq-lora",
+        hyperparams={},
+        base_snapshot_id=snap_id,
+        dataset_id=ds,
+        depends_on=deps,
+        job_id=job.id,
+    )
+    return task, job, reg.adapters.mark_ready(v.id, artifact_digest=D3, metrics={"loss": 1.0})
+
+
+def test_streams_create_get_list_and_errors(registry: SqlRegistry) -> None:
+    created = registry.streams.create(
+        name="news", base_source={"kind": "tiny"}, method="seq-lora", hyperparams={"rank": 8}
+    )
+    assert registry.streams.get("news") == created
+    assert registry.streams.get_by_id(created.id).hyperparams == {"rank": 8}
+    assert [s.name for s in registry.streams.list_streams()] == ["news"]
+    with pytest.raises(AlreadyExists) as exc:
+        registry.streams.create(name="news", base_source={}, method="seq-lora", hyperparams={})
+    assert exc.value.field == "name"
+    for bad in ["", "../x", "a/b", "x" * 65, "bad\nname", "-lead", 7]:
+        with pytest.raises(InvalidValue):
+            registry.streams.create(name=bad, base_source={}, method="m", hyperparams={})  # type: ignore[arg-type]
+    with pytest.raises(NotFound) as nf:
+        registry.streams.get("missing")
+    assert nf.value.field == "stream"
+    assert len(registry.streams.list_streams()) == 1  # nothing half-written by the failures
+
+
+def test_snapshots_are_versioned_and_current_moves(registry: SqlRegistry) -> None:
+    stream_id, v0 = _stream(registry)
+    v1 = registry.streams.add_snapshot(
+        stream_id=stream_id, artifact_digest=D2, source={}, parent_id=v0
+    )
+    assert [s.version for s in registry.streams.list_snapshots(stream_id)] == [0, 1]
+    assert registry.streams.current_snapshot(stream_id).id == v1.id
+    rolled = registry.streams.set_current_snapshot(stream_id=stream_id, snapshot_id=v0)
+    assert rolled.version == 0 and registry.streams.current_snapshot(stream_id).id == v0
+    assert len(registry.streams.list_snapshots(stream_id)) == 2  # rollback deletes nothing
+    other, other_snap = _stream(registry, "s2")
+    with pytest.raises(InvalidReference):
+        registry.streams.add_snapshot(
+            stream_id=stream_id, artifact_digest=D2, source={}, parent_id=other_snap
+        )
+    with pytest.raises(InvalidReference):
+        registry.streams.set_current_snapshot(stream_id=stream_id, snapshot_id=other_snap)
+    with pytest.raises(InvalidValue):
+        registry.streams.add_snapshot(stream_id=stream_id, artifact_digest="nothex", source={})
+    with pytest.raises(NotFound):
+        registry.streams.add_snapshot(stream_id=999, artifact_digest=D2, source={})
+    assert len(registry.streams.list_snapshots(stream_id)) == 2
+
+
+def test_datasets_are_content_addressed(registry: SqlRegistry) -> None:
+    first = _dataset(registry)
+    assert _dataset(registry) == first
+    assert registry.tasks.get_dataset(D2).labels == ("x", "y")
+    with pytest.raises(InvalidValue):
+        registry.tasks.get_dataset("../../etc/passwd")
+    with pytest.raises(NotFound):
+        registry.tasks.get_dataset("f" * 64)
+
+
+def test_submit_task_writes_task_and_job_together(registry: SqlRegistry) -> None:
+    stream_id, _ = _stream(registry)
+    ds = _dataset(registry)
+    t0, job = registry.tasks.submit(stream_id=stream_id, name="a", dataset_id=ds, params={"x": 1})
+    t1, _ = registry.tasks.submit(stream_id=stream_id, name="b", dataset_id=ds)
+    assert (t0.position, t1.position) == (0, 1)
+    assert job.kind is JobKind.TRAIN and job.state is JobState.QUEUED and job.task_id == t0.id
+    assert job.params == {"x": 1} and t0.dataset_digest == D2
+    with pytest.raises(AlreadyExists):
+        registry.tasks.submit(stream_id=stream_id, name="a", dataset_id=ds)
+    with pytest.raises(InvalidReference):
+        registry.tasks.submit(stream_id=stream_id, name="c", dataset_id=12345)
+    with pytest.raises(NotFound):
+        registry.tasks.submit(stream_id=999, name="c", dataset_id=ds)
+    with registry.engine.connect() as conn:  # the refused submissions left no rows behind
+        assert conn.scalar(select(func.count()).select_from(JobRow)) == 2
+        assert conn.scalar(select(func.count()).select_from(TaskRow)) == 2
+    assert [t.name for t in registry.tasks.list_tasks(stream_id)] == ["a", "b"]
+
+
+def test_adapter_versions_numbering_aliases_and_latest(registry: SqlRegistry) -> None:
+    stream_id, snap = _stream(registry)
+    task, job, v1 = _trained(registry, stream_id, snap, "a")
+    assert v1.version == 1 and v1.status is AdapterStatus.READY and v1.aliases == ("latest",)
+    again = registry.adapters.create_version(
+        task_id=task.id,
+        method="seq-lora",
+        hyperparams={},
+        base_snapshot_id=snap,
+        dataset_id=v1.dataset_id,
+        job_id=job.id,
+    )
+    assert again.id == v1.id  # idempotent per job
+    v2 = registry.adapters.create_version(
+        task_id=task.id,
+        method="seq-lora",
+        hyperparams={},
+        base_snapshot_id=snap,
+        dataset_id=v1.dataset_id,
+    )
+    assert v2.version == 2 and v2.status is AdapterStatus.PENDING
+    assert registry.adapters.get(task_id=task.id, ref_="latest").id == v1.id  # pending is skipped
+    registry.adapters.mark_ready(v2.id, artifact_digest=D1)
+    assert registry.adapters.get(task_id=task.id, ref_="latest").version == 2
+    registry.adapters.set_alias(task_id=task.id, alias="prod", version_id=v1.id)
+    assert registry.adapters.get(task_id=task.id, ref_="prod").id == v1.id
+    registry.adapters.set_alias(task_id=task.id, alias="prod", version_id=v2.id)  # alias moves
+    assert registry.adapters.get(task_id=task.id, ref_="prod").id == v2.id
+    assert registry.adapters.get(task_id=task.id, ref_="1").id == v1.id
+    for bad in ["latest", "LATEST", "12", "../x"]:
+        with pytest.raises(InvalidValue):
+            registry.adapters.set_alias(task_id=task.id, alias=bad, version_id=v1.id)
+    with pytest.raises(Conflict):  # an alias points at it
+        registry.adapters.delete(v2.id)
+    with pytest.raises(Conflict):  # published artifacts are immutable
+        registry.adapters.mark_ready(v1.id, artifact_digest=D2)
+    registry.adapters.delete_alias(task_id=task.id, alias="prod")
+    registry.adapters.delete(v2.id)
+    assert registry.adapters.get(task_id=task.id, ref_="latest").id == v1.id
+    with pytest.raises(NotFound):
+        registry.adapters.get(task_id=task.id, ref_="prod")
+    assert [v.version for v in registry.adapters.list_versions(stream_id=stream_id)] == [1]
+
+
+def test_adapter_version_dangling_references(registry: SqlRegistry) -> None:
+    stream_id, snap = _stream(registry)
+    other_stream, other_snap = _stream(registry, "s2")
+    ds = _dataset(registry)
+    task, _ = registry.tasks.submit(stream_id=stream_id, name="a", dataset_id=ds)
+    common = {"task_id": task.id, "method": "seq-lora", "hyperparams": {}}
+    cases = [
+        ({"base_snapshot_id": other_snap, "dataset_id": ds}, "base_snapshot_id"),
+        ({"base_snapshot_id": snap, "dataset_id": 4242}, "dataset_id"),
+        ({"base_snapshot_id": snap, "dataset_id": ds, "depends_on": [777]}, "depends_on"),
+        ({"base_snapshot_id": snap, "dataset_id": ds, "job_id": 999}, "job_id"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(InvalidReference) as exc:
+            registry.adapters.create_version(**common, **kwargs)  # type: ignore[arg-type]
+        assert exc.value.field == field
+    assert registry.adapters.list_versions(stream_id=stream_id) == []
+
+
+def test_concurrent_version_allocation_is_unique(registry: SqlRegistry) -> None:
+    stream_id, snap = _stream(registry)
+    ds = _dataset(registry)
+    task, _ = registry.tasks.submit(stream_id=stream_id, name="a", dataset_id=ds)
+
+    def allocate(_: int) -> int:
+        return registry.adapters.create_version(
+            task_id=task.id, method="m", hyperparams={}, base_snapshot_id=snap, dataset_id=ds
+        ).version
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        versions = list(pool.map(allocate, range(12)))
+    assert sorted(versions) == list(range(1, 13))
+
+
+def test_job_state_machine_cancel_and_events(registry: SqlRegistry) -> None:
+    stream_id, _ = _stream(registry)
+    job = registry.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=stream_id)
+    running = registry.jobs.transition(job.id, JobState.RUNNING)
+    assert running.attempts == 1 and running.started_at is not None
+    with pytest.raises(Conflict):
+        registry.jobs.transition(job.id, JobState.QUEUED.value and JobState.RUNNING)
+    cancelling = registry.jobs.request_cancel(job.id)
+    assert cancelling.cancel_requested and cancelling.state is JobState.RUNNING
+    done = registry.jobs.transition(job.id, JobState.CANCELLED)
+    assert done.state is JobState.CANCELLED and done.finished_at is not None
+    with pytest.raises(Conflict):
+        registry.jobs.request_cancel(job.id)
+    queued = registry.jobs.create(kind=JobKind.EVALUATE, stream_id=stream_id)
+    assert registry.jobs.request_cancel(queued.id).state is JobState.CANCELLED
+    failed = registry.jobs.create(kind=JobKind.TRAIN, stream_id=stream_id)
+    registry.jobs.transition(failed.id, JobState.RUNNING)
+    out = registry.jobs.transition(
+        failed.id, JobState.FAILED, error_code="boom", error_message="it broke"
+    )
+    assert out.error is not None and out.error.code == "boom"
+    events = [registry.jobs.add_event(job.id, message=f"step {i}") for i in range(5)]
+    page = registry.jobs.events(job.id, after_id=events[1].id, limit=2)
+    assert [e.message for e in page] == ["step 2", "step 3"]
+    with pytest.raises(InvalidValue):
+        registry.jobs.add_event(job.id, message="x", level="loud")
+    with pytest.raises(NotFound):
+        registry.jobs.get(424242)
+    assert [j.id for j in registry.jobs.list_jobs(state=JobState.CANCELLED)] == [job.id, queued.id]
+    assert [j.id for j in registry.jobs.list_jobs(stream_id=stream_id, after_id=job.id, limit=1)] == [
+        queued.id
+    ]
+
+
+def test_evaluation_matrix_keeps_newest_cell(registry: SqlRegistry) -> None:
+    stream_id, snap = _stream(registry)
+    ds = _dataset(registry)
+    a, _ = registry.tasks.submit(stream_id=stream_id, name="a", dataset_id=ds)
+    b, _ = registry.tasks.submit(stream_id=stream_id, name="b", dataset_id=ds)
+    cells = [(-1, a, 0.5), (-1, b, 0.4), (0, a, 0.9), (0, b, 0.45), (1, a, 0.7), (1, b, 0.8)]
+    for after, task, value in cells:
+        registry.evaluations.record(
+            stream_id=stream_id, after_position=after, task_id=task.id, snapshot_id=snap,
+            metric="accuracy", value=value, num_examples=10,
+        )  # fmt: skip
+    registry.evaluations.record(
+        stream_id=stream_id, after_position=1, task_id=a.id, snapshot_id=snap,
+        metric="accuracy", value=0.75, num_examples=10,
+    )  # fmt: skip
+    m = registry.evaluations.matrix(stream_id)
+    assert m.task_names == ("a", "b")
+    assert m.values == ((0.9, 0.45), (0.75, 0.8))
+    assert m.baseline == (0.5, 0.4)
+    with pytest.raises(InvalidReference):
+        registry.evaluations.record(
+            stream_id=stream_id, after_position=0, task_id=9999, snapshot_id=snap,
+            metric="accuracy", value=1.0, num_examples=1,
+        )  # fmt: skip
+
+
+def test_lineage_ancestors_and_descendants(registry: SqlRegistry) -> None:
+    stream_id, v0 = _stream(registry)
+    ta, ja, va = _trained(registry, stream_id, v0, "a")
+    tb, jb, vb = _trained(registry, stream_id, v0, "b", deps=[va.id])
+    v1 = registry.streams.add_snapshot(
+        stream_id=stream_id, artifact_digest=D2, source={}, parent_id=v0,
+        folded_adapter_ids=[va.id, vb.id],
+    )  # fmt: skip
+    assert v1.folded_adapter_ids == (va.id, vb.id)
+
+    up = registry.lineage.ancestors(NodeRef(NodeKind.ADAPTER, vb.id))
+    found = {(n.kind, n.id): n.depth for n in up.nodes}
+    assert found[(NodeKind.ADAPTER, vb.id)] == 0
+    assert found[(NodeKind.ADAPTER, va.id)] == 1
+    assert found[(NodeKind.SNAPSHOT, v0)] == 1
+    assert found[(NodeKind.JOB, jb.id)] == 1 and found[(NodeKind.JOB, ja.id)] == 2
+    assert (NodeKind.DATASET, va.dataset_id) in found
+    assert NodeRef(NodeKind.SNAPSHOT, v1.id) not in {NodeRef(k, i) for k, i in found}
+
+    down = registry.lineage.descendants(NodeRef(NodeKind.ADAPTER, va.id))
+    assert {(n.kind, n.id) for n in down.nodes} == {
+        (NodeKind.ADAPTER, va.id),
+        (NodeKind.ADAPTER, vb.id),
+        (NodeKind.SNAPSHOT, v1.id),
+    }
+    rels = {(e.child.id, e.relation) for e in down.edges}
+    assert (v1.id, Relation.FOLDS) in rels and (vb.id, Relation.DEPENDS_ON) in rels
+
+    # "which snapshot folded task a": descendants of its adapter that are snapshots
+    folded_by = [n for n in down.nodes if n.kind is NodeKind.SNAPSHOT]
+    assert [n.label for n in folded_by] == ["s1 snapshot v1"]
+
+    shallow = registry.lineage.ancestors(NodeRef(NodeKind.SNAPSHOT, v1.id), max_depth=1)
+    assert max(n.depth for n in shallow.nodes) == 1
+    deep = registry.lineage.ancestors(NodeRef(NodeKind.SNAPSHOT, v1.id))
+    assert (NodeKind.JOB, ja.id) in {(n.kind, n.id) for n in deep.nodes}
+    with pytest.raises(NotFound):
+        registry.lineage.ancestors(NodeRef(NodeKind.ADAPTER, 999))
+    with pytest.raises(InvalidValue):
+        registry.lineage.descendants(NodeRef(NodeKind.ADAPTER, va.id), max_depth=0)
+
+
+def test_stream_state_is_newest_ready_per_task_in_order(registry: SqlRegistry) -> None:
+    stream_id, v0 = _stream(registry)
+    _, _, va = _trained(registry, stream_id, v0, "a")
+    tb, _, vb = _trained(registry, stream_id, v0, "b", deps=[va.id])
+    assert [v.id for v in registry.adapters.stream_state(stream_id=stream_id, snapshot_id=v0)] == [
+        va.id,
+        vb.id,
+    ]
+    registry.adapters.create_version(  # pending: not part of the state
+        task_id=tb.id, method="m", hyperparams={}, base_snapshot_id=v0, dataset_id=vb.dataset_id
+    )
+    state = registry.adapters.stream_state(stream_id=stream_id, snapshot_id=v0)
+    assert [v.id for v in state] == [va.id, vb.id]
