@@ -15,7 +15,7 @@ RESERVED_ALIASES = frozenset({"latest"})
 def check_name(value: object, *, field: str) -> str:
     if not isinstance(value, str):
         raise InvalidValue("must be a string", field=field)
-    if not _NAME.match(value) or ".." in value:
+    if not _NAME.fullmatch(value) or ".." in value:
         raise InvalidValue(
             "must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter "
             "or digit, without '..'",
@@ -36,6 +36,6 @@ def check_alias(value: object, *, field: str = "alias") -> str:
 
 
 def check_digest(value: object, *, field: str = "digest") -> str:
-    if not isinstance(value, str) or not _DIGEST.match(value):
+    if not isinstance(value, str) or not _DIGEST.fullmatch(value):
         raise InvalidValue("must be a sha256 hex digest (64 lowercase hex characters)", field=field)
     return value

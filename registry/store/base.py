@@ -25,7 +25,13 @@ from registry.entities import (
 
 class StreamStore(Protocol):
     def create(
-        self, *, name: str, base_source: dict[str, Any], method: str, hyperparams: dict[str, Any]
+        self,
+        *,
+        name: str,
+        base_source: dict[str, Any],
+        method: str,
+        hyperparams: dict[str, Any],
+        base_digest: str | None = None,
     ) -> Stream: ...
     def get(self, name: str) -> Stream: ...
     def get_by_id(self, stream_id: int) -> Stream: ...

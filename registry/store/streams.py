@@ -32,9 +32,19 @@ class SqlStreamStore:
 
     # -- streams --------------------------------------------------------------------------------
     def create(
-        self, *, name: str, base_source: dict[str, Any], method: str, hyperparams: dict[str, Any]
+        self,
+        *,
+        name: str,
+        base_source: dict[str, Any],
+        method: str,
+        hyperparams: dict[str, Any],
+        base_digest: str | None = None,
     ) -> Stream:
+        """Create a stream; with `base_digest` (a stored tree) its snapshot v0 comes in the same
+        transaction, so a stream never exists half-imported."""
         check_name(name, field="name")
+        if base_digest is not None:
+            check_digest(base_digest, field="base_digest")
         with self._db.tx() as s:
             if s.scalar(select(StreamRow.id).where(StreamRow.name == name)) is not None:
                 raise AlreadyExists(f"stream '{name}' already exists", field="name")
@@ -43,6 +53,16 @@ class SqlStreamStore:
             )
             s.add(row)
             s.flush()
+            if base_digest is not None:
+                snap = SnapshotRow(
+                    stream_id=row.id,
+                    version=0,
+                    artifact_digest=base_digest,
+                    source={"imported": base_source},
+                )
+                s.add(snap)
+                s.flush()
+                _move_alias(s, row.id, CURRENT, snap.id)
             return convert.stream(row)
 
     def get(self, name: str) -> Stream:

@@ -54,7 +54,7 @@ def test_streams_create_get_list_and_errors(registry: SqlRegistry) -> None:
     with pytest.raises(AlreadyExists) as exc:
         registry.streams.create(name="news", base_source={}, method="seq-lora", hyperparams={})
     assert exc.value.field == "name"
-    for bad in ["", "../x", "a/b", "x" * 65, "bad\nname", "-lead", 7]:
+    for bad in ["", "../x", "a/b", "x" * 65, "bad\nname", "trailing\n", "-lead", 7]:
         with pytest.raises(InvalidValue):
             registry.streams.create(name=bad, base_source={}, method="m", hyperparams={})  # type: ignore[arg-type]
     with pytest.raises(NotFound) as nf:
@@ -224,9 +224,9 @@ def test_job_state_machine_cancel_and_events(registry: SqlRegistry) -> None:
     with pytest.raises(NotFound):
         registry.jobs.get(424242)
     assert [j.id for j in registry.jobs.list_jobs(state=JobState.CANCELLED)] == [job.id, queued.id]
-    assert [j.id for j in registry.jobs.list_jobs(stream_id=stream_id, after_id=job.id, limit=1)] == [
-        queued.id
-    ]
+    assert [
+        j.id for j in registry.jobs.list_jobs(stream_id=stream_id, after_id=job.id, limit=1)
+    ] == [queued.id]
 
 
 def test_evaluation_matrix_keeps_newest_cell(registry: SqlRegistry) -> None:

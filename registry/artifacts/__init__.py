@@ -1,0 +1,35 @@
+"""Content-addressed artifact storage: blobs, directory trees and weights validation.
+
+``ArtifactStore`` is the interface; ``LocalStore`` (a directory) is the embedded default and
+``MinioStore`` (an S3 bucket) the server implementation.
+"""
+
+from registry.artifacts.base import ArtifactStore, blob_key, check_digest
+from registry.artifacts.local import LocalStore
+from registry.artifacts.minio import MinioStore
+from registry.artifacts.trees import (
+    TREE_KIND,
+    TreeFile,
+    TreeManifest,
+    check_tree_path,
+    get_tree,
+    put_tree,
+    read_manifest,
+)
+from registry.artifacts.weights import validate_safetensors
+
+__all__ = [
+    "TREE_KIND",
+    "ArtifactStore",
+    "LocalStore",
+    "MinioStore",
+    "TreeFile",
+    "TreeManifest",
+    "blob_key",
+    "check_digest",
+    "check_tree_path",
+    "get_tree",
+    "put_tree",
+    "read_manifest",
+    "validate_safetensors",
+]

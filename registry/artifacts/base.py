@@ -1,0 +1,185 @@
+"""The content-addressed blob store interface shared by every backend.
+
+A blob is stored under ``sha256/<first 2 hex>/<digest>``, where ``digest`` is the SHA-256 of its
+content. The public methods live here, once: they validate digests (which also keeps every key
+inside the store's directory or bucket), hash, verify on read and skip writes of blobs that are
+already present. Backends only move bytes (``_stat``, ``_write_bytes``, ``_write_file``,
+``_open_chunks``), so both backends share one behaviour and one test suite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from registry.errors import BlobNotFound, IntegrityError
+from registry.validation import check_digest
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1024 * 1024
+"""Bytes read or written at a time when streaming (files are never read whole)."""
+
+def blob_key(digest: str) -> str:
+    """The store-relative key of a blob: ``sha256/<first 2 hex>/<digest>``."""
+    check_digest(digest)
+    return f"sha256/{digest[:2]}/{digest}"
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    """Stream ``path`` once; return its sha256 hex digest and size in bytes."""
+    sha = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            sha.update(chunk)
+            size += len(chunk)
+    return sha.hexdigest(), size
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in ``directory`` durable (POSIX; a no-op elsewhere)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ArtifactStore(ABC):
+    """Immutable content-addressed blobs, keyed by the sha256 of their content."""
+
+    # -- public API -------------------------------------------------------------------------
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store ``data``; return its sha256 hex digest. Idempotent."""
+        digest = hashlib.sha256(data).hexdigest()
+        key = blob_key(digest)
+        if self._should_write(key, len(data)):
+            self._write_bytes(key, data)
+            logger.debug("stored blob %s (%d bytes)", digest, len(data))
+        return digest
+
+    def put_file(self, path: Path) -> str:
+        """Store the file at ``path`` without reading it whole; return its digest. Idempotent.
+
+        The file is hashed in a first streamed pass; the backend re-hashes while copying and
+        raises IntegrityError (storing nothing) if the file changed in between.
+        """
+        path = Path(path)
+        digest, size = hash_file(path)
+        key = blob_key(digest)
+        if self._should_write(key, size):
+            self._write_file(key, path, digest=digest, size=size)
+            logger.debug("stored blob %s from %s (%d bytes)", digest, path, size)
+        return digest
+
+    def get_bytes(self, digest: str) -> bytes:
+        """Return the content of blob ``digest``, verified against the digest.
+
+        Raises BlobNotFound if absent and IntegrityError if the stored content does not match.
+        """
+        key = blob_key(digest)
+        sha = hashlib.sha256()
+        parts: list[bytes] = []
+        with self._open_chunks(key) as chunks:
+            for chunk in chunks:
+                sha.update(chunk)
+                parts.append(chunk)
+        _check_match(digest, sha.hexdigest())
+        return b"".join(parts)
+
+    def get_file(self, digest: str, dest: Path) -> Path:
+        """Stream blob ``digest`` to ``dest`` (replaced atomically), verified; return ``dest``.
+
+        The content goes to a temporary file next to ``dest`` and is renamed over it only once its
+        digest matched; on any failure the temporary file is removed and ``dest`` is untouched.
+        """
+        key = blob_key(digest)
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            sha = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, self._open_chunks(key) as chunks:
+                for chunk in chunks:
+                    sha.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            _check_match(digest, sha.hexdigest())
+            tmp.chmod(0o644)  # mkstemp made it private to us
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(dest.parent)
+        return dest
+
+    def exists(self, digest: str) -> bool:
+        """Whether blob ``digest`` is stored (its content is not verified)."""
+        return self._stat(blob_key(digest)) is not None
+
+    def size(self, digest: str) -> int:
+        """The stored size of blob ``digest`` in bytes; BlobNotFound if absent."""
+        key = blob_key(digest)
+        size = self._stat(key)
+        if size is None:
+            raise blob_not_found(digest)
+        return size
+
+    # -- backend primitives -----------------------------------------------------------------
+
+    @abstractmethod
+    def _stat(self, key: str) -> int | None:
+        """Size of the object at ``key``, or None if there is none."""
+
+    @abstractmethod
+    def _write_bytes(self, key: str, data: bytes) -> None:
+        """Create (or atomically replace) the object at ``key`` with ``data``."""
+
+    @abstractmethod
+    def _write_file(self, key: str, path: Path, *, digest: str, size: int) -> None:
+        """Stream ``path`` to ``key``; IntegrityError, storing nothing, if it no longer hashes
+        to ``digest`` (the file changed after it was hashed)."""
+
+    @abstractmethod
+    def _open_chunks(self, key: str) -> AbstractContextManager[Iterator[bytes]]:
+        """Open the object at ``key`` as an iterator of chunks; BlobNotFound if absent."""
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _should_write(self, key: str, size: int) -> bool:
+        """False if the object is already there (objects are immutable, never rewritten).
+
+        An object of the wrong size is corrupt for sure; since the key pins the content, putting
+        the right bytes back repairs it without changing what the key means.
+        """
+        stored = self._stat(key)
+        if stored is None:
+            return True
+        if stored == size:
+            return False
+        logger.warning("blob %s has %d bytes instead of %d; repairing it", key, stored, size)
+        return True
+
+
+def _check_match(expected: str, actual: str) -> None:
+    if actual != expected:
+        logger.error("blob %s is corrupt: its content hashes to %s", expected, actual)
+        raise IntegrityError(f"stored content hashes to {actual}, not {expected}", field="digest")
+
+
+def blob_not_found(key: str) -> BlobNotFound:
+    """The error a backend raises for a missing object ``key`` (a key or a bare digest)."""
+    return BlobNotFound(f"no blob {key.rsplit('/', 1)[-1]}", field="digest")

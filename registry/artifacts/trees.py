@@ -1,0 +1,206 @@
+"""Directories (adapters, tokenizers, base snapshots) as content-addressed trees.
+
+A tree is one blob per file plus a canonical JSON manifest blob::
+
+    {"files": {"adapter_config.json": {"digest": "...", "size": 123}, ...},
+     "kind": "strata.tree/v1"}
+
+and is named by the manifest's digest. Only files that load without running code are accepted
+(an allow-list of suffixes; pickle-based formats are refused by name), every ``.safetensors`` file
+is validated when stored and again when fetched, and manifest paths are checked before anything is
+written, so a tree can never place a file outside its destination.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any, TypedDict
+
+from registry.artifacts.base import ArtifactStore, check_digest
+from registry.artifacts.weights import validate_safetensors
+from registry.errors import IntegrityError, InvalidValue, UnsafeArtifact
+
+logger = logging.getLogger(__name__)
+
+TREE_KIND = "strata.tree/v1"
+ALLOWED_SUFFIXES = frozenset({".json", ".safetensors", ".txt", ".model", ".jinja", ".md"})
+"""Formats that are plain data: JSON configs, weights, tokenizer files, templates, docs."""
+ALLOWED_NAMES = frozenset(
+    {"merges.txt", "vocab.json", "vocab.txt", "tokenizer.json", "tokenizer.model", "LICENSE"}
+)
+"""Files accepted by exact name (the common tokenizer files, and a suffix-less LICENSE)."""
+PICKLE_SUFFIXES = frozenset(
+    {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib", ".dill"}
+)
+"""Formats that can run code when loaded; named so that the refusal says why."""
+
+
+class TreeFile(TypedDict):
+    digest: str
+    size: int
+
+
+class TreeManifest(TypedDict):
+    kind: str
+    files: dict[str, TreeFile]
+
+
+def check_tree_path(rel: object) -> str:
+    """Return ``rel`` if it is a safe, allowed relative POSIX path; UnsafeArtifact otherwise."""
+    if not isinstance(rel, str) or not rel:
+        raise UnsafeArtifact("path must be a non-empty string", field=repr(rel))
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        raise UnsafeArtifact("control character in path", field=repr(rel))
+    if "\\" in rel:
+        raise UnsafeArtifact("backslash in path", field=rel)
+    if rel.startswith("/"):
+        raise UnsafeArtifact("absolute path", field=rel)
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        raise UnsafeArtifact("empty, '.' or '..' path component", field=rel)
+    name = rel.rsplit("/", 1)[-1]
+    suffix = PurePosixPath(name).suffix.lower()
+    if name in ALLOWED_NAMES or suffix in ALLOWED_SUFFIXES:
+        return rel
+    if suffix in PICKLE_SUFFIXES:
+        raise UnsafeArtifact(
+            f"{suffix} files are pickle-based and could run code when loaded; "
+            "save the weights as .safetensors",
+            field=rel,
+        )
+    raise UnsafeArtifact(f"file type {suffix or name!r} is not in the allow-list", field=rel)
+
+
+def put_tree(store: ArtifactStore, directory: Path) -> str:
+    """Store every file under ``directory`` and its manifest; return the manifest digest.
+
+    Everything is checked (paths, file types, symlinks, safetensors) before the first upload, so
+    a refused directory leaves nothing behind.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InvalidValue(f"{directory} is not a directory", field="directory")
+    found = _walk(directory)
+    if not found:
+        raise InvalidValue(f"{directory} has no files", field="directory")
+    for rel, path in found:
+        check_tree_path(rel)
+        if rel.endswith(".safetensors"):
+            validate_safetensors(path, name=rel)
+    files: dict[str, TreeFile] = {}
+    for rel, path in found:
+        digest = store.put_file(path)
+        files[rel] = {"digest": digest, "size": store.size(digest)}
+    manifest: TreeManifest = {"kind": TREE_KIND, "files": files}
+    digest = store.put_bytes(_canonical_json(manifest))
+    logger.info("stored tree %s from %s (%d files)", digest, directory, len(files))
+    return digest
+
+
+def read_manifest(store: ArtifactStore, digest: str) -> TreeManifest:
+    """Fetch and validate the manifest of tree ``digest``.
+
+    Raises InvalidValue (``field="manifest"``) if the blob is not a tree manifest and
+    UnsafeArtifact if one of its paths is unsafe or not allowed.
+    """
+    raw = store.get_bytes(digest)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidValue(f"blob {digest} is not JSON", field="manifest") from exc
+    if not isinstance(data, dict) or data.get("kind") != TREE_KIND:
+        raise InvalidValue(f"blob {digest} is not a {TREE_KIND} manifest", field="manifest")
+    entries = data.get("files")
+    if not isinstance(entries, dict):
+        raise InvalidValue("'files' must be an object", field="manifest")
+    files = {check_tree_path(rel): _check_entry(rel, entry) for rel, entry in entries.items()}
+    _check_no_nesting(files)
+    return {"kind": TREE_KIND, "files": files}
+
+
+def get_tree(store: ArtifactStore, digest: str, dest: Path) -> Path:
+    """Materialize tree ``digest`` at ``dest`` (which must not exist or be an empty directory).
+
+    Files are fetched, verified and validated into a staging directory next to ``dest`` that is
+    renamed into place at the end: ``dest`` ends up with the whole tree or is left untouched.
+    """
+    manifest = read_manifest(store, digest)
+    dest = Path(dest)
+    if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
+        raise InvalidValue(f"{dest} must not exist or be an empty directory", field="dest")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
+    try:
+        for rel, entry in manifest["files"].items():
+            target = staging.joinpath(*rel.split("/"))
+            store.get_file(entry["digest"], target)
+            if target.stat().st_size != entry["size"]:
+                raise IntegrityError(f"{rel} has the wrong size", field=rel)
+            if rel.endswith(".safetensors"):
+                validate_safetensors(target, name=rel)
+        staging.chmod(0o755)
+        _rename_into_place(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("fetched tree %s into %s (%d files)", digest, dest, len(manifest["files"]))
+    return dest
+
+
+def _rename_into_place(staging: Path, dest: Path) -> None:
+    try:
+        os.replace(staging, dest)  # replaces a missing or empty directory, nothing else
+    except OSError as exc:
+        if dest.exists():  # another process materialized it since our check
+            raise InvalidValue(f"{dest} was created meanwhile", field="dest") from exc
+        raise
+
+
+def _walk(directory: Path) -> list[tuple[str, Path]]:
+    """Every regular file under ``directory`` as (relative POSIX path, path), sorted.
+
+    Symlinks (to files or directories) and special files are refused rather than followed.
+    """
+    found: list[tuple[str, Path]] = []
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for dirpath, dirnames, filenames in os.walk(directory, onerror=fail):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath, name)
+            rel = path.relative_to(directory).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise UnsafeArtifact("symlinks are refused", field=rel)
+            if stat.S_ISREG(mode):
+                found.append((rel, path))
+            elif not stat.S_ISDIR(mode):
+                raise UnsafeArtifact("not a regular file", field=rel)
+    return sorted(found)
+
+
+def _check_entry(rel: str, entry: Any) -> TreeFile:
+    if not isinstance(entry, dict):
+        raise InvalidValue(f"entry for {rel!r} must be an object", field="manifest")
+    digest, size = entry.get("digest"), entry.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidValue(f"entry for {rel!r} has a bad size {size!r}", field="manifest")
+    return {"digest": check_digest(digest), "size": size}
+
+
+def _check_no_nesting(files: dict[str, TreeFile]) -> None:
+    """Refuse a path that is also used as a directory by another (``a.json`` and ``a.json/b``)."""
+    directories = {str(parent) for rel in files for parent in PurePosixPath(rel).parents}
+    for rel in files:
+        if rel in directories:
+            raise UnsafeArtifact("path is both a file and a directory", field=rel)
+
+
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()

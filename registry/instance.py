@@ -1,0 +1,50 @@
+"""One Strata instance: the registry database plus the artifact store, opened from settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.artifacts import ArtifactStore, LocalStore, MinioStore
+from registry.settings import StrataSettings
+from registry.store import Registry, SqlRegistry, open_registry
+
+
+@dataclass
+class Instance:
+    registry: Registry
+    artifacts: ArtifactStore
+    cache_dir: Path  # verified copies of trees, keyed by digest; safe to delete
+
+    def close(self) -> None:
+        if isinstance(self.registry, SqlRegistry):
+            self.registry.close()
+
+
+def open_artifact_store(settings: StrataSettings) -> ArtifactStore:
+    if settings.artifact_backend == "local":
+        return LocalStore(settings.resolved_artifact_dir)
+    assert settings.minio_access_key and settings.minio_secret_key  # checked by the settings
+    return MinioStore(
+        endpoint=settings.minio_endpoint,
+        access_key=settings.minio_access_key.get_secret_value(),
+        secret_key=settings.minio_secret_key.get_secret_value(),
+        bucket=settings.minio_bucket,
+        secure=settings.minio_secure,
+        region=settings.minio_region,
+    )
+
+
+def open_instance(settings: StrataSettings | None = None, *, upgrade: bool = True) -> Instance:
+    """Open the instance described by `settings` (the environment by default).
+
+    `upgrade` migrates the database to head first; the service's one-shot migration does that
+    once, so API processes and workers open with `upgrade=False`.
+    """
+    settings = settings or StrataSettings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return Instance(
+        registry=open_registry(settings.resolved_database_url, upgrade=upgrade),
+        artifacts=open_artifact_store(settings),
+        cache_dir=settings.data_dir / "cache",
+    )

@@ -1,0 +1,242 @@
+"""The blob store contract, run against both backends (local directory and S3 via moto)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from minio import Minio
+
+from registry.artifacts import ArtifactStore, LocalStore, MinioStore
+from registry.artifacts import base as artifacts_base
+from registry.errors import BlobNotFound, IntegrityError, InvalidValue
+
+MISSING = "0" * 64
+CorruptBlob = Callable[[ArtifactStore, str, bytes], None]
+
+
+def raw_read(store: ArtifactStore, digest: str) -> bytes:
+    """The stored object as the backend holds it, bypassing the store's API."""
+    if isinstance(store, LocalStore):
+        return (store.root / "sha256" / digest[:2] / digest).read_bytes()
+    assert isinstance(store, MinioStore)
+    response = store.client.get_object(store.bucket, f"sha256/{digest[:2]}/{digest}")
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
+
+
+def test_bytes_round_trip(artifact_store: ArtifactStore) -> None:
+    data = b"adapter weights, or anything else"
+    digest = artifact_store.put_bytes(data)
+
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert artifact_store.exists(digest)
+    assert artifact_store.size(digest) == len(data)
+    assert artifact_store.get_bytes(digest) == data
+    assert raw_read(artifact_store, digest) == data  # key layout sha256/<2 hex>/<digest>
+
+
+def test_empty_blob_round_trip(artifact_store: ArtifactStore, tmp_path: Path) -> None:
+    digest = artifact_store.put_bytes(b"")
+
+    assert digest == hashlib.sha256(b"").hexdigest()
+    assert artifact_store.size(digest) == 0
+    assert artifact_store.get_bytes(digest) == b""
+    assert artifact_store.get_file(digest, tmp_path / "empty").read_bytes() == b""
+
+
+def test_puts_are_idempotent_and_never_rewrite(
+    artifact_store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(1000)
+    source = tmp_path / "blob.txt"
+    source.write_bytes(data)
+    digest = artifact_store.put_bytes(data)
+
+    def no_write(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an existing object was rewritten")
+
+    monkeypatch.setattr(artifact_store, "_write_bytes", no_write)
+    monkeypatch.setattr(artifact_store, "_write_file", no_write)
+    assert artifact_store.put_bytes(data) == digest
+    assert artifact_store.put_file(source) == digest
+    assert artifact_store.get_bytes(digest) == data
+
+
+def test_file_round_trip_5mb(artifact_store: ArtifactStore, tmp_path: Path) -> None:
+    data = os.urandom(5_000_000)
+    source = tmp_path / "weights.safetensors"
+    source.write_bytes(data)
+
+    digest = artifact_store.put_file(source)
+    dest = artifact_store.get_file(digest, tmp_path / "out" / "copy.bin")
+
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert artifact_store.size(digest) == len(data)
+    assert dest == tmp_path / "out" / "copy.bin"
+    assert dest.read_bytes() == data
+    assert leftovers(dest.parent) == []
+    assert artifact_store.put_bytes(data) == digest
+
+
+def test_get_file_replaces_existing_dest(artifact_store: ArtifactStore, tmp_path: Path) -> None:
+    digest = artifact_store.put_bytes(b"new")
+    dest = tmp_path / "file.txt"
+    dest.write_bytes(b"old content")
+
+    artifact_store.get_file(digest, dest)
+
+    assert dest.read_bytes() == b"new"
+
+
+def test_local_store_streams_without_holding_the_file(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "blobs")
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(8 * 1024 * 1024))
+
+    tracemalloc.start()
+    try:
+        digest = store.put_file(source)
+        store.get_file(digest, tmp_path / "copy.bin")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 3 * 1024 * 1024  # chunks of 1 MiB, never the 8 MiB file
+    assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()
+
+
+def test_minio_multipart_round_trip(minio_client: Minio, tmp_path: Path) -> None:
+    store = MinioStore(
+        endpoint="unused",
+        access_key="testing",
+        secret_key="testing",
+        bucket="strata-test-multipart",
+        client=minio_client,
+        part_size=5 * 1024 * 1024,
+    )
+    data = os.urandom(11 * 1024 * 1024)  # three parts
+    source = tmp_path / "base.safetensors"
+    source.write_bytes(data)
+
+    digest = store.put_file(source)
+
+    assert store.size(digest) == len(data)
+    assert store.get_file(digest, tmp_path / "copy").read_bytes() == data
+
+
+def test_minio_store_rejects_tiny_parts(minio_client: Minio) -> None:
+    with pytest.raises(InvalidValue) as err:
+        MinioStore(
+            endpoint="unused",
+            access_key="testing",
+            secret_key="testing",
+            bucket="strata-test-parts",
+            client=minio_client,
+            part_size=1024,
+        )
+    assert err.value.field == "part_size"
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "",
+        "abc",
+        "../etc/passwd",
+        "../" * 21 + "x",
+        "A" * 64,
+        "g" * 64,
+        "0" * 63,
+        "0" * 65,
+        "0" * 64 + "\n",
+        "sha256/00/" + "0" * 64,
+        None,
+    ],
+)
+def test_malformed_digests_are_refused(
+    artifact_store: ArtifactStore, tmp_path: Path, digest: str
+) -> None:
+    calls = [
+        lambda: artifact_store.get_bytes(digest),
+        lambda: artifact_store.get_file(digest, tmp_path / "dest"),
+        lambda: artifact_store.exists(digest),
+        lambda: artifact_store.size(digest),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidValue) as err:
+            call()
+        assert err.value.field == "digest"
+    assert not (tmp_path / "dest").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_missing_blob(artifact_store: ArtifactStore, tmp_path: Path) -> None:
+    assert not artifact_store.exists(MISSING)
+    with pytest.raises(BlobNotFound):
+        artifact_store.get_bytes(MISSING)
+    with pytest.raises(BlobNotFound):
+        artifact_store.size(MISSING)
+    with pytest.raises(BlobNotFound) as err:
+        artifact_store.get_file(MISSING, tmp_path / "dest")
+    assert err.value.field == "digest"
+    assert not (tmp_path / "dest").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_corruption_is_detected_on_read(
+    artifact_store: ArtifactStore, corrupt_blob: CorruptBlob, tmp_path: Path
+) -> None:
+    victim = artifact_store.put_bytes(b"the real content")
+    bystander = artifact_store.put_bytes(b"another blob")
+    corrupt_blob(artifact_store, victim, b"THE REAL CONTENT")  # same size: only the hash tells
+    dest = tmp_path / "dest.txt"
+    dest.write_bytes(b"previous")
+
+    with pytest.raises(IntegrityError):
+        artifact_store.get_bytes(victim)
+    with pytest.raises(IntegrityError):
+        artifact_store.get_file(victim, dest)
+    with pytest.raises(IntegrityError):
+        artifact_store.get_file(victim, tmp_path / "fresh")
+
+    assert dest.read_bytes() == b"previous"  # untouched
+    assert not (tmp_path / "fresh").exists()
+    assert leftovers(tmp_path) == []
+    assert artifact_store.get_bytes(bystander) == b"another blob"
+
+
+def test_put_repairs_an_object_of_the_wrong_size(
+    artifact_store: ArtifactStore, corrupt_blob: CorruptBlob
+) -> None:
+    digest = artifact_store.put_bytes(b"complete content")
+    corrupt_blob(artifact_store, digest, b"compl")  # truncated
+
+    assert artifact_store.put_bytes(b"complete content") == digest
+    assert artifact_store.get_bytes(digest) == b"complete content"
+
+
+def test_file_changed_after_hashing_is_not_stored(
+    artifact_store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "a.txt"
+    source.write_bytes(b"what is on disk now")
+    stale = b"what was hashed first"[: len(b"what is on disk now")]
+    stale_digest = hashlib.sha256(stale).hexdigest()
+    monkeypatch.setattr(artifacts_base, "hash_file", lambda path: (stale_digest, len(stale)))
+
+    with pytest.raises(IntegrityError):
+        artifact_store.put_file(source)
+
+    assert not artifact_store.exists(stale_digest)
