@@ -1,12 +1,17 @@
-"""Shared fixtures: a migrated registry on SQLite and on the PostgreSQL at 127.0.0.1:5432."""
+"""Shared fixtures: a migrated registry on SQLite and on the PostgreSQL at 127.0.0.1:5432, and
+an S3 server on loopback (moto) standing in for MinIO."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from minio import Minio
+from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, create_engine, text
 
 from registry.db import make_engine, migrate
@@ -14,9 +19,7 @@ from registry.store import SqlRegistry
 from registry.tables import Base
 
 # The server CI starts; its `test` database is only used to create a throwaway one per run.
-PG_ADMIN_URL = os.environ.get(
-    "STRATA_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
-)
+PG_ADMIN_URL = os.environ.get("STRATA_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +67,44 @@ def registry(db_url: str) -> Iterator[SqlRegistry]:
     reg = SqlRegistry(make_engine(db_url))
     yield reg
     reg.close()
+
+
+S3_REGION = "us-east-1"
+S3_ACCESS_KEY = "testing"
+S3_SECRET_KEY = "testing"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """``host:port`` of a moto S3 server running for the whole session."""
+    with pytest.MonkeyPatch.context() as mp:
+        # moto wants credentials in the environment; dummies keep any real ones out of reach.
+        mp.setenv("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+        mp.setenv("AWS_DEFAULT_REGION", S3_REGION)
+        mp.delenv("AWS_PROFILE", raising=False)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"{host}:{port}"
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def minio_client(s3_endpoint: str) -> Minio:
+    return Minio(
+        s3_endpoint,
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
+        secure=False,
+        region=S3_REGION,
+    )

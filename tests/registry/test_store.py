@@ -73,7 +73,7 @@ def test_snapshots_are_versioned_and_current_moves(registry: SqlRegistry) -> Non
     rolled = registry.streams.set_current_snapshot(stream_id=stream_id, snapshot_id=v0)
     assert rolled.version == 0 and registry.streams.current_snapshot(stream_id).id == v0
     assert len(registry.streams.list_snapshots(stream_id)) == 2  # rollback deletes nothing
-    other, other_snap = _stream(registry, "s2")
+    _other, other_snap = _stream(registry, "s2")
     with pytest.raises(InvalidReference):
         registry.streams.add_snapshot(
             stream_id=stream_id, artifact_digest=D2, source={}, parent_id=other_snap
@@ -163,7 +163,7 @@ def test_adapter_versions_numbering_aliases_and_latest(registry: SqlRegistry) ->
 
 def test_adapter_version_dangling_references(registry: SqlRegistry) -> None:
     stream_id, snap = _stream(registry)
-    other_stream, other_snap = _stream(registry, "s2")
+    _other_stream, other_snap = _stream(registry, "s2")
     ds = _dataset(registry)
     task, _ = registry.tasks.submit(stream_id=stream_id, name="a", dataset_id=ds)
     common = {"task_id": task.id, "method": "seq-lora", "hyperparams": {}}
@@ -257,8 +257,8 @@ def test_evaluation_matrix_keeps_newest_cell(registry: SqlRegistry) -> None:
 
 def test_lineage_ancestors_and_descendants(registry: SqlRegistry) -> None:
     stream_id, v0 = _stream(registry)
-    ta, ja, va = _trained(registry, stream_id, v0, "a")
-    tb, jb, vb = _trained(registry, stream_id, v0, "b", deps=[va.id])
+    _ta, ja, va = _trained(registry, stream_id, v0, "a")
+    _tb, jb, vb = _trained(registry, stream_id, v0, "b", deps=[va.id])
     v1 = registry.streams.add_snapshot(
         stream_id=stream_id, artifact_digest=D2, source={}, parent_id=v0,
         folded_adapter_ids=[va.id, vb.id],
