@@ -45,21 +45,26 @@ def _truncate(engine: Engine) -> None:
         conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A migrated, empty database URL on each backend."""
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("sqlite") / "registry.db"
+def fresh_database(request: pytest.FixtureRequest, backend: str) -> str:
+    """A migrated, empty database URL: a new SQLite file, or the session's PostgreSQL truncated."""
+    if backend == "sqlite":
+        path = request.getfixturevalue("tmp_path") / "registry.db"
         url = f"sqlite:///{path}"
         engine = make_engine(url)
         migrate(engine)
         engine.dispose()
         return url
-    url: str = request.getfixturevalue("pg_url")
+    url = str(request.getfixturevalue("pg_url"))
     engine = make_engine(url)
     _truncate(engine)
     engine.dispose()
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A migrated, empty database on each backend in turn."""
+    return fresh_database(request, request.param)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 CHUNK_SIZE = 1024 * 1024
 """Bytes read or written at a time when streaming (files are never read whole)."""
 
+
 def blob_key(digest: str) -> str:
     """The store-relative key of a blob: ``sha256/<first 2 hex>/<digest>``."""
     check_digest(digest)

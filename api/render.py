@@ -1,0 +1,56 @@
+"""Plain-text views for the terminal: lineage trees and accuracy matrices."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from continual.metrics import AccuracyMatrix
+from registry.entities import EvaluationMatrix, LineageEdge, LineageGraph, NodeRef
+
+
+def lineage_tree(graph: LineageGraph) -> str:
+    """Draw a lineage graph as a tree from its root; a node reached twice is drawn once."""
+    labels = {NodeRef(n.kind, n.id): n.label for n in graph.nodes}
+    branches: dict[NodeRef, list[LineageEdge]] = defaultdict(list)
+    for edge in graph.edges:
+        near = edge.child if graph.direction == "ancestors" else edge.parent
+        branches[near].append(edge)
+    lines = [labels.get(graph.root, str(graph.root))]
+    seen = {graph.root}
+
+    def walk(node: NodeRef, indent: str) -> None:
+        edges = sorted(branches[node], key=lambda e: (e.relation.value, str(e.parent)))
+        for i, edge in enumerate(edges):
+            far = edge.parent if graph.direction == "ancestors" else edge.child
+            last = i == len(edges) - 1
+            again = far in seen
+            label = labels.get(far, str(far))
+            lines.append(
+                f"{indent}{'└── ' if last else '├── '}{edge.relation.value}: {label}"
+                + (" (shown above)" if again and branches[far] else "")
+            )
+            if not again:
+                seen.add(far)
+                walk(far, indent + ("    " if last else "│   "))
+
+    walk(graph.root, "")
+    return "\n".join(lines)
+
+
+def accuracy_matrix(matrix: EvaluationMatrix) -> AccuracyMatrix:
+    """The learned part of the registry's matrix (T rows, the first T tasks) as a
+    `continual.metrics.AccuracyMatrix`, which computes ACC, BWT, FWT and forgetting."""
+    learned = len(matrix.values)
+    base = matrix.baseline[:learned]
+    return AccuracyMatrix(
+        values=tuple(row[:learned] for row in matrix.values),
+        baseline=tuple(b for b in base if b is not None) if None not in base else None,
+    )
+
+
+def matrix_report(matrix: EvaluationMatrix) -> str:
+    """The accuracy matrix of the tasks learned so far, then the summary metrics."""
+    if not matrix.values:
+        return "no evaluations yet"
+    names = list(matrix.task_names[: len(matrix.values)])
+    return accuracy_matrix(matrix).format_table(names)

@@ -1,0 +1,107 @@
+"""Tokenising prompt + completion pairs and padding them into batches.
+
+Training and evaluation share this code so a completion is scored exactly as it was trained:
+`[bos] + prompt + completion [+ eos]`, prompt and completion tokenised separately, the loss
+(or score) on completion tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one pair; `ids[prompt_len:]` is the completion."""
+
+    ids: tuple[int, ...]
+    prompt_len: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: Tensor  # (B, T) right-padded
+    attention_mask: Tensor  # (B, T) 1 on real tokens
+    labels: Tensor  # (B, T) completion token ids, IGNORE_INDEX elsewhere
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            labels=self.labels.to(device),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum().item())
+
+
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    prompt: str,
+    completion: str,
+    add_eos: bool,
+    max_length: int | None = None,
+) -> Encoded:
+    """Tokenise one pair; when too long the prompt loses tokens on the left (the answer cue and
+    the completion survive), and a completion longer than the budget is cut on the right."""
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    completion_ids = tokenizer.encode(completion, add_special_tokens=False)
+    if add_eos and tokenizer.eos_token_id is not None:
+        completion_ids.append(tokenizer.eos_token_id)
+    if max_length is not None:
+        room = max_length - len(prefix)
+        completion_ids = completion_ids[: max(room - 1, 1)]
+        keep = room - len(completion_ids)
+        prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep < len(prompt_ids) else prompt_ids
+    ids = tuple(prefix + prompt_ids + completion_ids)
+    return Encoded(ids=ids, prompt_len=len(prefix) + len(prompt_ids))
+
+
+def pad_batch(items: Sequence[Encoded], *, pad_id: int) -> Batch:
+    """Right-pad to the longest item; labels hold completion ids and IGNORE_INDEX elsewhere."""
+    width = max(len(item.ids) for item in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)  # (B, T)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for row, item in enumerate(items):
+        ids = torch.tensor(item.ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, item.prompt_len : len(ids)] = ids[item.prompt_len :]
+    return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Any valid id works (padding is masked); prefer pad, then eos, then 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def completion_log_probs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sequence sum of completion-token log-probabilities and completion-token counts.
+
+    Only the rows at completion positions go through log_softmax, so memory stays near the size
+    of the logits themselves even for large vocabularies.
+    """
+    shifted_logits = logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX  # (B, T-1)
+    rows = mask.nonzero(as_tuple=True)[0]  # (K,) sequence index of each scored token
+    picked = shifted_logits[mask].float().log_softmax(dim=-1)  # (K, V)
+    token_logp = picked.gather(1, targets[mask].unsqueeze(1)).squeeze(1)  # (K,)
+    sums = torch.zeros(labels.shape[0], dtype=token_logp.dtype, device=logits.device)
+    sums.index_add_(0, rows, token_logp)  # (B,)
+    counts = mask.sum(dim=1)  # (B,)
+    return sums, counts

@@ -1,0 +1,34 @@
+"""Task data: examples, the prompt template, readers, the canonical JSONL form, synthetic tasks."""
+
+from continual.data.cl_benchmark import (
+    classification_instruction,
+    load_cl_benchmark,
+    parse_cl_records,
+)
+from continual.data.examples import (
+    PROMPT_TEMPLATE,
+    Example,
+    TaskData,
+    format_completion,
+    format_prompt,
+    label_of,
+)
+from continual.data.jsonl import from_jsonl, parse_jsonl, to_jsonl
+from continual.data.synthetic import synthetic_corpus, synthetic_tasks
+
+__all__ = [
+    "PROMPT_TEMPLATE",
+    "Example",
+    "TaskData",
+    "classification_instruction",
+    "format_completion",
+    "format_prompt",
+    "from_jsonl",
+    "label_of",
+    "load_cl_benchmark",
+    "parse_cl_records",
+    "parse_jsonl",
+    "synthetic_corpus",
+    "synthetic_tasks",
+    "to_jsonl",
+]

@@ -1,0 +1,27 @@
+"""Errors raised by the training library; callers map them to API responses."""
+
+from __future__ import annotations
+
+
+class InvalidHyperparameter(ValueError):
+    """A training hyperparameter (or strategy option) is out of range or of the wrong type."""
+
+    def __init__(self, *, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class InvalidDataset(ValueError):
+    """A dataset is malformed; `line` is the 1-based line (or record) number when known."""
+
+    def __init__(self, *, field: str, reason: str, line: int | None = None) -> None:
+        where = f"line {line}: " if line is not None else ""
+        super().__init__(f"{where}{field}: {reason}")
+        self.field = field
+        self.reason = reason
+        self.line = line
+
+
+class TrainingCancelled(Exception):
+    """Training stopped early because `should_stop()` returned True."""

@@ -1,0 +1,179 @@
+"""Evaluation: rank classification over candidate labels, exact match, and completion loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from continual.batching import completion_log_probs, encode_pair, pad_batch, pad_id_of
+from continual.data import Example, format_completion, label_of
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float
+    n: int
+    predictions: list[str]
+
+
+@dataclass(frozen=True)
+class LossResult:
+    loss: float  # mean negative log-likelihood per completion token (eos included)
+    perplexity: float  # exp(loss)
+    n: int  # examples
+    tokens: int  # completion tokens scored
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """eval() and no_grad() for the block, then the model's previous mode again."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def label_scores(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> Tensor:
+    """Mean per-token log-likelihood of `" label"` given each prompt: (E, L) on the CPU.
+
+    All labels of an example, and `batch_size` examples, share one padded forward pass.
+    """
+    if not labels:
+        raise ValueError("label_scores needs at least one label")
+    rows: list[Tensor] = []
+    for begin in range(0, len(examples), batch_size):
+        chunk = examples[begin : begin + batch_size]
+        pairs = [(ex.prompt, format_completion(label)) for ex in chunk for label in labels]
+        sums, counts = _score(model, tokenizer, pairs, add_eos=False, max_length=max_length)
+        rows.append((sums / counts.clamp(min=1)).view(len(chunk), len(labels)))  # (E, L)
+    return torch.cat(rows) if rows else torch.empty(0, len(labels))
+
+
+def rank_classification(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> EvalResult:
+    """Predict the label with the highest `label_scores`; accuracy against each example's own
+    completion (`" label"`)."""
+    scores = label_scores(
+        model, tokenizer, examples, labels, batch_size=batch_size, max_length=max_length
+    )  # (E, L)
+    predictions = [labels[i] for i in scores.argmax(dim=1).tolist()]
+    correct = sum(pred == label_of(ex) for pred, ex in zip(predictions, examples, strict=True))
+    accuracy = correct / len(examples) if examples else 0.0
+    return EvalResult(accuracy=accuracy, n=len(examples), predictions=predictions)
+
+
+def exact_match(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = 32,
+) -> EvalResult:
+    """Greedy generation; an answer matches when it equals the completion (both stripped)."""
+    if not examples:
+        return EvalResult(accuracy=0.0, n=0, predictions=[])
+    predictions: list[str] = []
+    with evaluating(model):
+        for begin in range(0, len(examples), batch_size):
+            chunk = examples[begin : begin + batch_size]
+            predictions.extend(_generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens))
+    gold = [ex.completion.strip() for ex in examples]
+    correct = sum(pred == ref for pred, ref in zip(predictions, gold, strict=True))
+    return EvalResult(accuracy=correct / len(examples), n=len(examples), predictions=predictions)
+
+
+def language_model_loss(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> LossResult:
+    """Token-level NLL of the completions (+ eos, as trained) given their prompts."""
+    total, tokens = 0.0, 0
+    for begin in range(0, len(examples), batch_size):
+        pairs = [(ex.prompt, ex.completion) for ex in examples[begin : begin + batch_size]]
+        sums, counts = _score(model, tokenizer, pairs, add_eos=True, max_length=max_length)
+        total -= float(sums.sum().item())
+        tokens += int(counts.sum().item())
+    loss = total / tokens if tokens else float("nan")
+    perplexity = math.exp(loss) if tokens else float("nan")
+    return LossResult(loss=loss, perplexity=perplexity, n=len(examples), tokens=tokens)
+
+
+def _score(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    add_eos: bool,
+    max_length: int | None,
+) -> tuple[Tensor, Tensor]:
+    """Sum of completion log-probs and completion token counts, one per pair: (N,), (N,)."""
+    encoded = [
+        encode_pair(tokenizer, prompt=p, completion=c, add_eos=add_eos, max_length=max_length)
+        for p, c in pairs
+    ]
+    device = next(model.parameters()).device
+    batch = pad_batch(encoded, pad_id=pad_id_of(tokenizer)).to(device)
+    with evaluating(model):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        sums, counts = completion_log_probs(logits, batch.labels)  # (N,), (N,)
+    return sums.cpu(), counts.cpu()
+
+
+def _generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    chunk: Sequence[Example],
+    *,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy continuation of left-padded prompts (generation needs prompts to end together)."""
+    prompts = [
+        encode_pair(tokenizer, prompt=ex.prompt, completion="", add_eos=False).ids for ex in chunk
+    ]
+    pad_id = pad_id_of(tokenizer)
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros_like(input_ids)  # (B, T)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    device = next(model.parameters()).device
+    output = model.generate(  # type: ignore[operator]
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # (B, T + new)
+    texts = tokenizer.batch_decode(output[:, width:].tolist(), skip_special_tokens=True)
+    return [text.strip() for text in texts]

@@ -1,0 +1,130 @@
+"""Base models and tokenizers: a tiny random Llama for tests and demos, and local loaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from continual.data import synthetic_corpus
+
+logger = logging.getLogger(__name__)
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+
+def build_tokenizer(
+    *, corpus: Iterable[str] | None = None, vocab_size: int = 512
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE locally: every string is encodable (no UNK), output deterministic."""
+    if vocab_size < 260:
+        raise ValueError(f"vocab_size must be >= 260 (256 bytes + specials), got {vocab_size}")
+    texts = list(corpus) if corpus is not None else synthetic_corpus()
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD
+    )
+
+
+def build_tiny_llama(
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    initializer_range: float = 0.1,
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A randomly initialised fp32 Llama whose vocabulary matches `tokenizer` (built if None).
+
+    `initializer_range` is 5x Llama's 0.02: with frozen random weights that small, the logits
+    barely depend on the input and LoRA cannot learn the synthetic tasks in a few hundred steps.
+    """
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,
+    )
+    # Seed a forked RNG so building a model does not disturb the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).float()
+    model.eval()
+    return model, tokenizer
+
+
+def load_causal_lm(
+    path: Path, *, gguf_file: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a local HF model directory, or `path/gguf_file` (dequantised to `dtype`, default fp32).
+
+    A directory loads in its checkpoint's dtype unless `dtype` is given. Nothing is downloaded
+    (`local_files_only`). The tokenizer always has a pad token (EOS when the checkpoint has none).
+    """
+    kwargs: dict[str, object] = {"local_files_only": True}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    model_kwargs = dict(kwargs)
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
+    if gguf_file is not None:
+        _drop_gguf_quantizer(model)
+        torch.nn.Module.to(model, dtype or torch.float32)  # in place
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer at {path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    logger.info(
+        "loaded %s (%s) with %d parameters", path, gguf_file or "hf", model.num_parameters()
+    )
+    return model, tokenizer
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """GGUF weights arrive dequantised; forget the quantizer so `save_pretrained` writes plain
+    safetensors and PEFT treats the model as an ordinary (not k-bit) one."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    # setattr: these are plain attributes that mypy cannot see on PreTrainedModel.
+    setattr(model, "hf_quantizer", None)  # noqa: B010
+    setattr(model, "is_quantized", False)  # noqa: B010
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

@@ -1,0 +1,59 @@
+"""Sequential LoRA: one adapter, trained on every task of the stream in turn (the baseline that
+forgets)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import peft
+import torch
+from peft import PeftModel
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from continual.config import LoraHyperparams
+from continual.strategies.base import register_strategy
+from continual.strategies.common import lora_config, save_peft_adapter
+
+logger = logging.getLogger(__name__)
+
+
+@register_strategy
+class SeqLora:
+    """Continue the newest adapter of the stream, or start one from scratch."""
+
+    name = "seq-lora"
+    adapter_name = "default"
+
+    def prepare(
+        self, base: PreTrainedModel, *, history: Sequence[Path], hyper: LoraHyperparams
+    ) -> PeftModel:
+        torch.manual_seed(hyper.seed)  # LoRA A matrices are drawn at random
+        base.requires_grad_(False)
+        model: PeftModel
+        if not history:
+            model = peft.get_peft_model(base, lora_config(hyper), adapter_name=self.adapter_name)
+        else:
+            model = PeftModel.from_pretrained(
+                base, str(history[-1]), adapter_name=self.adapter_name, is_trainable=True
+            )
+            rank = getattr(model.peft_config[self.adapter_name], "r", hyper.rank)
+            if rank != hyper.rank:
+                logger.warning(
+                    "seq-lora continues a rank-%d adapter (hyper.rank=%d)", rank, hyper.rank
+                )
+        return model
+
+    def extra_loss(self, model: PeftModel) -> Tensor | None:
+        return None
+
+    def save_adapter(self, model: PeftModel, out_dir: Path) -> None:
+        save_peft_adapter(model, out_dir, adapter_name=self.adapter_name)
+
+    def inference_model(self, base: PreTrainedModel, *, history: Sequence[Path]) -> nn.Module:
+        if not history:
+            return base.eval()
+        model = PeftModel.from_pretrained(base, str(history[-1]), adapter_name=self.adapter_name)
+        return model.eval()

@@ -1,0 +1,223 @@
+"""One explicit training loop (torchtune / nanoGPT style) that knows nothing about LoRA.
+
+It optimises whatever parameters have `requires_grad`, on the completion tokens only, and
+reports through callbacks. Strategies decide what is trainable and may add a loss term.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from continual.batching import IGNORE_INDEX, Batch, Encoded, encode_pair, pad_batch, pad_id_of
+from continual.config import LoraHyperparams
+from continual.data import Example
+from continual.errors import InvalidDataset, TrainingCancelled
+
+logger = logging.getLogger(__name__)
+
+FINAL_LOSS_WINDOW = 5  # steps averaged into TrainResult.final_loss
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Progress after one optimiser step (1-based `step`)."""
+
+    step: int
+    total_steps: int
+    loss: float
+    tokens_per_s: float
+    eta_s: float
+    learning_rate: float
+
+
+@dataclass
+class TrainingCallbacks:
+    """Optional hooks: `on_step` after every step, `should_stop` before every step."""
+
+    on_step: Callable[[StepInfo], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    final_loss: float  # mean loss of the last FINAL_LOSS_WINDOW steps
+    tokens: int  # non-padding tokens seen
+    seconds: float
+    losses: tuple[float, ...]  # loss of every step, in order
+
+
+def total_steps(*, num_examples: int, hyper: LoraHyperparams) -> int:
+    """`max_steps` when set, otherwise `epochs` passes of ceil(n / batch_size) steps."""
+    if hyper.max_steps is not None:
+        return hyper.max_steps
+    return hyper.epochs * math.ceil(num_examples / hyper.batch_size)
+
+
+def lr_multiplier(step: int, *, total: int, warmup: int) -> float:
+    """Linear warmup from 0 over `warmup` steps, then cosine decay to 0 at `total` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over positions whose label is not IGNORE_INDEX."""
+    vocab = logits.shape[-1]
+    shifted_logits = logits[:, :-1].reshape(-1, vocab)  # (B*(T-1), V)
+    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    return F.cross_entropy(shifted_logits.float(), targets, ignore_index=IGNORE_INDEX)
+
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def train(
+    model: ModelT,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    hyper: LoraHyperparams,
+    *,
+    extra_loss: Callable[[ModelT], Tensor | None] | None = None,
+    callbacks: TrainingCallbacks | None = None,
+) -> TrainResult:
+    """Train `model` in place on `examples`; raises TrainingCancelled if `should_stop()`."""
+    if not examples:
+        raise InvalidDataset(field="examples", reason="no training examples")
+    encoded = [
+        encode_pair(
+            tokenizer,
+            prompt=ex.prompt,
+            completion=ex.completion,
+            add_eos=True,
+            max_length=hyper.max_length,
+        )
+        for ex in examples
+    ]
+    steps = total_steps(num_examples=len(encoded), hyper=hyper)
+    optimizer, scheduler = _setup_optimizer(model, hyper=hyper, steps=steps)
+    torch.manual_seed(hyper.seed)  # dropout
+    batches = _batches(encoded, hyper=hyper, steps=steps, pad_id=pad_id_of(tokenizer))
+    loop = _Loop(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        hyper=hyper,
+        extra_loss=extra_loss,
+        callbacks=callbacks or TrainingCallbacks(),
+        steps=steps,
+    )
+    was_training = model.training
+    model.train()
+    try:
+        loop.run(batches)
+    finally:
+        model.train(was_training)
+    window = loop.losses[-FINAL_LOSS_WINDOW:]
+    result = TrainResult(
+        steps=steps,
+        final_loss=sum(window) / len(window),
+        tokens=loop.tokens,
+        seconds=time.perf_counter() - loop.start,
+        losses=tuple(loop.losses),
+    )
+    logger.info(
+        "trained %d steps in %.1fs, final loss %.4f", steps, result.seconds, result.final_loss
+    )
+    return result
+
+
+@dataclass
+class _Loop:
+    """The step loop's state: what `train` needs back, plus the objects every step uses."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    hyper: LoraHyperparams
+    extra_loss: Callable[[Any], Tensor | None] | None  # called with `model`
+    callbacks: TrainingCallbacks
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def run(self, batches: Iterator[Batch]) -> None:
+        device = next(self.model.parameters()).device
+        for step, batch in enumerate(batches, start=1):
+            if self.callbacks.should_stop is not None and self.callbacks.should_stop():
+                logger.info("training cancelled before step %d of %d", step, self.steps)
+                raise TrainingCancelled(f"cancelled before step {step} of {self.steps}")
+            lr = float(self.scheduler.get_last_lr()[0])
+            loss = self._step(batch.to(device))
+            self.scheduler.step()
+            self.losses.append(loss)
+            self.tokens += batch.num_tokens
+            if self.callbacks.on_step is not None:
+                self.callbacks.on_step(self._info(step, loss=loss, lr=lr))
+
+    def _step(self, batch: Batch) -> float:
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss = causal_lm_loss(logits, batch.labels)  # (B, T, V) -> scalar
+        extra = self.extra_loss(self.model) if self.extra_loss is not None else None
+        if extra is not None:
+            loss = loss + extra
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.hyper.grad_clip is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.hyper.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach().item())
+
+    def _info(self, step: int, *, loss: float, lr: float) -> StepInfo:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return StepInfo(
+            step=step,
+            total_steps=self.steps,
+            loss=loss,
+            tokens_per_s=self.tokens / elapsed,
+            eta_s=elapsed / step * (self.steps - step),
+            learning_rate=lr,
+        )
+
+
+def _setup_optimizer(
+    model: nn.Module, *, hyper: LoraHyperparams, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
+    warmup = math.ceil(hyper.warmup_ratio * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total=steps, warmup=warmup)
+    )
+    return optimizer, scheduler
+
+
+def _batches(
+    encoded: Sequence[Encoded], *, hyper: LoraHyperparams, steps: int, pad_id: int
+) -> Iterator[Batch]:
+    """`steps` batches; each epoch is a fresh seeded permutation (the last batch may be short)."""
+    generator = torch.Generator().manual_seed(hyper.seed)
+    produced = 0
+    while True:
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for begin in range(0, len(order), hyper.batch_size):
+            if produced == steps:
+                return
+            chunk = [encoded[i] for i in order[begin : begin + hyper.batch_size]]
+            produced += 1
+            yield pad_batch(chunk, pad_id=pad_id)

@@ -1,0 +1,77 @@
+"""`strata demo` as a user runs it, and the text views it prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from api.cli import main
+from api.render import lineage_tree, matrix_report
+from registry.entities import (
+    EvaluationMatrix,
+    LineageEdge,
+    LineageGraph,
+    LineageNode,
+    NodeKind,
+    NodeRef,
+    Relation,
+)
+
+
+@pytest.mark.slow
+def test_strata_demo_prints_matrix_and_lineage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["demo", "--data-dir", str(tmp_path), "--train-size", "96", "--test-size", "24"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "after sentiment" in out and "after color" in out and "ACC " in out and "BWT " in out
+    assert "lineage of the newest adapter (color v1)" in out
+    assert "trained_on: demo snapshot v0" in out
+    assert (tmp_path / "registry.db").exists() and (tmp_path / "artifacts").is_dir()
+    assert main(args) == 0  # a second run in the same directory uses a fresh stream name
+    assert "stream 'demo-2'" in capsys.readouterr().out
+
+
+def test_lineage_tree_draws_shared_nodes_once() -> None:
+    a, b, s, d = (NodeRef(NodeKind.ADAPTER, 1), NodeRef(NodeKind.ADAPTER, 2),
+                  NodeRef(NodeKind.SNAPSHOT, 1), NodeRef(NodeKind.DATASET, 1))  # fmt: skip
+    graph = LineageGraph(
+        root=b,
+        direction="ancestors",
+        nodes=(
+            LineageNode(NodeKind.ADAPTER, 2, 0, "B"),
+            LineageNode(NodeKind.ADAPTER, 1, 1, "A"),
+            LineageNode(NodeKind.SNAPSHOT, 1, 1, "S"),
+            LineageNode(NodeKind.DATASET, 1, 2, "D"),
+        ),
+        edges=(
+            LineageEdge(b, a, Relation.DEPENDS_ON),
+            LineageEdge(b, s, Relation.TRAINED_ON),
+            LineageEdge(a, s, Relation.TRAINED_ON),
+            LineageEdge(a, d, Relation.TRAINED_WITH),
+        ),
+    )
+    assert lineage_tree(graph).splitlines() == [
+        "B",
+        "├── depends_on: A",
+        "│   ├── trained_on: S",
+        "│   └── trained_with: D",
+        "└── trained_on: S",
+    ]
+
+
+def test_matrix_report_covers_learned_tasks_only() -> None:
+    matrix = EvaluationMatrix(
+        task_names=("x", "y", "z"),
+        values=((0.9, 0.2, 0.1), (0.7, 0.8, 0.3)),
+        baseline=(0.5, 0.4, None),
+        metric="accuracy",
+    )
+    report = matrix_report(matrix)
+    assert "after y" in report and " z" not in report.splitlines()[0]
+    # ACC = (0.7 + 0.8) / 2, BWT = 0.7 - 0.9, FWT = 0.2 - 0.4
+    assert "ACC 0.750  BWT -0.200  FWT -0.200  forgetting +0.200" in report
+    empty = EvaluationMatrix(task_names=("x",), values=(), baseline=(None,), metric="accuracy")
+    assert matrix_report(empty) == "no evaluations yet"

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from continual.batching import (
+    IGNORE_INDEX,
+    completion_log_probs,
+    encode_pair,
+    pad_batch,
+    pad_id_of,
+)
+
+
+def test_encode_pair_layout(tokenizer: PreTrainedTokenizerFast) -> None:
+    item = encode_pair(tokenizer, prompt="Q: red\nAnswer:", completion=" red", add_eos=True)
+    prompt = tokenizer.encode("Q: red\nAnswer:", add_special_tokens=False)
+    completion = tokenizer.encode(" red", add_special_tokens=False)
+    assert item.ids == (tokenizer.bos_token_id, *prompt, *completion, tokenizer.eos_token_id)
+    assert item.prompt_len == 1 + len(prompt)
+
+
+def test_encode_pair_truncates_prompt_on_the_left(tokenizer: PreTrainedTokenizerFast) -> None:
+    prompt = " ".join(["word"] * 50) + "\nAnswer:"
+    item = encode_pair(tokenizer, prompt=prompt, completion=" blue", add_eos=True, max_length=10)
+    full = encode_pair(tokenizer, prompt=prompt, completion=" blue", add_eos=True)
+    assert len(item.ids) == 10
+    assert item.ids[0] == tokenizer.bos_token_id
+    assert item.ids[1:] == full.ids[-9:]  # the answer cue and the completion survive
+    long = encode_pair(tokenizer, prompt="p", completion=" red" * 30, add_eos=True, max_length=8)
+    assert len(long.ids) == 8 and long.prompt_len == 2
+
+
+def test_pad_batch_masks_prompt_and_padding(tokenizer: PreTrainedTokenizerFast) -> None:
+    a = encode_pair(tokenizer, prompt="short", completion=" x", add_eos=True)
+    b = encode_pair(tokenizer, prompt="a much longer prompt here", completion=" y", add_eos=True)
+    batch = pad_batch([a, b], pad_id=pad_id_of(tokenizer))
+    assert batch.input_ids.shape == (2, len(b.ids))
+    assert batch.attention_mask[0].tolist() == [1] * len(a.ids) + [0] * (len(b.ids) - len(a.ids))
+    assert batch.num_tokens == len(a.ids) + len(b.ids)
+    expected = [IGNORE_INDEX] * a.prompt_len + list(a.ids[a.prompt_len :])
+    expected += [IGNORE_INDEX] * (len(b.ids) - len(a.ids))
+    assert batch.labels[0].tolist() == expected
+    assert batch.input_ids[0, len(a.ids) :].eq(tokenizer.pad_token_id).all()
+
+
+def test_completion_log_probs_matches_direct_sum() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 6, 0]])
+    sums, counts = completion_log_probs(logits, labels)
+    logp = logits.log_softmax(-1)
+    expected0 = logp[0, 1, 3] + logp[0, 2, 4]
+    expected1 = logp[1, 0, 1] + logp[1, 1, 2] + logp[1, 2, 6] + logp[1, 3, 0]
+    torch.testing.assert_close(sums, torch.stack([expected0, expected1]))
+    assert counts.tolist() == [2, 4]

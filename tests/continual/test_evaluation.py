@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import peft
+import pytest
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from continual.config import LoraHyperparams
+from continual.data import Example
+from continual.evaluation import exact_match, label_scores, language_model_loss, rank_classification
+from continual.strategies import lora_config
+
+MakeBase = Callable[..., LlamaForCausalLM]
+LABELS = ["red", "blue", "Science or Technology"]
+EXAMPLES = [
+    Example("Which colour?\nInput: a red car\nAnswer:", " red"),
+    Example("Which colour?\nInput: sky\nAnswer:", " blue"),
+    Example("Topic?\nInput: a new phone chip was shown today in the city\nAnswer:", " blue"),
+    Example("x", " Science or Technology"),
+    Example("Which colour?\nInput: grass and trees and more grass\nAnswer:", " red"),
+]
+
+
+@pytest.fixture
+def model(make_base: MakeBase) -> peft.PeftModel:
+    """A LoRA model whose adapter is not a no-op (B is random, not zero)."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(make_base(seed=2), lora_config(LoraHyperparams(rank=4)))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    return model
+
+
+def _ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _reference_logp(
+    model: torch.nn.Module, prompt: list[int], completion: list[int]
+) -> torch.Tensor:
+    """Per-token log-probs of `completion`, one unpadded sequence at a time."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[0].log_softmax(-1)  # (T, V)
+    positions = range(len(prompt), len(prompt) + len(completion))
+    return torch.stack([logp[p - 1, ids[0, p]] for p in positions])
+
+
+def test_label_scores_match_reference_loop(
+    model: peft.PeftModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    expected = torch.tensor(
+        [
+            [
+                _reference_logp(
+                    model,
+                    [tokenizer.bos_token_id, *_ids(tokenizer, ex.prompt)],
+                    _ids(tokenizer, " " + label),
+                ).mean()
+                for label in LABELS
+            ]
+            for ex in EXAMPLES
+        ]
+    )
+    for batch_size in (1, 2, 32):
+        scores = label_scores(model, tokenizer, EXAMPLES, LABELS, batch_size=batch_size)
+        torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
+    result = rank_classification(model, tokenizer, EXAMPLES, LABELS, batch_size=2)
+    predicted = [LABELS[i] for i in expected.argmax(dim=1).tolist()]
+    assert result.predictions == predicted and result.n == len(EXAMPLES)
+    gold = [ex.completion.strip() for ex in EXAMPLES]
+    assert result.accuracy == sum(p == g for p, g in zip(predicted, gold, strict=True)) / 5
+    assert len(set(predicted)) > 1  # the reference is not degenerate
+
+
+def test_evaluation_restores_train_mode(
+    model: peft.PeftModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    model.train()
+    rank_classification(model, tokenizer, EXAMPLES[:2], LABELS)
+    assert model.training
+    model.eval()
+    language_model_loss(model, tokenizer, EXAMPLES[:2])
+    assert not model.training
+
+
+def test_rank_classification_edge_cases(
+    model: peft.PeftModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    empty = rank_classification(model, tokenizer, [], LABELS)
+    assert (empty.accuracy, empty.n, empty.predictions) == (0.0, 0, [])
+    with pytest.raises(ValueError, match="at least one label"):
+        rank_classification(model, tokenizer, EXAMPLES, [])
+
+
+def _reference_greedy(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, prompt: str, steps: int
+) -> str:
+    ids = [tokenizer.bos_token_id, *_ids(tokenizer, prompt)]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return str(tokenizer.decode(new, skip_special_tokens=True)).strip()
+
+
+def test_exact_match_matches_reference_greedy_loop(
+    model: peft.PeftModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    expected = [_reference_greedy(model, tokenizer, ex.prompt, 4) for ex in EXAMPLES]
+    # The first two examples expect exactly what greedy decoding says: accuracy 2/5.
+    examples = [
+        Example(ex.prompt, " " + expected[i] if i < 2 else " nope") for i, ex in enumerate(EXAMPLES)
+    ]
+    result = exact_match(model, tokenizer, examples, max_new_tokens=4, batch_size=3)
+    assert result.predictions == expected
+    assert result.accuracy == pytest.approx(2 / 5)
+
+
+def test_language_model_loss_matches_reference(
+    model: peft.PeftModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    logps = [
+        _reference_logp(
+            model,
+            [tokenizer.bos_token_id, *_ids(tokenizer, ex.prompt)],
+            [*_ids(tokenizer, ex.completion), tokenizer.eos_token_id],
+        )
+        for ex in EXAMPLES
+    ]
+    tokens = sum(len(lp) for lp in logps)
+    expected = -float(torch.cat(logps).sum()) / tokens
+    result = language_model_loss(model, tokenizer, EXAMPLES, batch_size=2)
+    assert result.loss == pytest.approx(expected, abs=1e-5)
+    assert result.perplexity == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-5)
+    assert (result.n, result.tokens) == (5, tokens)

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import peft
+import pytest
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from continual.batching import encode_pair, pad_batch
+from continual.config import LoraHyperparams
+from continual.data import Example, synthetic_tasks
+from continual.errors import InvalidDataset, TrainingCancelled
+from continual.evaluation import rank_classification
+from continual.strategies import lora_config
+from continual.training import (
+    StepInfo,
+    TrainingCallbacks,
+    causal_lm_loss,
+    lr_multiplier,
+    total_steps,
+    train,
+)
+
+MakeBase = Callable[..., LlamaForCausalLM]
+EXAMPLES = [Example(f"Say {w}.\nAnswer:", f" {w}") for w in ("red", "blue", "green", "good", "bad")]
+
+
+def _lora(base: LlamaForCausalLM, hyper: LoraHyperparams) -> peft.PeftModel:
+    torch.manual_seed(hyper.seed)
+    return peft.get_peft_model(base, lora_config(hyper))
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    values = [lr_multiplier(s, total=10, warmup=2) for s in range(11)]
+    expected = [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 11)]
+    assert values == pytest.approx(expected)
+    assert values[2] == 1.0 and values[6] == pytest.approx(0.5) and values[10] == pytest.approx(0)
+
+
+def test_total_steps() -> None:
+    assert total_steps(num_examples=33, hyper=LoraHyperparams(batch_size=16, epochs=2)) == 6
+    assert total_steps(num_examples=33, hyper=LoraHyperparams(max_steps=5, epochs=9)) == 5
+
+
+def test_causal_lm_loss_matches_transformers(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    model = make_base()
+    items = [
+        encode_pair(tokenizer, prompt=e.prompt, completion=e.completion, add_eos=True)
+        for e in EXAMPLES[:2]
+    ]
+    # Same length, no padding, so the reference needs no attention mask.
+    batch = pad_batch(items, pad_id=0)
+    assert batch.attention_mask.all()
+    with torch.no_grad():
+        reference = model(input_ids=batch.input_ids, labels=batch.labels).loss
+        ours = causal_lm_loss(model(input_ids=batch.input_ids).logits, batch.labels)
+    torch.testing.assert_close(ours, reference)
+
+
+def test_lora_learns_a_synthetic_task(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    task = synthetic_tasks(seed=0)[1]  # topic: 3 labels, chance 1/3
+    assert task.labels is not None
+    hyper = LoraHyperparams()
+    model = _lora(make_base(), hyper)
+    before = rank_classification(model, tokenizer, task.test, task.labels).accuracy
+    result = train(model, tokenizer, task.train, hyper)
+    after = rank_classification(model, tokenizer, task.test, task.labels).accuracy
+    assert before < 0.5
+    assert after > 0.8, after
+    assert result.final_loss < result.losses[0] / 2
+    assert result.steps == len(result.losses) == 10 * 16
+    assert result.tokens > 0 and result.seconds < 60
+
+
+def test_training_is_deterministic(make_base: MakeBase, tokenizer: PreTrainedTokenizerFast) -> None:
+    hyper = LoraHyperparams(max_steps=4, batch_size=2, dropout=0.1)
+    runs = []
+    for _ in range(2):
+        model = _lora(make_base(), hyper)
+        runs.append((train(model, tokenizer, EXAMPLES, hyper).losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for key, value in runs[0][1].items():
+        assert torch.equal(value, runs[1][1][key]), key
+
+
+def test_extra_loss_is_added(make_base: MakeBase, tokenizer: PreTrainedTokenizerFast) -> None:
+    hyper = LoraHyperparams(max_steps=3, batch_size=2)
+    plain = train(_lora(make_base(), hyper), tokenizer, EXAMPLES, hyper)
+    # A constant adds nothing to the gradient, so the run is the same but for the loss.
+    shifted = train(
+        _lora(make_base(), hyper),
+        tokenizer,
+        EXAMPLES,
+        hyper,
+        extra_loss=lambda _: torch.tensor(2.0),
+    )
+    none = train(_lora(make_base(), hyper), tokenizer, EXAMPLES, hyper, extra_loss=lambda _: None)
+    assert shifted.losses == pytest.approx([x + 2.0 for x in plain.losses], abs=1e-6)
+    assert none.losses == plain.losses
+
+
+def test_callbacks_report_progress(make_base: MakeBase, tokenizer: PreTrainedTokenizerFast) -> None:
+    hyper = LoraHyperparams(max_steps=7, batch_size=2, warmup_ratio=0.2)  # crosses epochs
+    seen: list[StepInfo] = []
+    model = _lora(make_base(), hyper).eval()
+    result = train(
+        model, tokenizer, EXAMPLES, hyper, callbacks=TrainingCallbacks(on_step=seen.append)
+    )
+    assert [info.step for info in seen] == list(range(1, 8)) and result.steps == 7
+    assert all(info.total_steps == 7 for info in seen)
+    warmup = math.ceil(0.2 * 7)
+    expected_lr = [hyper.learning_rate * lr_multiplier(s, total=7, warmup=warmup) for s in range(7)]
+    assert [info.learning_rate for info in seen] == pytest.approx(expected_lr)
+    assert [info.loss for info in seen] == list(result.losses)
+    assert seen[-1].eta_s == 0 and all(info.tokens_per_s > 0 for info in seen)
+    assert not model.training  # the mode it came in with
+
+
+def test_should_stop_cancels(make_base: MakeBase, tokenizer: PreTrainedTokenizerFast) -> None:
+    hyper = LoraHyperparams(max_steps=10, batch_size=2)
+    checks: list[int] = []
+    steps: list[int] = []
+
+    def should_stop() -> bool:
+        checks.append(1)
+        return len(checks) > 2
+
+    callbacks = TrainingCallbacks(
+        on_step=lambda info: steps.append(info.step), should_stop=should_stop
+    )
+    model = _lora(make_base(), hyper).eval()
+    with pytest.raises(TrainingCancelled, match="step 3 of 10"):
+        train(model, tokenizer, EXAMPLES, hyper, callbacks=callbacks)
+    assert steps == [1, 2] and len(checks) == 3
+    assert not model.training
+
+
+def test_only_trainable_parameters_change(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    model = make_base()
+    model.requires_grad_(False)
+    model.lm_head.requires_grad_(True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, tokenizer, EXAMPLES, LoraHyperparams(max_steps=2, batch_size=5))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) == (key != "lm_head.weight"), key
+
+
+def test_train_rejects_empty_data_and_frozen_models(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    model = make_base()
+    with pytest.raises(InvalidDataset) as info:
+        train(model, tokenizer, [], LoraHyperparams())
+    assert info.value.field == "examples"
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(model, tokenizer, EXAMPLES, LoraHyperparams())

@@ -1,0 +1,80 @@
+"""Evaluate a stream's model on every task of the stream: one row of the accuracy matrix."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from continual.data import TaskData
+from continual.evaluation import language_model_loss, rank_classification
+from registry.entities import Task
+from registry.instance import Instance
+from workers.reporting import JobReporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    task: Task
+    metric: str  # "accuracy" for classification, "loss" for free-form tasks
+    value: float
+    num_examples: int
+
+
+def score_task(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: TaskData,
+    *,
+    limit: int,
+    batch_size: int,
+) -> tuple[str, float, int]:
+    examples = data.test[:limit]
+    if data.labels:
+        res = rank_classification(model, tokenizer, examples, data.labels, batch_size=batch_size)
+        return "accuracy", res.accuracy, res.n
+    loss = language_model_loss(model, tokenizer, examples, batch_size=batch_size)
+    return "loss", loss.loss, loss.n
+
+
+def evaluate_row(
+    inst: Instance,
+    reporter: JobReporter,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[tuple[Task, TaskData]],
+    *,
+    after_position: int,
+    snapshot_id: int,
+    adapter_version_id: int | None,
+    limit: int,
+    batch_size: int = 32,
+) -> list[TaskScore]:
+    """Score `model` on each task's test split and record the cells (after_position, task)."""
+    scores = []
+    for task, data in tasks:
+        if not data.test:
+            continue
+        metric, value, n = score_task(model, tokenizer, data, limit=limit, batch_size=batch_size)
+        inst.registry.evaluations.record(
+            stream_id=task.stream_id,
+            after_position=after_position,
+            task_id=task.id,
+            snapshot_id=snapshot_id,
+            adapter_version_id=adapter_version_id,
+            job_id=reporter.job_id,
+            metric=metric,
+            value=value,
+            num_examples=n,
+        )
+        where = "base" if after_position < 0 else f"after task {after_position}"
+        reporter.event(
+            f"evaluated {task.name} ({where}): {metric}={value:.4f}", metrics={metric: value}
+        )
+        scores.append(TaskScore(task=task, metric=metric, value=value, num_examples=n))
+    return scores

