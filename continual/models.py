@@ -98,6 +98,8 @@ def load_causal_lm(
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     model_kwargs = dict(kwargs)
+    if gguf_file is None:
+        model_kwargs["use_safetensors"] = True  # never fall back to pickled .bin weights
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)

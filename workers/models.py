@@ -11,9 +11,9 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.models import build_tiny_llama, load_causal_lm
-from registry.artifacts import get_tree, put_tree
+from registry.artifacts import get_tree, put_tree, validate_safetensors
 from registry.entities import Snapshot
-from registry.errors import InvalidValue
+from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,15 @@ def check_source(source: dict[str, Any]) -> dict[str, Any]:
         if not resolved.exists() or resolved.is_file() != expected_file:
             what = "a .gguf file" if expected_file else "a model directory"
             raise InvalidValue(f"{path} is not {what}", field="base.path")
+        if kind == "hf":
+            weights = sorted(resolved.glob("*.safetensors"))
+            if not weights:
+                raise InvalidWeights(
+                    f"{path} has no .safetensors weights (pickled checkpoints are never loaded)",
+                    field="base.path",
+                )
+            for file in weights:  # malformed headers are refused before transformers sees them
+                validate_safetensors(file, name=f"base.path/{file.name}")
         return {"kind": kind, "path": str(resolved)}
     return {"kind": "smollm2"}
 

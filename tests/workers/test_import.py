@@ -1,0 +1,81 @@
+"""Importing base models as snapshot v0: a model directory, a GGUF file, and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from continual.models import build_tiny_llama
+from registry.errors import InvalidValue, InvalidWeights
+from registry.instance import Instance
+from workers.models import check_source, load_snapshot, load_source, store_model
+from workers.streams import create_stream
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_import_hf_directory_reproduces_the_model(instance: Instance, tmp_path: Path) -> None:
+    model, tok = build_tiny_llama(seed=3)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "hf")
+    stream, snap = create_stream(
+        instance, name="from-dir", base={"kind": "hf", "path": str(tmp_path / "hf")}
+    )
+    assert snap.version == 0 and stream.base_source["kind"] == "hf"
+    loaded, loaded_tok = load_snapshot(instance, snap)
+    ids = tok("good red sport", return_tensors="pt").input_ids
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
+    assert loaded_tok("good red sport").input_ids == tok("good red sport").input_ids
+
+
+def test_pickled_or_missing_weights_are_refused(instance: Instance, tmp_path: Path) -> None:
+    model, tok = build_tiny_llama(seed=3)
+    pickled = tmp_path / "pickled"
+    model.config.save_pretrained(pickled)
+    tok.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(InvalidWeights) as exc:
+        create_stream(instance, name="pickled", base={"kind": "hf", "path": str(pickled)})
+    assert exc.value.field == "base.path"
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    (bogus / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    save_file({"x": torch.zeros(1)}, str(bogus / "other.safetensors"))
+    with pytest.raises(InvalidWeights) as corrupt:
+        create_stream(instance, name="bogus", base={"kind": "hf", "path": str(bogus)})
+    assert corrupt.value.field == "base.path/model.safetensors"
+    for source, field in [
+        ({"kind": "gguf", "path": str(pickled)}, "base.path"),  # a directory, not a file
+        ({"kind": "tiny", "seed": "x"}, "base.seed"),
+        ({"kind": "s3"}, "base.kind"),
+    ]:
+        with pytest.raises(InvalidValue) as bad:
+            check_source(source)
+        assert bad.value.field == field
+    assert instance.registry.streams.list_streams() == []
+
+
+@pytest.mark.slow
+def test_import_smollm2_gguf(instance: Instance, tmp_path: Path) -> None:
+    """The real pretrained LM: dequantized from GGUF, stored as safetensors, reloaded exactly."""
+    model, tok = load_source({"kind": "smollm2"})
+    assert model.hf_quantizer is None and not hasattr(model.config, "quantization_config")
+    assert next(model.parameters()).dtype == torch.float32
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert "Paris" in tok.decode(greedy[0, ids.shape[1] :])
+    digest = store_model(instance, model, tok)
+    stream = instance.registry.streams.create(
+        name="smol", base_source={"kind": "smollm2"}, method="seq-lora", hyperparams={},
+        base_digest=digest,
+    )  # fmt: skip
+    snap = instance.registry.streams.current_snapshot(stream.id)
+    reloaded, _ = load_snapshot(instance, snap)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), rtol=0, atol=0)
