@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -12,6 +13,8 @@ from typing import Any
 from tqdm import tqdm
 
 from api.render import lineage_tree, matrix_report
+from continual.errors import InvalidDataset, InvalidHyperparameter
+from continual.training import StepInfo, TrainingCallbacks
 from registry.entities import JobState, NodeKind, NodeRef
 from registry.errors import RegistryError
 from registry.instance import open_instance
@@ -85,6 +88,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+class _BenchProgress:
+    """A progress bar per (method, task) of a bench run."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.task = 0
+
+    def callbacks(self, method: str) -> TrainingCallbacks:
+        self.task = 0
+
+        def on_step(info: StepInfo) -> None:
+            if info.step == 1:
+                if self.bar is not None:
+                    self.bar.close()
+                self.task += 1
+                self.bar = tqdm(total=info.total_steps, desc=f"{method} #{self.task}", unit="step")
+            assert self.bar is not None
+            self.bar.set_postfix(loss=f"{info.loss:.3f}", refresh=False)
+            self.bar.update(info.step - self.bar.n)
+
+        return TrainingCallbacks(on_step=on_step)
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; values are read as JSON when they parse, else as strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from workers.bench import BenchConfig, run_bench, write_reports
+
+    cfg = BenchConfig(
+        data=args.data, order=tuple(args.order.split(",")), methods=tuple(args.methods.split(",")),
+        model=args.model, train_per_task=args.train_per_task, eval_per_task=args.eval_per_task,
+        seed=args.seed, device=args.device, hyperparams=_parse_sets(args.set),
+    )  # fmt: skip
+    out = args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+    progress = _BenchProgress()
+    try:
+        results = run_bench(cfg, out_dir=out, callbacks_for=progress.callbacks)
+    except (InvalidDataset, InvalidHyperparameter) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if progress.bar is not None:
+        progress.bar.close()
+    write_reports(cfg, results, out)
+    print((out / "results.md").read_text())
+    print(f"results in {out}/ (results.json, results.md, matrix-<method>.png)")
+    return 0
+
+
 def cmd_migrate(_args: argparse.Namespace) -> int:
     inst = open_instance(StrataSettings(), upgrade=True)
     inst.close()
@@ -103,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-size", type=int, default=256, help="training examples per task")
     demo.add_argument("--test-size", type=int, default=64, help="test examples per task")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="compare strategies on a CL_Benchmark task sequence")
+    bench.add_argument("--data", type=Path, required=True, help="a CL_Benchmark-format folder")
+    bench.add_argument("--order", required=True, help="comma-separated task names, in order")
+    bench.add_argument("--methods", default="seq-lora", help="comma-separated; or 'multitask'")
+    bench.add_argument("--model", default="tiny", help="tiny, smollm2, a model dir or a .gguf")
+    bench.add_argument("--train-per-task", type=int, default=500)
+    bench.add_argument("--eval-per-task", type=int, default=200)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--out", type=Path, help="output folder (default bench-results/<time>)")
+    bench.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a training hyperparameter, e.g. --set learning_rate=1e-3 (repeatable)",
+    )  # fmt: skip
+    bench.set_defaults(func=cmd_bench)
 
     migrate = sub.add_parser("migrate", help="upgrade the database (STRATA_DATABASE_URL) to head")
     migrate.set_defaults(func=cmd_migrate)

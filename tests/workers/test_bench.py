@@ -1,0 +1,82 @@
+"""`strata bench` on a small CL_Benchmark-format folder written by the test."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from api.cli import main
+
+WORDS = {
+    "Sports": ["match", "goal", "team", "coach"],
+    "Food": ["bread", "soup", "cheese", "pasta"],
+    "Weather": ["rain", "storm", "sunny", "cloud"],
+}
+FILLER = ["the", "a", "today", "really", "some", "again"]
+
+
+def _write_task(root: Path, name: str, labels: list[str], rng: random.Random) -> None:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "labels.json").write_text(json.dumps(labels))
+    for split, n in (("train", 48), ("test", 12)):
+        rows = []
+        for _ in range(n):
+            label = rng.choice(labels)
+            words = [rng.choice(WORDS[label])] + rng.sample(FILLER, 3)
+            rng.shuffle(words)
+            rows.append({"sentence": " ".join(words), "label": label})
+        (folder / f"{split}.json").write_text(json.dumps(rows))
+
+
+@pytest.fixture
+def cl_dir(tmp_path: Path) -> Path:
+    rng = random.Random(0)
+    _write_task(tmp_path / "data", "sport_food", ["Sports", "Food"], rng)
+    _write_task(tmp_path / "data", "food_weather", ["Food", "Weather"], rng)
+    return tmp_path / "data"
+
+
+def test_bench_writes_json_markdown_and_heat_maps(
+    cl_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    code = main([
+        "bench", "--data", str(cl_dir), "--order", "sport_food,food_weather",
+        "--methods", "seq-lora", "--model", "tiny", "--train-per-task", "32",
+        "--eval-per-task", "8", "--set", "epochs=2", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    (seq,) = results["methods"]
+    assert seq["method"] == "seq-lora" and len(seq["matrix"]) == 2
+    assert all(0.0 <= v <= 1.0 for row in seq["matrix"] for v in row)
+    # the summary follows from the matrix
+    m = seq["matrix"]
+    assert seq["average_accuracy"] == pytest.approx((m[1][0] + m[1][1]) / 2)
+    assert seq["backward_transfer"] == pytest.approx(m[1][0] - m[0][0])
+    assert results["config"]["hyperparams"] == {"epochs": 2}
+    assert "| seq-lora |" in (out / "results.md").read_text()
+    assert (out / "matrix-seq-lora.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| seq-lora |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "nope"], "method"),
+        (["--order", "sport_food,missing"], "not found"),
+        (["--set", "rank=-3"], "rank"),
+    ],
+)
+def test_bench_refuses_bad_input_before_training(
+    cl_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    base = ["bench", "--data", str(cl_dir), "--order", "sport_food", "--model", "tiny",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(base + args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -1,0 +1,216 @@
+"""`strata bench`: run strategies on one task sequence and report CL metrics side by side.
+
+Nothing here touches the registry: each method learns the sequence in memory
+(`continual.stream.learn_stream`), and the reports are written to an output directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from continual.config import LoraHyperparams
+from continual.data import TaskData, load_cl_benchmark
+from continual.metrics import AccuracyMatrix
+from continual.strategies import get_strategy
+from continual.stream import learn_stream
+from continual.training import TrainingCallbacks
+from workers.models import load_source
+
+log = logging.getLogger(__name__)
+
+MULTITASK = "multitask"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    data: Path
+    order: tuple[str, ...]
+    methods: tuple[str, ...]
+    model: str = "tiny"  # tiny | smollm2 | a model directory | a .gguf file
+    train_per_task: int = 500
+    eval_per_task: int = 200
+    seed: int = 0
+    device: str = "cpu"
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    method: str
+    matrix: AccuracyMatrix | None  # None for the multi-task bound (a single row)
+    final_row: tuple[float, ...]
+    seconds: float
+    train_steps: int
+    step_seconds: float  # mean wall time of one training step
+
+    @property
+    def average_accuracy(self) -> float:
+        return sum(self.final_row) / len(self.final_row)
+
+
+def model_source(spec: str, *, seed: int) -> dict[str, Any]:
+    if spec == "tiny":
+        return {"kind": "tiny", "seed": seed}
+    if spec == "smollm2":
+        return {"kind": "smollm2"}
+    path = Path(spec)
+    return {"kind": "gguf" if path.suffix == ".gguf" else "hf", "path": str(path)}
+
+
+def load_tasks(cfg: BenchConfig) -> list[TaskData]:
+    return [
+        load_cl_benchmark(cfg.data, name, train_limit=cfg.train_per_task,
+                          test_limit=cfg.eval_per_task, seed=cfg.seed)
+        for name in cfg.order
+    ]  # fmt: skip
+
+
+def run_bench(
+    cfg: BenchConfig,
+    *,
+    out_dir: Path,
+    callbacks_for: Callable[[str], TrainingCallbacks | None] = lambda _m: None,
+) -> list[MethodResult]:
+    """Learn the sequence once per method; every method starts from the same base model."""
+    hyper = LoraHyperparams.from_dict({"seed": cfg.seed, **cfg.hyperparams})
+    for method in cfg.methods:  # fail on a typo before the slow part
+        if method != MULTITASK:
+            get_strategy(method)
+    tasks = load_tasks(cfg)
+    pristine, tokenizer = load_source(model_source(cfg.model, seed=cfg.seed))
+    pristine.requires_grad_(False)
+
+    def make_base() -> PreTrainedModel:
+        return copy.deepcopy(pristine).to(cfg.device)
+
+    results = []
+    for method in cfg.methods:
+        work = out_dir / "adapters" / method
+        log.info("bench: %s on %s", method, " -> ".join(cfg.order))
+        if method == MULTITASK:
+            results.append(_multitask(make_base, tokenizer, tasks, hyper, work, callbacks_for))
+            continue
+        res = learn_stream(
+            strategy=get_strategy(method), make_base=make_base, tokenizer=tokenizer,
+            tasks=tasks, hyper=hyper, out_dir=work, callbacks=callbacks_for(method),
+        )  # fmt: skip
+        steps = sum(r.steps for r in res.train_results)
+        results.append(
+            MethodResult(
+                method=method, matrix=res.matrix, final_row=tuple(res.matrix.values[-1]),  # type: ignore[arg-type]
+                seconds=res.seconds, train_steps=steps,
+                step_seconds=sum(r.seconds for r in res.train_results) / max(steps, 1),
+            )
+        )  # fmt: skip
+    return results
+
+
+def _multitask(
+    make_base: Callable[[], PreTrainedModel],
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[TaskData],
+    hyper: LoraHyperparams,
+    work: Path,
+    callbacks_for: Callable[[str], TrainingCallbacks | None],
+) -> MethodResult:
+    from continual.multitask import learn_multitask
+
+    start = time.perf_counter()
+    res = learn_multitask(
+        make_base=make_base, tokenizer=tokenizer, tasks=tasks, hyper=hyper, out_dir=work,
+        callbacks=callbacks_for(MULTITASK),
+    )  # fmt: skip
+    return MethodResult(
+        method=MULTITASK, matrix=None, final_row=tuple(res.accuracies),
+        seconds=time.perf_counter() - start, train_steps=res.train_result.steps,
+        step_seconds=res.train_result.seconds / max(res.train_result.steps, 1),
+    )  # fmt: skip
+
+
+def write_reports(cfg: BenchConfig, results: Sequence[MethodResult], out_dir: Path) -> None:
+    """results.json, results.md and one accuracy-matrix heat map PNG per sequential method."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "config": {**asdict(cfg), "data": str(cfg.data)},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+        "methods": [_result_json(r) for r in results],
+    }  # fmt: skip
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown_table(cfg, results))
+    for r in results:
+        if r.matrix is not None:
+            heat_map(r.matrix, cfg.order, title=r.method, path=out_dir / f"matrix-{r.method}.png")
+
+
+def _result_json(r: MethodResult) -> dict[str, Any]:
+    m = r.matrix
+    return {
+        "method": r.method,
+        "matrix": [list(row) for row in m.values] if m else None,
+        "baseline": list(m.baseline) if m and m.baseline else None,
+        "final_row": list(r.final_row),
+        "average_accuracy": r.average_accuracy,
+        "backward_transfer": m.backward_transfer if m else None,
+        "forward_transfer": m.forward_transfer if m else None,
+        "forgetting": m.forgetting if m else None,
+        "seconds": r.seconds,
+        "train_steps": r.train_steps,
+        "step_seconds": r.step_seconds,
+    }
+
+
+def markdown_table(cfg: BenchConfig, results: Sequence[MethodResult]) -> str:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:+.1f}" if v < 0 else f"{100 * v:.1f}"
+
+    lines = [
+        f"Order: {' -> '.join(cfg.order)}; model {cfg.model}; {cfg.train_per_task} train / "
+        f"{cfg.eval_per_task} eval per task; seed {cfg.seed}; device {cfg.device}.",
+        "",
+        "| method | AA | BWT | FWT | forgetting | final row | time (s) | s/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        m = r.matrix
+        row = " / ".join(f"{100 * v:.1f}" for v in r.final_row)
+        lines.append(
+            f"| {r.method} | {pct(r.average_accuracy)} | {pct(m.backward_transfer if m else None)} "
+            f"| {pct(m.forward_transfer if m else None)} | {pct(m.forgetting if m else None)} "
+            f"| {row} | {r.seconds:.0f} | {r.step_seconds:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def heat_map(matrix: AccuracyMatrix, names: Sequence[str], *, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    values = [[float("nan") if v is None else v for v in row] for row in matrix.values]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.0 * len(names) + 1.5))
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis")
+    for t, row in enumerate(values):
+        for i, v in enumerate(row):
+            ax.text(i, t, f"{100 * v:.0f}", ha="center", va="center",
+                    color="white" if v < 0.6 else "black")  # fmt: skip
+    ax.set_xticks(range(len(names)), labels=list(names))
+    ax.set_yticks(range(len(names)), labels=[f"after {n}" for n in names])
+    ax.set_xlabel("evaluated task")
+    ax.set_title(f"{title}: accuracy (%)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
