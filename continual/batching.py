@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -105,3 +105,47 @@ def completion_log_probs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
     sums.index_add_(0, rows, token_logp)  # (B,)
     counts = mask.sum(dim=1)  # (B,)
     return sums, counts
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformer trunk and the output head, when logits are exactly head(trunk(x)).
+
+    Works through PEFT wrappers (adapter layers live inside the trunk). None for models whose
+    forward does more to the logits (soft-capping, scaling), which then take the full path.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) is not None:
+        return None
+    if getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    get_decoder = getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    decoder, head = get_decoder(), get_head()
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
+def sequence_log_probs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """`completion_log_probs` of the model on `batch`, computing vocabulary logits only at the
+    completion positions: (B,), (B,).
+
+    A full logits tensor is (B, T, V): with V = 49k and hundreds of sequences of a few hundred
+    tokens that is tens of GB, almost all of it for prompt positions nobody scores.
+    """
+    parts = _decoder_and_head(model)
+    if parts is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return completion_log_probs(logits, batch.labels)
+    decoder, head = parts
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).last_hidden_state  # (B, T, H)
+    targets = batch.labels[:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX  # (B, T-1)
+    rows = mask.nonzero(as_tuple=True)[0]  # (K,)
+    picked = head(hidden[:, :-1][mask]).float().log_softmax(dim=-1)  # (K, V)
+    token_logp = picked.gather(1, targets[mask].unsqueeze(1)).squeeze(1)  # (K,)
+    sums = torch.zeros(batch.labels.shape[0], dtype=token_logp.dtype, device=hidden.device)
+    sums.index_add_(0, rows, token_logp)  # (B,)
+    return sums, mask.sum(dim=1)

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from continual.batching import completion_log_probs, encode_pair, pad_batch, pad_id_of
+from continual.batching import Encoded, encode_pair, pad_batch, pad_id_of, sequence_log_probs
 from continual.data import Example, format_completion, label_of
+from continual.prefix_scoring import prefix_label_scores, supports_prefix_cache
 
 
 @dataclass(frozen=True)
@@ -48,20 +49,38 @@ def label_scores(
     examples: Sequence[Example],
     labels: Sequence[str],
     *,
-    batch_size: int = 32,
+    batch_size: int = 64,
     max_length: int | None = None,
+    shared_prefix: bool = True,
 ) -> Tensor:
     """Mean per-token log-likelihood of `" label"` given each prompt: (E, L) on the CPU.
 
-    All labels of an example, and `batch_size` examples, share one padded forward pass.
+    With `shared_prefix` (and a model with a KV cache) each prompt runs once and only the label
+    tokens run per label (`continual.prefix_scoring`). Otherwise all labels of an example share
+    one padded forward pass with other examples' labels, `batch_size` sequences at a time.
     """
     if not labels:
         raise ValueError("label_scores needs at least one label")
+    if shared_prefix and supports_prefix_cache(model):
+        completions = [format_completion(label) for label in labels]
+        with evaluating(model):
+            scores = [
+                prefix_label_scores(model, tokenizer, ex.prompt, completions, max_length=max_length)
+                for ex in examples
+            ]
+        return torch.stack(scores) if scores else torch.empty(0, len(labels))  # (E, L)
+    per_pass = max(1, batch_size // len(labels))  # examples per forward pass
+    completions = [format_completion(label) for label in labels]
+    budgets = _label_budgets(tokenizer, completions, max_length=max_length)
     rows: list[Tensor] = []
-    for begin in range(0, len(examples), batch_size):
-        chunk = examples[begin : begin + batch_size]
-        pairs = [(ex.prompt, format_completion(label)) for ex in chunk for label in labels]
-        sums, counts = _score(model, tokenizer, pairs, add_eos=False, max_length=max_length)
+    for begin in range(0, len(examples), per_pass):
+        chunk = examples[begin : begin + per_pass]
+        encoded = [
+            encode_pair(tokenizer, prompt=ex.prompt, completion=c, add_eos=False, max_length=b)
+            for ex in chunk
+            for c, b in zip(completions, budgets, strict=True)
+        ]
+        sums, counts = _score_encoded(model, tokenizer, encoded)
         rows.append((sums / counts.clamp(min=1)).view(len(chunk), len(labels)))  # (E, L)
     return torch.cat(rows) if rows else torch.empty(0, len(labels))
 
@@ -72,14 +91,16 @@ def rank_classification(
     examples: Sequence[Example],
     labels: Sequence[str],
     *,
-    batch_size: int = 32,
+    batch_size: int = 64,
     max_length: int | None = None,
+    shared_prefix: bool = True,
 ) -> EvalResult:
     """Predict the label with the highest `label_scores`; accuracy against each example's own
     completion (`" label"`)."""
     scores = label_scores(
-        model, tokenizer, examples, labels, batch_size=batch_size, max_length=max_length
-    )  # (E, L)
+        model, tokenizer, examples, labels, batch_size=batch_size, max_length=max_length,
+        shared_prefix=shared_prefix,
+    )  # (E, L)  # fmt: skip
     predictions = [labels[i] for i in scores.argmax(dim=1).tolist()]
     correct = sum(pred == label_of(ex) for pred, ex in zip(predictions, examples, strict=True))
     accuracy = correct / len(examples) if examples else 0.0
@@ -127,6 +148,17 @@ def language_model_loss(
     return LossResult(loss=loss, perplexity=perplexity, n=len(examples), tokens=tokens)
 
 
+def _label_budgets(
+    tokenizer: PreTrainedTokenizerBase, completions: Sequence[str], *, max_length: int | None
+) -> list[int | None]:
+    """Per-label length budgets that cut every label's prompt at the same place (room for the
+    longest label), so no label is ranked with more context than another."""
+    if max_length is None:
+        return [None] * len(completions)
+    sizes = [len(tokenizer.encode(c, add_special_tokens=False)) for c in completions]
+    return [max_length - (max(sizes) - size) for size in sizes]
+
+
 def _score(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -140,11 +172,16 @@ def _score(
         encode_pair(tokenizer, prompt=p, completion=c, add_eos=add_eos, max_length=max_length)
         for p, c in pairs
     ]
+    return _score_encoded(model, tokenizer, encoded)
+
+
+def _score_encoded(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, encoded: Sequence[Encoded]
+) -> tuple[Tensor, Tensor]:
     device = next(model.parameters()).device
     batch = pad_batch(encoded, pad_id=pad_id_of(tokenizer)).to(device)
     with evaluating(model):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        sums, counts = completion_log_probs(logits, batch.labels)  # (N,), (N,)
+        sums, counts = sequence_log_probs(model, batch)  # (N,), (N,)
     return sums.cpu(), counts.cpu()
 
 

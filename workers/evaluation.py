@@ -53,7 +53,7 @@ def evaluate_row(
     snapshot_id: int,
     adapter_version_id: int | None,
     limit: int,
-    batch_size: int = 32,
+    batch_size: int = 64,
 ) -> list[TaskScore]:
     """Score `model` on each task's test split and record the cells (after_position, task)."""
     scores = []

@@ -9,6 +9,7 @@ from continual.batching import (
     encode_pair,
     pad_batch,
     pad_id_of,
+    sequence_log_probs,
 )
 
 
@@ -54,3 +55,40 @@ def test_completion_log_probs_matches_direct_sum() -> None:
     expected1 = logp[1, 0, 1] + logp[1, 1, 2] + logp[1, 2, 6] + logp[1, 3, 0]
     torch.testing.assert_close(sums, torch.stack([expected0, expected1]))
     assert counts.tolist() == [2, 4]
+
+
+def test_sequence_log_probs_scores_only_completions_like_full_logits(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    """The head-at-completions path equals log-softmax over the model's full logits, through a
+    PEFT wrapper too; a model without a separable head takes the full path."""
+    from peft import LoraConfig, get_peft_model
+
+    from continual.models import build_tiny_llama
+
+    model, _ = build_tiny_llama(seed=4, tokenizer=tokenizer)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for layer in peft_model.modules():  # non-zero B so the adapter matters
+        if hasattr(layer, "lora_B"):
+            for lin in layer.lora_B.values():
+                torch.nn.init.normal_(lin.weight, std=0.5)
+    pairs = [("Q: red ball\nAnswer:", " red"), ("Q: a\nAnswer:", " green blue"), ("x", " y")]
+    batch = pad_batch(
+        [encode_pair(tokenizer, prompt=p, completion=c, add_eos=True) for p, c in pairs],
+        pad_id=pad_id_of(tokenizer),
+    )
+    with torch.no_grad():
+        full = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        expected = completion_log_probs(full, batch.labels)
+        got = sequence_log_probs(peft_model, batch)
+
+        class Opaque(torch.nn.Module):  # no get_decoder / get_output_embeddings
+            config = None
+
+            def forward(self, **kw: torch.Tensor) -> object:
+                return peft_model(**kw)
+
+        fallback = sequence_log_probs(Opaque(), batch)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
+    assert got[1].tolist() == expected[1].tolist()
+    torch.testing.assert_close(fallback[0], expected[0], rtol=0, atol=0)

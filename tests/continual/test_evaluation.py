@@ -140,3 +140,26 @@ def test_language_model_loss_matches_reference(
     assert result.loss == pytest.approx(expected, abs=1e-5)
     assert result.perplexity == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-5)
     assert (result.n, result.tokens) == (5, tokens)
+
+
+def test_shared_prefix_scores_equal_full_sequence_scores(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    """Prompt once + cached labels gives the one-sequence-per-label scores (fp32, atol 1e-5),
+    for labels of different token lengths and with the prompt cut by max_length."""
+    from continual.data import Example
+    from continual.models import build_tiny_llama
+
+    model, _ = build_tiny_llama(seed=7, tokenizer=tokenizer)
+    labels = ["red", "green blue yellow", "a very long label with many tokens", "b"]
+    examples = [
+        Example(prompt="Which colour?\nInput: the red ball\nAnswer:", completion=" red"),
+        Example(prompt="Q: " + "word " * 40 + "\nAnswer:", completion=" b"),
+    ]
+    for max_length in (None, 24):
+        cached = label_scores(model, tokenizer, examples, labels, max_length=max_length)
+        full = label_scores(
+            model, tokenizer, examples, labels, max_length=max_length, shared_prefix=False
+        )
+        assert cached.shape == (2, 4)
+        torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
