@@ -92,7 +92,9 @@ def run_bench(
     pristine.requires_grad_(False)
 
     def make_base() -> PreTrainedModel:
-        return copy.deepcopy(pristine).to(cfg.device)
+        fresh: PreTrainedModel = copy.deepcopy(pristine)
+        fresh.to(torch.device(cfg.device))  # type: ignore[arg-type]  # in place; HF typing
+        return fresh
 
     results = []
     for method in cfg.methods:

@@ -2,11 +2,15 @@
 
 from continual.strategies.base import STRATEGIES, Strategy, get_strategy, register_strategy
 from continual.strategies.common import ADAPTER_FILES, lora_config, save_peft_adapter
+from continual.strategies.inc_lora import IncLora
+from continual.strategies.o_lora import OLora
 from continual.strategies.seq_lora import SeqLora
 
 __all__ = [
     "ADAPTER_FILES",
     "STRATEGIES",
+    "IncLora",
+    "OLora",
     "SeqLora",
     "Strategy",
     "get_strategy",

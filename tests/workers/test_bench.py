@@ -26,7 +26,7 @@ def _write_task(root: Path, name: str, labels: list[str], rng: random.Random) ->
         rows = []
         for _ in range(n):
             label = rng.choice(labels)
-            words = [rng.choice(WORDS[label])] + rng.sample(FILLER, 3)
+            words = [rng.choice(WORDS[label]), *rng.sample(FILLER, 3)]
             rng.shuffle(words)
             rows.append({"sentence": " ".join(words), "label": label})
         (folder / f"{split}.json").write_text(json.dumps(rows))
@@ -46,21 +46,26 @@ def test_bench_writes_json_markdown_and_heat_maps(
     out = tmp_path / "out"
     code = main([
         "bench", "--data", str(cl_dir), "--order", "sport_food,food_weather",
-        "--methods", "seq-lora", "--model", "tiny", "--train-per-task", "32",
+        "--methods", "seq-lora,o-lora,multitask", "--model", "tiny", "--train-per-task", "32",
         "--eval-per-task", "8", "--set", "epochs=2", "--out", str(out),
     ])  # fmt: skip
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    (seq,) = results["methods"]
-    assert seq["method"] == "seq-lora" and len(seq["matrix"]) == 2
+    seq, olora, multi = results["methods"]
+    assert [seq["method"], olora["method"], multi["method"]] == ["seq-lora", "o-lora", "multitask"]
+    assert len(seq["matrix"]) == 2 and len(olora["matrix"]) == 2
+    assert multi["matrix"] is None and len(multi["final_row"]) == 2
     assert all(0.0 <= v <= 1.0 for row in seq["matrix"] for v in row)
     # the summary follows from the matrix
     m = seq["matrix"]
     assert seq["average_accuracy"] == pytest.approx((m[1][0] + m[1][1]) / 2)
     assert seq["backward_transfer"] == pytest.approx(m[1][0] - m[0][0])
     assert results["config"]["hyperparams"] == {"epochs": 2}
-    assert "| seq-lora |" in (out / "results.md").read_text()
-    assert (out / "matrix-seq-lora.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert "| seq-lora |" in table and "| o-lora |" in table and "| multitask |" in table
+    for method in ("seq-lora", "o-lora"):
+        assert (out / f"matrix-{method}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "matrix-multitask.png").exists()
     assert "| seq-lora |" in capsys.readouterr().out
 
 
