@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +42,15 @@ class StepInfo:
 
 @dataclass
 class TrainingCallbacks:
-    """Optional hooks: `on_step` after every step, `should_stop` before every step."""
+    """Optional hooks: `on_step` after every step, `should_stop` before every step.
+
+    `after_step(info, model, optimizer)` runs after the optimiser and LR scheduler stepped and
+    before `on_step`; it may edit the model and the optimizer state in place (e.g. ReLoRA's
+    merge-and-reinit, `continual.relora`)."""
 
     on_step: Callable[[StepInfo], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    after_step: Callable[[StepInfo, nn.Module, torch.optim.Optimizer], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,12 @@ def total_steps(*, num_examples: int, hyper: LoraHyperparams) -> int:
     if hyper.max_steps is not None:
         return hyper.max_steps
     return hyper.epochs * math.ceil(num_examples / hyper.batch_size)
+
+
+class LrSchedule(Protocol):
+    """Multiplier of the peak learning rate at 0-based `step` of `total` (warmup steps given)."""
+
+    def __call__(self, step: int, *, total: int, warmup: int) -> float: ...
 
 
 def lr_multiplier(step: int, *, total: int, warmup: int) -> float:
@@ -91,8 +102,11 @@ def train(
     *,
     extra_loss: Callable[[ModelT], Tensor | None] | None = None,
     callbacks: TrainingCallbacks | None = None,
+    lr_schedule: LrSchedule = lr_multiplier,
 ) -> TrainResult:
-    """Train `model` in place on `examples`; raises TrainingCancelled if `should_stop()`."""
+    """Train `model` in place on `examples`; raises TrainingCancelled if `should_stop()`.
+
+    `lr_schedule` scales `hyper.learning_rate` per step (default: warmup, then cosine)."""
     if not examples:
         raise InvalidDataset(field="examples", reason="no training examples")
     encoded = [
@@ -106,7 +120,7 @@ def train(
         for ex in examples
     ]
     steps = total_steps(num_examples=len(encoded), hyper=hyper)
-    optimizer, scheduler = _setup_optimizer(model, hyper=hyper, steps=steps)
+    optimizer, scheduler = _setup_optimizer(model, hyper=hyper, steps=steps, schedule=lr_schedule)
     torch.manual_seed(hyper.seed)  # dropout
     batches = _batches(encoded, hyper=hyper, steps=steps, pad_id=pad_id_of(tokenizer))
     loop = _Loop(
@@ -164,8 +178,11 @@ class _Loop:
             self.scheduler.step()
             self.losses.append(loss)
             self.tokens += batch.num_tokens
+            info = self._info(step, loss=loss, lr=lr)
+            if self.callbacks.after_step is not None:
+                self.callbacks.after_step(info, self.model, self.optimizer)
             if self.callbacks.on_step is not None:
-                self.callbacks.on_step(self._info(step, loss=loss, lr=lr))
+                self.callbacks.on_step(info)
 
     def _step(self, batch: Batch) -> float:
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -194,7 +211,7 @@ class _Loop:
 
 
 def _setup_optimizer(
-    model: nn.Module, *, hyper: LoraHyperparams, steps: int
+    model: nn.Module, *, hyper: LoraHyperparams, steps: int, schedule: LrSchedule
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -202,7 +219,7 @@ def _setup_optimizer(
     optimizer = torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
     warmup = math.ceil(hyper.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total=steps, warmup=warmup)
+        optimizer, lambda step: schedule(step, total=steps, warmup=warmup)
     )
     return optimizer, scheduler
 

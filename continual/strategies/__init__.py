@@ -1,5 +1,6 @@
 """Continual-learning strategies; importing this package registers every built-in one."""
 
+from continual.strategies.am_lora import AmLora
 from continual.strategies.base import STRATEGIES, Strategy, get_strategy, register_strategy
 from continual.strategies.common import ADAPTER_FILES, lora_config, save_peft_adapter
 from continual.strategies.inc_lora import IncLora
@@ -9,6 +10,7 @@ from continual.strategies.seq_lora import SeqLora
 __all__ = [
     "ADAPTER_FILES",
     "STRATEGIES",
+    "AmLora",
     "IncLora",
     "OLora",
     "SeqLora",

@@ -1,0 +1,274 @@
+"""AM-LoRA: one LoRA adapter per task (earlier ones frozen) mixed by an attentional selector.
+
+Every target linear layer becomes an `AmLoraLinear`: W0 x + sum_i g_i(x) DeltaW_i x with
+g = softmax over a zero adapter plus every task adapter (see `am_lora_layer`).
+
+Design choices:
+- **Zero adapter score**: a learned logit per layer (entry 0 of `selector_bias`), the same for
+  every token. Its output is 0, so there is nothing of its own to score; a constant logit lets
+  the selector learn how much of the layer to leave untouched without adding a scorer on x.
+- **Sparsity penalty**: `sparsity_weight` times the mean (over layers and tokens) Gini impurity
+  1 - sum_i g_i^2 of the selector weights. An L1 on the softmax output is the constant 1, and an
+  L1 on the pre-softmax scores pushes every score to 0, i.e. towards the *uniform* mixture. The
+  impurity is 0 exactly when one adapter (or the zero adapter) takes all the weight and largest
+  for the uniform mixture; it is a polynomial in g, so its gradient is bounded and cheap.
+  Padding tokens count like the others (the layer does not see the attention mask).
+- **What trains**: the new task's A and B and the whole selector of every layer (the rows of
+  earlier adapters too: the selector learns to weigh all adapters with each task). Earlier
+  adapters are frozen parameters that no gradient reaches. A new adapter's selector row starts
+  with a zero dense layer and a bias equal to the logsumexp of the earlier logits (about half
+  the weight at the start of its task; see `am_lora_layer._head_start`).
+- **Files**: each task's directory holds that task's A and B as a plain PEFT LoRA adapter
+  (`adapter_config.json` + `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained`)
+  plus `selector.safetensors`, the selector trained with that task (rows for the zero adapter
+  and tasks 0..t). Inference uses the adapters of all history directories and the newest
+  selector. Everything is safetensors; nothing is pickled.
+- **Models**: `prepare` and `inference_model` return the base model itself with its target
+  linear layers replaced in place (as PEFT injects its layers), not a `PeftModel`: the mixture
+  is no PEFT method, though each task's adapter on disk is a PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import peft
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from continual.config import LoraHyperparams
+from continual.errors import InvalidHyperparameter
+from continual.strategies.am_lora_layer import AmLoraLinear, FrozenAdapters, stack_adapters
+from continual.strategies.base import register_strategy
+from continual.strategies.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+logger = logging.getLogger(__name__)
+
+SELECTOR_FILE = "selector.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a model wrapped by a PeftModel
+_A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+Selector = tuple[Tensor, Tensor]  # (weight (n, out), bias (n + 1,)) of one layer
+
+
+@register_strategy
+class AmLora:
+    """Per-task adapters mixed per token by a selector trained with every new task."""
+
+    name = "am-lora"
+
+    def __init__(self, *, sparsity_weight: float = 0.01) -> None:
+        if (
+            isinstance(sparsity_weight, bool)
+            or not isinstance(sparsity_weight, int | float)
+            or not math.isfinite(sparsity_weight)
+            or sparsity_weight < 0
+        ):
+            raise InvalidHyperparameter(
+                field="sparsity_weight", reason=f"must be a finite number >= 0: {sparsity_weight!r}"
+            )
+        self.sparsity_weight = float(sparsity_weight)
+
+    def prepare(
+        self, base: PreTrainedModel, *, history: Sequence[Path], hyper: LoraHyperparams
+    ) -> PreTrainedModel:
+        # Each task draws its A matrices from its own seed, not a copy of the first task's.
+        torch.manual_seed(hyper.seed + len(history))
+        base.requires_grad_(False)
+        targets = _target_linears(base, hyper.target_modules)
+        frozen = _load_adapters(history, modules=sorted(targets))
+        selector: dict[str, Selector] = {}
+        if history:
+            selector = _load_selector(history[-1], num_adapters=len(history), modules=targets)
+        for path in sorted(targets):  # sorted: the random init does not depend on dict order
+            weight, bias = selector.get(path, (None, None))
+            layer = AmLoraLinear(
+                targets[path],
+                frozen=frozen.get(path),
+                rank=hyper.rank,
+                alpha=hyper.alpha,
+                dropout=hyper.dropout,
+                selector_weight=weight,
+                selector_bias=bias,
+            )
+            base.set_submodule(path, layer)
+        logger.info("am-lora: %d layers, %d earlier adapters", len(targets), len(history))
+        return base
+
+    def extra_loss(self, model: nn.Module) -> Tensor | None:
+        """`sparsity_weight` x mean Gini impurity of the selector over the last forward pass."""
+        if self.sparsity_weight == 0:
+            return None
+        values = []
+        for layer in am_lora_layers(model).values():
+            if layer.last_impurity is not None:
+                values.append(layer.last_impurity)
+                layer.last_impurity = None  # do not keep the graph alive past this step
+        if not values:
+            raise RuntimeError("am-lora extra_loss needs a forward pass of the AM-LoRA model")
+        return self.sparsity_weight * torch.stack(values).mean()
+
+    def save_adapter(self, model: nn.Module, out_dir: Path) -> None:
+        layers = am_lora_layers(model)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = _new_adapter_config(layers)
+        tensors: dict[str, Tensor] = {}
+        selector: dict[str, Tensor] = {}
+        for path, layer in layers.items():
+            assert layer.lora_A is not None and layer.lora_B is not None  # _new_adapter_config
+            tensors[PEFT_PREFIX + path + _A_SUFFIX] = layer.lora_A.detach().contiguous()
+            tensors[PEFT_PREFIX + path + _B_SUFFIX] = layer.lora_B.detach().contiguous()
+            selector[path + ".weight"] = layer.selector_weight.detach().contiguous()
+            selector[path + ".bias"] = layer.selector_bias.detach().contiguous()
+        config.save_pretrained(str(out_dir))
+        save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        num_adapters = next(iter(layers.values())).num_adapters
+        metadata = {"format": "pt", "method": self.name, "num_adapters": str(num_adapters)}
+        save_file(selector, str(out_dir / SELECTOR_FILE), metadata=metadata)
+        logger.info("saved am-lora adapter %d to %s", num_adapters, out_dir)
+
+    def inference_model(self, base: PreTrainedModel, *, history: Sequence[Path]) -> nn.Module:
+        if not history:
+            return base.eval()
+        base.requires_grad_(False)
+        modules = sorted(_adapter_modules(Path(history[-1])))
+        frozen = _load_adapters(history, modules=modules)
+        selector = _load_selector(history[-1], num_adapters=len(history), modules=modules)
+        for path in modules:
+            linear = base.get_submodule(path)
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"{history[-1]}: {path} is not a linear layer of this model")
+            weight, bias = selector[path]
+            layer = AmLoraLinear(
+                linear,
+                frozen=frozen[path],
+                rank=None,
+                alpha=1.0,  # only used by a new adapter
+                selector_weight=weight,
+                selector_bias=bias,
+                train_selector=False,
+            )
+            base.set_submodule(path, layer)
+        return base.eval()
+
+
+def am_lora_layers(model: nn.Module) -> dict[str, AmLoraLinear]:
+    """The model's AM-LoRA layers by module path; raises if it has none."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, AmLoraLinear)}
+    if not layers:
+        raise ValueError("the model has no AM-LoRA layers (was it built by am-lora prepare?)")
+    return layers
+
+
+def _target_linears(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear]:
+    """Modules named like PEFT's list-form `target_modules` (the name or a dotted suffix)."""
+    found: dict[str, nn.Linear] = {}
+    for path, module in model.named_modules():
+        if not any(path == t or path.endswith("." + t) for t in targets):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise InvalidHyperparameter(
+                field="target_modules", reason=f"{path} is a {type(module).__name__}, not Linear"
+            )
+        found[path] = module
+    if not found:
+        raise InvalidHyperparameter(
+            field="target_modules", reason=f"{list(targets)} match no layer of the model"
+        )
+    return found
+
+
+def _new_adapter_config(layers: dict[str, AmLoraLinear]) -> peft.LoraConfig:
+    """The PEFT config of the new adapter, which every layer must share."""
+    shapes = {(layer.rank, layer.alpha, layer.dropout_p) for layer in layers.values()}
+    if len(shapes) != 1 or any(layer.lora_A is None for layer in layers.values()):
+        raise ValueError("the model has no new am-lora adapter of one shape to save")
+    rank, alpha, dropout = shapes.pop()
+    return peft.LoraConfig(
+        r=int(rank or 0),
+        lora_alpha=alpha,  # type: ignore[arg-type]  # hinted int; scaling = alpha / r
+        lora_dropout=dropout,
+        target_modules=sorted({path.rsplit(".", 1)[-1] for path in layers}),
+        task_type="CAUSAL_LM",
+        inference_mode=True,
+    )
+
+
+def _adapter_modules(adapter_dir: Path) -> set[str]:
+    """Module paths of the LoRA layers in a PEFT adapter file."""
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
+        keys = list(f.keys())
+    return {k[len(PEFT_PREFIX) : -len(_A_SUFFIX)] for k in keys if k.endswith(_A_SUFFIX)}
+
+
+def _load_adapters(history: Sequence[Path], *, modules: list[str]) -> dict[str, FrozenAdapters]:
+    """Every history adapter of each module, stacked oldest first ({} for an empty history)."""
+    per_module: dict[str, list[tuple[Tensor, Tensor, float]]] = {m: [] for m in modules}
+    for adapter_dir in map(Path, history):
+        alpha, rslora = _read_lora_config(adapter_dir)
+        tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+        found = _adapter_modules(adapter_dir)
+        if found != set(modules):
+            extra, missing = sorted(found - set(modules)), sorted(set(modules) - found)
+            raise InvalidHyperparameter(
+                field="target_modules",
+                reason=f"am-lora needs the same layers for every task; {adapter_dir} has "
+                f"{len(extra)} more ({extra[:3]}) and {len(missing)} fewer ({missing[:3]})",
+            )
+        for module in modules:
+            lora_A = tensors[PEFT_PREFIX + module + _A_SUFFIX]  # (r, in)
+            lora_B = tensors[PEFT_PREFIX + module + _B_SUFFIX]  # (out, r)
+            rank = lora_A.shape[0]
+            scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+            per_module[module].append((lora_A, lora_B, scale))
+    if not history:
+        return {}
+    return {module: stack_adapters(adapters) for module, adapters in per_module.items()}
+
+
+def _read_lora_config(adapter_dir: Path) -> tuple[float, bool]:
+    """(lora_alpha, use_rslora) of a plain PEFT LoRA adapter; other variants are refused."""
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{adapter_dir} is not a PEFT adapter (no {ADAPTER_CONFIG})")
+    config = json.loads(path.read_text())
+    unsupported = {
+        "peft_type": config.get("peft_type") != "LORA",
+        "use_dora": bool(config.get("use_dora")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "lora_bias": bool(config.get("lora_bias")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+    }
+    bad = [key for key, flag in unsupported.items() if flag]
+    if bad:
+        raise ValueError(f"{adapter_dir}: am-lora reads plain LoRA adapters only ({bad})")
+    return float(config["lora_alpha"]), bool(config.get("use_rslora"))
+
+
+def _load_selector(
+    adapter_dir: Path, *, num_adapters: int, modules: Iterable[str]
+) -> dict[str, Selector]:
+    """The selector saved with the newest adapter: it must mix exactly `num_adapters` adapters
+    in exactly `modules`."""
+    path = Path(adapter_dir) / SELECTOR_FILE
+    if not path.is_file():
+        raise ValueError(f"{adapter_dir} has no {SELECTOR_FILE}: not written by am-lora")
+    with safe_open(str(path), framework="pt") as f:
+        saved = int((f.metadata() or {}).get("num_adapters", -1))
+    if saved != num_adapters:
+        raise ValueError(
+            f"{path} mixes {saved} adapters but the history has {num_adapters} "
+            "(history must be the stream's adapters, oldest first, ending with its newest)"
+        )
+    tensors = load_file(str(path))
+    expected = {m + suffix for m in modules for suffix in (".weight", ".bias")}
+    if set(tensors) != expected:
+        raise ValueError(f"{path} does not hold one selector per adapted layer")
+    return {m: (tensors[m + ".weight"], tensors[m + ".bias"]) for m in modules}
