@@ -110,14 +110,22 @@ class _BenchProgress:
 
         return TrainingCallbacks(on_step=on_step)
 
+    def row(self, method: str, t: int, row: tuple[float, ...]) -> None:
+        """Print each measured row of an accuracy matrix (evaluation takes minutes too)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        where = "untrained base" if t < 0 else f"{method} after task {t + 1}"
+        tqdm.write(f"{where}: " + " ".join(f"{100 * v:.1f}" for v in row))
 
-def _parse_sets(pairs: list[str]) -> dict[str, Any]:
-    """`--set key=value` pairs; values are read as JSON when they parse, else as strings."""
+
+def _parse_sets(pairs: list[str], *, flag: str = "--set") -> dict[str, Any]:
+    """`key=value` pairs; values are read as JSON when they parse, else as strings."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: --set expects key=value, got {pair!r}")
+            raise InvalidHyperparameter(field=flag, reason=f"expects key=value, got {pair!r}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -125,18 +133,33 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _parse_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """`--option METHOD.KEY=VALUE` pairs grouped by method."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in _parse_sets(pairs, flag="--option").items():
+        method, dot, option = key.rpartition(".")
+        if not dot or not method or not option:
+            raise InvalidHyperparameter(
+                field="--option", reason=f"expects METHOD.KEY=VALUE, got {key!r}"
+            )
+        out.setdefault(method, {})[option] = value
+    return out
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from workers.bench import BenchConfig, run_bench, write_reports
 
-    cfg = BenchConfig(
-        data=args.data, order=tuple(args.order.split(",")), methods=tuple(args.methods.split(",")),
-        model=args.model, train_per_task=args.train_per_task, eval_per_task=args.eval_per_task,
-        seed=args.seed, device=args.device, hyperparams=_parse_sets(args.set),
-    )  # fmt: skip
     out = args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
     progress = _BenchProgress()
     try:
-        results = run_bench(cfg, out_dir=out, callbacks_for=progress.callbacks)
+        cfg = BenchConfig(
+            data=args.data, order=tuple(args.order.split(",")),
+            methods=tuple(args.methods.split(",")), model=args.model,
+            train_per_task=args.train_per_task, eval_per_task=args.eval_per_task, seed=args.seed,
+            device=args.device, hyperparams=_parse_sets(args.set), metric=args.metric,
+            options=_parse_options(args.option),
+        )  # fmt: skip
+        results = run_bench(cfg, out_dir=out, callbacks_for=progress.callbacks, on_row=progress.row)
     except (InvalidDataset, InvalidHyperparameter) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -180,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a training hyperparameter, e.g. --set learning_rate=1e-3 (repeatable)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+        help="a method's option, e.g. --option o-lora.lambda1=0.1 (repeatable)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--metric", default="rank", choices=["rank", "exact"],
+        help="rank: rank classification over the labels; exact: exact match of greedy generation",
     )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
 

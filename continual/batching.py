@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -90,24 +91,23 @@ def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def completion_log_probs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sequence sum of completion-token log-probabilities and completion-token counts.
-
-    Only the rows at completion positions go through log_softmax, so memory stays near the size
-    of the logits themselves even for large vocabularies.
-    """
-    shifted_logits = logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-    targets = labels[:, 1:]  # (B, T-1)
+    """Per-sequence sum of completion-token log-probabilities and completion-token counts, from
+    full (B, T, V) logits: (B,), (B,). Only completion rows go through log_softmax."""
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     mask = targets != IGNORE_INDEX  # (B, T-1)
     rows = mask.nonzero(as_tuple=True)[0]  # (K,) sequence index of each scored token
-    picked = shifted_logits[mask].float().log_softmax(dim=-1)  # (K, V)
-    token_logp = picked.gather(1, targets[mask].unsqueeze(1)).squeeze(1)  # (K,)
-    sums = torch.zeros(labels.shape[0], dtype=token_logp.dtype, device=logits.device)
-    sums.index_add_(0, rows, token_logp)  # (B,)
-    counts = mask.sum(dim=1)  # (B,)
-    return sums, counts
+    sums = _per_sequence_log_probs(logits[:, :-1][mask], targets[mask], rows, len(labels))
+    return sums, mask.sum(dim=1)
 
 
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def _per_sequence_log_probs(logits: Tensor, targets: Tensor, rows: Tensor, n: int) -> Tensor:
+    """Sum over each sequence's scored tokens of log p(target): (n,) from (K, V), (K,), (K,)."""
+    token_logp = logits.float().log_softmax(dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    sums = torch.zeros(n, dtype=token_logp.dtype, device=logits.device)
+    return sums.index_add_(0, rows, token_logp)  # (n,)
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """The transformer trunk and the output head, when logits are exactly head(trunk(x)).
 
     Works through PEFT wrappers (adapter layers live inside the trunk). None for models whose
@@ -126,26 +126,38 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return (decoder, head) if decoder is not None and head is not None else None
 
 
-def sequence_log_probs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-    """`completion_log_probs` of the model on `batch`, computing vocabulary logits only at the
-    completion positions: (B,), (B,).
+def completion_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """Vocabulary logits only at the positions that predict a completion token, with those
+    tokens and the sequence each belongs to: (K, V), (K,), (K,).
 
-    A full logits tensor is (B, T, V): with V = 49k and hundreds of sequences of a few hundred
-    tokens that is tens of GB, almost all of it for prompt positions nobody scores.
+    A full logits tensor is (B, T, V): with V = 49k it is most of a training step's memory and
+    about a fifth of a small model's FLOPs, almost all of it for prompt positions nobody scores.
+    Models whose logits are not exactly head(trunk(x)) take the full path and are then indexed.
     """
-    parts = _decoder_and_head(model)
+    targets = batch.labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    mask = targets != IGNORE_INDEX  # (B, T-1)
+    rows = mask.nonzero(as_tuple=True)[0]  # (K,)
+    parts = decoder_and_head(model)
     if parts is None:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return completion_log_probs(logits, batch.labels)
+        return logits[:, :-1][mask], targets[mask], rows  # (K, V)
     decoder, head = parts
     hidden = decoder(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask
     ).last_hidden_state  # (B, T, H)
-    targets = batch.labels[:, 1:]  # (B, T-1)
-    mask = targets != IGNORE_INDEX  # (B, T-1)
-    rows = mask.nonzero(as_tuple=True)[0]  # (K,)
-    picked = head(hidden[:, :-1][mask]).float().log_softmax(dim=-1)  # (K, V)
-    token_logp = picked.gather(1, targets[mask].unsqueeze(1)).squeeze(1)  # (K,)
-    sums = torch.zeros(batch.labels.shape[0], dtype=token_logp.dtype, device=hidden.device)
-    sums.index_add_(0, rows, token_logp)  # (B,)
-    return sums, mask.sum(dim=1)
+    return head(hidden[:, :-1][mask]), targets[mask], rows  # (K, V)
+
+
+def completion_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """Mean next-token cross-entropy over the completion tokens of `batch` (the training loss);
+    vocabulary logits are computed at completion positions only (`completion_logits`)."""
+    logits, targets, _ = completion_logits(model, batch)  # (K, V), (K,)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def sequence_log_probs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """`completion_log_probs` of the model on `batch`, computing vocabulary logits only at the
+    completion positions (`completion_logits`): (B,), (B,)."""
+    logits, targets, rows = completion_logits(model, batch)  # (K, V), (K,), (K,)
+    sums = _per_sequence_log_probs(logits, targets, rows, len(batch.labels))
+    return sums, (batch.labels[:, 1:] != IGNORE_INDEX).sum(dim=1)

@@ -29,7 +29,7 @@ from continual.config import LoraHyperparams
 from continual.data import Example, TaskData
 from continual.errors import InvalidDataset
 from continual.strategies.seq_lora import SeqLora
-from continual.stream import evaluate_task
+from continual.stream import check_metric, evaluate_tasks
 from continual.training import TrainingCallbacks, TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -75,15 +75,17 @@ def learn_multitask(
     hyper: LoraHyperparams,
     out_dir: Path,
     measure_baseline: bool = False,
+    metric: str = "rank",
     callbacks: TrainingCallbacks | None = None,
 ) -> MultitaskResult:
     """Train one fresh adapter on every task's training examples, save it at `out_dir`, rebuild
     the model from the saved files and evaluate every task. `make_base` returns a fresh base."""
     if not tasks:
         raise InvalidDataset(field="tasks", reason="multitask training needs at least one task")
+    check_metric(metric)
     start = time.perf_counter()
     names = tuple(task.name for task in tasks)
-    baseline = _evaluate(make_base(), tokenizer, tasks, hyper) if measure_baseline else None
+    baseline = _evaluate(make_base(), tokenizer, tasks, hyper, metric) if measure_baseline else None
     union: list[Example] = [example for task in tasks for example in task.train]
     union_hyper = multitask_hyperparams(hyper, num_tasks=len(tasks))
     strategy = SeqLora()  # a single fresh adapter: exactly seq-lora's first task
@@ -92,7 +94,7 @@ def learn_multitask(
     adapter = Path(out_dir)
     strategy.save_adapter(model, adapter)
     accuracies = _evaluate(
-        strategy.inference_model(make_base(), history=[adapter]), tokenizer, tasks, hyper
+        strategy.inference_model(make_base(), history=[adapter]), tokenizer, tasks, hyper, metric
     )
     logger.info(
         "multitask over %s: %s", ", ".join(names), ", ".join(f"{a:.3f}" for a in accuracies)
@@ -112,5 +114,6 @@ def _evaluate(
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[TaskData],
     hyper: LoraHyperparams,
+    metric: str,
 ) -> tuple[float, ...]:
-    return tuple(evaluate_task(model, tokenizer, t, max_length=hyper.max_length) for t in tasks)
+    return evaluate_tasks(model, tokenizer, tasks, max_length=hyper.max_length, metric=metric)

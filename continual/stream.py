@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.config import LoraHyperparams
 from continual.data import TaskData
+from continual.errors import InvalidHyperparameter
 from continual.evaluation import exact_match, rank_classification
 from continual.metrics import AccuracyMatrix
 from continual.strategies import Strategy
@@ -33,15 +34,45 @@ class StreamResult:
     seconds: float
 
 
+METRICS = ("rank", "exact")  # rank classification over the labels; exact match of generation
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise InvalidHyperparameter(field="metric", reason=f"must be one of {list(METRICS)}")
+
+
 def evaluate_task(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: TaskData, *, max_length: int
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: TaskData,
+    *,
+    max_length: int,
+    metric: str = "rank",
 ) -> float:
-    """Test accuracy: rank classification when the task has labels, else exact match."""
-    if task.labels is not None:
+    """Test accuracy. `rank`: rank classification when the task has labels (exact match for
+    free-form tasks); `exact`: exact match of the greedy generation for every task."""
+    check_metric(metric)
+    if metric == "rank" and task.labels is not None:
         return rank_classification(
             model, tokenizer, task.test, task.labels, max_length=max_length
         ).accuracy
     return exact_match(model, tokenizer, task.test).accuracy
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[TaskData],
+    *,
+    max_length: int,
+    metric: str = "rank",
+) -> tuple[float, ...]:
+    """`evaluate_task` for every task, in order: one row of the accuracy matrix."""
+    return tuple(
+        evaluate_task(model, tokenizer, task, max_length=max_length, metric=metric)
+        for task in tasks
+    )
 
 
 def learn_stream(
@@ -53,19 +84,26 @@ def learn_stream(
     hyper: LoraHyperparams,
     out_dir: Path,
     measure_baseline: bool = True,
+    baseline: Sequence[float] | None = None,
+    metric: str = "rank",
     callbacks: TrainingCallbacks | None = None,
+    on_row: Callable[[int, tuple[float, ...]], None] | None = None,
 ) -> StreamResult:
     """Train `tasks` in order; after each, rebuild the stream's model from the saved adapters
     and evaluate every task. `make_base` must return a fresh base each call (PEFT edits the
-    base in place)."""
+    base in place). `baseline`: the untrained base's row when already measured (several
+    strategies on one base share it); otherwise it is measured when `measure_baseline`.
+    `on_row(t, row)` reports each row of the matrix as soon as it is measured."""
+    check_metric(metric)
     start = time.perf_counter()
 
     def evaluate_all(model: nn.Module) -> tuple[float, ...]:
-        return tuple(
-            evaluate_task(model, tokenizer, task, max_length=hyper.max_length) for task in tasks
-        )
+        return evaluate_tasks(model, tokenizer, tasks, max_length=hyper.max_length, metric=metric)
 
-    baseline = evaluate_all(make_base()) if measure_baseline else None
+    if baseline is not None and len(baseline) != len(tasks):
+        raise ValueError(f"baseline has {len(baseline)} values for {len(tasks)} tasks")
+    if baseline is None and measure_baseline:
+        baseline = evaluate_all(make_base())
     history: list[Path] = []
     rows: list[tuple[float, ...]] = []
     results: list[TrainResult] = []
@@ -86,8 +124,12 @@ def learn_stream(
         history.append(adapter_dir)
         rows.append(evaluate_all(strategy.inference_model(make_base(), history=history)))
         logger.info("after %s: %s", task.name, ", ".join(f"{a:.3f}" for a in rows[-1]))
+        if on_row is not None:
+            on_row(index, rows[-1])
     return StreamResult(
-        matrix=AccuracyMatrix(values=tuple(rows), baseline=baseline),
+        matrix=AccuracyMatrix(
+            values=tuple(rows), baseline=None if baseline is None else tuple(baseline)
+        ),
         adapters=tuple(history),
         train_results=tuple(results),
         seconds=time.perf_counter() - start,

@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from continual.batching import IGNORE_INDEX, Batch, Encoded, encode_pair, pad_batch, pad_id_of
+from continual.batching import (
+    IGNORE_INDEX,
+    Batch,
+    Encoded,
+    completion_loss,
+    encode_pair,
+    pad_batch,
+    pad_id_of,
+)
 from continual.config import LoraHyperparams
 from continual.data import Example
 from continual.errors import InvalidDataset, TrainingCancelled
@@ -84,7 +92,8 @@ def lr_multiplier(step: int, *, total: int, warmup: int) -> float:
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over positions whose label is not IGNORE_INDEX."""
+    """Mean next-token cross-entropy over positions whose label is not IGNORE_INDEX, from full
+    (B, T, V) logits: the reference `batching.completion_loss` (what `train` uses) must equal."""
     vocab = logits.shape[-1]
     shifted_logits = logits[:, :-1].reshape(-1, vocab)  # (B*(T-1), V)
     targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
@@ -185,8 +194,7 @@ class _Loop:
                 self.callbacks.on_step(info)
 
     def _step(self, batch: Batch) -> float:
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss = causal_lm_loss(logits, batch.labels)  # (B, T, V) -> scalar
+        loss = completion_loss(self.model, batch)  # vocabulary logits at completions only
         extra = self.extra_loss(self.model) if self.extra_loss is not None else None
         if extra is not None:
             loss = loss + extra

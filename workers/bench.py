@@ -21,9 +21,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.config import LoraHyperparams
 from continual.data import TaskData, load_cl_benchmark
+from continual.errors import InvalidHyperparameter
 from continual.metrics import AccuracyMatrix
 from continual.strategies import get_strategy
-from continual.stream import learn_stream
+from continual.stream import check_metric, evaluate_tasks, learn_stream
 from continual.training import TrainingCallbacks
 from workers.models import load_source
 
@@ -43,6 +44,8 @@ class BenchConfig:
     seed: int = 0
     device: str = "cpu"
     hyperparams: dict[str, Any] = field(default_factory=dict)
+    metric: str = "rank"  # rank classification, or "exact" match of greedy generation
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> its options
 
 
 @dataclass(frozen=True)
@@ -81,12 +84,14 @@ def run_bench(
     *,
     out_dir: Path,
     callbacks_for: Callable[[str], TrainingCallbacks | None] = lambda _m: None,
+    on_row: Callable[[str, int, tuple[float, ...]], None] | None = None,
 ) -> list[MethodResult]:
-    """Learn the sequence once per method; every method starts from the same base model."""
+    """Learn the sequence once per method; every method starts from the same base model, whose
+    row (the baseline of forward transfer) is measured once for all of them.
+
+    `on_row(method, t, row)` reports every measured row (t = -1: the untrained base)."""
     hyper = LoraHyperparams.from_dict({"seed": cfg.seed, **cfg.hyperparams})
-    for method in cfg.methods:  # fail on a typo before the slow part
-        if method != MULTITASK:
-            get_strategy(method)
+    check_bench(cfg)  # fail on a typo before the slow part
     tasks = load_tasks(cfg)
     pristine, tokenizer = load_source(model_source(cfg.model, seed=cfg.seed))
     pristine.requires_grad_(False)
@@ -96,16 +101,25 @@ def run_bench(
         fresh.to(torch.device(cfg.device))  # type: ignore[arg-type]  # in place; HF typing
         return fresh
 
+    def report(method: str) -> Callable[[int, tuple[float, ...]], None] | None:
+        return None if on_row is None else lambda t, row: on_row(method, t, row)
+
+    baseline = evaluate_tasks(
+        make_base(), tokenizer, tasks, max_length=hyper.max_length, metric=cfg.metric
+    )
+    if on_row is not None:
+        on_row("base", -1, baseline)
     results = []
     for method in cfg.methods:
         work = out_dir / "adapters" / method
         log.info("bench: %s on %s", method, " -> ".join(cfg.order))
         if method == MULTITASK:
-            results.append(_multitask(make_base, tokenizer, tasks, hyper, work, callbacks_for))
+            results.append(_multitask(cfg, make_base, tokenizer, tasks, hyper, work, callbacks_for))
             continue
         res = learn_stream(
-            strategy=get_strategy(method), make_base=make_base, tokenizer=tokenizer,
-            tasks=tasks, hyper=hyper, out_dir=work, callbacks=callbacks_for(method),
+            strategy=get_strategy(method, **cfg.options.get(method, {})), make_base=make_base,
+            tokenizer=tokenizer, tasks=tasks, hyper=hyper, out_dir=work, baseline=baseline,
+            metric=cfg.metric, callbacks=callbacks_for(method), on_row=report(method),
         )  # fmt: skip
         steps = sum(r.steps for r in res.train_results)
         results.append(
@@ -118,7 +132,23 @@ def run_bench(
     return results
 
 
+def check_bench(cfg: BenchConfig) -> None:
+    """Refuse unknown methods, metrics and method options (InvalidHyperparameter)."""
+    check_metric(cfg.metric)
+    for method, options in cfg.options.items():
+        if method not in cfg.methods:
+            raise InvalidHyperparameter(
+                field=f"options.{method}", reason=f"{method!r} is not one of the bench methods"
+            )
+        if method == MULTITASK and options:
+            raise InvalidHyperparameter(field=f"options.{method}", reason="multitask has none")
+    for method in cfg.methods:
+        if method != MULTITASK:
+            get_strategy(method, **cfg.options.get(method, {}))
+
+
 def _multitask(
+    cfg: BenchConfig,
     make_base: Callable[[], PreTrainedModel],
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[TaskData],
@@ -131,7 +161,7 @@ def _multitask(
     start = time.perf_counter()
     res = learn_multitask(
         make_base=make_base, tokenizer=tokenizer, tasks=tasks, hyper=hyper, out_dir=work,
-        callbacks=callbacks_for(MULTITASK),
+        metric=cfg.metric, callbacks=callbacks_for(MULTITASK),
     )  # fmt: skip
     return MethodResult(
         method=MULTITASK, matrix=None, final_row=tuple(res.accuracies),
@@ -179,7 +209,8 @@ def markdown_table(cfg: BenchConfig, results: Sequence[MethodResult]) -> str:
 
     lines = [
         f"Order: {' -> '.join(cfg.order)}; model {cfg.model}; {cfg.train_per_task} train / "
-        f"{cfg.eval_per_task} eval per task; seed {cfg.seed}; device {cfg.device}.",
+        f"{cfg.eval_per_task} eval per task; seed {cfg.seed}; device {cfg.device}; "
+        f"metric {cfg.metric}.",
         "",
         "| method | AA | BWT | FWT | forgetting | final row | time (s) | s/step |",
         "|---|---|---|---|---|---|---|---|",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from continual.batching import encode_pair, pad_batch
+from continual.batching import completion_loss, encode_pair, pad_batch
 from continual.config import LoraHyperparams
 from continual.data import Example, synthetic_tasks
 from continual.errors import InvalidDataset, TrainingCancelled
@@ -59,6 +59,41 @@ def test_causal_lm_loss_matches_transformers(
         reference = model(input_ids=batch.input_ids, labels=batch.labels).loss
         ours = causal_lm_loss(model(input_ids=batch.input_ids).logits, batch.labels)
     torch.testing.assert_close(ours, reference)
+
+
+def test_completion_loss_equals_full_logits_loss_and_gradients(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """The training loss computes vocabulary logits at completion positions only: on a padded
+    batch through a PEFT model it equals the full-logits loss, and so do the LoRA gradients."""
+    hyper = LoraHyperparams(rank=4)
+    model = _lora(make_base(), hyper)
+    for name, param in model.named_parameters():  # non-zero B so gradients reach A too
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.3)
+    items = [
+        encode_pair(tokenizer, prompt=e.prompt * (i + 1), completion=e.completion, add_eos=True)
+        for i, e in enumerate(EXAMPLES[:3])
+    ]
+    batch = pad_batch(items, pad_id=0)
+    assert not batch.attention_mask.all()  # padded: lengths differ
+
+    def loss_and_grads(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return loss.detach(), grads
+
+    full_logits = lambda: model(  # noqa: E731
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).logits
+    reference, ref_grads = loss_and_grads(lambda: causal_lm_loss(full_logits(), batch.labels))
+    ours, our_grads = loss_and_grads(lambda: completion_loss(model, batch))
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    assert len(our_grads) == len(ref_grads) > 0
+    for got, expected in zip(our_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_lora_learns_a_synthetic_task(

@@ -66,7 +66,34 @@ def test_bench_writes_json_markdown_and_heat_maps(
     for method in ("seq-lora", "o-lora"):
         assert (out / f"matrix-{method}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "matrix-multitask.png").exists()
-    assert "| seq-lora |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| seq-lora |" in printed
+    # the untrained base is measured once and shared: one baseline for both streams
+    assert printed.count("untrained base:") == 1
+    assert seq["baseline"] == olora["baseline"] and len(seq["baseline"]) == 2
+    assert printed.count("seq-lora after task") == 2 and printed.count("o-lora after task") == 2
+
+
+def test_bench_exact_match_metric_and_method_options(cl_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = main([
+        "bench", "--data", str(cl_dir), "--order", "sport_food,food_weather",
+        "--methods", "o-lora,am-lora", "--model", "tiny", "--train-per-task", "16",
+        "--eval-per-task", "4", "--set", "max_steps=2", "--metric", "exact",
+        "--option", "o-lora.lambda1=0.25", "--option", "am-lora.sparsity_weight=0",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["metric"] == "exact"
+    assert results["config"]["options"] == {
+        "o-lora": {"lambda1": 0.25},
+        "am-lora": {"sparsity_weight": 0},
+    }
+    for method in results["methods"]:
+        # 4 examples per task: exact-match accuracies are multiples of 1/4
+        assert all(4 * v == int(4 * v) for row in method["matrix"] for v in row)
+    assert "metric exact" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -75,6 +102,11 @@ def test_bench_writes_json_markdown_and_heat_maps(
         (["--methods", "nope"], "method"),
         (["--order", "sport_food,missing"], "not found"),
         (["--set", "rank=-3"], "rank"),
+        (["--set", "rank"], "key=value"),
+        (["--methods", "o-lora", "--option", "o-lora.nope=1"], "nope"),
+        (["--methods", "o-lora", "--option", "o-lora.lambda1=-1"], "lambda1"),
+        (["--methods", "seq-lora", "--option", "o-lora.lambda1=1"], "o-lora"),
+        (["--methods", "seq-lora", "--option", "lambda1=1"], "METHOD.KEY=VALUE"),
     ],
 )
 def test_bench_refuses_bad_input_before_training(
