@@ -52,8 +52,10 @@ def encode_pair(
     add_eos: bool,
     max_length: int | None = None,
 ) -> Encoded:
-    """Tokenise one pair; when too long the prompt loses tokens on the left (the answer cue and
-    the completion survive), and a completion longer than the budget is cut on the right."""
+    """Tokenise one pair. When too long, the prompt loses tokens from its middle: its first half
+    of the budget (the instruction, which lists a classification task's options) and its last
+    half (the end of the input and the answer cue) survive, as in LongBench's truncation. A
+    completion longer than the whole budget is cut on the right."""
     prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     completion_ids = tokenizer.encode(completion, add_special_tokens=False)
@@ -63,7 +65,9 @@ def encode_pair(
         room = max_length - len(prefix)
         completion_ids = completion_ids[: max(room - 1, 1)]
         keep = room - len(completion_ids)
-        prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep < len(prompt_ids) else prompt_ids
+        if keep < len(prompt_ids):
+            head = keep // 2
+            prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (keep - head) :]
     ids = tuple(prefix + prompt_ids + completion_ids)
     return Encoded(ids=ids, prompt_len=len(prefix) + len(prompt_ids))
 

@@ -21,13 +21,20 @@ def test_encode_pair_layout(tokenizer: PreTrainedTokenizerFast) -> None:
     assert item.prompt_len == 1 + len(prompt)
 
 
-def test_encode_pair_truncates_prompt_on_the_left(tokenizer: PreTrainedTokenizerFast) -> None:
-    prompt = " ".join(["word"] * 50) + "\nAnswer:"
-    item = encode_pair(tokenizer, prompt=prompt, completion=" blue", add_eos=True, max_length=10)
+def test_encode_pair_cuts_the_middle_of_a_long_prompt(tokenizer: PreTrainedTokenizerFast) -> None:
+    prompt = "Options: red, blue.\nInput: " + " ".join(["word"] * 50) + "\nAnswer:"
+    item = encode_pair(tokenizer, prompt=prompt, completion=" blue", add_eos=True, max_length=21)
     full = encode_pair(tokenizer, prompt=prompt, completion=" blue", add_eos=True)
-    assert len(item.ids) == 10
-    assert item.ids[0] == tokenizer.bos_token_id
-    assert item.ids[1:] == full.ids[-9:]  # the answer cue and the completion survive
+    completion = len(full.ids) - full.prompt_len  # " blue" + eos
+    keep = 21 - 1 - completion  # prompt tokens that fit beside bos and the completion
+    assert len(item.ids) == 21 and item.ids[0] == tokenizer.bos_token_id
+    assert item.prompt_len == 1 + keep
+    # the head (instruction) and the tail (answer cue + completion) survive, the middle goes
+    assert item.ids[1 : 1 + keep // 2] == full.ids[1 : 1 + keep // 2]
+    tail = keep - keep // 2 + completion
+    assert item.ids[-tail:] == full.ids[-tail:]
+    assert tokenizer.decode(item.ids[1 : 1 + keep // 2]).startswith("Opti")
+    assert tokenizer.decode(item.ids[item.prompt_len - 3 : item.prompt_len]).endswith("Answer:")
     long = encode_pair(tokenizer, prompt="p", completion=" red" * 30, add_eos=True, max_length=8)
     assert len(long.ids) == 8 and long.prompt_len == 2
 
