@@ -154,6 +154,58 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+    enqueued_at: datetime | None = None  # when a message for it was last sent to the broker
+    worker: str | None = None  # who runs (or last ran) it
+    checkpoint_digest: str | None = None  # the newest training checkpoint (an artifact tree)
+    checkpoint_step: int = 0
+
+    @property
+    def sequenced(self) -> bool:
+        """Jobs that change the stream's state run one at a time per stream, in id order."""
+        return self.kind in SEQUENCED_KINDS and self.stream_id is not None
+
+
+SEQUENCED_KINDS = frozenset({JobKind.TRAIN, JobKind.RETRAIN, JobKind.CONSOLIDATE})
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer to a worker asking to run a job: the job (running, now held by the worker) or
+    why not yet: the job it waits for (an earlier job of the stream) or its state."""
+
+    job: Job
+    claimed: bool
+    waiting_for: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    id: int
+    name: str
+    prefix: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    id: int
+    stream_id: int
+    kind: JobKind  # retrain or consolidate
+    cron: str
+    task_id: int | None
+    params: dict[str, Any]
+    next_run_at: datetime
+    last_run_at: datetime | None
+    last_job_id: int | None
+    created_at: datetime
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,18 @@ class InvalidValue(RegistryError):
     code = "invalid_value"
 
 
+class Unauthorized(RegistryError):
+    """Missing, unknown or revoked credentials."""
+
+    code = "unauthorized"
+
+
+class Forbidden(RegistryError):
+    """Valid credentials without the scope the operation needs."""
+
+    code = "forbidden"
+
+
 class Conflict(RegistryError):
     """The operation is not allowed in the entity's current state."""
 

@@ -132,6 +132,54 @@ class JobRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker: Mapped[str | None] = mapped_column(String(128))
+    checkpoint_digest: Mapped[str | None] = mapped_column(String(64))
+    checkpoint_step: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class LeaseRow(Base):
+    """A named lease (`stream:<id>`, `scheduler`): one holder at a time until it expires.
+
+    A worker holds its stream's lease while it runs the stream's job, so the stream's jobs run
+    one at a time whatever the broker delivers; the scheduler's leader holds `scheduler`."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiTokenRow(Base):
+    """Bearer tokens: only the sha256 of the secret is stored (the secret is random, 256 bits)."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings to tell tokens apart
+    scopes: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ScheduleRow(Base):
+    """A cron schedule that queues a retrain or consolidate job of a stream when due."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (Index("ix_schedules_due", "deleted_at", "next_run_at"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    stream_id: Mapped[int] = mapped_column(ForeignKey("streams.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    cron: Mapped[str] = mapped_column(String(128))
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    next_run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobEventRow(Base):

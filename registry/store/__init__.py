@@ -11,16 +11,22 @@ from registry.store.base import (
     AdapterStore,
     EvaluationStore,
     JobStore,
+    LeaseStore,
     LineageStore,
     Registry,
+    ScheduleStore,
     StreamStore,
     TaskStore,
+    TokenStore,
 )
 from registry.store.evaluations import SqlEvaluationStore
 from registry.store.jobs import SqlJobStore
+from registry.store.leases import SqlLeaseStore
 from registry.store.lineage import SqlLineageStore
+from registry.store.schedules import SqlScheduleStore
 from registry.store.streams import SqlStreamStore
 from registry.store.tasks import SqlTaskStore
+from registry.store.tokens import SqlTokenStore
 
 
 class SqlRegistry:
@@ -35,6 +41,9 @@ class SqlRegistry:
         self.jobs: JobStore = SqlJobStore(db)
         self.evaluations: EvaluationStore = SqlEvaluationStore(db)
         self.lineage: LineageStore = SqlLineageStore(db)
+        self.leases: LeaseStore = SqlLeaseStore(db)
+        self.tokens: TokenStore = SqlTokenStore(db)
+        self.schedules: ScheduleStore = SqlScheduleStore(db)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -52,10 +61,13 @@ __all__ = [
     "AdapterStore",
     "EvaluationStore",
     "JobStore",
+    "LeaseStore",
     "LineageStore",
     "Registry",
+    "ScheduleStore",
     "SqlRegistry",
     "StreamStore",
     "TaskStore",
+    "TokenStore",
     "open_registry",
 ]

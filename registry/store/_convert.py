@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from registry.entities import (
     AdapterStatus,
     AdapterVersion,
+    ApiToken,
     Dataset,
     Evaluation,
     Job,
@@ -14,16 +15,19 @@ from registry.entities import (
     JobEvent,
     JobKind,
     JobState,
+    Schedule,
     Snapshot,
     Stream,
     Task,
 )
 from registry.tables import (
     AdapterVersionRow,
+    ApiTokenRow,
     DatasetRow,
     EvaluationRow,
     JobEventRow,
     JobRow,
+    ScheduleRow,
     SnapshotRow,
     StreamRow,
     TaskRow,
@@ -129,6 +133,37 @@ def job(row: JobRow) -> Job:
         started_at=maybe_aware(row.started_at),
         finished_at=maybe_aware(row.finished_at),
         heartbeat_at=maybe_aware(row.heartbeat_at),
+        enqueued_at=maybe_aware(row.enqueued_at),
+        worker=row.worker,
+        checkpoint_digest=row.checkpoint_digest,
+        checkpoint_step=row.checkpoint_step,
+    )
+
+
+def api_token(row: ApiTokenRow) -> ApiToken:
+    return ApiToken(
+        id=row.id,
+        name=row.name,
+        prefix=row.prefix,
+        scopes=tuple(row.scopes),
+        created_at=aware(row.created_at),
+        last_used_at=maybe_aware(row.last_used_at),
+        revoked_at=maybe_aware(row.revoked_at),
+    )
+
+
+def schedule(row: ScheduleRow) -> Schedule:
+    return Schedule(
+        id=row.id,
+        stream_id=row.stream_id,
+        kind=JobKind(row.kind),
+        cron=row.cron,
+        task_id=row.task_id,
+        params=dict(row.params),
+        next_run_at=aware(row.next_run_at),
+        last_run_at=maybe_aware(row.last_run_at),
+        last_job_id=row.last_job_id,
+        created_at=aware(row.created_at),
     )
 
 

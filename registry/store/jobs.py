@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, exists, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from registry.entities import (
     JOB_TRANSITIONS,
+    SEQUENCED_KINDS,
+    Claim,
     Job,
     JobEvent,
     JobKind,
@@ -19,10 +21,15 @@ from registry.entities import (
 )
 from registry.errors import Conflict, InvalidReference, InvalidValue, NotFound
 from registry.store import _convert as convert
-from registry.store._db import Database, add_edges, ref
+from registry.store._db import Database, add_edges, lock, ref
+from registry.store.leases import release_lease, renew_lease, take_lease
 from registry.tables import DatasetRow, JobEventRow, JobRow, StreamRow, TaskRow, utcnow
+from registry.validation import check_digest
 
 EVENT_LEVELS = frozenset({"debug", "info", "warning", "error"})
+DEFAULT_LEASE_S = 120.0  # a stream's lease outlives a few missed heartbeats, not a dead worker
+_SEQUENCED = sorted(kind.value for kind in SEQUENCED_KINDS)
+_OPEN = (JobState.QUEUED.value, JobState.RUNNING.value)
 
 
 def insert_job(
@@ -141,16 +148,113 @@ class SqlJobStore:
             )
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 raise Conflict(f"job {job_id} changed state concurrently", field="state")
+            if current is JobState.RUNNING and row.stream_id is not None:
+                release_lease(s, name=stream_lease(row.stream_id), holder=job_holder(job_id))
             s.refresh(row)
             return convert.job(row)
 
-    def heartbeat(self, job_id: int, *, progress: float | None = None) -> Job:
+    def claim(self, job_id: int, *, worker: str, lease_s: float = DEFAULT_LEASE_S) -> Claim:
+        """Start a queued job for `worker` if it may run now, in one transaction.
+
+        A job that changes its stream (train, retrain, consolidate) may run only when no earlier
+        such job of the stream is queued or running, and only while it holds the stream's lease
+        (`stream:<id>`, renewed by `heartbeat`): the stream's jobs run one at a time in
+        submission order whatever order the broker delivers them in."""
+
+        def attempt(s: Session) -> Claim:
+            row = _job_row(s, job_id)
+            if row.stream_id is not None:
+                lock(s, StreamRow, row.stream_id)  # claims of one stream queue up here
+                s.refresh(row)
+            job = convert.job(row)
+            if job.state is not JobState.QUEUED:
+                return Claim(job=job, claimed=False, reason=f"job {job_id} is {job.state}")
+            now = utcnow()
+            if job.sequenced:
+                assert row.stream_id is not None
+                earlier = s.scalar(_earlier_open_job(row.stream_id, before_id=job_id))
+                if earlier is not None:
+                    reason = f"waiting for job {earlier} of the stream"
+                    return Claim(job=job, claimed=False, waiting_for=earlier, reason=reason)
+                name, me = stream_lease(row.stream_id), job_holder(job_id)
+                holder = take_lease(s, name=name, holder=me, ttl_s=lease_s, now=now)
+                if holder is not None:
+                    return Claim(job=job, claimed=False, reason=f"{name} is held by {holder}")
+            row.state = JobState.RUNNING.value
+            row.started_at = row.heartbeat_at = now
+            row.attempts += 1
+            row.worker = worker
+            s.flush()
+            return Claim(job=convert.job(row), claimed=True)
+
+        return self._db.allocate(attempt, what=f"the lease of job {job_id}")
+
+    def heartbeat(
+        self, job_id: int, *, progress: float | None = None, lease_s: float = DEFAULT_LEASE_S
+    ) -> Job:
+        """Record that the job's worker is alive (and its progress); renews its stream lease."""
         with self._db.tx() as s:
             row = _job_row(s, job_id)
-            row.heartbeat_at = utcnow()
+            now = utcnow()
+            row.heartbeat_at = now
             if progress is not None:
                 row.progress = min(max(float(progress), 0.0), 1.0)
+            if row.stream_id is not None and row.state == JobState.RUNNING.value:
+                name = stream_lease(row.stream_id)
+                renew_lease(s, name=name, holder=job_holder(job_id), ttl_s=lease_s, now=now)
             return convert.job(row)
+
+    def mark_enqueued(self, job_id: int) -> Job:
+        """Note that a message for the job was sent (the reconciler re-sends old ones)."""
+        with self._db.tx() as s:
+            row = _job_row(s, job_id)
+            row.enqueued_at = utcnow()
+            return convert.job(row)
+
+    def set_checkpoint(self, job_id: int, *, digest: str, step: int) -> Job:
+        """Point the job at its newest training checkpoint (an artifact tree stored first)."""
+        check_digest(digest, field="checkpoint_digest")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise InvalidValue(f"must be a positive integer, got {step!r}", field="step")
+        with self._db.tx() as s:
+            row = _job_row(s, job_id)
+            if row.state != JobState.RUNNING.value:
+                raise Conflict(f"job {job_id} is {row.state}, not running", field="state")
+            row.checkpoint_digest, row.checkpoint_step = digest, step
+            return convert.job(row)
+
+    def next_in_stream(self, stream_id: int) -> Job | None:
+        """The stream's earliest unfinished state-changing job, if it is waiting to run."""
+        with self._db.tx() as s:
+            first = s.scalar(_earlier_open_job(stream_id, before_id=None))
+            if first is None:
+                return None
+            row = _job_row(s, first)
+            return convert.job(row) if row.state == JobState.QUEUED.value else None
+
+    def queued_heads(self, *, enqueued_before: datetime, limit: int = 100) -> list[Job]:
+        """Queued jobs that could run now (first of their stream, or not sequenced) whose last
+        message is older than `enqueued_before` (or was never sent): the reconciler re-sends
+        them, since the broker may have lost them."""
+        earlier = aliased(JobRow)
+        blocked = exists().where(
+            earlier.stream_id == JobRow.stream_id,
+            earlier.id < JobRow.id,
+            earlier.kind.in_(_SEQUENCED),
+            earlier.state.in_(_OPEN),
+        )
+        query = (
+            select(JobRow)
+            .where(
+                JobRow.state == JobState.QUEUED.value,
+                or_(JobRow.enqueued_at.is_(None), JobRow.enqueued_at < enqueued_before),
+                or_(JobRow.stream_id.is_(None), JobRow.kind.not_in(_SEQUENCED), ~blocked),
+            )
+            .order_by(JobRow.id)
+            .limit(limit)
+        )
+        with self._db.tx() as s:
+            return [convert.job(r) for r in s.scalars(query)]
 
     def request_cancel(self, job_id: int) -> Job:
         """Queued jobs are cancelled at once; running ones get a flag their loop checks."""
@@ -203,6 +307,22 @@ class SqlJobStore:
                 )
             )
             return [convert.job(r) for r in rows]
+
+
+def stream_lease(stream_id: int) -> str:
+    return f"stream:{stream_id}"
+
+
+def job_holder(job_id: int) -> str:
+    return f"job:{job_id}"
+
+
+def _earlier_open_job(stream_id: int, *, before_id: int | None) -> Select[Any]:
+    """The id of the stream's earliest queued or running state-changing job (before a job)."""
+    query = select(func.min(JobRow.id)).where(
+        JobRow.stream_id == stream_id, JobRow.kind.in_(_SEQUENCED), JobRow.state.in_(_OPEN)
+    )
+    return query if before_id is None else query.where(JobRow.id < before_id)
 
 
 def _job_row(s: Session, job_id: int) -> JobRow:

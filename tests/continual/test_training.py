@@ -85,9 +85,9 @@ def test_completion_loss_equals_full_logits_loss_and_gradients(
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         return loss.detach(), grads
 
-    full_logits = lambda: model(  # noqa: E731
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask
-    ).logits
+    def full_logits() -> torch.Tensor:
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
     reference, ref_grads = loss_and_grads(lambda: causal_lm_loss(full_logits(), batch.labels))
     ours, our_grads = loss_and_grads(lambda: completion_loss(model, batch))
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
