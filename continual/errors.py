@@ -25,3 +25,7 @@ class InvalidDataset(ValueError):
 
 class TrainingCancelled(Exception):
     """Training stopped early because `should_stop()` returned True."""
+
+
+class InvalidCheckpoint(ValueError):
+    """A training checkpoint is unreadable or belongs to another model or run."""

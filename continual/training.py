@@ -27,9 +27,10 @@ from continual.batching import (
     pad_batch,
     pad_id_of,
 )
+from continual.checkpoint import TrainState, capture, restore
 from continual.config import LoraHyperparams
 from continual.data import Example
-from continual.errors import InvalidDataset, TrainingCancelled
+from continual.errors import InvalidCheckpoint, InvalidDataset, TrainingCancelled
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,9 @@ class StepInfo:
 
 @dataclass
 class TrainingCallbacks:
-    """Optional hooks: `on_step` after every step, `should_stop` before every step.
+    """Optional hooks: `on_step` after every step, `should_stop` before every step, and
+    `on_checkpoint(state)` every `checkpoint_every` steps (not after the last one): pass the
+    state back as `train(..., resume=state)` to continue an interrupted run exactly.
 
     `after_step(info, model, optimizer)` runs after the optimiser and LR scheduler stepped and
     before `on_step`; it may edit the model and the optimizer state in place (e.g. ReLoRA's
@@ -59,6 +62,8 @@ class TrainingCallbacks:
     on_step: Callable[[StepInfo], None] | None = None
     should_stop: Callable[[], bool] | None = None
     after_step: Callable[[StepInfo, nn.Module, torch.optim.Optimizer], None] | None = None
+    checkpoint_every: int | None = None  # steps between `on_checkpoint` calls
+    on_checkpoint: Callable[[TrainState], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,10 +117,14 @@ def train(
     extra_loss: Callable[[ModelT], Tensor | None] | None = None,
     callbacks: TrainingCallbacks | None = None,
     lr_schedule: LrSchedule = lr_multiplier,
+    resume: TrainState | None = None,
 ) -> TrainResult:
     """Train `model` in place on `examples`; raises TrainingCancelled if `should_stop()`.
 
-    `lr_schedule` scales `hyper.learning_rate` per step (default: warmup, then cosine)."""
+    `lr_schedule` scales `hyper.learning_rate` per step (default: warmup, then cosine).
+    `resume`: a checkpoint of this run (same model set-up, examples and hyperparameters);
+    training continues after its step with the batches, learning rates and dropout masks the
+    uninterrupted run would have used."""
     if not examples:
         raise InvalidDataset(field="examples", reason="no training examples")
     encoded = [
@@ -131,7 +140,6 @@ def train(
     steps = total_steps(num_examples=len(encoded), hyper=hyper)
     optimizer, scheduler = _setup_optimizer(model, hyper=hyper, steps=steps, schedule=lr_schedule)
     torch.manual_seed(hyper.seed)  # dropout
-    batches = _batches(encoded, hyper=hyper, steps=steps, pad_id=pad_id_of(tokenizer))
     loop = _Loop(
         model=model,
         optimizer=optimizer,
@@ -140,6 +148,19 @@ def train(
         extra_loss=extra_loss,
         callbacks=callbacks or TrainingCallbacks(),
         steps=steps,
+    )
+    if resume is not None:
+        if resume.step > steps:
+            raise InvalidCheckpoint(f"checkpoint at step {resume.step} of a {steps}-step run")
+        restore(resume, model=model, optimizer=optimizer, scheduler=scheduler)
+        loop.first_step, loop.losses, loop.tokens = (
+            resume.step + 1,
+            list(resume.losses),
+            resume.tokens,
+        )
+        logger.info("resuming after step %d of %d", resume.step, steps)
+    batches = _batches(
+        encoded, hyper=hyper, steps=steps, pad_id=pad_id_of(tokenizer), skip=loop.first_step - 1
     )
     was_training = model.training
     model.train()
@@ -173,12 +194,14 @@ class _Loop:
     callbacks: TrainingCallbacks
     steps: int
     losses: list[float] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0  # since step 1 (a resumed run counts the checkpoint's)
+    first_step: int = 1
+    run_tokens: int = 0  # in this call, for the throughput
     start: float = field(default_factory=time.perf_counter)
 
     def run(self, batches: Iterator[Batch]) -> None:
         device = next(self.model.parameters()).device
-        for step, batch in enumerate(batches, start=1):
+        for step, batch in enumerate(batches, start=self.first_step):
             if self.callbacks.should_stop is not None and self.callbacks.should_stop():
                 logger.info("training cancelled before step %d of %d", step, self.steps)
                 raise TrainingCancelled(f"cancelled before step {step} of {self.steps}")
@@ -187,11 +210,23 @@ class _Loop:
             self.scheduler.step()
             self.losses.append(loss)
             self.tokens += batch.num_tokens
+            self.run_tokens += batch.num_tokens
             info = self._info(step, loss=loss, lr=lr)
             if self.callbacks.after_step is not None:
                 self.callbacks.after_step(info, self.model, self.optimizer)
             if self.callbacks.on_step is not None:
                 self.callbacks.on_step(info)
+            self._maybe_checkpoint(step)
+
+    def _maybe_checkpoint(self, step: int) -> None:
+        every, save = self.callbacks.checkpoint_every, self.callbacks.on_checkpoint
+        if every is None or save is None or step % every != 0 or step >= self.steps:
+            return
+        state = capture(
+            step=step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            losses=self.losses, tokens=self.tokens,
+        )  # fmt: skip
+        save(state)
 
     def _step(self, batch: Batch) -> float:
         loss = completion_loss(self.model, batch)  # vocabulary logits at completions only
@@ -208,12 +243,13 @@ class _Loop:
 
     def _info(self, step: int, *, loss: float, lr: float) -> StepInfo:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
+        done = step - self.first_step + 1  # steps of this call
         return StepInfo(
             step=step,
             total_steps=self.steps,
             loss=loss,
-            tokens_per_s=self.tokens / elapsed,
-            eta_s=elapsed / step * (self.steps - step),
+            tokens_per_s=self.run_tokens / elapsed,
+            eta_s=elapsed / done * (self.steps - step),
             learning_rate=lr,
         )
 
@@ -233,9 +269,10 @@ def _setup_optimizer(
 
 
 def _batches(
-    encoded: Sequence[Encoded], *, hyper: LoraHyperparams, steps: int, pad_id: int
+    encoded: Sequence[Encoded], *, hyper: LoraHyperparams, steps: int, pad_id: int, skip: int = 0
 ) -> Iterator[Batch]:
-    """`steps` batches; each epoch is a fresh seeded permutation (the last batch may be short)."""
+    """Batches `skip + 1` .. `steps`; each epoch is a fresh seeded permutation (the last batch
+    may be short), so a resumed run sees the batches the whole run would have."""
     generator = torch.Generator().manual_seed(hyper.seed)
     produced = 0
     while True:
@@ -243,6 +280,8 @@ def _batches(
         for begin in range(0, len(order), hyper.batch_size):
             if produced == steps:
                 return
-            chunk = [encoded[i] for i in order[begin : begin + hyper.batch_size]]
             produced += 1
+            if produced <= skip:
+                continue
+            chunk = [encoded[i] for i in order[begin : begin + hyper.batch_size]]
             yield pad_batch(chunk, pad_id=pad_id)

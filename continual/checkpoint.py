@@ -1,0 +1,162 @@
+"""Training checkpoints: everything `train` needs to continue a run where it stopped.
+
+A checkpoint holds the trainable parameters, the optimizer and LR-scheduler state, the CPU RNG
+state (dropout), the losses so far and the step. On disk it is two files, neither pickled:
+`train_state.safetensors` (every tensor) and `train_state.json` (the rest), so a checkpoint is
+stored and verified like any other artifact tree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from continual.errors import InvalidCheckpoint
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+FORMAT = "strata.train_state/v1"
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """The state after `step` optimiser steps of one `train` call."""
+
+    step: int
+    params: dict[str, Tensor]  # trainable parameters by `named_parameters` name
+    optimizer: dict[str, Any]  # `optimizer.state_dict()`
+    scheduler: dict[str, Any]  # `scheduler.state_dict()`
+    rng: Tensor  # torch CPU generator state (uint8)
+    losses: tuple[float, ...]
+    tokens: int
+
+
+def capture(
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    losses: list[float],
+    tokens: int,
+) -> TrainState:
+    """A detached copy of the run's state (training may go on while it is written)."""
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return TrainState(
+        step=step,
+        params=params,
+        optimizer=_clone(optimizer.state_dict()),
+        scheduler=dict(scheduler.state_dict()),
+        rng=torch.get_rng_state(),
+        losses=tuple(losses),
+        tokens=tokens,
+    )
+
+
+def restore(
+    state: TrainState,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Load `state` into a freshly set-up run; refuses a state of another model's parameters."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != set(state.params):
+        missing, extra = (
+            sorted(set(trainable) - set(state.params)),
+            sorted(set(state.params) - set(trainable)),
+        )
+        raise InvalidCheckpoint(f"parameters differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            if param.shape != state.params[name].shape:
+                raise InvalidCheckpoint(
+                    f"{name}: shape {tuple(state.params[name].shape)} != {tuple(param.shape)}"
+                )
+            param.copy_(state.params[name])
+    try:
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(dict(state.scheduler))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise InvalidCheckpoint(f"optimizer or scheduler state does not fit: {exc}") from exc
+    torch.set_rng_state(state.rng)
+
+
+def save_train_state(state: TrainState, directory: Path) -> None:
+    """Write the two checkpoint files into `directory` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {f"param/{n}": t.contiguous() for n, t in state.params.items()}
+    tensors["rng"] = state.rng
+    optim_state: dict[str, dict[str, Any]] = {}
+    for index, entries in state.optimizer.get("state", {}).items():
+        plain: dict[str, Any] = {}
+        for key, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim/{index}/{key}"] = value.contiguous()
+            else:
+                plain[key] = value
+        optim_state[str(index)] = plain
+    meta = {
+        "format": FORMAT,
+        "step": state.step,
+        "losses": list(state.losses),
+        "tokens": state.tokens,
+        "optimizer": {
+            "param_groups": state.optimizer.get("param_groups", []),
+            "state": optim_state,
+        },
+        "scheduler": state.scheduler,
+    }
+    save_file(tensors, str(directory / STATE_TENSORS), metadata={"format": "pt"})
+    (directory / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load_train_state(directory: Path) -> TrainState:
+    """Read a checkpoint written by `save_train_state`; InvalidCheckpoint when it is not one."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / STATE_JSON).read_text())
+        tensors = load_file(str(directory / STATE_TENSORS))
+    except (OSError, ValueError) as exc:
+        raise InvalidCheckpoint(f"cannot read a checkpoint in {directory}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "rng" not in tensors:
+        raise InvalidCheckpoint(f"{directory} does not hold a {FORMAT} checkpoint")
+    optim_state: dict[int, dict[str, Any]] = {}
+    for index, plain in meta["optimizer"]["state"].items():
+        optim_state[int(index)] = dict(plain)
+    params: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "param":
+            params[rest] = value
+        elif kind == "optim":
+            index, _, name = rest.partition("/")
+            optim_state.setdefault(int(index), {})[name] = value
+    return TrainState(
+        step=int(meta["step"]),
+        params=params,
+        optimizer={"state": optim_state, "param_groups": meta["optimizer"]["param_groups"]},
+        scheduler=dict(meta["scheduler"]),
+        rng=tensors["rng"],
+        losses=tuple(float(v) for v in meta["losses"]),
+        tokens=int(meta["tokens"]),
+    )
+
+
+def _clone(value: Any) -> Any:
+    """Deep copy of a state dict whose tensors are detached clones."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clone(v) for v in value]
+    return value
