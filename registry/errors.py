@@ -60,6 +60,12 @@ class Conflict(RegistryError):
     code = "conflict"
 
 
+class Unavailable(RegistryError):
+    """The database (or object store) cannot be reached right now; retrying later may work."""
+
+    code = "unavailable"
+
+
 class ArtifactError(RegistryError):
     """Base class of artifact-store errors."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from registry.artifacts import ArtifactStore, LocalStore, MinioStore
@@ -15,6 +15,7 @@ class Instance:
     registry: Registry
     artifacts: ArtifactStore
     cache_dir: Path  # verified copies of trees, keyed by digest; safe to delete
+    settings: StrataSettings = field(default_factory=StrataSettings)
 
     def close(self) -> None:
         if isinstance(self.registry, SqlRegistry):
@@ -47,4 +48,5 @@ def open_instance(settings: StrataSettings | None = None, *, upgrade: bool = Tru
         registry=open_registry(settings.resolved_database_url, upgrade=upgrade),
         artifacts=open_artifact_store(settings),
         cache_dir=settings.data_dir / "cache",
+        settings=settings,
     )

@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,6 +32,17 @@ class StrataSettings(BaseSettings):
     minio_secure: bool = False
     minio_region: str | None = None
     broker_url: str = "redis://127.0.0.1:6379/0"
+    # Workers: a running job heartbeats every `heartbeat_s`; its stream lease lasts `lease_s`
+    # past the last heartbeat; the reconciler re-queues a job silent for `stale_after_s` (at
+    # most `max_attempts` runs) and re-sends queued jobs not started `resend_after_s` after
+    # their last message. Training checkpoints every `checkpoint_every` steps.
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    lease_s: float = Field(default=120.0, gt=0)
+    stale_after_s: float = Field(default=180.0, gt=0)
+    resend_after_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)
+    scheduler_tick_s: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
     def _minio_needs_credentials(self) -> StrataSettings:

@@ -9,15 +9,23 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from continual.checkpoint import TrainState, load_train_state, save_train_state
 from continual.config import LoraHyperparams
-from continual.errors import InvalidDataset, InvalidHyperparameter, TrainingCancelled
-from continual.strategies import get_strategy
+from continual.data import TaskData
+from continual.errors import (
+    InvalidCheckpoint,
+    InvalidDataset,
+    InvalidHyperparameter,
+    TrainingCancelled,
+)
+from continual.strategies import Strategy, get_strategy
 from continual.training import train
 from registry.artifacts import put_tree
-from registry.entities import Job, JobKind, JobState, Task
+from registry.entities import AdapterStatus, AdapterVersion, Job, JobKind, JobState, Snapshot, Task
 from registry.errors import RegistryError
 from registry.instance import Instance
 from workers.datasets import load_dataset
@@ -28,7 +36,10 @@ from workers.reporting import JobReporter, Listener
 log = logging.getLogger(__name__)
 
 DEFAULT_EVAL_LIMIT = 200
-TRAIN_SPAN = (0.05, 0.85)  # share of a train job's progress spent in the training loop
+TRAIN_SPAN = (0.05, 0.85)
+JOB_PARAMS = frozenset(
+    {"method", "hyperparams", "eval_limit", "checkpoint_every", "dataset_id", "schedule_id"}
+)  # share of a train job's progress spent in the training loop
 
 
 def training_setup(
@@ -38,6 +49,19 @@ def training_setup(
 
     Raises InvalidHyperparameter (with the field) for unknown methods or bad values.
     """
+    unknown = sorted(set(params) - JOB_PARAMS)
+    if unknown:
+        raise InvalidHyperparameter(
+            field=unknown[0], reason=f"not a job parameter (known: {sorted(JOB_PARAMS)})"
+        )
+    for key in ("eval_limit", "checkpoint_every", "dataset_id", "schedule_id"):
+        value = params.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise InvalidHyperparameter(
+                field=key, reason=f"must be a positive integer, got {value!r}"
+            )
     method = params.get("method") or method
     get_strategy(method)  # validates the name
     overrides = params.get("hyperparams") or {}
@@ -46,36 +70,51 @@ def training_setup(
     return method, LoraHyperparams.from_dict({**hyperparams, **overrides})
 
 
-def run_job(inst: Instance, job_id: int, *, listener: Listener | None = None) -> Job:
-    """Run a queued job to a terminal state and return it. Already-finished jobs are left alone."""
+def run_job(
+    inst: Instance, job_id: int, *, worker: str = "embedded", listener: Listener | None = None
+) -> Job:
+    """Claim a queued job and run it to a terminal state; returns the job as it ends up.
+
+    A job that cannot start now (finished, running elsewhere, or waiting for an earlier job of
+    its stream) is returned as it is, untouched."""
+    claim = inst.registry.jobs.claim(job_id, worker=worker, lease_s=inst.settings.lease_s)
+    if not claim.claimed:
+        log.info("job %s not started: %s", job_id, claim.reason)
+        return claim.job
+    return run_claimed(inst, claim.job, listener=listener)
+
+
+def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -> Job:
+    """Run a job this worker has claimed (state running) to a terminal state."""
     jobs = inst.registry.jobs
-    job = jobs.get(job_id)
-    if job.state.terminal:
-        return job
-    if job.state is JobState.QUEUED:
-        job = jobs.transition(job_id, JobState.RUNNING)
-    reporter = JobReporter(inst, job_id, listener=listener)
+    reporter = JobReporter(inst, job.id, listener=listener, worker=job.worker)
     handler = HANDLERS.get(job.kind)
     if handler is None:
-        return _fail(inst, reporter, job_id, code="unsupported", message=f"no {job.kind} jobs yet")
+        return _fail(inst, reporter, job.id, code="unsupported", message=f"no {job.kind} jobs yet")
     reporter.event(f"{job.kind} job started (attempt {job.attempts})")
     try:
         handler(inst, job, reporter)
     except TrainingCancelled:
+        current = jobs.get(job.id)
+        if current.state is not JobState.RUNNING or current.worker != job.worker:
+            log.warning("job %s is no longer %s's (%s); stopped", job.id, job.worker, current.state)
+            return current
         reporter.event("cancelled at the user's request", level="warning")
-        return jobs.transition(job_id, JobState.CANCELLED)
-    except (RegistryError, InvalidHyperparameter, InvalidDataset) as exc:
-        return _fail(inst, reporter, job_id, code=_code(exc), message=str(exc))
+        return jobs.transition(job.id, JobState.CANCELLED)
+    except (RegistryError, InvalidHyperparameter, InvalidDataset, InvalidCheckpoint) as exc:
+        return _fail(inst, reporter, job.id, code=_code(exc), message=str(exc))
     except Exception as exc:
-        log.exception("job %s failed", job_id)
-        return _fail(inst, reporter, job_id, code="internal_error", message=repr(exc))
+        log.exception("job %s failed", job.id)
+        return _fail(inst, reporter, job.id, code="internal_error", message=repr(exc))
     reporter.event("succeeded")
-    return jobs.transition(job_id, JobState.SUCCEEDED)
+    return jobs.transition(job.id, JobState.SUCCEEDED)
 
 
 def _code(exc: Exception) -> str:
     if isinstance(exc, RegistryError):
         return exc.code
+    if isinstance(exc, InvalidCheckpoint):
+        return "invalid_checkpoint"
     return "invalid_hyperparameter" if isinstance(exc, InvalidHyperparameter) else "invalid_dataset"
 
 
@@ -86,8 +125,21 @@ def _fail(inst: Instance, reporter: JobReporter, job_id: int, *, code: str, mess
     )
 
 
-def _train(inst: Instance, job: Job, reporter: JobReporter) -> None:
-    """Train the job's task on top of the stream's current state, publish it, evaluate."""
+@dataclass(frozen=True)
+class _TrainPlan:
+    """Everything a train or retrain job reads before it trains."""
+
+    task: Task
+    method: str
+    hyper: LoraHyperparams
+    snapshot: Snapshot
+    history: list[AdapterVersion]  # the earlier adapters active while training
+    dataset_id: int  # what this job trains on
+    datasets: list[tuple[Task, TaskData]]  # every task of the stream, for evaluation
+    published: AdapterVersion | None  # what an earlier run of this job already published
+
+
+def _plan(inst: Instance, job: Job) -> _TrainPlan:
     reg = inst.registry
     assert job.stream_id is not None and job.task_id is not None
     stream = reg.streams.get_by_id(job.stream_id)
@@ -95,63 +147,112 @@ def _train(inst: Instance, job: Job, reporter: JobReporter) -> None:
     method, hyper = training_setup(
         method=stream.method, hyperparams=stream.hyperparams, params=job.params
     )
-    strategy = get_strategy(method)
-    snapshot = reg.streams.current_snapshot(stream.id)
-    tasks = reg.tasks.list_tasks(stream.id)
-    position = {t.id: t.position for t in tasks}
-    history = [
-        v
-        for v in reg.adapters.stream_state(stream_id=stream.id, snapshot_id=snapshot.id)
-        if position[v.task_id] < task.position
+    published = reg.adapters.find_by_job(job.id)
+    if published is not None:  # a re-run keeps what the first run trained on
+        snapshot = reg.streams.get_snapshot_by_id(published.base_snapshot_id)
+        history = [reg.adapters.get_by_id(i) for i in published.depends_on]
+    else:
+        snapshot = reg.streams.current_snapshot(stream.id)
+        tasks = {t.id: t.position for t in reg.tasks.list_tasks(stream.id)}
+        state = reg.adapters.stream_state(stream_id=stream.id, snapshot_id=snapshot.id)
+        history = [v for v in state if tasks[v.task_id] < task.position]
+    datasets = [
+        (t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id)))
+        for t in reg.tasks.list_tasks(stream.id)
     ]
-    history_dirs = [fetch_tree(inst, v.artifact_digest or "") for v in history]
-    datasets = [(t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id))) for t in tasks]
-    data = next(d for t, d in datasets if t.id == task.id)
-    limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
+    return _TrainPlan(
+        task=task, method=method, hyper=hyper, snapshot=snapshot, history=history,
+        dataset_id=int(job.params.get("dataset_id") or task.dataset_id), datasets=datasets,
+        published=published,
+    )  # fmt: skip
 
-    base, tokenizer = load_snapshot(inst, snapshot)
-    _evaluate_baselines(inst, reporter, base, tokenizer, datasets, snapshot.id, limit)
-    reporter.event(
-        f"training {task.name} with {method} on snapshot v{snapshot.version} "
-        f"({len(history)} earlier adapters, {len(data.train)} examples)",
-        metrics={"hyperparams": hyper.to_dict()},
-    )
-    model = strategy.prepare(base, history=history_dirs, hyper=hyper)
-    result = train(
-        model,
-        tokenizer,
-        data.train,
-        hyper,
-        extra_loss=strategy.extra_loss,
-        callbacks=reporter.training_callbacks(span=TRAIN_SPAN),
-    )
-    with tempfile.TemporaryDirectory(prefix="strata-adapter-") as tmp:
-        strategy.save_adapter(model, Path(tmp))
-        digest = put_tree(inst.artifacts, Path(tmp))
-    version = reg.adapters.create_version(
-        task_id=task.id,
-        method=method,
-        hyperparams=hyper.to_dict(),
-        base_snapshot_id=snapshot.id,
-        dataset_id=task.dataset_id,
-        depends_on=[v.id for v in history],
-        job_id=job.id,
-    )
-    metrics = {"final_loss": result.final_loss, "steps": result.steps, "tokens": result.tokens,
-               "train_seconds": round(result.seconds, 3)}  # fmt: skip
-    version = reg.adapters.mark_ready(version.id, artifact_digest=digest, metrics=metrics)
-    reporter.event(f"published adapter {task.name} v{version.version}", metrics=metrics)
+
+def _train(inst: Instance, job: Job, reporter: JobReporter) -> None:
+    """Train the job's task on top of the stream's current state, publish it, evaluate.
+
+    Train and retrain jobs both land here; a retrain job may name another stored dataset
+    (`params.dataset_id`). Re-running a job (its worker died) resumes from its newest
+    checkpoint, and a job whose adapter is already published only re-evaluates."""
+    reg = inst.registry
+    plan = _plan(inst, job)
+    strategy = get_strategy(plan.method)
+    history_dirs = [fetch_tree(inst, v.artifact_digest or "") for v in plan.history]
+    limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
+    base, tokenizer = load_snapshot(inst, plan.snapshot)
+    _evaluate_baselines(inst, reporter, base, tokenizer, plan.datasets, plan.snapshot.id, limit)
+    version = plan.published
+    if version is not None and version.status is AdapterStatus.READY:
+        reporter.event(f"adapter {plan.task.name} v{version.version} was published by this job")
+    else:
+        data = load_dataset(inst, reg.tasks.get_dataset_by_id(plan.dataset_id))
+        model = strategy.prepare(base, history=history_dirs, hyper=plan.hyper)
+        digest, metrics = _fit(inst, job, reporter, model=model, strategy=strategy,
+                               tokenizer=tokenizer, plan=plan, data=data)  # fmt: skip
+        version = reg.adapters.create_version(
+            task_id=plan.task.id, method=plan.method, hyperparams=plan.hyper.to_dict(),
+            base_snapshot_id=plan.snapshot.id, dataset_id=plan.dataset_id,
+            depends_on=[v.id for v in plan.history], job_id=job.id,
+        )  # fmt: skip
+        version = reg.adapters.mark_ready(version.id, artifact_digest=digest, metrics=metrics)
+        reporter.event(f"published adapter {plan.task.name} v{version.version}", metrics=metrics)
     reporter.progress(TRAIN_SPAN[1])
 
-    fresh, _ = load_snapshot(inst, snapshot)  # the published artifacts, not the training model
-    state = strategy.inference_model(fresh, history=[*history_dirs, fetch_tree(inst, digest)])
+    fresh, _ = load_snapshot(inst, plan.snapshot)  # the published artifacts, not the trained model
+    adapter_dir = fetch_tree(inst, version.artifact_digest or "")
+    state = strategy.inference_model(fresh, history=[*history_dirs, adapter_dir])
     scores = evaluate_row(
-        inst, reporter, state, tokenizer, datasets, after_position=task.position,
-        snapshot_id=snapshot.id, adapter_version_id=version.id, limit=limit,
+        inst, reporter, state, tokenizer, plan.datasets, after_position=plan.task.position,
+        snapshot_id=plan.snapshot.id, adapter_version_id=version.id, limit=limit,
     )  # fmt: skip
-    own = [s for s in scores if s.task.id == task.id]
+    own = [s for s in scores if s.task.id == plan.task.id]
     if own:
         reg.adapters.update_metrics(version.id, {own[0].metric: own[0].value})
+
+
+def _fit(
+    inst: Instance,
+    job: Job,
+    reporter: JobReporter,
+    *,
+    model: Any,
+    strategy: Strategy,
+    tokenizer: Any,
+    plan: _TrainPlan,
+    data: TaskData,
+) -> tuple[str, dict[str, Any]]:
+    """Train the prepared model (from the job's newest checkpoint, if any) and store the new
+    adapter; returns the adapter tree's digest and the training metrics."""
+    resume = None
+    if job.checkpoint_digest:
+        resume = load_train_state(fetch_tree(inst, job.checkpoint_digest))
+        reporter.event(f"resuming from the checkpoint at step {resume.step}")
+    reporter.event(
+        f"training {plan.task.name} with {plan.method} on snapshot v{plan.snapshot.version} "
+        f"({len(plan.history)} earlier adapters, {len(data.train)} examples)",
+        metrics={"hyperparams": plan.hyper.to_dict()},
+    )
+    callbacks = reporter.training_callbacks(span=TRAIN_SPAN)
+    every = job.params.get("checkpoint_every") or inst.settings.checkpoint_every
+    callbacks.checkpoint_every = int(every)
+    callbacks.on_checkpoint = lambda state: _save_checkpoint(inst, reporter, job.id, state)
+    result = train(
+        model, tokenizer, data.train, plan.hyper, extra_loss=strategy.extra_loss,
+        callbacks=callbacks, resume=resume,
+    )  # fmt: skip
+    metrics = {"final_loss": result.final_loss, "steps": result.steps, "tokens": result.tokens,
+               "train_seconds": round(result.seconds, 3)}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="strata-adapter-") as tmp:
+        strategy.save_adapter(model, Path(tmp))
+        return put_tree(inst.artifacts, Path(tmp)), metrics
+
+
+def _save_checkpoint(inst: Instance, reporter: JobReporter, job_id: int, state: TrainState) -> None:
+    """Blob first, then the job's pointer: a checkpoint pointer never names a partial tree."""
+    with tempfile.TemporaryDirectory(prefix="strata-ckpt-") as tmp:
+        save_train_state(state, Path(tmp))
+        digest = put_tree(inst.artifacts, Path(tmp))
+    inst.registry.jobs.set_checkpoint(job_id, digest=digest, step=state.step)
+    reporter.event(f"checkpoint at step {state.step}", level="debug")
 
 
 def _evaluate_baselines(
@@ -175,4 +276,5 @@ def _evaluate_baselines(
 
 HANDLERS: dict[JobKind, Callable[[Instance, Job, JobReporter], None]] = {
     JobKind.TRAIN: _train,
+    JobKind.RETRAIN: _train,
 }

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from continual.training import StepInfo, TrainingCallbacks
+from registry.entities import JobState
 from registry.instance import Instance
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class JobReporter:
     inst: Instance
     job_id: int
     listener: Listener | None = None
+    worker: str | None = None  # the claim's worker; None: do not check ownership
     event_every_s: float = 2.0
     cancel_check_every_s: float = 1.0
     _last_event: float = field(default=0.0, init=False)
@@ -68,9 +70,15 @@ class JobReporter:
         return TrainingCallbacks(on_step=on_step, should_stop=self.cancel_requested)
 
     def cancel_requested(self) -> bool:
-        """Cooperative cancellation: re-read the job's flag at most once a second."""
+        """Cooperative cancellation: re-read the job at most once a second. Training also stops
+        when the job is no longer this worker's (the reconciler re-queued it while this worker
+        was unreachable): two workers never train one job to the end."""
         now = time.monotonic()
         if not self._cancelled and now - self._last_cancel_check >= self.cancel_check_every_s:
             self._last_cancel_check = now
-            self._cancelled = self.inst.registry.jobs.get(self.job_id).cancel_requested
+            job = self.inst.registry.jobs.get(self.job_id)
+            lost = job.state is not JobState.RUNNING or (
+                self.worker is not None and job.worker != self.worker
+            )
+            self._cancelled = job.cancel_requested or lost
         return self._cancelled

@@ -13,7 +13,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry.entities import NodeKind, NodeRef, Relation
-from registry.errors import Conflict
+from registry.errors import Conflict, Unavailable
 from registry.tables import Base, LineageEdgeRow
 
 T = TypeVar("T")
@@ -31,8 +31,14 @@ class Database:
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
+        """One transaction; a lost or refused connection surfaces as `Unavailable`."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            if not _is_disconnect(exc):
+                raise
+            raise Unavailable("the registry database is unavailable; retry shortly") from exc
 
     def allocate(self, attempt: Callable[[Session], T], *, what: str) -> T:
         """Run `attempt` in its own transaction, retrying when a unique constraint races."""
@@ -45,6 +51,15 @@ class Database:
                     raise
                 time.sleep(random.uniform(0, 0.01 * 2**n))
         raise Conflict(f"could not allocate {what} after {ALLOCATION_RETRIES} attempts")
+
+
+def _is_disconnect(exc: sa_exc.DBAPIError) -> bool:
+    """Connection-level failures (server down, restarting, network), not bad SQL or locks."""
+    if exc.connection_invalidated:
+        return True
+    text = str(exc.orig).lower()
+    hints = ("connection", "server closed", "could not connect", "terminating", "shutting down")
+    return any(h in text for h in hints) and "database is locked" not in text
 
 
 def _is_unique_violation(exc: sa_exc.IntegrityError) -> bool:

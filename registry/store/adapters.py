@@ -107,6 +107,12 @@ class SqlAdapterStore:
             row.metrics = metrics or {}
             return _entity(s, row)
 
+    def find_by_job(self, job_id: int) -> AdapterVersion | None:
+        """The version a job created, if any (a re-run job must not publish a second one)."""
+        with self._db.tx() as s:
+            row = s.scalar(select(AdapterVersionRow).where(AdapterVersionRow.job_id == job_id))
+            return None if row is None else _entity(s, row)
+
     def mark_failed(self, version_id: int) -> AdapterVersion:
         with self._db.tx() as s:
             row = _row(s, version_id)

@@ -1,0 +1,73 @@
+"""The Celery app: a Redis broker, two queues, thin tasks that take a job id.
+
+    celery -A workers.celery_app worker -Q train -P solo -c 1      # a GPU worker
+    celery -A workers.celery_app worker -Q default -P threads -c 4 # evaluation, housekeeping
+
+GPU workers use the `solo` pool: the job runs in the worker's main process, one at a time (no
+fork after CUDA initialised, no second model on the device). Messages are acknowledged on
+receipt and never re-delivered (see `workers.execution` for why that loses nothing); results
+are not stored: the database holds every job's state.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+from celery import Celery
+from kombu import Queue
+
+from registry.entities import Job
+from registry.instance import Instance, open_instance
+from registry.settings import StrataSettings
+from workers.execution import DEFAULT_QUEUE, TRAIN_QUEUE, execute, queue_for, worker_id
+
+log = logging.getLogger(__name__)
+
+RUN_JOB = "strata.run_job"
+
+
+def make_celery(settings: StrataSettings) -> Celery:
+    app = Celery("strata", broker=settings.broker_url)
+    app.conf.update(
+        task_queues=(Queue(TRAIN_QUEUE), Queue(DEFAULT_QUEUE)),
+        task_default_queue=DEFAULT_QUEUE,
+        task_acks_late=False,  # early ack: a long job is never re-delivered mid-run
+        worker_prefetch_multiplier=1,  # a GPU worker holds one message: the job it runs
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,  # for Flower
+        task_send_sent_event=True,
+    )
+    return app
+
+
+app = make_celery(StrataSettings())
+
+
+@cache
+def _instance() -> Instance:
+    """One instance per worker process, opened on its first task (the schema is migrated by
+    the deployment's one-shot migration, not by workers)."""
+    return open_instance(StrataSettings(), upgrade=False)
+
+
+class CeleryDispatcher:
+    """Sends job ids to the broker, on the queue of the job's kind."""
+
+    def __init__(self, celery: Celery = app) -> None:
+        self.celery = celery
+
+    def send(self, job: Job) -> None:
+        self.celery.send_task(RUN_JOB, args=[job.id], queue=queue_for(job.kind))
+
+
+@app.task(name=RUN_JOB)
+def run_job_task(job_id: int) -> str:
+    """Claim and run one job; the return value is only a log line."""
+    inst = _instance()
+    job = execute(inst, CeleryDispatcher(app), int(job_id), worker=worker_id())
+    return "not started" if job is None else f"job {job.id} {job.state}"
