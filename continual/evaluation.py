@@ -118,14 +118,30 @@ def exact_match(
     """Greedy generation; an answer matches when it equals the completion (both stripped)."""
     if not examples:
         return EvalResult(accuracy=0.0, n=0, predictions=[])
-    predictions: list[str] = []
-    with evaluating(model):
-        for begin in range(0, len(examples), batch_size):
-            chunk = examples[begin : begin + batch_size]
-            predictions.extend(_generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens))
+    predictions = generate(
+        model, tokenizer, [ex.prompt for ex in examples], max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )  # fmt: skip
     gold = [ex.completion.strip() for ex in examples]
     correct = sum(pred == ref for pred, ref in zip(predictions, gold, strict=True))
     return EvalResult(accuracy=correct / len(examples), n=len(examples), predictions=predictions)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy completions of `prompts` (tokenised as in training), stripped."""
+    outputs: list[str] = []
+    with evaluating(model):
+        for begin in range(0, len(prompts), batch_size):
+            chunk = prompts[begin : begin + batch_size]
+            outputs.extend(_generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens))
+    return outputs
 
 
 def language_model_loss(
@@ -188,14 +204,12 @@ def _score_encoded(
 def _generate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    chunk: Sequence[Example],
+    chunk: Sequence[str],
     *,
     max_new_tokens: int,
 ) -> list[str]:
     """Greedy continuation of left-padded prompts (generation needs prompts to end together)."""
-    prompts = [
-        encode_pair(tokenizer, prompt=ex.prompt, completion="", add_eos=False).ids for ex in chunk
-    ]
+    prompts = [encode_pair(tokenizer, prompt=p, completion="", add_eos=False).ids for p in chunk]
     pad_id = pad_id_of(tokenizer)
     width = max(len(ids) for ids in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from continual.data import TaskData, from_jsonl, to_jsonl
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from continual.data import (
+    Example,
+    TaskData,
+    classification_instruction,
+    from_jsonl,
+    label_of,
+    parse_cl_records,
+    parse_jsonl,
+    to_jsonl,
+)
+from continual.errors import InvalidDataset
 from registry.entities import Dataset
 from registry.instance import Instance
 
@@ -23,3 +38,114 @@ def store_dataset(inst: Instance, data: TaskData, *, format: str) -> Dataset:
 
 def load_dataset(inst: Instance, dataset: Dataset) -> TaskData:
     return from_jsonl(inst.artifacts.get_bytes(dataset.digest))
+
+
+UPLOAD_FORMATS = ("jsonl", "cl_benchmark")
+DEFAULT_HOLDOUT = 0.1
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_examples: int
+    max_line_bytes: int
+
+
+def parse_upload(
+    *,
+    name: str,
+    format: str,
+    train: bytes,
+    test: bytes | None,
+    labels: list[str] | None,
+    holdout: float | None,
+    limits: UploadLimits,
+) -> TaskData:
+    """A user's dataset as a task: JSONL of `{prompt, completion}` or CL_Benchmark JSON of
+    `{sentence, label}` (with `labels`). Errors name the file (field) and the line or record.
+
+    Without a test file, a seeded `holdout` fraction of the training examples (default 10%)
+    becomes the test split, so every task can be evaluated after every step."""
+    if format not in UPLOAD_FORMATS:
+        raise InvalidDataset(field="format", reason=f"must be one of {list(UPLOAD_FORMATS)}")
+    if labels is not None:
+        _check_labels(labels)
+    if format == "cl_benchmark" and labels is None:
+        raise InvalidDataset(field="labels", reason="a cl_benchmark dataset needs labels")
+    train_examples = _parse_file("train", train, format=format, labels=labels, limits=limits)
+    if test is not None:
+        if holdout is not None:
+            raise InvalidDataset(field="holdout", reason="give a test file or a holdout, not both")
+        test_examples = _parse_file("test", test, format=format, labels=labels, limits=limits)
+    else:
+        fraction = DEFAULT_HOLDOUT if holdout is None else holdout
+        if not 0 < fraction <= 0.5:
+            raise InvalidDataset(field="holdout", reason=f"must be in (0, 0.5], got {fraction}")
+        if len(train_examples) < 2:
+            raise InvalidDataset(field="train", reason="needs 2+ examples to hold some out")
+        shuffled = random.Random(0).sample(train_examples, len(train_examples))
+        cut = max(1, round(fraction * len(shuffled)))
+        test_examples, train_examples = shuffled[:cut], shuffled[cut:]
+    if len(train_examples) + len(test_examples) > limits.max_examples:
+        raise InvalidDataset(field="train", reason=f"more than {limits.max_examples} examples")
+    return TaskData(name=name, train=tuple(train_examples), test=tuple(test_examples),
+                    labels=tuple(labels) if labels else None)  # fmt: skip
+
+
+def _check_labels(labels: object) -> None:
+    if not isinstance(labels, list) or not labels or len(labels) > 1000:
+        raise InvalidDataset(field="labels", reason="must be a list of 1 to 1000 strings")
+    if not all(isinstance(label, str) and label.strip() for label in labels):
+        raise InvalidDataset(field="labels", reason="labels must be non-empty strings")
+    if len(set(labels)) != len(labels):
+        raise InvalidDataset(field="labels", reason="labels must be unique")
+
+
+def _parse_file(
+    field: str, data: bytes, *, format: str, labels: list[str] | None, limits: UploadLimits
+) -> list[Example]:
+    if not data.strip():
+        raise InvalidDataset(field=field, reason="the file is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidDataset(field=field, reason=f"not UTF-8 (byte {exc.start})") from exc
+    for number, line in enumerate(text.splitlines(), start=1):
+        if len(line.encode("utf-8")) > limits.max_line_bytes:
+            reason = f"longer than {limits.max_line_bytes} bytes"
+            raise InvalidDataset(field=field, reason=reason, line=number)
+        if number > limits.max_examples + 1:  # leave room for a JSON list's brackets
+            raise InvalidDataset(field=field, reason=f"more than {limits.max_examples} lines")
+    try:
+        if format == "jsonl":
+            examples = parse_jsonl(text)
+        else:
+            assert labels is not None
+            records = _json_list(text, field=field)
+            if len(records) > limits.max_examples:
+                raise InvalidDataset(field=field, reason=f"more than {limits.max_examples} records")
+            examples = parse_cl_records(
+                records, labels, instruction=classification_instruction(labels)
+            )
+    except InvalidDataset as exc:  # name the file as well as the record's field
+        inner = "" if exc.field in ("json", "record", "data", "records") else f".{exc.field}"
+        raise InvalidDataset(field=field + inner, reason=exc.reason, line=exc.line) from exc
+    if labels is not None and format == "jsonl":
+        known = set(labels)
+        numbers = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        for number, example in zip(numbers, examples, strict=True):
+            if label_of(example) not in known:
+                reason = f"completion {example.completion!r} is not one of the labels"
+                raise InvalidDataset(field=f"{field}.completion", reason=reason, line=number)
+    return examples
+
+
+def _json_list(text: str, *, field: str) -> list[Any]:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidDataset(
+            field=field, reason=f"invalid JSON: {exc.msg}", line=exc.lineno
+        ) from exc
+    if not isinstance(records, list):
+        raise InvalidDataset(field=field, reason="must be a JSON list of {sentence, label} objects")
+    return records

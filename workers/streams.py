@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from continual.data import TaskData
-from registry.entities import Job, Snapshot, Stream, Task
+from registry.entities import Dataset, Job, Snapshot, Stream, Task
 from registry.errors import AlreadyExists, NotFound
 from registry.instance import Instance
 from registry.validation import check_name
@@ -71,6 +71,23 @@ def submit_task(
     # refuse bad hyperparameters before anything is stored
     training_setup(method=stream.method, hyperparams=stream.hyperparams, params=params)
     dataset = store_dataset(inst, data, format=format)
+    return inst.registry.tasks.submit(
+        stream_id=stream.id, name=name, dataset_id=dataset.id, params=params
+    )
+
+
+def submit_existing(
+    inst: Instance,
+    *,
+    stream: Stream,
+    name: str,
+    dataset: Dataset,
+    params: dict[str, Any] | None = None,
+) -> tuple[Task, Job]:
+    """Append a task that trains on an already stored dataset (referenced by digest)."""
+    check_name(name, field="name")
+    params = dict(params or {})
+    training_setup(method=stream.method, hyperparams=stream.hyperparams, params=params)
     return inst.registry.tasks.submit(
         stream_id=stream.id, name=name, dataset_id=dataset.id, params=params
     )

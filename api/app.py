@@ -1,0 +1,103 @@
+"""The FastAPI application: /v1 routes, /health, problem+json errors, upload size limits.
+
+    app = create_app(instance, dispatcher)
+
+`dispatcher` sends queued jobs to workers: `workers.celery_app.CeleryDispatcher` for the
+service, `workers.inprocess.InProcessWorker` for the embedded `strata serve`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import errors
+from api.routes import adapters, evaluations, jobs, lineage, predict, schedules, streams, tasks
+from api.routes import tokens as token_routes
+from registry.errors import RegistryError
+from registry.instance import Instance
+from workers.execution import Dispatcher
+
+API_VERSION = "v1"
+
+
+def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
+    app = FastAPI(
+        title="Strata",
+        version="0.1.0",
+        description="Continual-learning fine-tuning with a versioned adapter registry. Every "
+        "route but /health needs `Authorization: Bearer <token>`; errors are problem+json.",
+    )
+    app.state.inst = inst
+    app.state.dispatcher = dispatcher
+    errors.install(app)
+    v1 = APIRouter(prefix=f"/{API_VERSION}")
+    for module in (streams, tasks, jobs, adapters, lineage, evaluations, predict, schedules,
+                   token_routes):  # fmt: skip
+        v1.include_router(module.router)
+    app.include_router(v1)
+
+    @app.get("/health", tags=["health"])
+    async def health() -> dict[str, str]:
+        """Liveness and database reachability; needs no token."""
+        try:
+            await run_in_threadpool(inst.registry.leases.holder, "health")
+        except RegistryError:
+            raise HTTPException(503, "the registry database is unavailable") from None
+        return {"status": "ok"}
+
+    app.add_middleware(BodyLimit, max_bytes=inst.settings.max_upload_bytes)
+    return app
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` while they stream in: at once from a too large
+    Content-Length, else as soon as the bytes received pass the limit (chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _too_large(send, self.max_bytes)
+            return
+        received = 0
+
+        async def counting() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, _limit_text(self.max_bytes))
+            return message
+
+        await self.app(scope, counting, send)
+
+
+def _limit_text(max_bytes: int) -> str:
+    return f"the request body is larger than the limit of {max_bytes} bytes"
+
+
+async def _too_large(send: Send, max_bytes: int) -> None:
+    body: dict[str, Any] = {
+        "type": "https://strata.dev/problems/too_large", "title": "Content Too Large",
+        "status": 413, "detail": _limit_text(max_bytes), "code": "too_large", "field": "body",
+    }  # fmt: skip
+    payload = json.dumps(body).encode()
+    await send({
+        "type": "http.response.start", "status": 413,
+        "headers": [(b"content-type", errors.PROBLEM.encode()),
+                    (b"content-length", str(len(payload)).encode()), (b"connection", b"close")],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": payload})

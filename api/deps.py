@@ -1,0 +1,65 @@
+"""Dependencies of the routes: the instance, the dispatcher, and bearer-token scopes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from registry.entities import ApiToken, Stream
+from registry.errors import Forbidden, Unauthorized
+from registry.instance import Instance
+from workers.execution import Dispatcher
+
+_bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization: Bearer ...`")
+
+# write implies read; admin implies both
+_IMPLIED = {"read": {"read", "write", "admin"}, "write": {"write", "admin"}, "admin": {"admin"}}
+
+
+def get_instance(request: Request) -> Instance:
+    inst: Instance = request.app.state.inst
+    return inst
+
+
+def get_dispatcher(request: Request) -> Dispatcher:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    return dispatcher
+
+
+InstDep = Annotated[Instance, Depends(get_instance)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+
+
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _authenticate(inst: InstDep, credentials: BearerDep) -> ApiToken:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("a bearer token is required", field="authorization")
+    return inst.registry.tokens.authenticate(credentials.credentials)
+
+
+def require(scope: str) -> object:
+    """A dependency that admits tokens holding `scope` (or a scope that implies it)."""
+
+    def check(token: Annotated[ApiToken, Depends(_authenticate)]) -> ApiToken:
+        if not _IMPLIED[scope] & set(token.scopes):
+            raise Forbidden(f"this token lacks the '{scope}' scope", field="authorization")
+        return token
+
+    return Depends(check)
+
+
+ReadToken = Annotated[ApiToken, require("read")]
+WriteToken = Annotated[ApiToken, require("write")]
+AdminToken = Annotated[ApiToken, require("admin")]
+
+
+def stream_by_name(inst: InstDep, stream: str) -> Stream:
+    """The `{stream}` path parameter, by name."""
+    return inst.registry.streams.get(stream)
+
+
+StreamDep = Annotated[Stream, Depends(stream_by_name)]

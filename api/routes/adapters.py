@@ -1,0 +1,133 @@
+"""Adapters: list per stream and task, get by version or alias, download as a PEFT directory
+archive, set and delete aliases. Snapshots: list, get, download."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Query
+from fastapi.responses import FileResponse
+
+from api.deps import InstDep, ReadToken, StreamDep, WriteToken
+from api.schemas import (
+    AdapterVersionPublic,
+    AdapterVersionsPublic,
+    AliasSet,
+    SnapshotPublic,
+    SnapshotsPublic,
+)
+from registry.entities import AdapterVersion, Snapshot, Stream
+from registry.errors import Conflict
+from registry.instance import Instance
+from workers.archives import tree_archive
+
+router = APIRouter(tags=["adapters"])
+
+
+def _ref(ref: str) -> int | str:
+    return int(ref) if ref.isdigit() else ref
+
+
+def _version(inst: Instance, stream: Stream, task: str, ref: str) -> AdapterVersion:
+    task_id = inst.registry.tasks.get(stream_id=stream.id, name=task).id
+    return inst.registry.adapters.get(task_id=task_id, ref_=_ref(ref))
+
+
+@router.get("/streams/{stream}/adapters", response_model=AdapterVersionsPublic)
+def list_adapters(
+    stream: StreamDep,
+    inst: InstDep,
+    _: ReadToken,
+    task: Annotated[str | None, Query(description="Only this task's versions")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[int, Query(ge=0)] = 0,
+) -> object:
+    task_id = inst.registry.tasks.get(stream_id=stream.id, name=task).id if task else None
+    page = inst.registry.adapters.list_versions(
+        stream_id=stream.id, task_id=task_id, limit=limit, after_id=cursor
+    )
+    return {"data": page, "next_cursor": page[-1].id if len(page) == limit else None}
+
+
+@router.get("/streams/{stream}/tasks/{task}/adapters/{ref}", response_model=AdapterVersionPublic)
+def get_adapter(stream: StreamDep, task: str, ref: str, inst: InstDep, _: ReadToken) -> object:
+    """`ref`: a version number, an alias, or `latest`."""
+    return _version(inst, stream, task, ref)
+
+
+@router.get(
+    "/streams/{stream}/tasks/{task}/adapters/{ref}/download",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/gzip": {}}}},
+)
+def download_adapter(
+    stream: StreamDep, task: str, ref: str, inst: InstDep, background: BackgroundTasks,
+    _: ReadToken,
+) -> FileResponse:  # fmt: skip
+    """The adapter as a .tar.gz of a PEFT directory (`PeftModel.from_pretrained` loads it)."""
+    version = _version(inst, stream, task, ref)
+    if version.artifact_digest is None:
+        raise Conflict(f"adapter version {version.version} is {version.status}", field="ref")
+    name = f"{stream.name}-{task}-v{version.version}"
+    return _archive_response(inst, version.artifact_digest, name, background)
+
+
+@router.put("/streams/{stream}/tasks/{task}/aliases/{alias}", response_model=AdapterVersionPublic)
+def set_alias(
+    stream: StreamDep, task: str, alias: str, body: AliasSet, inst: InstDep, _: WriteToken
+) -> object:
+    """Point `alias` at a version (moving it if it exists)."""
+    version = _version(inst, stream, task, str(body.version))
+    return inst.registry.adapters.set_alias(
+        task_id=version.task_id, alias=alias, version_id=version.id
+    )
+
+
+@router.delete("/streams/{stream}/tasks/{task}/aliases/{alias}", status_code=204)
+def delete_alias(stream: StreamDep, task: str, alias: str, inst: InstDep, _: WriteToken) -> None:
+    task_id = inst.registry.tasks.get(stream_id=stream.id, name=task).id
+    inst.registry.adapters.delete_alias(task_id=task_id, alias=alias)
+
+
+def _snapshot_public(snapshot: Snapshot, current: Snapshot) -> SnapshotPublic:
+    out = SnapshotPublic.model_validate(snapshot)
+    out.current = snapshot.id == current.id
+    return out
+
+
+@router.get("/streams/{stream}/snapshots", response_model=SnapshotsPublic, tags=["snapshots"])
+def list_snapshots(stream: StreamDep, inst: InstDep, _: ReadToken) -> object:
+    current = inst.registry.streams.current_snapshot(stream.id)
+    data = [_snapshot_public(s, current) for s in inst.registry.streams.list_snapshots(stream.id)]
+    return {"data": data, "count": len(data)}
+
+
+@router.get(
+    "/streams/{stream}/snapshots/{version}", response_model=SnapshotPublic, tags=["snapshots"]
+)
+def get_snapshot(stream: StreamDep, version: int, inst: InstDep, _: ReadToken) -> object:
+    snapshot = inst.registry.streams.get_snapshot(stream_id=stream.id, version=version)
+    return _snapshot_public(snapshot, inst.registry.streams.current_snapshot(stream.id))
+
+
+@router.get(
+    "/streams/{stream}/snapshots/{version}/download",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/gzip": {}}}},
+    tags=["snapshots"],
+)
+def download_snapshot(
+    stream: StreamDep, version: int, inst: InstDep, background: BackgroundTasks, _: ReadToken
+) -> FileResponse:
+    """The base model snapshot as a .tar.gz of a Hugging Face model directory."""
+    snapshot = inst.registry.streams.get_snapshot(stream_id=stream.id, version=version)
+    name = f"{stream.name}-snapshot-v{snapshot.version}"
+    return _archive_response(inst, snapshot.artifact_digest, name, background)
+
+
+def _archive_response(
+    inst: Instance, digest: str, name: str, background: BackgroundTasks
+) -> FileResponse:
+    path = tree_archive(inst, digest, name=name)
+    background.add_task(path.unlink, missing_ok=True)
+    return FileResponse(path, media_type="application/gzip", filename=f"{name}.tar.gz")

@@ -1,0 +1,51 @@
+"""Evaluations: the stream's accuracy matrix with its continual-learning metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+
+from api.deps import InstDep, ReadToken, StreamDep
+from api.render import accuracy_matrix
+from api.schemas import EvaluationsPublic
+
+router = APIRouter(tags=["evaluations"])
+
+
+@router.get("/streams/{stream}/evaluations", response_model=EvaluationsPublic)
+def evaluations(
+    stream: StreamDep,
+    inst: InstDep,
+    _: ReadToken,
+    metric: Annotated[
+        Literal["accuracy", "loss"], Query(description="loss: the free-form tasks' matrix")
+    ] = "accuracy",
+) -> object:
+    """R[t][i] (task i after learning task t) with average accuracy (ACC), backward transfer
+    (BWT), forward transfer (FWT) and forgetting over the tasks learned so far (classification
+    tasks are scored by accuracy, free-form ones by completion loss, without the summary)."""
+    matrix = inst.registry.evaluations.matrix(stream.id, metric=metric)
+    summary: dict[str, float | None] = dict.fromkeys(
+        ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")
+    )
+    complete = (
+        metric == "accuracy"
+        and matrix.values
+        and all(v is not None for row in matrix.values for v in row[: len(matrix.values)])
+    )
+    if complete:
+        learned = accuracy_matrix(matrix)
+        summary = {
+            "average_accuracy": learned.average_accuracy,
+            "backward_transfer": learned.backward_transfer,
+            "forward_transfer": learned.forward_transfer,
+            "forgetting": learned.forgetting,
+        }
+    return {
+        "metric": matrix.metric,
+        "task_names": list(matrix.task_names),
+        "values": [list(row) for row in matrix.values],
+        "baseline": list(matrix.baseline),
+        **summary,
+    }

