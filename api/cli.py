@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from api import cli_client, cli_service
 from api.render import lineage_tree, matrix_report
 from continual.errors import InvalidDataset, InvalidHyperparameter
 from continual.training import StepInfo, TrainingCallbacks
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="upgrade the database (STRATA_DATABASE_URL) to head")
     migrate.set_defaults(func=cmd_migrate)
+    cli_service.register(sub)
+    cli_client.register(sub)
     return parser
 
 

@@ -1,0 +1,372 @@
+"""`strata streams | tasks | jobs | adapters | lineage | evaluations | predict | schedules`:
+the REST API from a terminal (STRATA_URL, STRATA_TOKEN)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from api.client import DEFAULT_URL, StrataClient
+from api.render import lineage_tree, matrix_report
+from registry.entities import (
+    EvaluationMatrix,
+    LineageEdge,
+    LineageGraph,
+    LineageNode,
+    NodeKind,
+    NodeRef,
+    Relation,
+)
+
+Command = Callable[[StrataClient, argparse.Namespace], int]
+
+
+def _client(args: argparse.Namespace) -> StrataClient:
+    return StrataClient(args.url, token=args.token)
+
+
+def _show(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _base(spec: str) -> dict[str, Any]:
+    """tiny, smollm2, hf:DIR, gguf:FILE."""
+    kind, _, path = spec.partition(":")
+    return {"kind": kind, "path": path} if path else {"kind": kind}
+
+
+def _sets(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+# -- streams and tasks ---------------------------------------------------------------------------
+def streams_create(c: StrataClient, a: argparse.Namespace) -> int:
+    body = {"name": a.name, "base": _base(a.base), "method": a.method, "hyperparams": _sets(a.set)}
+    _show(c.request("POST", "/streams", json=body))
+    return 0
+
+
+def streams_list(c: StrataClient, _a: argparse.Namespace) -> int:
+    for s in c.pages("/streams"):
+        print(f"{s['name']:<24} {s['method']:<10} base {s['base_source'].get('kind')}")
+    return 0
+
+
+def streams_show(c: StrataClient, a: argparse.Namespace) -> int:
+    _show(c.request("GET", f"/streams/{a.name}"))
+    return 0
+
+
+def tasks_submit(c: StrataClient, a: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if a.method:
+        params["method"] = a.method
+    if a.set:
+        params["hyperparams"] = _sets(a.set)
+    labels = json.loads(Path(a.labels).read_text()) if a.labels else None
+    out = c.submit_task(
+        a.stream,
+        name=a.name,
+        train=a.train,
+        test=a.test,
+        format=a.format,
+        labels=labels,
+        params=params,
+        dataset=a.dataset,
+    )
+    job = out["job"]
+    print(
+        f"task {out['task']['name']} (position {out['task']['position']}): job {job['id']} queued"
+    )
+    return watch(c, job["id"]) if a.watch else 0
+
+
+def tasks_list(c: StrataClient, a: argparse.Namespace) -> int:
+    for t in c.request("GET", f"/streams/{a.stream}/tasks")["data"]:
+        print(f"{t['position']:>3}  {t['name']:<24} dataset {t['dataset_digest'][:12]}")
+    return 0
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+def jobs_list(c: StrataClient, a: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("stream", a.stream), ("state", a.state)) if v}
+    for j in c.pages("/jobs", **params):
+        print(f"{j['id']:>5}  {j['kind']:<11} {j['state']:<10} {100 * j['progress']:5.1f}%")
+    return 0
+
+
+def jobs_show(c: StrataClient, a: argparse.Namespace) -> int:
+    _show(c.request("GET", f"/jobs/{a.id}"))
+    return 0
+
+
+def jobs_cancel(c: StrataClient, a: argparse.Namespace) -> int:
+    job = c.request("POST", f"/jobs/{a.id}/cancel")
+    print(
+        f"job {job['id']}: {job['state']}"
+        + (" (stops at its next step)" if job["state"] == "running" else "")
+    )
+    return 0
+
+
+def jobs_watch(c: StrataClient, a: argparse.Namespace) -> int:
+    return watch(c, a.id)
+
+
+def watch(c: StrataClient, job_id: int) -> int:
+    """A live progress bar from the job's event stream; the exit code says how it ended."""
+    bar = tqdm(total=100, desc=f"job {job_id}", unit="%", bar_format="{l_bar}{bar}| {postfix}")
+    state = "queued"
+    try:
+        for event, data in c.job_events(job_id):
+            if event == "state":
+                state = data["state"]
+                bar.update(round(100 * data["progress"]) - bar.n)
+                bar.set_description(f"job {job_id} {state}")
+            elif event == "job-event":
+                metrics = data.get("metrics") or {}
+                if "loss" in metrics:
+                    bar.set_postfix(
+                        step=f"{metrics.get('step')}/{metrics.get('total_steps')}",
+                        loss=f"{metrics['loss']:.3f}",
+                        eta=f"{metrics.get('eta_s')}s",
+                    )
+                else:
+                    tqdm.write(f"  {data['message']}")
+            elif event == "end":
+                state = data["state"]
+    finally:
+        bar.close()
+    print(f"job {job_id} {state}")
+    return 0 if state == "succeeded" else 1
+
+
+# -- adapters, lineage, evaluations, predict -----------------------------------------------------
+def adapters_list(c: StrataClient, a: argparse.Namespace) -> int:
+    params = {"task": a.task} if a.task else {}
+    for v in c.pages(f"/streams/{a.stream}/adapters", **params):
+        aliases = ",".join(v["aliases"])
+        acc = v["metrics"].get("accuracy")
+        print(
+            f"{v['task_name']:<20} v{v['version']:<3} {v['method']:<9} {v['status']:<8} "
+            f"{'' if acc is None else f'acc {acc:.3f}':<10} {aliases}"
+        )
+    return 0
+
+
+def adapters_download(c: StrataClient, a: argparse.Namespace) -> int:
+    dest = Path(a.output or f"{a.stream}-{a.task}-{a.ref}.tar.gz")
+    c.download(f"/streams/{a.stream}/tasks/{a.task}/adapters/{a.ref}/download", dest)
+    print(f"wrote {dest} (a PEFT adapter directory: PeftModel.from_pretrained loads it)")
+    return 0
+
+
+def adapters_alias(c: StrataClient, a: argparse.Namespace) -> int:
+    path = f"/streams/{a.stream}/tasks/{a.task}/aliases/{a.alias}"
+    if a.delete:
+        c.request("DELETE", path)
+        print(f"alias {a.alias} deleted")
+    else:
+        v = c.request("PUT", path, json={"version": a.version})
+        print(f"{a.alias} -> {v['task_name']} v{v['version']}")
+    return 0
+
+
+def lineage(c: StrataClient, a: argparse.Namespace) -> int:
+    direction = "descendants" if a.descendants else "ancestors"
+    params = {"direction": direction, "depth": a.depth}
+    print(lineage_tree(graph_of(c.request("GET", f"/lineage/{a.kind}/{a.id}", params=params))))
+    return 0
+
+
+def graph_of(body: dict[str, Any]) -> LineageGraph:
+    def ref(text: str) -> NodeRef:
+        kind, _, id_ = text.partition(":")
+        return NodeRef(NodeKind(kind), int(id_))
+
+    nodes = tuple(
+        LineageNode(
+            kind=NodeKind(n["kind"]),
+            id=n["id"],
+            depth=n["depth"],
+            label=n["label"],
+            attributes=n["attributes"],
+        )
+        for n in body["nodes"]
+    )
+    edges = tuple(
+        LineageEdge(
+            child=ref(e["child"]), parent=ref(e["parent"]), relation=Relation(e["relation"])
+        )
+        for e in body["edges"]
+    )
+    return LineageGraph(
+        root=ref(body["root"]), direction=body["direction"], nodes=nodes, edges=edges
+    )
+
+
+def evaluations(c: StrataClient, a: argparse.Namespace) -> int:
+    body = c.request("GET", f"/streams/{a.stream}/evaluations")
+    matrix = EvaluationMatrix(
+        task_names=tuple(body["task_names"]),
+        values=tuple(tuple(r) for r in body["values"]),
+        baseline=tuple(body["baseline"]),
+        metric=body["metric"],
+    )
+    print(matrix_report(matrix))
+    return 0
+
+
+def predict(c: StrataClient, a: argparse.Namespace) -> int:
+    body: dict[str, Any] = {
+        "inputs": a.inputs,
+        "version": a.version,
+        "max_new_tokens": a.max_new_tokens,
+    }
+    if a.task:
+        body["task"] = a.task
+    if a.labels:
+        body["labels"] = a.labels.split(",")
+    out = c.request("POST", f"/streams/{a.stream}/predict", json=body)
+    print(f"snapshot v{out['snapshot_version']} + {', '.join(out['adapters']) or 'no adapters'}")
+    for p in out["predictions"]:
+        print(f"> {p['input']!r}\n  {p['output']}")
+    return 0
+
+
+# -- schedules -----------------------------------------------------------------------------------
+def schedules_create(c: StrataClient, a: argparse.Namespace) -> int:
+    body = {
+        "kind": a.kind,
+        "cron": a.cron,
+        "task": a.task,
+        "params": _sets(a.set) and {"hyperparams": _sets(a.set)},
+    }
+    s = c.request("POST", f"/streams/{a.stream}/schedules", json=body)
+    print(f"schedule {s['id']}: {s['kind']} '{s['cron']}', next run {s['next_run_at']}")
+    return 0
+
+
+def schedules_list(c: StrataClient, a: argparse.Namespace) -> int:
+    for s in c.request("GET", f"/streams/{a.stream}/schedules")["data"]:
+        last = s["last_run_at"] or "never"
+        when = datetime.fromisoformat(s["next_run_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{s['id']:>4}  {s['kind']:<11} {s['cron']:<18} next {when}  last {last}")
+    return 0
+
+
+def schedules_delete(c: StrataClient, a: argparse.Namespace) -> int:
+    c.request("DELETE", f"/schedules/{a.id}")
+    print(f"schedule {a.id} deleted")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("STRATA_URL", DEFAULT_URL))
+    common.add_argument("--token", default=os.environ.get("STRATA_TOKEN"))
+
+    def group(name: str, help_: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        return sub.add_parser(name, help=help_).add_subparsers(dest="action", required=True)
+
+    def command(parent: Any, name: str, fn: Command, help_: str = "") -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, parents=[common], help=help_)
+        p.set_defaults(func=lambda a: _run(fn, a))
+        return p
+
+    streams = group("streams", "create, list and show streams")
+    p = command(streams, "create", streams_create)
+    p.add_argument("name")
+    p.add_argument("--base", default="tiny", help="tiny, smollm2, hf:DIR or gguf:FILE")
+    p.add_argument("--method", default="seq-lora")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    command(streams, "list", streams_list)
+    command(streams, "show", streams_show).add_argument("name")
+
+    tasks = group("tasks", "submit a dataset as the stream's next task; list tasks")
+    p = command(tasks, "submit", tasks_submit)
+    p.add_argument("stream")
+    p.add_argument("name")
+    p.add_argument("--train", type=Path)
+    p.add_argument("--test", type=Path)
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "cl_benchmark"])
+    p.add_argument("--labels", help="a labels.json file")
+    p.add_argument("--dataset", help="digest of a stored dataset (instead of --train)")
+    p.add_argument("--method")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
+    command(tasks, "list", tasks_list).add_argument("stream")
+
+    jobs = group("jobs", "list, show, watch and cancel jobs")
+    p = command(jobs, "list", jobs_list)
+    p.add_argument("--stream")
+    p.add_argument("--state")
+    for name, fn in (("show", jobs_show), ("watch", jobs_watch), ("cancel", jobs_cancel)):
+        command(jobs, name, fn).add_argument("id", type=int)
+
+    adapters = group("adapters", "list and download adapters, move aliases")
+    p = command(adapters, "list", adapters_list)
+    p.add_argument("stream")
+    p.add_argument("--task")
+    p = command(adapters, "download", adapters_download)
+    p.add_argument("stream")
+    p.add_argument("task")
+    p.add_argument("ref", nargs="?", default="latest", help="version number or alias")
+    p.add_argument("-o", "--output")
+    p = command(adapters, "alias", adapters_alias)
+    for arg in ("stream", "task", "alias"):
+        p.add_argument(arg)
+    p.add_argument("version", type=int, nargs="?")
+    p.add_argument("--delete", action="store_true")
+
+    p = command(sub, "lineage", lineage, "ancestors (or descendants) of a node, as a tree")
+    p.add_argument("kind", choices=[k.value for k in NodeKind])
+    p.add_argument("id", type=int)
+    p.add_argument("--descendants", action="store_true")
+    p.add_argument("--depth", type=int, default=100)
+    command(sub, "evaluations", evaluations, "the stream's accuracy matrix").add_argument("stream")
+    p = command(sub, "predict", predict, "complete inputs with a stream's current state")
+    p.add_argument("stream")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--task")
+    p.add_argument("--version", default="latest")
+    p.add_argument("--labels", help="comma-separated labels to rank instead of generating")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+
+    schedules = group("schedules", "cron schedules of retrain / consolidate jobs")
+    p = command(schedules, "create", schedules_create)
+    p.add_argument("stream")
+    p.add_argument("--kind", default="retrain", choices=["retrain", "consolidate"])
+    p.add_argument("--cron", required=True)
+    p.add_argument("--task")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    command(schedules, "list", schedules_list).add_argument("stream")
+    command(schedules, "delete", schedules_delete).add_argument("id", type=int)
+
+
+def _run(fn: Command, args: argparse.Namespace) -> int:
+    from api.client import ApiError
+
+    client = _client(args)
+    try:
+        return fn(client, args)
+    except ApiError as exc:
+        print(f"error ({exc.status}): {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()

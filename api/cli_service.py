@@ -1,0 +1,114 @@
+"""`strata serve | api | scheduler | tokens`: running Strata and bootstrapping access."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+
+from registry.instance import Instance, open_instance
+from registry.settings import StrataSettings
+
+log = logging.getLogger(__name__)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The embedded default: API + in-process worker threads on SQLite and a local directory."""
+    import uvicorn
+
+    from api.app import create_app
+    from workers.inprocess import InProcessWorker
+
+    settings = StrataSettings(data_dir=args.data_dir) if args.data_dir else StrataSettings()
+    inst = open_instance(settings)
+    _first_token(inst)
+    worker = InProcessWorker(inst, threads=args.workers).start()
+    try:
+        uvicorn.run(create_app(inst, worker), host=args.host, port=args.port, log_level="info")
+    finally:
+        worker.stop(timeout=5)
+        inst.close()
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    """The service's API process: jobs go to Celery workers through the broker."""
+    import uvicorn
+
+    from api.app import create_app
+    from workers.celery_app import CeleryDispatcher
+
+    inst = open_instance(StrataSettings(), upgrade=False)
+    uvicorn.run(create_app(inst, CeleryDispatcher()), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_scheduler(_args: argparse.Namespace) -> int:
+    """Fire due schedules and reconcile jobs; one of several such processes leads at a time."""
+    from workers.celery_app import CeleryDispatcher
+    from workers.scheduler import run_scheduler
+
+    inst = open_instance(StrataSettings(), upgrade=False)
+    stop = threading.Event()
+    try:
+        run_scheduler(inst, CeleryDispatcher(), stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """Manage tokens directly in the configured database (how the first admin token is made)."""
+    inst = open_instance(StrataSettings(), upgrade=True)
+    tokens = inst.registry.tokens
+    if args.action == "create":
+        token, secret = tokens.create(name=args.name, scopes=args.scope or ["read", "write"])
+        print(f"token {token.id} '{token.name}' ({', '.join(token.scopes)}):\n{secret}")
+        print("store it now: it is not shown again", file=sys.stderr)
+    elif args.action == "list":
+        for t in tokens.list_tokens():
+            state = "revoked" if t.revoked_at else "active"
+            print(f"{t.id:>4}  {t.name:<20} {t.prefix}...  {','.join(t.scopes):<18} {state}")
+    else:
+        tokens.revoke(args.id)
+        print(f"token {args.id} revoked")
+    inst.close()
+    return 0
+
+
+def _first_token(inst: Instance) -> None:
+    """A fresh embedded instance gets an admin token, printed once."""
+    if inst.registry.tokens.list_tokens():
+        return
+    _, secret = inst.registry.tokens.create(name="admin", scopes=["admin"])
+    print(f"created the first admin token (shown once):\n  export STRATA_TOKEN={secret}")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="API + in-process worker, no servers needed")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", type=Path, help="default: STRATA_DATA_DIR or .strata")
+    serve.add_argument("--workers", type=int, default=1, help="training threads")
+    serve.set_defaults(func=cmd_serve)
+
+    api = sub.add_parser("api", help="the service API (jobs go to Celery workers)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(func=cmd_api)
+
+    scheduler = sub.add_parser("scheduler", help="fire cron schedules and reconcile jobs")
+    scheduler.set_defaults(func=cmd_scheduler)
+
+    tokens = sub.add_parser("tokens", help="API tokens, directly in the database")
+    actions = tokens.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create")
+    create.add_argument("--name", default="admin")
+    create.add_argument("--scope", action="append", choices=["read", "write", "admin"],
+                        help="repeatable; default read and write")  # fmt: skip
+    actions.add_parser("list")
+    revoke = actions.add_parser("revoke")
+    revoke.add_argument("id", type=int)
+    tokens.set_defaults(func=cmd_tokens)

@@ -1,0 +1,306 @@
+"""The REST API on both deployments: auth, validation errors as problem+json, uploads, jobs,
+and a trained task's adapters, lineage, evaluations and predictions."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from peft import PeftModel
+
+from continual.data import synthetic_tasks
+from tests.api.conftest import Api
+from workers.models import load_snapshot
+
+FAST = {"max_steps": 4, "batch_size": 8}
+PROBLEM = "application/problem+json"
+
+
+def _jsonl(records: list[dict[str, Any]]) -> str:
+    return "\n".join(json.dumps(r) for r in records) + "\n"
+
+
+def _task_files(seed: int = 0, index: int = 0, n: int = 24) -> tuple[str, str, list[str]]:
+    task = synthetic_tasks(seed=seed, train_size=n, test_size=6)[index]
+    as_records = lambda xs: [{"prompt": e.prompt, "completion": e.completion} for e in xs]  # noqa: E731
+    return _jsonl(as_records(task.train)), _jsonl(as_records(task.test)), list(task.labels or ())
+
+
+def _problem(response: Any, status: int, field: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status and body["detail"] and body["code"]
+    if field is not None:
+        assert body.get("field") == field, body
+    return body
+
+
+def _stream(api: Api, name: str = "s1") -> dict[str, Any]:
+    r = api.client.post("/v1/streams", json={"name": name, "base": {"kind": "tiny"},
+                        "hyperparams": FAST}, headers=api.auth("write"))  # fmt: skip
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def _submit(api: Api, stream: str, name: str, **kwargs: Any) -> Any:
+    train, test, labels = _task_files(**kwargs)
+    data = {"name": name, "labels": json.dumps(labels), "params": json.dumps({"eval_limit": 6})}
+    files = {"train": ("train.jsonl", train), "test": ("test.jsonl", test)}
+    return api.client.post(f"/v1/streams/{stream}/tasks", data=data, files=files,
+                           headers=api.auth("write"))  # fmt: skip
+
+
+def _wait(api: Api, job_id: int, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = api.client.get(f"/v1/jobs/{job_id}", headers=api.auth()).json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_every_route_but_health_needs_a_token_with_the_right_scope(api: Api) -> None:
+    c = api.client
+    assert c.get("/health").json() == {"status": "ok"}
+    r = c.get("/v1/streams")
+    _problem(r, 401, "authorization")
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    _problem(c.get("/v1/streams", headers={"Authorization": "Bearer strata_nope"}), 401)
+    _problem(c.get("/v1/streams", headers={"Authorization": "Basic abc"}), 401)
+    assert c.get("/v1/streams", headers=api.auth("read")).status_code == 200
+    body = {"name": "s", "base": {"kind": "tiny"}}
+    _problem(c.post("/v1/streams", json=body, headers=api.auth("read")), 403, "authorization")
+    _problem(c.get("/v1/tokens", headers=api.auth("write")), 403)
+    # an admin creates and revokes a token; the revoked one stops working at once
+    made = c.post("/v1/tokens", json={"name": "ci", "scopes": ["read"]}, headers=api.auth())
+    assert made.status_code == 201 and made.json()["token"].startswith("strata_")
+    ci = {"Authorization": f"Bearer {made.json()['token']}"}
+    assert c.get("/v1/streams", headers=ci).status_code == 200
+    assert c.delete(f"/v1/tokens/{made.json()['id']}", headers=api.auth()).json()["revoked_at"]
+    _problem(c.get("/v1/streams", headers=ci), 401)
+    listed = c.get("/v1/tokens", headers=api.auth()).json()
+    assert all("token" not in t for t in listed["data"])  # secrets are never listed
+    spec = c.get("/openapi.json").json()
+    assert "/v1/streams/{stream}/tasks" in spec["paths"]
+
+
+def test_streams_create_list_get_and_refuse_bad_input(api: Api) -> None:
+    c, h = api.client, api.auth("write")
+    created = _stream(api)
+    assert created["name"] == "s1" and created["hyperparams"]["max_steps"] == 4
+    assert c.get("/v1/streams/s1", headers=h).json()["id"] == created["id"]
+    assert [s["name"] for s in c.get("/v1/streams", headers=h).json()["data"]] == ["s1"]
+    _problem(c.post("/v1/streams", json={"name": "s1", "base": {"kind": "tiny"}}, headers=h),
+             409, "name")  # fmt: skip
+    cases = [
+        ({"name": "../x", "base": {"kind": "tiny"}}, "name"),
+        ({"name": "ok", "base": {"kind": "pickle"}}, "base.kind"),
+        ({"name": "ok", "base": {"kind": "hf", "path": "/nonexistent"}}, "base.path"),
+        ({"name": "ok", "base": {"kind": "tiny"}, "hyperparams": {"rank": -1}}, "rank"),
+        ({"name": "ok", "base": {"kind": "tiny"}, "hyperparams": {"nope": 1}}, "nope"),
+        ({"name": "ok", "base": {"kind": "tiny"}, "method": "magic"}, "method"),
+        ({"name": "ok", "base": {"kind": "tiny"}, "extra": 1}, "extra"),
+        ({"base": {"kind": "tiny"}}, "name"),
+    ]
+    for body, field in cases:
+        _problem(c.post("/v1/streams", json=body, headers=h), 422, field)
+    _problem(c.get("/v1/streams/missing", headers=h), 404, "stream")
+    _problem(c.post("/v1/streams", content=b"{not json", headers={**h, "content-type":
+             "application/json"}), 422)  # fmt: skip
+    assert [s["name"] for s in c.get("/v1/streams", headers=h).json()["data"]] == ["s1"]
+
+
+def test_task_uploads_queue_jobs_and_bad_datasets_are_refused_before_training(api: Api) -> None:
+    c, h = api.client, api.auth("write")
+    _stream(api)
+    r = _submit(api, "s1", "t1")
+    assert r.status_code == 202, r.text
+    job = r.json()["job"]
+    assert job["state"] == "queued" and job["kind"] == "train"
+    assert api.dispatcher.sent == [job["id"]]  # sent after commit
+    assert api.inst.registry.jobs.get(job["id"]).enqueued_at is not None
+    digest = r.json()["task"]["dataset_digest"]
+    # a stored dataset is reused by digest
+    reuse = c.post("/v1/streams/s1/tasks", data={"name": "t2", "dataset": digest}, headers=h)
+    assert reuse.status_code == 202 and reuse.json()["task"]["dataset_digest"] == digest
+    # CL_Benchmark JSON with labels; no test file: 10% held out
+    records = [{"sentence": f"text {i}", "label": "a" if i % 2 else "b"} for i in range(20)]
+    cl = c.post("/v1/streams/s1/tasks", headers=h, files={"train": ("t.json", json.dumps(records))},
+                data={"name": "t3", "format": "cl_benchmark", "labels": '["a", "b"]'})  # fmt: skip
+    assert cl.status_code == 202, cl.text
+    stored = api.inst.registry.tasks.get_dataset(cl.json()["task"]["dataset_digest"])
+    assert (stored.num_train, stored.num_test) == (18, 2)
+
+    train, _, _ = _task_files()
+    bad: list[tuple[dict[str, Any], dict[str, Any], str, int | None]] = [
+        ({"name": "x"}, {"train": ("t", "")}, "train", None),
+        ({"name": "x"}, {"train": ("t", b"\xff\xfe bad")}, "train", None),
+        ({"name": "x"}, {"train": ("t", train + "{oops\n")}, "train", 25),
+        ({"name": "x"}, {"train": ("t", '{"prompt": "p"}\n')}, "train.completion", 1),
+        ({"name": "x", "labels": '["zz"]'}, {"train": ("t", train)}, "train.completion", 1),
+        ({"name": "x"}, {"train": ("t", "x" * 5000 + "\n")}, "train", 1),
+        ({"name": "x"}, {"train": ("t", _jsonl([{"prompt": "p", "completion": "c"}] * 600))},
+         "train", None),
+        ({"name": "x", "format": "cl_benchmark"}, {"train": ("t", "[]")}, "labels", None),
+        ({"name": "x", "format": "csv"}, {"train": ("t", train)}, "format", None),
+        ({"name": "x"}, {}, "train", None),
+        ({"name": "x", "dataset": digest}, {"train": ("t", train)}, "dataset", None),
+        ({"name": "x", "dataset": "f" * 64}, {}, "dataset", None),
+        ({"name": "x", "params": "{bad"}, {"train": ("t", train)}, "params", None),
+        ({"name": "x", "params": '{"hyperparams": {"rank": 0}}'}, {"train": ("t", train)},
+         "rank", None),
+        ({"name": "x", "params": '{"surprise": 1}'}, {"train": ("t", train)}, "surprise", None),
+        ({"name": "t1"}, {"train": ("t", train)}, "name", None),
+        ({"name": "../evil"}, {"train": ("t", train)}, "name", None),
+    ]  # fmt: skip
+    for data, files, field, line in bad:
+        r = c.post("/v1/streams/s1/tasks", data=data, files=files or None, headers=h)
+        assert r.status_code in (404, 409, 422), (data, r.text)
+        body = _problem(r, r.status_code, field)
+        if line is not None:
+            assert body["line"] == line and f"line {line}" in body["detail"]
+    huge = c.post("/v1/streams/s1/tasks", data={"name": "big"}, headers=h,
+                  files={"train": ("t", "x" * 100_000)})  # fmt: skip
+    _problem(huge, 413, "body")
+    assert [t["name"] for t in c.get("/v1/streams/s1/tasks", headers=h).json()["data"]] == [
+        "t1",
+        "t2",
+        "t3",
+    ]  # nothing half-stored
+
+
+def test_jobs_list_pages_cancel_and_events(api: Api) -> None:
+    c, h = api.client, api.auth("write")
+    _stream(api)
+    _stream(api, "s2")
+    ids = [_submit(api, "s1", f"t{i}").json()["job"]["id"] for i in range(3)]
+    other = _submit(api, "s2", "x").json()["job"]["id"]
+    page = c.get("/v1/jobs", params={"limit": 2}, headers=h).json()
+    assert [j["id"] for j in page["data"]] == ids[:2] and page["next_cursor"] == ids[1]
+    rest = c.get("/v1/jobs", params={"limit": 2, "cursor": page["next_cursor"]}, headers=h).json()
+    assert [j["id"] for j in rest["data"]] == [ids[2], other]
+    by_stream = c.get("/v1/jobs", params={"stream": "s2"}, headers=h).json()["data"]
+    assert [j["id"] for j in by_stream] == [other]
+    cancelled = c.post(f"/v1/jobs/{ids[0]}/cancel", headers=h)
+    assert cancelled.status_code == 202 and cancelled.json()["state"] == "cancelled"
+    _problem(c.post(f"/v1/jobs/{ids[0]}/cancel", headers=h), 409, "state")
+    states = c.get("/v1/jobs", params={"state": "cancelled"}, headers=h).json()["data"]
+    assert [j["id"] for j in states] == [ids[0]]
+    _problem(c.get("/v1/jobs", params={"state": "sleeping"}, headers=h), 422, "state")
+    _problem(c.get("/v1/jobs/99999", headers=h), 404, "job")
+    api.inst.registry.jobs.add_event(ids[1], message="hello", metrics={"step": 1})
+    api.inst.registry.jobs.add_event(ids[1], message="again")
+    events = c.get(f"/v1/jobs/{ids[1]}/events", params={"limit": 1}, headers=h).json()
+    assert [e["message"] for e in events["data"]] == ["hello"]
+    more = c.get(f"/v1/jobs/{ids[1]}/events", params={"cursor": events["next_cursor"]},
+                 headers=h).json()  # fmt: skip
+    assert [e["message"] for e in more["data"]] == ["again"] and more["next_cursor"] is None
+    with c.stream("GET", f"/v1/jobs/{ids[0]}/events/stream", headers=h) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        text = "".join(stream.iter_text())
+    assert "event: state" in text and text.rstrip().endswith('data: {"state": "cancelled"}')
+
+
+@pytest.mark.slow
+def test_a_trained_task_can_be_downloaded_traced_evaluated_and_queried(
+    live_api: Api, tmp_path: Path
+) -> None:
+    api = live_api
+    c, h = api.client, api.auth("write")
+    _stream(api)
+    job = _submit(api, "s1", "colors", n=48).json()["job"]
+    assert _wait(api, job["id"])["state"] == "succeeded"
+    with c.stream("GET", f"/v1/jobs/{job['id']}/events/stream", headers=h) as stream:
+        text = "".join(stream.iter_text())
+    assert "event: job-event" in text and '"loss"' in text and "event: end" in text
+
+    versions = c.get("/v1/streams/s1/adapters", headers=h).json()["data"]
+    assert [(v["task_name"], v["version"], v["status"]) for v in versions] == [
+        ("colors", 1, "ready")
+    ]
+    v1 = c.get("/v1/streams/s1/tasks/colors/adapters/latest", headers=h).json()
+    assert v1["id"] == versions[0]["id"] and "accuracy" in v1["metrics"]
+    # aliases move; reserved and unknown ones are refused
+    assert c.put("/v1/streams/s1/tasks/colors/aliases/prod", json={"version": 1},
+                 headers=h).json()["aliases"] == ["latest", "prod"]  # fmt: skip
+    assert c.get("/v1/streams/s1/tasks/colors/adapters/prod", headers=h).json()["version"] == 1
+    _problem(c.put("/v1/streams/s1/tasks/colors/aliases/latest", json={"version": 1}, headers=h),
+             422, "alias")  # fmt: skip
+    _problem(c.put("/v1/streams/s1/tasks/colors/aliases/x", json={"version": 9}, headers=h), 404)
+    assert c.delete("/v1/streams/s1/tasks/colors/aliases/prod", headers=h).status_code == 204
+    _problem(c.get("/v1/streams/s1/tasks/colors/adapters/prod", headers=h), 404)
+
+    # the download is a PEFT directory that loads on the stream's base
+    r = c.get("/v1/streams/s1/tasks/colors/adapters/1/download", headers=h)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/gzip"
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as archive:
+        archive.extractall(tmp_path, filter="data")
+    folder = tmp_path / "s1-colors-v1"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json",
+                                                        "adapter_model.safetensors"]  # fmt: skip
+    snapshot = api.inst.registry.streams.current_snapshot(v1["stream_id"])
+    base, _ = load_snapshot(api.inst, snapshot)
+    assert isinstance(PeftModel.from_pretrained(base, folder), PeftModel)
+    snaps = c.get("/v1/streams/s1/snapshots", headers=h).json()
+    assert snaps["count"] == 1 and snaps["data"][0]["current"] is True
+    snap = c.get("/v1/streams/s1/snapshots/0/download", headers=h)
+    assert snap.status_code == 200 and len(snap.content) > 1000
+
+    graph = c.get(f"/v1/lineage/adapter/{v1['id']}", headers=h).json()
+    kinds = {n["kind"] for n in graph["nodes"]}
+    assert {"adapter", "snapshot", "dataset", "job"} <= kinds
+    assert {"relation": "trained_with", "child": f"adapter:{v1['id']}",
+            "parent": f"dataset:{v1['dataset_id']}"} in graph["edges"]  # fmt: skip
+    down = c.get(f"/v1/lineage/snapshot/{snapshot.id}", params={"direction": "descendants"},
+                 headers=h).json()  # fmt: skip
+    assert f"adapter:{v1['id']}" in {f"{n['kind']}:{n['id']}" for n in down["nodes"]}
+    _problem(c.get("/v1/lineage/adapter/999", headers=h), 404)
+    _problem(c.get("/v1/lineage/planet/1", headers=h), 422, "kind")
+
+    ev = c.get("/v1/streams/s1/evaluations", headers=h).json()
+    assert ev["task_names"] == ["colors"] and len(ev["values"]) == 1
+    assert ev["average_accuracy"] == pytest.approx(ev["values"][0][0])
+    assert v1["metrics"]["accuracy"] == pytest.approx(ev["values"][0][0])
+
+    train, _, labels = _task_files(n=48)
+    prompt = json.loads(train.splitlines()[0])["prompt"]
+    out = c.post("/v1/streams/s1/predict", json={"inputs": [prompt], "labels": labels},
+                 headers=h).json()  # fmt: skip
+    assert out["adapters"] == ["colors@v1"] and out["predictions"][0]["output"] in labels
+    assert set(out["predictions"][0]["scores"]) == set(labels)
+    gen = c.post("/v1/streams/s1/predict", json={"inputs": [prompt], "task": "colors",
+                 "version": "1", "max_new_tokens": 3}, headers=h).json()  # fmt: skip
+    assert isinstance(gen["predictions"][0]["output"], str)
+    _problem(c.post("/v1/streams/s1/predict", json={"inputs": []}, headers=h), 422, "inputs")
+    _problem(c.post("/v1/streams/s1/predict", json={"inputs": ["x"], "task": "nope"}, headers=h),
+             404, "task")  # fmt: skip
+
+
+def test_schedules_create_list_delete_and_refuse_bad_input(api: Api) -> None:
+    c, h = api.client, api.auth("write")
+    _stream(api)
+    _submit(api, "s1", "t1")
+    made = c.post("/v1/streams/s1/schedules", json={"kind": "retrain", "cron": "0 3 * * *",
+                  "task": "t1"}, headers=h)  # fmt: skip
+    assert made.status_code == 201, made.text
+    assert made.json()["next_run_at"].endswith("03:00:00Z")
+    listed = c.get("/v1/streams/s1/schedules", headers=h).json()
+    assert listed["count"] == 1
+    for body, field in (
+        ({"kind": "retrain", "cron": "every day", "task": "t1"}, "cron"),
+        ({"kind": "retrain", "cron": "@daily"}, "task"),
+        ({"kind": "retrain", "cron": "@daily", "task": "zz"}, "task"),
+        ({"kind": "train", "cron": "@daily", "task": "t1"}, "kind"),
+    ):
+        _problem(c.post("/v1/streams/s1/schedules", json=body, headers=h), 404 if
+                 body.get("task") == "zz" else 422, field)  # fmt: skip
+    assert c.delete(f"/v1/schedules/{made.json()['id']}", headers=h).status_code == 204
+    _problem(c.delete(f"/v1/schedules/{made.json()['id']}", headers=h), 404, "schedule")
+    assert c.get("/v1/streams/s1/schedules", headers=h).json()["count"] == 0
