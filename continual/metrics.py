@@ -106,12 +106,21 @@ class AccuracyMatrix:
             lines.append("baseline".ljust(head) + " | " + " ".join(map(cell, self.baseline)))
         for name, row in zip(task_names, self.values, strict=True):
             lines.append(f"after {name}".ljust(head) + " | " + " ".join(map(cell, row)))
-        transfer = {
-            "BWT": self.backward_transfer,
-            "FWT": self.forward_transfer,
-            "forgetting": self.forgetting,
+        summary = {
+            "ACC": self._measured("average_accuracy"),
+            "BWT": self._measured("backward_transfer"),
+            "FWT": self._measured("forward_transfer"),
+            "forgetting": self._measured("forgetting"),
         }
-        parts = [f"ACC {self.average_accuracy:.{digits}f}"]
-        parts += [f"{k} {'-' if v is None else f'{v:+.{digits}f}'}" for k, v in transfer.items()]
+        parts = [f"{k} {'-' if v is None else f'{v:+.{digits}f}'}" for k, v in summary.items()]
+        parts[0] = parts[0].replace("+", "")  # accuracy has no sign
         lines.append("  ".join(parts))
         return "\n".join(lines)
+
+    def _measured(self, name: str) -> float | None:
+        """A summary metric, or None when a cell it needs was not measured."""
+        try:
+            value: float | None = getattr(self, name)
+        except ValueError:
+            return None
+        return value

@@ -265,8 +265,10 @@ def _evaluate_baselines(
     limit: int,
 ) -> None:
     """Measure tasks not yet measured on the untrained base (needed for forward transfer)."""
-    measured = inst.registry.evaluations.matrix(datasets[0][0].stream_id).baseline
-    missing = [pair for pair, b in zip(datasets, measured, strict=True) if b is None]
+    matrix = inst.registry.evaluations.matrix(datasets[0][0].stream_id)
+    # by name: tasks submitted since `datasets` was read are in the matrix too
+    measured = dict(zip(matrix.task_names, matrix.baseline, strict=True))
+    missing = [pair for pair in datasets if measured.get(pair[0].name) is None]
     if missing:
         evaluate_row(
             inst, reporter, base, tokenizer, missing, after_position=-1,

@@ -11,6 +11,7 @@ from api.render import accuracy_matrix
 from api.schemas import EvaluationsPublic
 
 router = APIRouter(tags=["evaluations"])
+SUMMARY = ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")
 
 
 @router.get("/streams/{stream}/evaluations", response_model=EvaluationsPublic)
@@ -26,22 +27,14 @@ def evaluations(
     (BWT), forward transfer (FWT) and forgetting over the tasks learned so far (classification
     tasks are scored by accuracy, free-form ones by completion loss, without the summary)."""
     matrix = inst.registry.evaluations.matrix(stream.id, metric=metric)
-    summary: dict[str, float | None] = dict.fromkeys(
-        ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")
-    )
-    complete = (
-        metric == "accuracy"
-        and matrix.values
-        and all(v is not None for row in matrix.values for v in row[: len(matrix.values)])
-    )
-    if complete:
+    summary: dict[str, float | None] = dict.fromkeys(SUMMARY)
+    if metric == "accuracy" and matrix.values:
         learned = accuracy_matrix(matrix)
-        summary = {
-            "average_accuracy": learned.average_accuracy,
-            "backward_transfer": learned.backward_transfer,
-            "forward_transfer": learned.forward_transfer,
-            "forgetting": learned.forgetting,
-        }
+        for name in SUMMARY:  # each needs its own cells; a task submitted late misses some
+            try:
+                summary[name] = getattr(learned, name)
+            except ValueError:
+                summary[name] = None
     return {
         "metric": matrix.metric,
         "task_names": list(matrix.task_names),

@@ -1,0 +1,259 @@
+"""The service end to end with real parts, over HTTP: two Celery worker *processes* on the
+Redis at 127.0.0.1:6379, PostgreSQL and the S3 test server (the server deployment), and the
+same flow on `strata serve`'s embedded parts (SQLite, a directory, in-process worker threads).
+
+Two streams: three tasks submitted to one and two to the other at once. The first stream's
+tasks run in submission order, the streams overlap in time, lineage matches what was trained,
+a cancelled job ends `cancelled`, and a schedule fires once per due time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from api.app import create_app
+from continual.data import synthetic_tasks
+from registry.instance import Instance, open_instance
+from registry.settings import StrataSettings
+from tests.conftest import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, fresh_database
+from workers.celery_app import CeleryDispatcher, make_celery
+from workers.execution import Dispatcher
+from workers.inprocess import InProcessWorker
+from workers.scheduler import tick
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = {"max_steps": 6, "batch_size": 8, "rank": 4}
+TIMEOUT_S = 420
+WORKER_KNOBS = {"heartbeat_s": "1", "lease_s": "30", "stale_after_s": "60", "checkpoint_every": "3"}
+
+
+@dataclass
+class Service:
+    url: str
+    inst: Instance
+    dispatcher: Dispatcher
+    headers: dict[str, str]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    """The app on a real HTTP server (uvicorn) on a loopback port."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _server_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    db_url = fresh_database(request, "postgresql")
+    endpoint: str = request.getfixturevalue("s3_endpoint")
+    broker = f"redis://127.0.0.1:6379/{random.randint(1, 15)}"
+    redis.Redis.from_url(broker).flushdb()
+    env = {
+        "STRATA_DATABASE_URL": db_url, "STRATA_ARTIFACT_BACKEND": "minio",
+        "STRATA_MINIO_ENDPOINT": endpoint, "STRATA_MINIO_ACCESS_KEY": S3_ACCESS_KEY,
+        "STRATA_MINIO_SECRET_KEY": S3_SECRET_KEY, "STRATA_MINIO_REGION": S3_REGION,
+        "STRATA_MINIO_BUCKET": f"strata-e2e-{random.randrange(16**8):08x}",
+        "STRATA_BROKER_URL": broker, "STRATA_DATA_DIR": str(tmp_path / "api"),
+    }  # fmt: skip
+    env.update({f"STRATA_{k.upper()}": v for k, v in WORKER_KNOBS.items()})
+    return env
+
+
+@contextmanager
+def _celery_workers(env: dict[str, str], tmp_path: Path, count: int) -> Iterator[None]:
+    """`count` GPU-style worker processes (solo pool, queue `train`), each its own data dir."""
+    procs = []
+    for i in range(count):
+        log = (tmp_path / f"worker{i}.log").open("w")
+        worker_env = {**os.environ, **env, "STRATA_DATA_DIR": str(tmp_path / f"worker{i}")}
+        cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
+               "train,default", "-P", "solo", "-c", "1", "-n", f"w{i}@%h", "--without-gossip",
+               "--without-mingle", "--loglevel=INFO"]  # fmt: skip
+        procs.append((subprocess.Popen(cmd, env=worker_env, cwd=REPO, stdout=log,
+                                       stderr=subprocess.STDOUT), log))  # fmt: skip
+    try:
+        yield
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+        for proc, log in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            log.close()
+
+
+@pytest.fixture(params=["server", "embedded"])
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]:
+    if request.param == "server":
+        env = _server_env(request, tmp_path)
+        settings = StrataSettings(**{k[7:].lower(): v for k, v in env.items()})
+        inst = open_instance(settings, upgrade=False)
+        dispatcher: Dispatcher = CeleryDispatcher(make_celery(settings))
+        with _celery_workers(env, tmp_path, count=2), _serve(create_app(inst, dispatcher)) as url:
+            yield _service(url, inst, dispatcher)
+        redis.Redis.from_url(settings.broker_url).flushdb()
+    else:
+        knobs = {k: float(v) if "." in v or k.endswith("_s") else int(v)
+                 for k, v in WORKER_KNOBS.items()}  # fmt: skip
+        settings = StrataSettings(data_dir=tmp_path / "embedded", **knobs)
+        inst = open_instance(settings)
+        worker = InProcessWorker(inst, threads=2, scheduler=False).start()
+        try:
+            with _serve(create_app(inst, worker)) as url:
+                yield _service(url, inst, worker)
+        finally:
+            worker.stop(timeout=60)
+    inst.close()
+
+
+def _service(url: str, inst: Instance, dispatcher: Dispatcher) -> Service:
+    _, secret = inst.registry.tokens.create(name="e2e", scopes=["admin"])
+    return Service(url, inst, dispatcher, {"Authorization": f"Bearer {secret}"})
+
+
+def _jsonl(examples: Any) -> str:
+    return "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n"
+                   for e in examples)  # fmt: skip
+
+
+def _submit(svc: Service, stream: str, name: str, seed: int, **hyper: Any) -> dict[str, Any]:
+    task = synthetic_tasks(seed=seed, train_size=32, test_size=6)[seed % 3]
+    data = {"name": name, "labels": json.dumps(list(task.labels or ())),
+            "params": json.dumps({"hyperparams": hyper, "eval_limit": 6})}  # fmt: skip
+    files = {
+        "train": ("train.jsonl", _jsonl(task.train)),
+        "test": ("test.jsonl", _jsonl(task.test)),
+    }
+    r = httpx.post(f"{svc.url}/v1/streams/{stream}/tasks", data=data, files=files,
+                   headers=svc.headers, timeout=60)  # fmt: skip
+    assert r.status_code == 202, r.text
+    return dict(r.json()["job"])
+
+
+def _job(svc: Service, job_id: int) -> dict[str, Any]:
+    return dict(httpx.get(f"{svc.url}/v1/jobs/{job_id}", headers=svc.headers, timeout=30).json())
+
+
+def _wait(svc: Service, ids: list[int], until: tuple[str, ...] = ("succeeded", "failed",
+          "cancelled")) -> list[dict[str, Any]]:  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        jobs = [_job(svc, i) for i in ids]
+        if all(j["state"] in until for j in jobs):
+            return jobs
+        time.sleep(0.5)
+    raise AssertionError(f"jobs did not reach {until}: {[(j['id'], j['state']) for j in jobs]}")
+
+
+def _span(job: dict[str, Any]) -> tuple[datetime, datetime]:
+    return datetime.fromisoformat(job["started_at"]), datetime.fromisoformat(job["finished_at"])
+
+
+def test_two_streams_train_in_order_side_by_side_with_lineage_cancel_and_schedules(
+    service: Service,
+) -> None:
+    svc = service
+    for name in ("news", "reviews"):
+        body = {"name": name, "base": {"kind": "tiny"}, "hyperparams": FAST}
+        r = httpx.post(f"{svc.url}/v1/streams", headers=svc.headers, timeout=60, json=body)
+        assert r.status_code == 201, r.text
+
+    # five submissions at once over HTTP; each stream's own are issued in order
+    def news() -> list[dict[str, Any]]:
+        return [_submit(svc, "news", f"n{i}", seed=i) for i in range(3)]
+
+    def reviews() -> list[dict[str, Any]]:
+        return [_submit(svc, "reviews", f"r{i}", seed=i + 3) for i in range(2)]
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.submit(news), pool.submit(reviews)
+        news_jobs, review_jobs = first.result(), second.result()
+    done = _wait(svc, [j["id"] for j in news_jobs + review_jobs])
+    assert [j["state"] for j in done] == ["succeeded"] * 5, done
+    assert all(j["attempts"] == 1 for j in done)
+    n, r = done[:3], done[3:]
+    for earlier, later in itertools.pairwise(n):  # submission order, one at a time
+        assert _span(earlier)[1] <= _span(later)[0]
+    overlap = any(_span(a)[0] < _span(b)[1] and _span(b)[0] < _span(a)[1] for a in n for b in r)
+    assert overlap, "the two streams did not train concurrently"
+    assert len({j["worker"] for j in done}) == 2  # both workers took jobs
+
+    # lineage: the third news adapter was trained on the first two, its dataset, snapshot v0
+    versions = httpx.get(f"{svc.url}/v1/streams/news/adapters", headers=svc.headers).json()["data"]
+    assert [(v["task_name"], v["version"]) for v in versions] == [("n0", 1), ("n1", 1), ("n2", 1)]
+    third = versions[2]
+    assert third["depends_on"] == [versions[0]["id"], versions[1]["id"]]
+    graph = httpx.get(f"{svc.url}/v1/lineage/adapter/{third['id']}", headers=svc.headers).json()
+    nodes = {f"{x['kind']}:{x['id']}" for x in graph["nodes"]}
+    assert {f"adapter:{v['id']}" for v in versions} <= nodes
+    assert f"dataset:{third['dataset_id']}" in nodes and f"job:{n[2]['id']}" in nodes
+    snap = httpx.get(f"{svc.url}/v1/streams/news/snapshots/0", headers=svc.headers).json()
+    assert f"snapshot:{snap['id']}" in nodes
+    ev = httpx.get(f"{svc.url}/v1/streams/news/evaluations", headers=svc.headers).json()
+    assert len(ev["values"]) == 3 and ev["backward_transfer"] is not None
+
+    # cancelling a running job ends it `cancelled`, with nothing published
+    long = _submit(svc, "reviews", "slow", seed=5, max_steps=100_000, batch_size=8, rank=4)
+    _wait(svc, [long["id"]], until=("running",))
+    time.sleep(1)
+    httpx.post(f"{svc.url}/v1/jobs/{long['id']}/cancel", headers=svc.headers)
+    assert _wait(svc, [long["id"]])[0]["state"] == "cancelled"
+    slow = httpx.get(f"{svc.url}/v1/streams/reviews/adapters", params={"task": "slow"},
+                     headers=svc.headers).json()["data"]  # fmt: skip
+    assert slow == []
+
+    # a schedule fires once per due time, only from the leading scheduler
+    made = httpx.post(f"{svc.url}/v1/streams/news/schedules", headers=svc.headers, json={
+        "kind": "retrain", "cron": "*/5 * * * *", "task": "n1"}).json()  # fmt: skip
+    due = datetime.fromisoformat(made["next_run_at"])
+    for holder, offset in (("a", 1), ("a", 2), ("b", 3)):
+        tick(svc.inst, svc.dispatcher, holder=holder, now=due + timedelta(seconds=offset))
+    jobs = httpx.get(f"{svc.url}/v1/jobs", params={"stream": "news"}, headers=svc.headers).json()
+    retrains = [j for j in jobs["data"] if j["kind"] == "retrain"]
+    assert len(retrains) == 1 and retrains[0]["params"]["schedule_id"] == made["id"]
+    assert _wait(svc, [retrains[0]["id"]])[0]["state"] == "succeeded"
+    n1 = httpx.get(f"{svc.url}/v1/streams/news/adapters", params={"task": "n1"},
+                   headers=svc.headers).json()["data"]  # fmt: skip
+    assert [v["version"] for v in n1] == [1, 2]
+    listed = httpx.get(f"{svc.url}/v1/streams/news/schedules", headers=svc.headers).json()
+    assert listed["data"][0]["last_job_id"] == retrains[0]["id"]
