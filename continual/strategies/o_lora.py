@@ -20,6 +20,9 @@ price: under Adam the L1 subgradient keeps flipping sign around zero, which slow
 adapter's learning on short budgets (on the synthetic demo, 80 steps per task leave later tasks
 near chance; the default 160 learn them), and a larger lambda1 trades plasticity for retention.
 
+With `orthogonal_init` the new A starts orthogonal to the earlier ones (`project_out_history`),
+so the penalty starts at zero and only has to keep it there; off by default, as in the paper.
+
 The earlier adapters are folded into one frozen adapter with PEFT's
 `add_weighted_adapter(..., combination_type="cat")`: A = [s_1 A_1; ...; s_n A_n],
 B = [B_1 ... B_n], scaling 1, whose update sum_i s_i B_i A_i is exactly the sum of the separate
@@ -134,6 +137,28 @@ def subspace_overlap(model: PeftModel) -> float:
     return sum(overlaps) / len(overlaps)
 
 
+def project_out_history(model: PeftModel, *, old_names: Sequence[str], new_name: str) -> None:
+    """Start the new adapter orthogonal to the earlier ones: in every layer, remove from each
+    row of the new A its component in the earlier A's row space, keeping the row's norm.
+
+    The penalty then starts at zero instead of at the overlap of random subspaces (about
+    r_old / d_in of the rows' energy), which otherwise dominates the first steps: B starts at
+    zero, so the task loss gives A no gradient until B has grown."""
+    with torch.no_grad():
+        for module in model.modules():
+            down = _down_projections(module)
+            olds = [down[n] for n in old_names if n in down]
+            if new_name not in down or not olds:
+                continue
+            new = down[new_name]  # (r, d_in)
+            basis = _row_basis(torch.cat(olds)).to(new.dtype)  # (d_in, r_old)
+            projected = new - (new @ basis) @ basis.T  # (r, d_in)
+            scale = new.norm(dim=1, keepdim=True) / projected.norm(dim=1, keepdim=True).clamp_min(
+                1e-12
+            )
+            new.copy_(projected * scale)
+
+
 def _down_projections(module: nn.Module) -> dict[str, Tensor]:
     """Adapter name -> LoRA down projection A (r, d_in), for a LoRA layer; else empty."""
     if not isinstance(module, LoraLayer) or not isinstance(module.lora_A, nn.ModuleDict):
@@ -172,14 +197,20 @@ class OLora:
 
     name = "o-lora"
 
-    def __init__(self, *, lambda1: float = 0.5, lambda2: float = 0.0) -> None:
+    def __init__(
+        self, *, lambda1: float = 0.5, lambda2: float = 0.0, orthogonal_init: bool = False
+    ) -> None:
         for field, value in (("lambda1", lambda1), ("lambda2", lambda2)):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidHyperparameter(field=field, reason=f"must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise InvalidHyperparameter(field=field, reason=f"must be >= 0, got {value}")
+        if not isinstance(orthogonal_init, bool):
+            reason = f"must be true or false, got {orthogonal_init!r}"
+            raise InvalidHyperparameter(field="orthogonal_init", reason=reason)
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)
+        self.orthogonal_init = orthogonal_init
         self._prepared: _Prepared | None = None
 
     def prepare(
@@ -195,6 +226,8 @@ class OLora:
             load_frozen_adapters(base, history), name=new, hyper=hyper, seed=seed
         )
         old = [task_adapter_name(i) for i in range(len(history))]
+        if self.orthogonal_init:
+            project_out_history(model, old_names=old, new_name=new)
         groups = _penalty_groups(model, old_names=old, new_name=new)  # before folding: raw A_i
         folded = fold_adapters(model, old)
         activate(model, frozen=[folded], trainable=new)

@@ -306,3 +306,27 @@ def test_streams_o_lora_forgets_less_than_seq_lora(
         assert sum(diagonal) / 3 > 0.75, (name, tables)  # each strategy learns its tasks
     assert bwt["seq-lora"] is not None and bwt["o-lora"] is not None
     assert bwt["o-lora"] > bwt["seq-lora"] + 0.1 and bwt["o-lora"] > -0.25, tables
+
+
+def test_o_lora_orthogonal_init_starts_the_penalty_at_zero(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, history: list[Path]
+) -> None:
+    random_init = OLora()
+    plain = random_init.prepare(make_base(), history=history, hyper=HYPER)
+    strategy = OLora(orthogonal_init=True)
+    model = strategy.prepare(make_base(), history=history, hyper=HYPER)
+    assert subspace_overlap(plain) > 0.02
+    assert subspace_overlap(model) < 1e-10
+    extra = strategy.extra_loss(model)
+    assert extra is not None and float(extra) < 1e-4 * float(random_init.extra_loss(plain) or 0)
+    # each row keeps its initial norm: the init scale is PEFT's, only its direction changed
+    for name, param in model.named_parameters():
+        if ".lora_A.task2." in name:
+            reference = dict(plain.named_parameters())[name]
+            torch.testing.assert_close(param.norm(dim=1), reference.norm(dim=1), rtol=1e-5, atol=0)
+    hyper = LoraHyperparams(rank=4, max_steps=20, batch_size=2, learning_rate=1e-2)
+    model = strategy.prepare(make_base(), history=history, hyper=hyper)
+    train(model, tokenizer, EXAMPLES, hyper, extra_loss=strategy.extra_loss)
+    assert subspace_overlap(model) < 0.02  # the penalty keeps it near orthogonal
+    with pytest.raises(InvalidHyperparameter):
+        OLora(orthogonal_init="yes")  # type: ignore[arg-type]
