@@ -56,7 +56,8 @@ def _sets(pairs: list[str]) -> dict[str, Any]:
 
 # -- streams and tasks ---------------------------------------------------------------------------
 def streams_create(c: StrataClient, a: argparse.Namespace) -> int:
-    body = {"name": a.name, "base": _base(a.base), "method": a.method, "hyperparams": _sets(a.set)}
+    body = {"name": a.name, "base": _base(a.base), "method": a.method, "hyperparams": _sets(a.set),
+            "method_options": _sets(a.option)}  # fmt: skip
     _show(c.request("POST", "/streams", json=body))
     return 0
 
@@ -295,6 +296,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--base", default="tiny", help="tiny, smollm2, hf:DIR or gguf:FILE")
     p.add_argument("--method", default="seq-lora")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the method, e.g. lambda1=0.1 for o-lora")  # fmt: skip
     command(streams, "list", streams_list)
     command(streams, "show", streams_show).add_argument("name")
 

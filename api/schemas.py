@@ -36,6 +36,9 @@ class StreamCreate(_In):
     hyperparams: dict[str, Any] = Field(
         default_factory=dict, description="LoRA and optimiser settings (continual.LoraHyperparams)."
     )
+    method_options: dict[str, Any] = Field(
+        default_factory=dict, description="The method's own options, e.g. o-lora's lambda1."
+    )
 
 
 class StreamPublic(_Out):
@@ -44,6 +47,7 @@ class StreamPublic(_Out):
     base_source: dict[str, Any]
     method: str
     hyperparams: dict[str, Any]
+    method_options: dict[str, Any]
     created_at: datetime
 
 

@@ -74,6 +74,7 @@ class Stream:
     method: str
     hyperparams: dict[str, Any]
     created_at: datetime
+    method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options
 
 
 @dataclass(frozen=True)

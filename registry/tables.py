@@ -55,6 +55,7 @@ class StreamRow(Base):
     base_source: Mapped[dict[str, Any]] = mapped_column(JSON)
     method: Mapped[str] = mapped_column(String(32))
     hyperparams: Mapped[dict[str, Any]] = mapped_column(JSON)
+    method_options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

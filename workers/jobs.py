@@ -36,18 +36,40 @@ from workers.reporting import JobReporter, Listener
 log = logging.getLogger(__name__)
 
 DEFAULT_EVAL_LIMIT = 200
-TRAIN_SPAN = (0.05, 0.85)
+TRAIN_SPAN = (0.05, 0.85)  # share of a train job's progress spent in the training loop
 JOB_PARAMS = frozenset(
-    {"method", "hyperparams", "eval_limit", "checkpoint_every", "dataset_id", "schedule_id"}
-)  # share of a train job's progress spent in the training loop
+    {"method", "hyperparams", "options", "eval_limit", "checkpoint_every", "dataset_id",
+     "schedule_id"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """How a job trains: its method, the method's options and the LoRA hyperparameters."""
+
+    method: str
+    options: dict[str, Any]
+    hyper: LoraHyperparams
+
+    def strategy(self) -> Strategy:
+        return get_strategy(self.method, **self.options)
+
+    def record(self) -> dict[str, Any]:
+        """What an adapter version records of how it was trained."""
+        return {**self.hyper.to_dict(), "method_options": dict(self.options)}
 
 
 def training_setup(
-    *, method: str, hyperparams: dict[str, Any], params: dict[str, Any]
-) -> tuple[str, LoraHyperparams]:
-    """A job's method and hyperparameters: the stream's defaults overridden by the job's `params`.
+    *,
+    method: str,
+    hyperparams: dict[str, Any],
+    params: dict[str, Any],
+    options: dict[str, Any] | None = None,
+) -> TrainingSetup:
+    """A job's setup: the stream's defaults (method, its `options`, hyperparameters) overridden
+    by the job's `params`. A job that switches method does not inherit the stream's options.
 
-    Raises InvalidHyperparameter (with the field) for unknown methods or bad values.
+    Raises InvalidHyperparameter (with the field) for unknown methods, options or bad values.
     """
     unknown = sorted(set(params) - JOB_PARAMS)
     if unknown:
@@ -62,12 +84,19 @@ def training_setup(
             raise InvalidHyperparameter(
                 field=key, reason=f"must be a positive integer, got {value!r}"
             )
-    method = params.get("method") or method
-    get_strategy(method)  # validates the name
-    overrides = params.get("hyperparams") or {}
-    if not isinstance(overrides, dict):
-        raise InvalidHyperparameter(field="hyperparams", reason="must be an object")
-    return method, LoraHyperparams.from_dict({**hyperparams, **overrides})
+    chosen = params.get("method") or method
+    inherited = dict(options or {}) if chosen == method else {}
+    overrides, job_options = params.get("hyperparams") or {}, params.get("options") or {}
+    for field, value in (("hyperparams", overrides), ("options", job_options)):
+        if not isinstance(value, dict):
+            raise InvalidHyperparameter(field=field, reason="must be an object")
+    setup = TrainingSetup(
+        method=chosen,
+        options={**inherited, **job_options},
+        hyper=LoraHyperparams.from_dict({**hyperparams, **overrides}),
+    )
+    setup.strategy()  # validates the method's name and options
+    return setup
 
 
 def run_job(
@@ -130,8 +159,7 @@ class _TrainPlan:
     """Everything a train or retrain job reads before it trains."""
 
     task: Task
-    method: str
-    hyper: LoraHyperparams
+    setup: TrainingSetup
     snapshot: Snapshot
     history: list[AdapterVersion]  # the earlier adapters active while training
     dataset_id: int  # what this job trains on
@@ -144,9 +172,10 @@ def _plan(inst: Instance, job: Job) -> _TrainPlan:
     assert job.stream_id is not None and job.task_id is not None
     stream = reg.streams.get_by_id(job.stream_id)
     task = reg.tasks.get_by_id(job.task_id)
-    method, hyper = training_setup(
-        method=stream.method, hyperparams=stream.hyperparams, params=job.params
-    )
+    setup = training_setup(
+        method=stream.method, hyperparams=stream.hyperparams, params=job.params,
+        options=stream.method_options,
+    )  # fmt: skip
     published = reg.adapters.find_by_job(job.id)
     if published is not None:  # a re-run keeps what the first run trained on
         snapshot = reg.streams.get_snapshot_by_id(published.base_snapshot_id)
@@ -161,7 +190,7 @@ def _plan(inst: Instance, job: Job) -> _TrainPlan:
         for t in reg.tasks.list_tasks(stream.id)
     ]
     return _TrainPlan(
-        task=task, method=method, hyper=hyper, snapshot=snapshot, history=history,
+        task=task, setup=setup, snapshot=snapshot, history=history,
         dataset_id=int(job.params.get("dataset_id") or task.dataset_id), datasets=datasets,
         published=published,
     )  # fmt: skip
@@ -175,7 +204,7 @@ def _train(inst: Instance, job: Job, reporter: JobReporter) -> None:
     checkpoint, and a job whose adapter is already published only re-evaluates."""
     reg = inst.registry
     plan = _plan(inst, job)
-    strategy = get_strategy(plan.method)
+    strategy = plan.setup.strategy()
     history_dirs = [fetch_tree(inst, v.artifact_digest or "") for v in plan.history]
     limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
     base, tokenizer = load_snapshot(inst, plan.snapshot)
@@ -185,11 +214,11 @@ def _train(inst: Instance, job: Job, reporter: JobReporter) -> None:
         reporter.event(f"adapter {plan.task.name} v{version.version} was published by this job")
     else:
         data = load_dataset(inst, reg.tasks.get_dataset_by_id(plan.dataset_id))
-        model = strategy.prepare(base, history=history_dirs, hyper=plan.hyper)
+        model = strategy.prepare(base, history=history_dirs, hyper=plan.setup.hyper)
         digest, metrics = _fit(inst, job, reporter, model=model, strategy=strategy,
                                tokenizer=tokenizer, plan=plan, data=data)  # fmt: skip
         version = reg.adapters.create_version(
-            task_id=plan.task.id, method=plan.method, hyperparams=plan.hyper.to_dict(),
+            task_id=plan.task.id, method=plan.setup.method, hyperparams=plan.setup.record(),
             base_snapshot_id=plan.snapshot.id, dataset_id=plan.dataset_id,
             depends_on=[v.id for v in plan.history], job_id=job.id,
         )  # fmt: skip
@@ -227,16 +256,17 @@ def _fit(
         resume = load_train_state(fetch_tree(inst, job.checkpoint_digest))
         reporter.event(f"resuming from the checkpoint at step {resume.step}")
     reporter.event(
-        f"training {plan.task.name} with {plan.method} on snapshot v{plan.snapshot.version} "
-        f"({len(plan.history)} earlier adapters, {len(data.train)} examples)",
-        metrics={"hyperparams": plan.hyper.to_dict()},
+        f"training {plan.task.name} with {plan.setup.method} on snapshot "
+        f"v{plan.snapshot.version} ({len(plan.history)} earlier adapters, "
+        f"{len(data.train)} examples)",
+        metrics={"hyperparams": plan.setup.record()},
     )
     callbacks = reporter.training_callbacks(span=TRAIN_SPAN)
     every = job.params.get("checkpoint_every") or inst.settings.checkpoint_every
     callbacks.checkpoint_every = int(every)
     callbacks.on_checkpoint = lambda state: _save_checkpoint(inst, reporter, job.id, state)
     result = train(
-        model, tokenizer, data.train, plan.hyper, extra_loss=strategy.extra_loss,
+        model, tokenizer, data.train, plan.setup.hyper, extra_loss=strategy.extra_loss,
         callbacks=callbacks, resume=resume,
     )  # fmt: skip
     metrics = {"final_loss": result.final_loss, "steps": result.steps, "tokens": result.tokens,

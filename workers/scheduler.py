@@ -65,7 +65,10 @@ def create_schedule(
         if not task_name:
             raise InvalidValue("a retrain schedule names the task to retrain", field="task")
         task_id = inst.registry.tasks.get(stream_id=stream.id, name=task_name).id
-        training_setup(method=stream.method, hyperparams=stream.hyperparams, params=params)
+        training_setup(
+            method=stream.method, hyperparams=stream.hyperparams, params=params,
+            options=stream.method_options,
+        )  # fmt: skip
         if "dataset_id" in params:
             inst.registry.tasks.get_dataset_by_id(int(params["dataset_id"]))
     elif params:

@@ -26,6 +26,7 @@ def create_stream(
     base: dict[str, Any],
     method: str = DEFAULT_METHOD,
     hyperparams: dict[str, Any] | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> tuple[Stream, Snapshot]:
     """Import the base model as snapshot v0 of a new stream.
 
@@ -35,7 +36,9 @@ def create_stream(
     check_name(name, field="name")
     source = check_source(base)
     hyperparams = dict(hyperparams or {})
-    _, hyper = training_setup(method=method, hyperparams=hyperparams, params={})
+    setup = training_setup(
+        method=method, hyperparams=hyperparams, params={}, options=method_options or {}
+    )
     try:
         inst.registry.streams.get(name)
     except NotFound:
@@ -48,8 +51,9 @@ def create_stream(
         name=name,
         base_source=source,
         method=method,
-        hyperparams=hyper.to_dict(),
+        hyperparams=setup.hyper.to_dict(),
         base_digest=digest,
+        method_options=setup.options,
     )
     snapshot = inst.registry.streams.current_snapshot(stream.id)
     log.info("stream %s created with base snapshot %s", name, digest[:12])
@@ -69,7 +73,10 @@ def submit_task(
     check_name(name, field="name")
     params = dict(params or {})
     # refuse bad hyperparameters before anything is stored
-    training_setup(method=stream.method, hyperparams=stream.hyperparams, params=params)
+    training_setup(
+        method=stream.method, hyperparams=stream.hyperparams, params=params,
+        options=stream.method_options,
+    )  # fmt: skip
     dataset = store_dataset(inst, data, format=format)
     return inst.registry.tasks.submit(
         stream_id=stream.id, name=name, dataset_id=dataset.id, params=params
@@ -87,7 +94,10 @@ def submit_existing(
     """Append a task that trains on an already stored dataset (referenced by digest)."""
     check_name(name, field="name")
     params = dict(params or {})
-    training_setup(method=stream.method, hyperparams=stream.hyperparams, params=params)
+    training_setup(
+        method=stream.method, hyperparams=stream.hyperparams, params=params,
+        options=stream.method_options,
+    )  # fmt: skip
     return inst.registry.tasks.submit(
         stream_id=stream.id, name=name, dataset_id=dataset.id, params=params
     )

@@ -18,8 +18,9 @@ def create(body: StreamCreate, inst: InstDep, _: WriteToken) -> object:
     """Create a stream; its base model is imported and stored as snapshot v0 first."""
     base = body.base.model_dump(exclude_none=True)
     stream, _snapshot = create_stream(
-        inst, name=body.name, base=base, method=body.method, hyperparams=body.hyperparams
-    )
+        inst, name=body.name, base=base, method=body.method, hyperparams=body.hyperparams,
+        method_options=body.method_options,
+    )  # fmt: skip
     return stream
 
 

@@ -1,4 +1,4 @@
-"""service: job queueing columns, leases, API tokens, schedules
+"""service: job queueing columns, stream method options, leases, API tokens, schedules
 
 Revision ID: 0002
 Revises: 0001
@@ -21,6 +21,12 @@ ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("streams", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("method_options", sa.JSON(), nullable=False, server_default=sa.text("'{}'"))
+        )
+    with op.batch_alter_table("streams", schema=None) as batch_op:
+        batch_op.alter_column("method_options", server_default=None)
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("worker", sa.String(length=128), nullable=True))
@@ -90,3 +96,5 @@ def downgrade() -> None:
         batch_op.drop_column("checkpoint_digest")
         batch_op.drop_column("worker")
         batch_op.drop_column("enqueued_at")
+    with op.batch_alter_table("streams", schema=None) as batch_op:
+        batch_op.drop_column("method_options")

@@ -51,6 +51,7 @@ def stream(row: StreamRow) -> Stream:
         method=row.method,
         hyperparams=dict(row.hyperparams),
         created_at=aware(row.created_at),
+        method_options=dict(row.method_options or {}),
     )
 
 

@@ -39,6 +39,7 @@ class SqlStreamStore:
         method: str,
         hyperparams: dict[str, Any],
         base_digest: str | None = None,
+        method_options: dict[str, Any] | None = None,
     ) -> Stream:
         """Create a stream; with `base_digest` (a stored tree) its snapshot v0 comes in the same
         transaction, so a stream never exists half-imported."""
@@ -49,8 +50,9 @@ class SqlStreamStore:
             if s.scalar(select(StreamRow.id).where(StreamRow.name == name)) is not None:
                 raise AlreadyExists(f"stream '{name}' already exists", field="name")
             row = StreamRow(
-                name=name, base_source=base_source, method=method, hyperparams=hyperparams
-            )
+                name=name, base_source=base_source, method=method, hyperparams=hyperparams,
+                method_options=dict(method_options or {}),
+            )  # fmt: skip
             s.add(row)
             s.flush()
             if base_digest is not None:

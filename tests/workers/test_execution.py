@@ -208,3 +208,33 @@ def test_the_in_process_worker_runs_streams_side_by_side_and_each_in_order(
     for earlier, later in itertools.pairwise(first):
         assert earlier.finished_at is not None and later.started_at is not None
         assert earlier.finished_at <= later.started_at
+
+
+def test_a_streams_method_options_reach_its_jobs_and_are_recorded(inst: Instance) -> None:
+    options = {"lambda1": 0.25, "orthogonal_init": True}
+    stream, _ = create_stream(inst, name="s", base={"kind": "tiny"}, method="o-lora",
+                              method_options=options)  # fmt: skip
+    assert inst.registry.streams.get("s").method_options == options
+    a = _submit(inst, stream, "a")
+    data = synthetic_tasks(seed=1, train_size=24, test_size=6)[1]
+    _, b = submit_task(inst, stream=stream, name="b", data=data, format="synthetic", params={
+        "method": "inc-lora", "hyperparams": FAST, "eval_limit": 6})  # fmt: skip
+    out = Recorder()
+    for job in (a, b):
+        assert execute(inst, out, job.id, worker="w").state is JobState.SUCCEEDED  # type: ignore[union-attr]
+    first, second = inst.registry.adapters.list_versions(stream_id=stream.id)
+    assert (first.method, first.hyperparams["method_options"]) == ("o-lora", options)
+    # a job that switches method does not inherit the stream's o-lora options
+    assert (second.method, second.hyperparams["method_options"]) == ("inc-lora", {})
+    bad = [({"method_options": {"lambda1": -1}}, "lambda1"),
+           ({"method_options": {"bogus": 1}}, "bogus"),
+           ({"method": "seq-lora", "method_options": {"lambda1": 1}}, "lambda1")]  # fmt: skip
+    for kwargs, field in bad:
+        with pytest.raises(ValueError) as exc:
+            create_stream(inst, name="t", base={"kind": "tiny"}, **{"method": "o-lora", **kwargs})
+        assert getattr(exc.value, "field", None) == field
+    with pytest.raises(ValueError) as exc:
+        _submit_params = {"options": {"sparsity_weight": 1}}
+        submit_task(inst, stream=stream, name="c", data=data, format="synthetic",
+                    params=_submit_params)  # fmt: skip
+    assert getattr(exc.value, "field", None) == "sparsity_weight"
