@@ -1,7 +1,8 @@
 """Job orchestration: load from the registry, call `continual`, publish results.
 
-`run_job(inst, job_id)` is the one entry point: the Celery task, the in-process worker of
-`strata serve` and `strata demo` all call it with nothing but a job id.
+Jobs start from nothing but an id: `run_job(inst, job_id)` claims and runs one (`strata demo`),
+and the workers (`workers.execution.execute`, for Celery and the in-process worker of
+`strata serve`) claim first, then call `run_claimed` with heartbeats around it.
 """
 
 from __future__ import annotations

@@ -171,6 +171,7 @@ def test_schedules_refuse_bad_input(inst: Instance) -> None:
         ({"kind": "retrain", "cron": "@daily"}, InvalidValue, "task"),
         ({"kind": "retrain", "cron": "@daily", "task_name": "zz"}, NotFound, "task"),
         ({"kind": "train", "cron": "@daily", "task_name": "a"}, InvalidValue, "kind"),
+        ({"kind": "consolidate", "cron": "@daily"}, InvalidValue, "kind"),  # not until it runs
         ({"kind": "retrain", "cron": "@daily", "task_name": "a",
           "params": {"hyperparams": {"rank": 0}}}, ValueError, "rank"),
         ({"kind": "retrain", "cron": "@daily", "task_name": "a", "params": {"bogus": 1}},
