@@ -233,8 +233,12 @@ class ScheduleCreate(_In):
     cron: str = Field(description="5 fields (min hour day month weekday), @nicknames, or 6 with "
                       "seconds last; UTC.")  # fmt: skip
     task: str | None = Field(default=None, description="The task to retrain.")
+    dataset: str | None = Field(
+        default=None, description="Digest of a stored dataset to retrain on (default: the "
+        "task's own)."
+    )  # fmt: skip
     params: dict[str, Any] = Field(
-        default_factory=dict, description="Job parameters: method, hyperparams, dataset_id..."
+        default_factory=dict, description="Job parameters: method, options, hyperparams..."
     )
 
 

@@ -14,10 +14,12 @@ router = APIRouter(tags=["schedules"])
 
 @router.post("/streams/{stream}/schedules", status_code=201, response_model=SchedulePublic)
 def create(stream: StreamDep, body: ScheduleCreate, inst: InstDep, _: WriteToken) -> object:
+    params = dict(body.params)
+    if body.dataset is not None:
+        params["dataset_id"] = inst.registry.tasks.get_dataset(body.dataset).id
     return create_schedule(
-        inst, stream=stream, kind=body.kind, cron=body.cron, task_name=body.task,
-        params=body.params,
-    )  # fmt: skip
+        inst, stream=stream, kind=body.kind, cron=body.cron, task_name=body.task, params=params
+    )
 
 
 @router.get("/streams/{stream}/schedules", response_model=SchedulesPublic)

@@ -1,0 +1,118 @@
+"""`strata serve` as a user starts it, driven by the `strata` CLI over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.cli import main
+from continual.data import synthetic_tasks
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(url, admin token) of a `strata serve` process on a fresh data directory."""
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w+")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--data-dir", str(tmp_path / "data"),
+         "--port", str(port), "--workers", "1"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError(Path(log.name).read_text())
+        found = re.search(r"STRATA_TOKEN=(strata_\S+)", Path(log.name).read_text())
+        assert found, "serve did not print the first admin token"
+        yield url, found.group(1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def _write_task(folder: Path) -> Path:
+    task = synthetic_tasks(seed=0, train_size=32, test_size=6)[1]
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        lines = [json.dumps({"prompt": e.prompt, "completion": e.completion})
+                 for e in getattr(task, split)]  # fmt: skip
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "labels.json").write_text(json.dumps(list(task.labels or ())))
+    return folder
+
+
+def test_serve_and_the_cli_from_stream_to_download(
+    served: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, token = served
+    auth = ["--url", url, "--token", token]
+    data = _write_task(tmp_path / "topic")
+
+    def run(*args: str) -> str:
+        code = main([*args, *auth])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out
+
+    assert '"name": "news"' in run("streams", "create", "news", "--base", "tiny", "--set",
+                                   "max_steps=6", "--set", "batch_size=8")  # fmt: skip
+    assert "news" in run("streams", "list")
+    files = ["--train", str(data / "train.jsonl"), "--test", str(data / "test.jsonl")]
+    out = run("tasks", "submit", "news", "topic", *files, "--labels", str(data / "labels.json"),
+              "--watch")  # fmt: skip
+    assert "job 1 queued" in out and "job 1 succeeded" in out
+    assert "succeeded" in run("jobs", "list", "--stream", "news")
+    assert "after topic" in run("evaluations", "news") and "ACC" in run("evaluations", "news")
+    tree = run("lineage", "adapter", "1")
+    assert "trained_on: news snapshot v0" in tree and "trained_with: dataset" in tree
+    assert "topic" in run("adapters", "list", "news")
+    archive = tmp_path / "topic.tar.gz"
+    run("adapters", "download", "news", "topic", "latest", "-o", str(archive))
+    with tarfile.open(archive) as tar:
+        assert {Path(n).name for n in tar.getnames()} == {"adapter_config.json",
+                                                          "adapter_model.safetensors"}  # fmt: skip
+    assert "prod -> topic v1" in run("adapters", "alias", "news", "topic", "prod", "1")
+    prompt = json.loads((data / "test.jsonl").read_text().splitlines()[0])["prompt"]
+    labels = json.loads((data / "labels.json").read_text())
+    assert "topic@v1" in run("predict", "news", prompt, "--labels", ",".join(labels))
+    assert "schedule 1" in run("schedules", "create", "news", "--cron", "0 4 * * *", "--task",
+                               "topic")  # fmt: skip
+    assert "retrain" in run("schedules", "list", "news")
+    run("schedules", "delete", "1")
+
+    # errors are one clear line and exit code 2
+    assert main(["streams", "show", "nope", *auth]) == 2
+    assert "error (404)" in capsys.readouterr().err
+    assert main(["streams", "list", "--url", url, "--token", "strata_wrong"]) == 2
+    assert "error (401)" in capsys.readouterr().err
