@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/strategy_overhead.py                   # tiny random Llama
     .venv/bin/python benchmarks/strategy_overhead.py --hidden 576 --layers 8 --intermediate 1536
     .venv/bin/python benchmarks/strategy_overhead.py --model smollm2   # SmolLM2-135M (GGUF)
+    .venv/bin/python benchmarks/strategy_overhead.py --model smollm2 \
+        --cl-data ../shared/data/cl_benchmark --adapters 1,8 --batch-size 8  # real lengths
 
 On a shared CPU pass --threads 1: oversubscribed threads make CPU step times erratic.
 
@@ -34,7 +36,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.config import LoraHyperparams
-from continual.data import Example, synthetic_tasks
+from continual.data import Example, load_cl_benchmark, synthetic_tasks
 from continual.models import build_tiny_llama, load_causal_lm
 from continual.strategies import STRATEGIES, Strategy, get_strategy
 from continual.training import TrainingCallbacks, train
@@ -121,7 +123,10 @@ def run(args: argparse.Namespace) -> dict[tuple[str, int], float]:
     base, tokenizer = load_model(args)
     base = base.to(args.device)
     make_base: Callable[[], PreTrainedModel] = lambda: copy.deepcopy(base)  # noqa: E731
-    examples = synthetic_tasks(seed=0)[0].train
+    if args.cl_data is not None:  # real lengths: ~140-token dbpedia prompts, cut at max_length
+        examples = load_cl_benchmark(args.cl_data, "dbpedia", train_limit=256, seed=0).train
+    else:
+        examples = synthetic_tasks(seed=0)[0].train
     hyper = LoraHyperparams(
         rank=args.rank,
         batch_size=args.batch_size,
@@ -194,6 +199,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best one counts")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--cl-data", type=Path, default=None,
+        help="a CL_Benchmark folder: time steps on its dbpedia examples instead of the short "
+        "synthetic ones (LoRA and penalty costs are then a realistic fraction of a step)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
