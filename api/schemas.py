@@ -200,6 +200,10 @@ class EvaluationsPublic(BaseModel):
     forgetting: float | None
 
 
+class EvaluateRequest(_In):
+    eval_limit: int = Field(default=200, ge=1, le=100_000, description="Test examples per task.")
+
+
 # -- predict -------------------------------------------------------------------------------------
 class PredictRequest(_In):
     inputs: list[str] = Field(min_length=1, max_length=16, description="Prompts to complete.")

@@ -307,7 +307,35 @@ def _evaluate_baselines(
         )  # fmt: skip
 
 
+def _evaluate(inst: Instance, job: Job, reporter: JobReporter) -> None:
+    """Evaluate the stream's current state (its current snapshot and newest adapters) on every
+    task and record the row of the newest learned task (fills cells of tasks added since)."""
+    reg = inst.registry
+    assert job.stream_id is not None
+    snapshot = reg.streams.current_snapshot(job.stream_id)
+    adapters = reg.adapters.stream_state(stream_id=job.stream_id, snapshot_id=snapshot.id)
+    tasks = reg.tasks.list_tasks(job.stream_id)
+    datasets = [(t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id))) for t in tasks]
+    limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
+    base, tokenizer = load_snapshot(inst, snapshot)
+    if not adapters:
+        _evaluate_baselines(inst, reporter, base, tokenizer, datasets, snapshot.id, limit)
+        return
+    newest = adapters[-1]
+    method = training_setup(method=newest.method, hyperparams={}, params={},
+                            options=newest.hyperparams.get("method_options") or {})  # fmt: skip
+    dirs = [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
+    state = method.strategy().inference_model(base, history=dirs)
+    position = {t.id: t.position for t in tasks}[newest.task_id]
+    reporter.event(f"evaluating the state after task {position} on {len(tasks)} tasks")
+    evaluate_row(
+        inst, reporter, state, tokenizer, datasets, after_position=position,
+        snapshot_id=snapshot.id, adapter_version_id=newest.id, limit=limit,
+    )  # fmt: skip
+
+
 HANDLERS: dict[JobKind, Callable[[Instance, Job, JobReporter], None]] = {
+    JobKind.EVALUATE: _evaluate,
     JobKind.TRAIN: _train,
     JobKind.RETRAIN: _train,
 }

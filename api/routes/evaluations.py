@@ -6,9 +6,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from api.deps import InstDep, ReadToken, StreamDep
+from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
 from api.render import accuracy_matrix
-from api.schemas import EvaluationsPublic
+from api.schemas import EvaluateRequest, EvaluationsPublic, JobPublic
+from registry.entities import JobKind
+from workers.execution import enqueue
 
 router = APIRouter(tags=["evaluations"])
 SUMMARY = ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")
@@ -42,3 +44,20 @@ def evaluations(
         "baseline": list(matrix.baseline),
         **summary,
     }
+
+
+@router.post("/streams/{stream}/evaluate", status_code=202, response_model=JobPublic)
+def evaluate(
+    stream: StreamDep,
+    body: EvaluateRequest,
+    inst: InstDep,
+    dispatcher: DispatcherDep,
+    _: WriteToken,
+) -> object:
+    """Queue an evaluation of the stream's current state on every task (on the default
+    queue, beside training): it records the row of the newest learned task."""
+    job = inst.registry.jobs.create(
+        kind=JobKind.EVALUATE, stream_id=stream.id, params={"eval_limit": body.eval_limit}
+    )
+    enqueue(inst, dispatcher, job)
+    return inst.registry.jobs.get(job.id)

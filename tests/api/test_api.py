@@ -268,6 +268,14 @@ def test_a_trained_task_can_be_downloaded_traced_evaluated_and_queried(
     assert ev["task_names"] == ["colors"] and len(ev["values"]) == 1
     assert ev["average_accuracy"] == pytest.approx(ev["values"][0][0])
     assert v1["metrics"]["accuracy"] == pytest.approx(ev["values"][0][0])
+    # re-evaluating the current state (a job on the default queue) measures the same row
+    again = c.post("/v1/streams/s1/evaluate", json={"eval_limit": 6}, headers=h)
+    assert again.status_code == 202 and again.json()["kind"] == "evaluate"
+    assert _wait(api, again.json()["id"])["state"] == "succeeded"
+    assert c.get("/v1/streams/s1/evaluations", headers=h).json()["values"] == ev["values"]
+    _problem(
+        c.post("/v1/streams/s1/evaluate", json={"eval_limit": 0}, headers=h), 422, "eval_limit"
+    )
 
     train, _, labels = _task_files(n=48)
     prompt = json.loads(train.splitlines()[0])["prompt"]
