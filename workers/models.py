@@ -11,7 +11,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.models import build_tiny_llama, load_causal_lm
-from registry.artifacts import get_tree, put_tree, validate_safetensors
+from registry.artifacts import get_tree, put_tree, split_per_tensor, validate_safetensors
 from registry.entities import Snapshot
 from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
@@ -81,10 +81,12 @@ def load_source(source: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedToke
 
 
 def store_model(inst: Instance, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
-    """Save a model + tokenizer as safetensors and store the directory as a tree."""
+    """Save a model + tokenizer as safetensors, one file per tensor (`split_per_tensor`), and
+    store the directory as a tree: snapshots share every tensor they do not change."""
     with tempfile.TemporaryDirectory(prefix="strata-snap-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        split_per_tensor(Path(tmp))
         return put_tree(inst.artifacts, Path(tmp))
 
 

@@ -16,7 +16,7 @@ from registry.artifacts.trees import (
     put_tree,
     read_manifest,
 )
-from registry.artifacts.weights import validate_safetensors
+from registry.artifacts.weights import split_per_tensor, validate_safetensors
 
 __all__ = [
     "TREE_KIND",
@@ -31,5 +31,6 @@ __all__ = [
     "get_tree",
     "put_tree",
     "read_manifest",
+    "split_per_tensor",
     "validate_safetensors",
 ]

@@ -157,3 +157,56 @@ def _check_metadata(metadata: Any, *, label: str) -> None:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+TENSOR_DIR = "tensors"
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def split_per_tensor(directory: Path) -> int:
+    """Rewrite a model directory's weights as one safetensors file per tensor.
+
+    Every top-level `*.safetensors` file (and its shard index) is replaced by
+    `tensors/<name>.safetensors` files plus a `model.safetensors.index.json` that maps each
+    tensor to its file, which transformers loads as a sharded checkpoint. A tensor's file is a
+    pure function of its name, dtype, shape and bytes, so in content-addressed storage a
+    snapshot that changes some tensors stores only those; the others are shared with the
+    snapshots before it. Bytes are copied as they are (no framework, any dtype). Returns the
+    number of tensors."""
+    directory = Path(directory)
+    sources = sorted(directory.glob("*.safetensors"))
+    out = directory / TENSOR_DIR
+    out.mkdir(exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for source in sources:
+        validate_safetensors(source)
+        size = source.stat().st_size
+        with source.open("rb") as f:
+            header, header_len = _read_header(f.read, file_size=size, label=source.name)
+            for name, info in sorted(header.items()):
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                f.seek(8 + header_len + begin)
+                data = f.read(end - begin)
+                rel = f"{TENSOR_DIR}/{name}.safetensors"
+                _write_single(out / f"{name}.safetensors", name, info, data)
+                weight_map[name] = rel
+                total += end - begin
+        source.unlink()
+    (directory / SHARD_INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n"
+    )
+    return len(weight_map)
+
+
+def _write_single(path: Path, name: str, info: dict[str, Any], data: bytes) -> None:
+    """A one-tensor safetensors file with a canonical header (sorted keys, 8-byte aligned)."""
+    header = {
+        "__metadata__": {"format": "pt"},
+        name: {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [0, len(data)]},
+    }
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)

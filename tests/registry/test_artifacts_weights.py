@@ -118,3 +118,41 @@ def test_truncated_real_file_is_refused(tmp_path: Path, cut: int) -> None:
     assert err.value.field == "truncated.safetensors"
     with pytest.raises(SafetensorError):  # the reference parser agrees it is broken
         safe_open(str(path), framework="numpy")
+
+
+def test_split_per_tensor_loads_the_same_model_and_shares_unchanged_tensors(
+    tmp_path: Path,
+) -> None:
+    """One file per tensor: transformers loads the index, and two snapshots that differ in one
+    tensor share every other tensor's blob."""
+    import torch
+
+    from continual.models import build_tiny_llama, load_causal_lm
+    from registry.artifacts import LocalStore, put_tree, read_manifest, split_per_tensor
+
+    model, tokenizer = build_tiny_llama(seed=0)
+    dirs = []
+    for version in range(2):
+        folder = tmp_path / f"v{version}"
+        if version == 1:
+            with torch.no_grad():
+                model.model.layers[0].self_attn.q_proj.weight.add_(1.0)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as saved:
+            names = set(saved.keys())
+        count = split_per_tensor(folder)
+        assert count == len(names) > 10
+        assert not list(folder.glob("*.safetensors"))
+        assert len(list((folder / "tensors").glob("*.safetensors"))) == count
+        dirs.append(folder)
+    loaded, _ = load_causal_lm(dirs[1])
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    store = LocalStore(tmp_path / "blobs")
+    trees = [read_manifest(store, put_tree(store, d))["files"] for d in dirs]
+    changed = {rel for rel, f in trees[1].items() if trees[0].get(rel) != f}
+    assert changed == {
+        "tensors/model.layers.0.self_attn.q_proj.weight.safetensors"
+    }  # only the edited tensor (and the manifest) is new
