@@ -9,8 +9,8 @@ from continual.data import synthetic_tasks
 from registry.entities import Job, Snapshot, Stream
 from registry.errors import NotFound
 from registry.instance import Instance
-from workers.jobs import run_job
 from workers.reporting import Listener
+from workers.runner import run_job
 from workers.streams import create_stream, submit_task
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ from typing import Protocol
 from registry.entities import Job, JobKind, JobState
 from registry.errors import Conflict, RegistryError
 from registry.instance import Instance
-from workers.jobs import run_claimed
 from workers.reporting import Listener
+from workers.runner import run_claimed
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,12 @@
 """Job orchestration: load from the registry, call `continual`, publish results.
 
-Jobs start from nothing but an id: `run_job(inst, job_id)` claims and runs one (`strata demo`),
-and the workers (`workers.execution.execute`, for Celery and the in-process worker of
-`strata serve`) claim first, then call `run_claimed` with heartbeats around it.
+The handlers of train, retrain and evaluate jobs (`workers.runner` dispatches to them).
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,21 +15,17 @@ from continual.checkpoint import TrainState, load_train_state, save_train_state
 from continual.config import LoraHyperparams
 from continual.data import TaskData
 from continual.errors import (
-    InvalidCheckpoint,
-    InvalidDataset,
     InvalidHyperparameter,
-    TrainingCancelled,
 )
 from continual.strategies import Strategy, get_strategy
 from continual.training import train
 from registry.artifacts import put_tree
-from registry.entities import AdapterStatus, AdapterVersion, Job, JobKind, JobState, Snapshot, Task
-from registry.errors import RegistryError
+from registry.entities import AdapterStatus, AdapterVersion, Job, Snapshot, Task
 from registry.instance import Instance
 from workers.datasets import load_dataset
 from workers.evaluation import evaluate_row
-from workers.models import fetch_tree, load_snapshot
-from workers.reporting import JobReporter, Listener
+from workers.models import fetch_tree, load_snapshot, memory_dirs
+from workers.reporting import JobReporter
 
 log = logging.getLogger(__name__)
 
@@ -100,61 +93,6 @@ def training_setup(
     return setup
 
 
-def run_job(
-    inst: Instance, job_id: int, *, worker: str = "embedded", listener: Listener | None = None
-) -> Job:
-    """Claim a queued job and run it to a terminal state; returns the job as it ends up.
-
-    A job that cannot start now (finished, running elsewhere, or waiting for an earlier job of
-    its stream) is returned as it is, untouched."""
-    claim = inst.registry.jobs.claim(job_id, worker=worker, lease_s=inst.settings.lease_s)
-    if not claim.claimed:
-        log.info("job %s not started: %s", job_id, claim.reason)
-        return claim.job
-    return run_claimed(inst, claim.job, listener=listener)
-
-
-def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -> Job:
-    """Run a job this worker has claimed (state running) to a terminal state."""
-    jobs = inst.registry.jobs
-    reporter = JobReporter(inst, job.id, listener=listener, worker=job.worker)
-    handler = HANDLERS.get(job.kind)
-    if handler is None:
-        return _fail(inst, reporter, job.id, code="unsupported", message=f"no {job.kind} jobs yet")
-    reporter.event(f"{job.kind} job started (attempt {job.attempts})")
-    try:
-        handler(inst, job, reporter)
-    except TrainingCancelled:
-        current = jobs.get(job.id)
-        if current.state is not JobState.RUNNING or current.worker != job.worker:
-            log.warning("job %s is no longer %s's (%s); stopped", job.id, job.worker, current.state)
-            return current
-        reporter.event("cancelled at the user's request", level="warning")
-        return jobs.transition(job.id, JobState.CANCELLED)
-    except (RegistryError, InvalidHyperparameter, InvalidDataset, InvalidCheckpoint) as exc:
-        return _fail(inst, reporter, job.id, code=_code(exc), message=str(exc))
-    except Exception as exc:
-        log.exception("job %s failed", job.id)
-        return _fail(inst, reporter, job.id, code="internal_error", message=repr(exc))
-    reporter.event("succeeded")
-    return jobs.transition(job.id, JobState.SUCCEEDED)
-
-
-def _code(exc: Exception) -> str:
-    if isinstance(exc, RegistryError):
-        return exc.code
-    if isinstance(exc, InvalidCheckpoint):
-        return "invalid_checkpoint"
-    return "invalid_hyperparameter" if isinstance(exc, InvalidHyperparameter) else "invalid_dataset"
-
-
-def _fail(inst: Instance, reporter: JobReporter, job_id: int, *, code: str, message: str) -> Job:
-    reporter.event(f"failed: {message}", level="error")
-    return inst.registry.jobs.transition(
-        job_id, JobState.FAILED, error_code=code, error_message=message
-    )
-
-
 @dataclass(frozen=True)
 class _TrainPlan:
     """Everything a train or retrain job reads before it trains."""
@@ -197,7 +135,7 @@ def _plan(inst: Instance, job: Job) -> _TrainPlan:
     )  # fmt: skip
 
 
-def _train(inst: Instance, job: Job, reporter: JobReporter) -> None:
+def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     """Train the job's task on top of the stream's current state, publish it, evaluate.
 
     Train and retrain jobs both land here; a retrain job may name another stored dataset
@@ -206,7 +144,8 @@ def _train(inst: Instance, job: Job, reporter: JobReporter) -> None:
     reg = inst.registry
     plan = _plan(inst, job)
     strategy = plan.setup.strategy()
-    history_dirs = [fetch_tree(inst, v.artifact_digest or "") for v in plan.history]
+    memory = memory_dirs(inst, plan.snapshot, plan.setup.method)  # O-LoRA: folded tasks
+    history_dirs = memory + [fetch_tree(inst, v.artifact_digest or "") for v in plan.history]
     limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
     base, tokenizer = load_snapshot(inst, plan.snapshot)
     _evaluate_baselines(inst, reporter, base, tokenizer, plan.datasets, plan.snapshot.id, limit)
@@ -307,7 +246,7 @@ def _evaluate_baselines(
         )  # fmt: skip
 
 
-def _evaluate(inst: Instance, job: Job, reporter: JobReporter) -> None:
+def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     """Evaluate the stream's current state (its current snapshot and newest adapters) on every
     task and record the row of the newest learned task (fills cells of tasks added since)."""
     reg = inst.registry
@@ -332,10 +271,3 @@ def _evaluate(inst: Instance, job: Job, reporter: JobReporter) -> None:
         inst, reporter, state, tokenizer, datasets, after_position=position,
         snapshot_id=snapshot.id, adapter_version_id=newest.id, limit=limit,
     )  # fmt: skip
-
-
-HANDLERS: dict[JobKind, Callable[[Instance, Job, JobReporter], None]] = {
-    JobKind.EVALUATE: _evaluate,
-    JobKind.TRAIN: _train,
-    JobKind.RETRAIN: _train,
-}

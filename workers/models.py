@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from continual.consolidation import MEMORY_DIR
 from continual.models import build_tiny_llama, load_causal_lm
 from registry.artifacts import get_tree, put_tree, split_per_tensor, validate_safetensors
 from registry.entities import Snapshot
@@ -80,13 +82,23 @@ def load_source(source: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedToke
     return load_causal_lm(gguf.parent, gguf_file=gguf.name)
 
 
-def store_model(inst: Instance, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+def store_model(
+    inst: Instance,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    extra: Path | None = None,
+) -> str:
     """Save a model + tokenizer as safetensors, one file per tensor (`split_per_tensor`), and
-    store the directory as a tree: snapshots share every tensor they do not change."""
+    store the directory as a tree: snapshots share every tensor they do not change. The
+    folders in `extra` (e.g. O-LoRA's memory adapter) are stored beside the model."""
     with tempfile.TemporaryDirectory(prefix="strata-snap-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         split_per_tensor(Path(tmp))
+        if extra is not None:
+            for folder in sorted(p for p in Path(extra).iterdir() if p.is_dir()):
+                shutil.copytree(folder, Path(tmp) / folder.name)
         return put_tree(inst.artifacts, Path(tmp))
 
 
@@ -108,3 +120,11 @@ def load_snapshot(
     model, tokenizer = load_causal_lm(fetch_tree(inst, snapshot.artifact_digest))
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def memory_dirs(inst: Instance, snapshot: Snapshot, method: str) -> list[Path]:
+    """O-LoRA's memory of the tasks folded into `snapshot` (first in its history), if any."""
+    if method != "o-lora":
+        return []
+    memory = fetch_tree(inst, snapshot.artifact_digest) / MEMORY_DIR
+    return [memory] if memory.is_dir() else []

@@ -25,7 +25,7 @@ from registry.entities import Job, JobKind, Schedule, Stream
 from registry.errors import InvalidValue, RegistryError
 from registry.instance import Instance
 from workers.execution import Dispatcher, enqueue, safe_reconcile, worker_id
-from workers.jobs import HANDLERS, training_setup
+from workers.jobs import training_setup
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ def create_schedule(
         )  # fmt: skip
         if "dataset_id" in params:
             inst.registry.tasks.get_dataset_by_id(int(params["dataset_id"]))
-    elif JobKind.CONSOLIDATE not in HANDLERS:
-        raise InvalidValue("consolidation jobs are not available yet", field="kind")
+    elif params:
+        raise InvalidValue("consolidate schedules take no parameters", field="params")
     now = now or datetime.now(UTC)
     return inst.registry.schedules.create(
         stream_id=stream.id, kind=JobKind(kind), cron=cron, task_id=task_id, params=params,

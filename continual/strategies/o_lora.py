@@ -153,10 +153,13 @@ def project_out_history(model: PeftModel, *, old_names: Sequence[str], new_name:
             new = down[new_name]  # (r, d_in)
             basis = _row_basis(torch.cat(olds)).to(new.dtype)  # (d_in, r_old)
             projected = new - (new @ basis) @ basis.T  # (r, d_in)
-            scale = new.norm(dim=1, keepdim=True) / projected.norm(dim=1, keepdim=True).clamp_min(
-                1e-12
-            )
-            new.copy_(projected * scale)
+            norms = new.norm(dim=1, keepdim=True)  # (r, 1)
+            # a row (almost) inside the old span keeps too little to rescale: draw it afresh
+            lost = projected.norm(dim=1) < 1e-3 * norms.squeeze(1)
+            if bool(lost.any()):
+                fresh = torch.randn_like(new[lost])
+                projected[lost] = fresh - (fresh @ basis) @ basis.T
+            new.copy_(projected * norms / projected.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def _down_projections(module: nn.Module) -> dict[str, Tensor]:

@@ -15,8 +15,8 @@ from registry.entities import AdapterStatus, JobState, NodeKind, NodeRef
 from registry.errors import AlreadyExists, InvalidValue
 from registry.instance import Instance
 from workers.demo import run_demo
-from workers.jobs import run_job
 from workers.models import load_snapshot
+from workers.runner import run_job
 from workers.streams import create_stream, submit_task
 
 pytestmark = pytest.mark.slow

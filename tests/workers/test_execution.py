@@ -18,7 +18,7 @@ from registry.instance import Instance
 from registry.settings import StrataSettings
 from workers.execution import enqueue, execute, reconcile
 from workers.inprocess import InProcessWorker
-from workers.jobs import run_claimed
+from workers.runner import run_claimed
 from workers.scheduler import create_schedule, fire_due, tick
 from workers.streams import create_stream, submit_task
 
@@ -171,7 +171,7 @@ def test_schedules_refuse_bad_input(inst: Instance) -> None:
         ({"kind": "retrain", "cron": "@daily"}, InvalidValue, "task"),
         ({"kind": "retrain", "cron": "@daily", "task_name": "zz"}, NotFound, "task"),
         ({"kind": "train", "cron": "@daily", "task_name": "a"}, InvalidValue, "kind"),
-        ({"kind": "consolidate", "cron": "@daily"}, InvalidValue, "kind"),  # not until it runs
+        ({"kind": "consolidate", "cron": "@daily", "params": {"x": 1}}, InvalidValue, "params"),
         ({"kind": "retrain", "cron": "@daily", "task_name": "a",
           "params": {"hyperparams": {"rank": 0}}}, ValueError, "rank"),
         ({"kind": "retrain", "cron": "@daily", "task_name": "a", "params": {"bogus": 1}},

@@ -1,0 +1,167 @@
+"""Consolidation jobs: fold a stream's adapters into a new base snapshot and move the stream
+onto it, after checking that nothing changed.
+
+1. The stream's current state (its snapshot and newest adapters) is built as for inference.
+2. Its logits on a sample of every task's test prompts are the reference.
+3. The adapters are folded into the base weights in fp32 (`continual.consolidation`).
+4. The folded model alone must reproduce the reference within `FOLD_ATOL` (fp32 weights) or
+   `FOLD_ATOL_HALF` (16-bit weights, which round once when cast back); otherwise the job fails
+   and the stream stays on its old snapshot.
+5. The new snapshot is stored tensor by tensor (only the changed tensors are new blobs), with
+   O-LoRA's memory of the folded tasks' subspace, then registered as the stream's current
+   snapshot with lineage edges to its parent, the folded adapters and this job; every task is
+   re-evaluated on it.
+
+AM-LoRA streams are refused: their per-token mixture of adapters is input-dependent and has no
+exact fold into one weight matrix (folding the sum would change what the model computes).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from continual.batching import encode_pair
+from continual.consolidation import (
+    MEMORY_DIR,
+    Subspace,
+    fold_into_base,
+    folded_subspace,
+    load_memory_adapter,
+    save_memory_adapter,
+)
+from continual.data import TaskData
+from registry.artifacts import read_manifest
+from registry.entities import AdapterVersion, Job, Snapshot, Task
+from registry.errors import Conflict, InvalidValue
+from registry.instance import Instance
+from workers.datasets import load_dataset
+from workers.evaluation import evaluate_row
+from workers.jobs import DEFAULT_EVAL_LIMIT, TrainingSetup, training_setup
+from workers.models import fetch_tree, load_snapshot, memory_dirs, store_model
+from workers.reporting import JobReporter
+
+log = logging.getLogger(__name__)
+
+FOLD_ATOL = 1e-3  # fp32: summing B A into W reorders float additions, nothing more
+FOLD_ATOL_HALF = 5e-2  # bf16 / fp16 weights round to ~3 significant digits when cast back
+VERIFY_PROMPTS_PER_TASK = 4
+FOLDABLE = ("seq-lora", "inc-lora", "o-lora")
+
+
+def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:
+    reg = inst.registry
+    assert job.stream_id is not None
+    snapshot = reg.streams.current_snapshot(job.stream_id)
+    adapters = reg.adapters.stream_state(stream_id=job.stream_id, snapshot_id=snapshot.id)
+    if not adapters:
+        raise Conflict(f"no adapters on snapshot v{snapshot.version} to fold", field="stream")
+    method = adapters[-1].method
+    if method not in FOLDABLE:
+        raise InvalidValue(
+            f"{method} streams cannot be consolidated: its input-dependent mixture of adapters "
+            "has no exact fold into the base weights", field="method",
+        )  # fmt: skip
+    tasks = reg.tasks.list_tasks(job.stream_id)
+    datasets = [(t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id))) for t in tasks]
+    reporter.event(f"folding {len(adapters)} {method} adapters into snapshot v{snapshot.version}")
+    folded, tokenizer, subspace = _fold_verified(inst, reporter, snapshot, adapters, datasets)
+    digest, sizes = _store(inst, folded, tokenizer, subspace, parent=snapshot)
+    new = reg.streams.add_snapshot(
+        stream_id=job.stream_id, artifact_digest=digest, parent_id=snapshot.id,
+        folded_adapter_ids=[v.id for v in adapters], job_id=job.id,
+        source={"consolidated_from": snapshot.version, "method": method,
+                "folded": [f"{v.task_name}@v{v.version}" for v in adapters]},
+    )  # fmt: skip
+    reporter.event(f"stream on snapshot v{new.version}", metrics=sizes)
+    reporter.progress(0.8)
+    after = max(t.position for t in tasks if t.id in {v.task_id for v in adapters})
+    state = (
+        _setup(adapters[-1])
+        .strategy()
+        .inference_model(folded, history=memory_dirs(inst, new, method))
+    )
+    limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
+    evaluate_row(inst, reporter, state, tokenizer, datasets, after_position=after,
+                 snapshot_id=new.id, adapter_version_id=None, limit=limit)  # fmt: skip
+
+
+def _setup(newest: AdapterVersion) -> TrainingSetup:
+    options = newest.hyperparams.get("method_options") or {}
+    return training_setup(method=newest.method, hyperparams={}, params={}, options=options)
+
+
+def _fold_verified(
+    inst: Instance,
+    reporter: JobReporter,
+    snapshot: Snapshot,
+    adapters: list[AdapterVersion],
+    datasets: list[tuple[Task, TaskData]],
+) -> tuple[Any, Any, Subspace | None]:
+    """The folded model (its logits checked against the adapted model's), its tokenizer and,
+    for O-LoRA, the subspace of every task now in the base."""
+    method = adapters[-1].method
+    memory = memory_dirs(inst, snapshot, method)
+    dirs = memory + [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
+    base, tokenizer = load_snapshot(inst, snapshot)
+    state = _setup(adapters[-1]).strategy().inference_model(base, history=dirs)
+    if not isinstance(state, PeftModel):
+        raise InvalidValue(f"{method} does not build a PEFT model to fold", field="method")
+    prompts = _verification_inputs(tokenizer, [d for _, d in datasets])
+    reference = _logits(state, prompts)
+    previous = load_memory_adapter(memory[0]) if memory else None
+    subspace = folded_subspace(state, previous=previous) if method == "o-lora" else None
+    folded = fold_into_base(state)
+    gap = max(
+        float((a - b).abs().max()) for a, b in zip(reference, _logits(folded, prompts), strict=True)
+    )
+    tolerance = FOLD_ATOL if next(folded.parameters()).dtype == torch.float32 else FOLD_ATOL_HALF
+    reporter.event(f"max |logit difference| after folding: {gap:.2e} (tolerance {tolerance:g})",
+                   metrics={"fold_max_abs_logit_diff": gap, "tolerance": tolerance})  # fmt: skip
+    if not gap <= tolerance:
+        raise Conflict(f"the folded model differs from the adapted one by {gap:.3g} "
+                       f"(> {tolerance:g}); the stream stays on snapshot v{snapshot.version}",
+                       field="fold")  # fmt: skip
+    return folded, tokenizer, subspace
+
+
+def _verification_inputs(tokenizer: Any, datasets: list[Any]) -> list[torch.Tensor]:
+    """A few test prompts of every task (training prompts when a task has no test split)."""
+    prompts = []
+    for data in datasets:
+        examples = (data.test or data.train)[:VERIFY_PROMPTS_PER_TASK]
+        for ex in examples:
+            ids = encode_pair(tokenizer, prompt=ex.prompt, completion=ex.completion,
+                              add_eos=False, max_length=256).ids  # fmt: skip
+            prompts.append(torch.tensor([ids]))
+    return prompts
+
+
+def _logits(model: Any, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [model(input_ids=p.to(device)).logits.float().cpu() for p in prompts]
+
+
+def _store(
+    inst: Instance, model: Any, tokenizer: Any, subspace: Subspace | None, *, parent: Snapshot
+) -> tuple[str, dict[str, int]]:
+    """Store the folded model (and O-LoRA's memory); returns its digest and byte counts."""
+    extra = None
+    with tempfile.TemporaryDirectory(prefix="strata-memory-") as tmp:
+        if subspace is not None:
+            save_memory_adapter(subspace, Path(tmp) / MEMORY_DIR)
+            extra = Path(tmp)
+        digest = store_model(inst, model, tokenizer, extra=extra)
+    old = read_manifest(inst.artifacts, parent.artifact_digest)["files"]
+    new = read_manifest(inst.artifacts, digest)["files"]
+    known = {f["digest"] for f in old.values()}
+    total = sum(f["size"] for f in new.values())
+    added = sum(f["size"] for f in {f["digest"]: f for f in new.values()}.values()
+                if f["digest"] not in known)  # fmt: skip
+    return digest, {"snapshot_bytes": total, "bytes_added": added}

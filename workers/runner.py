@@ -1,0 +1,88 @@
+"""Running a job by id: claim it, dispatch it to its kind's handler, record how it ended.
+
+Jobs start from nothing but an id: `run_job(inst, job_id)` claims and runs one (`strata demo`),
+and the workers (`workers.execution.execute`, for Celery and the in-process worker of
+`strata serve`) claim first, then call `run_claimed` with heartbeats around it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from continual.errors import (
+    InvalidCheckpoint,
+    InvalidDataset,
+    InvalidHyperparameter,
+    TrainingCancelled,
+)
+from registry.entities import Job, JobKind, JobState
+from registry.errors import RegistryError
+from registry.instance import Instance
+from workers.consolidation import consolidate
+from workers.jobs import evaluate_job, train_job
+from workers.reporting import JobReporter, Listener
+
+log = logging.getLogger(__name__)
+
+HANDLERS: dict[JobKind, Callable[[Instance, Job, JobReporter], None]] = {
+    JobKind.TRAIN: train_job,
+    JobKind.RETRAIN: train_job,
+    JobKind.EVALUATE: evaluate_job,
+    JobKind.CONSOLIDATE: consolidate,
+}
+
+
+def run_job(
+    inst: Instance, job_id: int, *, worker: str = "embedded", listener: Listener | None = None
+) -> Job:
+    """Claim a queued job and run it to a terminal state; returns the job as it ends up.
+
+    A job that cannot start now (finished, running elsewhere, or waiting for an earlier job of
+    its stream) is returned as it is, untouched."""
+    claim = inst.registry.jobs.claim(job_id, worker=worker, lease_s=inst.settings.lease_s)
+    if not claim.claimed:
+        log.info("job %s not started: %s", job_id, claim.reason)
+        return claim.job
+    return run_claimed(inst, claim.job, listener=listener)
+
+
+def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -> Job:
+    """Run a job this worker has claimed (state running) to a terminal state."""
+    jobs = inst.registry.jobs
+    reporter = JobReporter(inst, job.id, listener=listener, worker=job.worker)
+    handler = HANDLERS.get(job.kind)
+    if handler is None:
+        return _fail(inst, reporter, job.id, code="unsupported", message=f"no {job.kind} jobs yet")
+    reporter.event(f"{job.kind} job started (attempt {job.attempts})")
+    try:
+        handler(inst, job, reporter)
+    except TrainingCancelled:
+        current = jobs.get(job.id)
+        if current.state is not JobState.RUNNING or current.worker != job.worker:
+            log.warning("job %s is no longer %s's (%s); stopped", job.id, job.worker, current.state)
+            return current
+        reporter.event("cancelled at the user's request", level="warning")
+        return jobs.transition(job.id, JobState.CANCELLED)
+    except (RegistryError, InvalidHyperparameter, InvalidDataset, InvalidCheckpoint) as exc:
+        return _fail(inst, reporter, job.id, code=_code(exc), message=str(exc))
+    except Exception as exc:
+        log.exception("job %s failed", job.id)
+        return _fail(inst, reporter, job.id, code="internal_error", message=repr(exc))
+    reporter.event("succeeded")
+    return jobs.transition(job.id, JobState.SUCCEEDED)
+
+
+def _code(exc: Exception) -> str:
+    if isinstance(exc, RegistryError):
+        return exc.code
+    if isinstance(exc, InvalidCheckpoint):
+        return "invalid_checkpoint"
+    return "invalid_hyperparameter" if isinstance(exc, InvalidHyperparameter) else "invalid_dataset"
+
+
+def _fail(inst: Instance, reporter: JobReporter, job_id: int, *, code: str, message: str) -> Job:
+    reporter.event(f"failed: {message}", level="error")
+    return inst.registry.jobs.transition(
+        job_id, JobState.FAILED, error_code=code, error_message=message
+    )
