@@ -29,6 +29,18 @@ class BaseSource(_In):
     seed: int | None = Field(default=None, description="For tiny: the initialisation seed.")
 
 
+class ConsolidationPolicy(_In):
+    every_tasks: int | None = Field(
+        default=None, ge=1, description="Fold once this many adapters sit on the snapshot."
+    )
+    max_adapters: int | None = Field(
+        default=None, ge=1, description="Fold when more adapters than this sit on it."
+    )
+    max_rank: int | None = Field(
+        default=None, ge=1, description="Fold when their LoRA ranks add up to more than this."
+    )
+
+
 class StreamCreate(_In):
     name: str = Field(description="1-64 letters, digits, '.', '_' or '-'.")
     base: BaseSource
@@ -39,6 +51,10 @@ class StreamCreate(_In):
     method_options: dict[str, Any] = Field(
         default_factory=dict, description="The method's own options, e.g. o-lora's lambda1."
     )
+    consolidation: ConsolidationPolicy = Field(
+        default_factory=ConsolidationPolicy,
+        description="When to fold the stream's adapters into a new base snapshot.",
+    )
 
 
 class StreamPublic(_Out):
@@ -48,6 +64,7 @@ class StreamPublic(_Out):
     method: str
     hyperparams: dict[str, Any]
     method_options: dict[str, Any]
+    consolidation: dict[str, Any]
     created_at: datetime
 
 
@@ -147,6 +164,10 @@ class AdapterVersionsPublic(_Out):
 
 class AliasSet(_In):
     version: int = Field(ge=1, description="The version number the alias points at.")
+
+
+class ConsolidateRequest(_In):
+    eval_limit: int = Field(default=200, ge=1, le=100_000, description="Test examples per task.")
 
 
 class SnapshotPublic(_Out):

@@ -75,6 +75,7 @@ class Stream:
     hyperparams: dict[str, Any]
     created_at: datetime
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options
+    consolidation: dict[str, Any] = field(default_factory=dict)  # when to fold (see workers)
 
 
 @dataclass(frozen=True)

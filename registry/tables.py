@@ -56,6 +56,7 @@ class StreamRow(Base):
     method: Mapped[str] = mapped_column(String(32))
     hyperparams: Mapped[dict[str, Any]] = mapped_column(JSON)
     method_options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    consolidation: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # policy
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

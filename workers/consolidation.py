@@ -37,7 +37,7 @@ from continual.consolidation import (
 )
 from continual.data import TaskData
 from registry.artifacts import read_manifest
-from registry.entities import AdapterVersion, Job, Snapshot, Task
+from registry.entities import AdapterVersion, Job, JobKind, Snapshot, Stream, Task
 from registry.errors import Conflict, InvalidValue
 from registry.instance import Instance
 from workers.datasets import load_dataset
@@ -52,6 +52,64 @@ FOLD_ATOL = 1e-3  # fp32: summing B A into W reorders float additions, nothing m
 FOLD_ATOL_HALF = 5e-2  # bf16 / fp16 weights round to ~3 significant digits when cast back
 VERIFY_PROMPTS_PER_TASK = 4
 FOLDABLE = ("seq-lora", "inc-lora", "o-lora")
+POLICY = {
+    "every_tasks": "fold once this many adapters sit on the current snapshot",
+    "max_adapters": "fold when more adapters than this sit on the current snapshot",
+    "max_rank": "fold when their ranks add up to more than this",
+}
+
+
+def check_policy(policy: object, *, method: str) -> dict[str, int]:
+    """A stream's consolidation policy: positive integers for any of `POLICY`'s keys."""
+    if not isinstance(policy, dict):
+        raise InvalidValue("must be an object", field="consolidation")
+    out: dict[str, int] = {}
+    for key, value in policy.items():
+        if key not in POLICY:
+            raise InvalidValue(f"unknown policy key (known: {sorted(POLICY)})", field=key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidValue(f"must be a positive integer, got {value!r}", field=key)
+        out[key] = value
+    if out and method not in FOLDABLE:
+        raise InvalidValue(f"{method} streams cannot be consolidated", field="consolidation")
+    return out
+
+
+def due(inst: Instance, stream: Stream) -> str | None:
+    """Why the stream's policy asks for a consolidation now, or None."""
+    policy = stream.consolidation
+    if not policy:
+        return None
+    snapshot = inst.registry.streams.current_snapshot(stream.id)
+    adapters = inst.registry.adapters.stream_state(stream_id=stream.id, snapshot_id=snapshot.id)
+    count = len(adapters)
+    rank = sum(int(v.hyperparams.get("rank", 0)) for v in adapters)
+    if "every_tasks" in policy and count >= policy["every_tasks"]:
+        return f"{count} adapters on snapshot v{snapshot.version} (every {policy['every_tasks']})"
+    if "max_adapters" in policy and count > policy["max_adapters"]:
+        return f"{count} adapters > max_adapters {policy['max_adapters']}"
+    if "max_rank" in policy and rank > policy["max_rank"]:
+        return f"total rank {rank} > max_rank {policy['max_rank']}"
+    return None
+
+
+def queue_if_due(inst: Instance, stream_id: int) -> Job | None:
+    """Queue a consolidation when the stream's policy says so and none is pending already; it
+    runs after the jobs queued before it (the stream's order)."""
+    stream = inst.registry.streams.get_by_id(stream_id)
+    reason = due(inst, stream)
+    if reason is None:
+        return None
+    open_jobs = inst.registry.jobs.list_jobs(stream_id=stream_id, limit=1000)
+    if any(j.kind is JobKind.CONSOLIDATE and not j.state.terminal for j in open_jobs):
+        return None
+    job = inst.registry.jobs.create(
+        kind=JobKind.CONSOLIDATE, stream_id=stream_id, params={"reason": reason}
+    )
+    log.info("stream %s: consolidation queued (%s)", stream.name, reason)
+    return job
 
 
 def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:

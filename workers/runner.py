@@ -19,7 +19,7 @@ from continual.errors import (
 from registry.entities import Job, JobKind, JobState
 from registry.errors import RegistryError
 from registry.instance import Instance
-from workers.consolidation import consolidate
+from workers.consolidation import consolidate, queue_if_due
 from workers.jobs import evaluate_job, train_job
 from workers.reporting import JobReporter, Listener
 
@@ -69,6 +69,10 @@ def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -
     except Exception as exc:
         log.exception("job %s failed", job.id)
         return _fail(inst, reporter, job.id, code="internal_error", message=repr(exc))
+    if job.kind in (JobKind.TRAIN, JobKind.RETRAIN) and job.stream_id is not None:
+        queued = queue_if_due(inst, job.stream_id)
+        if queued is not None:
+            reporter.event(f"queued consolidation job {queued.id}: {queued.params['reason']}")
     reporter.event("succeeded")
     return jobs.transition(job.id, JobState.SUCCEEDED)
 

@@ -10,6 +10,7 @@ from registry.entities import Dataset, Job, Snapshot, Stream, Task
 from registry.errors import AlreadyExists, NotFound
 from registry.instance import Instance
 from registry.validation import check_name
+from workers.consolidation import check_policy
 from workers.datasets import store_dataset
 from workers.jobs import training_setup
 from workers.models import check_source, load_source, store_model
@@ -27,6 +28,7 @@ def create_stream(
     method: str = DEFAULT_METHOD,
     hyperparams: dict[str, Any] | None = None,
     method_options: dict[str, Any] | None = None,
+    consolidation: dict[str, Any] | None = None,
 ) -> tuple[Stream, Snapshot]:
     """Import the base model as snapshot v0 of a new stream.
 
@@ -39,6 +41,7 @@ def create_stream(
     setup = training_setup(
         method=method, hyperparams=hyperparams, params={}, options=method_options or {}
     )
+    policy = check_policy(consolidation or {}, method=method)
     try:
         inst.registry.streams.get(name)
     except NotFound:
@@ -54,6 +57,7 @@ def create_stream(
         hyperparams=setup.hyper.to_dict(),
         base_digest=digest,
         method_options=setup.options,
+        consolidation=policy,
     )
     snapshot = inst.registry.streams.current_snapshot(stream.id)
     log.info("stream %s created with base snapshot %s", name, digest[:12])

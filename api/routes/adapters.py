@@ -110,6 +110,19 @@ def get_snapshot(stream: StreamDep, version: int, inst: InstDep, _: ReadToken) -
     return _snapshot_public(snapshot, inst.registry.streams.current_snapshot(stream.id))
 
 
+@router.post(
+    "/streams/{stream}/snapshots/{version}/activate",
+    response_model=SnapshotPublic,
+    tags=["snapshots"],
+)
+def activate_snapshot(stream: StreamDep, version: int, inst: InstDep, _: WriteToken) -> object:
+    """Point the stream at this snapshot (e.g. roll back a consolidation): later tasks train on
+    it, with the adapters trained on it. Nothing is deleted; the lineage keeps every snapshot."""
+    snapshot = inst.registry.streams.get_snapshot(stream_id=stream.id, version=version)
+    moved = inst.registry.streams.set_current_snapshot(stream_id=stream.id, snapshot_id=snapshot.id)
+    return _snapshot_public(moved, moved)
+
+
 @router.get(
     "/streams/{stream}/snapshots/{version}/download",
     response_class=FileResponse,

@@ -6,8 +6,19 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import InstDep, ReadToken, StreamDep, WriteToken
-from api.schemas import StreamCreate, StreamPublic, StreamsPublic
+from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
+from api.schemas import (
+    ConsolidateRequest,
+    ConsolidationPolicy,
+    JobPublic,
+    StreamCreate,
+    StreamPublic,
+    StreamsPublic,
+)
+from registry.entities import JobKind
+from registry.errors import InvalidValue
+from workers.consolidation import FOLDABLE, check_policy
+from workers.execution import enqueue
 from workers.streams import create_stream
 
 router = APIRouter(prefix="/streams", tags=["streams"])
@@ -20,6 +31,7 @@ def create(body: StreamCreate, inst: InstDep, _: WriteToken) -> object:
     stream, _snapshot = create_stream(
         inst, name=body.name, base=base, method=body.method, hyperparams=body.hyperparams,
         method_options=body.method_options,
+        consolidation=body.consolidation.model_dump(exclude_none=True),
     )  # fmt: skip
     return stream
 
@@ -39,3 +51,32 @@ def list_streams(
 @router.get("/{stream}", response_model=StreamPublic)
 def get(stream: StreamDep, _: ReadToken) -> object:
     return stream
+
+
+@router.put("/{stream}/consolidation", response_model=StreamPublic)
+def set_consolidation(
+    stream: StreamDep, body: ConsolidationPolicy, inst: InstDep, _: WriteToken
+) -> object:
+    """Replace the stream's consolidation policy (an empty body turns it off)."""
+    policy = check_policy(body.model_dump(exclude_none=True), method=stream.method)
+    return inst.registry.streams.set_consolidation(stream.id, policy)
+
+
+@router.post("/{stream}/consolidate", status_code=202, response_model=JobPublic)
+def consolidate(
+    stream: StreamDep,
+    body: ConsolidateRequest,
+    inst: InstDep,
+    dispatcher: DispatcherDep,
+    _: WriteToken,
+) -> object:
+    """Queue a consolidation: after the stream's earlier jobs, its adapters are folded into a
+    new base snapshot (verified against the adapted model) that becomes current."""
+    if stream.method not in FOLDABLE:
+        raise InvalidValue(f"{stream.method} streams cannot be consolidated", field="method")
+    job = inst.registry.jobs.create(
+        kind=JobKind.CONSOLIDATE, stream_id=stream.id,
+        params={"reason": "requested", "eval_limit": body.eval_limit},
+    )  # fmt: skip
+    enqueue(inst, dispatcher, job)
+    return inst.registry.jobs.get(job.id)

@@ -1,4 +1,4 @@
-"""service: job queueing columns, stream method options, leases, API tokens, schedules
+"""service: job queueing, stream method options and policies, leases, tokens, schedules
 
 Revision ID: 0002
 Revises: 0001
@@ -22,11 +22,13 @@ ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 def upgrade() -> None:
     with op.batch_alter_table("streams", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("method_options", sa.JSON(), nullable=False, server_default=sa.text("'{}'"))
-        )
+        for column in ("method_options", "consolidation"):
+            batch_op.add_column(
+                sa.Column(column, sa.JSON(), nullable=False, server_default=sa.text("'{}'"))
+            )
     with op.batch_alter_table("streams", schema=None) as batch_op:
-        batch_op.alter_column("method_options", server_default=None)
+        for column in ("method_options", "consolidation"):
+            batch_op.alter_column(column, server_default=None)
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("worker", sa.String(length=128), nullable=True))
@@ -97,4 +99,5 @@ def downgrade() -> None:
         batch_op.drop_column("worker")
         batch_op.drop_column("enqueued_at")
     with op.batch_alter_table("streams", schema=None) as batch_op:
+        batch_op.drop_column("consolidation")
         batch_op.drop_column("method_options")

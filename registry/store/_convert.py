@@ -52,6 +52,7 @@ def stream(row: StreamRow) -> Stream:
         hyperparams=dict(row.hyperparams),
         created_at=aware(row.created_at),
         method_options=dict(row.method_options or {}),
+        consolidation=dict(row.consolidation or {}),
     )
 
 

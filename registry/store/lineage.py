@@ -22,6 +22,7 @@ from registry.tables import (
     Base,
     DatasetRow,
     JobRow,
+    SnapshotAliasRow,
     SnapshotRow,
     StreamRow,
     TaskRow,
@@ -116,8 +117,19 @@ def _labels(s: Session, kind: NodeKind, ids: list[int]) -> list[tuple[int, str, 
             .join(StreamRow, StreamRow.id == SnapshotRow.stream_id)
             .where(SnapshotRow.id.in_(ids))
         ).all()
+        current = set(
+            s.scalars(
+                select(SnapshotAliasRow.snapshot_id).where(
+                    SnapshotAliasRow.alias == "current", SnapshotAliasRow.snapshot_id.in_(ids)
+                )
+            )
+        )
         return [
-            (r.id, f"{name} snapshot v{r.version}", {"stream": name, "version": r.version})
+            (
+                r.id,
+                f"{name} snapshot v{r.version}" + (" (current)" if r.id in current else ""),
+                {"stream": name, "version": r.version, "current": r.id in current},
+            )
             for r, name in snaps
         ]
     if kind is NodeKind.ADAPTER:

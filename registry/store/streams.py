@@ -40,6 +40,7 @@ class SqlStreamStore:
         hyperparams: dict[str, Any],
         base_digest: str | None = None,
         method_options: dict[str, Any] | None = None,
+        consolidation: dict[str, Any] | None = None,
     ) -> Stream:
         """Create a stream; with `base_digest` (a stored tree) its snapshot v0 comes in the same
         transaction, so a stream never exists half-imported."""
@@ -52,6 +53,7 @@ class SqlStreamStore:
             row = StreamRow(
                 name=name, base_source=base_source, method=method, hyperparams=hyperparams,
                 method_options=dict(method_options or {}),
+                consolidation=dict(consolidation or {}),
             )  # fmt: skip
             s.add(row)
             s.flush()
@@ -89,6 +91,13 @@ class SqlStreamStore:
                 .limit(limit)
             )
             return [convert.stream(r) for r in rows]
+
+    def set_consolidation(self, stream_id: int, policy: dict[str, Any]) -> Stream:
+        """Replace the stream's consolidation policy (validated by the caller)."""
+        with self._db.tx() as s:
+            row = _stream_row(s, stream_id, for_update=True)
+            row.consolidation = dict(policy)
+            return convert.stream(row)
 
     # -- snapshots ------------------------------------------------------------------------------
     def add_snapshot(
