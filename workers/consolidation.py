@@ -215,7 +215,8 @@ def _store(
         if subspace is not None:
             save_memory_adapter(subspace, Path(tmp) / MEMORY_DIR)
             extra = Path(tmp)
-        digest = store_model(inst, model, tokenizer, extra=extra)
+        parent_dir = fetch_tree(inst, parent.artifact_digest)  # its tokenizer files, as stored
+        digest = store_model(inst, model, parent_dir, extra=extra)
     old = read_manifest(inst.artifacts, parent.artifact_digest)["files"]
     new = read_manifest(inst.artifacts, digest)["files"]
     known = {f["digest"] for f in old.values()}

@@ -156,7 +156,8 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
         data = load_dataset(inst, reg.tasks.get_dataset_by_id(plan.dataset_id))
         model = strategy.prepare(base, history=history_dirs, hyper=plan.setup.hyper)
         digest, metrics = _fit(inst, job, reporter, model=model, strategy=strategy,
-                               tokenizer=tokenizer, plan=plan, data=data)  # fmt: skip
+                               tokenizer=tokenizer, plan=plan, data=data,
+                               memory=bool(memory))  # fmt: skip
         version = reg.adapters.create_version(
             task_id=plan.task.id, method=plan.setup.method, hyperparams=plan.setup.record(),
             base_snapshot_id=plan.snapshot.id, dataset_id=plan.dataset_id,
@@ -188,6 +189,7 @@ def _fit(
     tokenizer: Any,
     plan: _TrainPlan,
     data: TaskData,
+    memory: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Train the prepared model (from the job's newest checkpoint, if any) and store the new
     adapter; returns the adapter tree's digest and the training metrics."""
@@ -197,7 +199,8 @@ def _fit(
         reporter.event(f"resuming from the checkpoint at step {resume.step}")
     reporter.event(
         f"training {plan.task.name} with {plan.setup.method} on snapshot "
-        f"v{plan.snapshot.version} ({len(plan.history)} earlier adapters, "
+        f"v{plan.snapshot.version} ({len(plan.history)} earlier adapters"
+        f"{', the memory of the tasks folded into the snapshot' if memory else ''}, "
         f"{len(data.train)} examples)",
         metrics={"hyperparams": plan.setup.record()},
     )

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from continual.consolidation import MEMORY_DIR
 from continual.models import build_tiny_llama, load_causal_lm
 from registry.artifacts import get_tree, put_tree, split_per_tensor, validate_safetensors
+from registry.artifacts.weights import SHARD_INDEX
 from registry.entities import Snapshot
 from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
@@ -82,19 +83,30 @@ def load_source(source: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedToke
     return load_causal_lm(gguf.parent, gguf_file=gguf.name)
 
 
+MODEL_FILES = ("config.json", "generation_config.json", SHARD_INDEX)
+
+
 def store_model(
     inst: Instance,
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: PreTrainedTokenizerBase | Path,
     *,
     extra: Path | None = None,
 ) -> str:
     """Save a model + tokenizer as safetensors, one file per tensor (`split_per_tensor`), and
-    store the directory as a tree: snapshots share every tensor they do not change. The
-    folders in `extra` (e.g. O-LoRA's memory adapter) are stored beside the model."""
+    store the directory as a tree: snapshots share every tensor they do not change.
+
+    `tokenizer` may be a stored snapshot's directory, whose tokenizer files are copied as they
+    are (a re-saved tokenizer can differ in bytes though not in meaning). The folders in
+    `extra` (e.g. O-LoRA's memory adapter) are stored beside the model."""
     with tempfile.TemporaryDirectory(prefix="strata-snap-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        if isinstance(tokenizer, Path):
+            for file in tokenizer.iterdir():
+                if file.is_file() and file.name not in MODEL_FILES:
+                    shutil.copy2(file, Path(tmp) / file.name)
+        else:
+            tokenizer.save_pretrained(tmp)
         split_per_tensor(Path(tmp))
         if extra is not None:
             for folder in sorted(p for p in Path(extra).iterdir() if p.is_dir()):

@@ -285,7 +285,8 @@ def test_lineage_ancestors_and_descendants(registry: SqlRegistry) -> None:
 
     # "which snapshot folded task a": descendants of its adapter that are snapshots
     folded_by = [n for n in down.nodes if n.kind is NodeKind.SNAPSHOT]
-    assert [n.label for n in folded_by] == ["s1 snapshot v1"]
+    assert [n.label for n in folded_by] == ["s1 snapshot v1 (current)"]
+    assert folded_by[0].attributes["current"] is True
 
     shallow = registry.lineage.ancestors(NodeRef(NodeKind.SNAPSHOT, v1.id), max_depth=1)
     assert max(n.depth for n in shallow.nodes) == 1

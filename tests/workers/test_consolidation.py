@@ -1,0 +1,181 @@
+"""Consolidation jobs on both deployments: fold equivalence, lineage over two consolidations,
+the storage a consolidation adds, rollback, policies, and what is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+
+from continual.data import synthetic_tasks
+from registry.artifacts import read_manifest
+from registry.entities import Job, JobKind, JobState, NodeKind, NodeRef
+from registry.errors import InvalidValue
+from registry.instance import Instance
+from registry.settings import StrataSettings
+from workers import consolidation
+from workers.execution import execute
+from workers.models import fetch_tree, load_snapshot
+from workers.streams import create_stream, submit_task
+
+QV = {"target_modules": ["q_proj", "v_proj"], "max_steps": 6, "batch_size": 8, "rank": 4}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def send(self, job: Job) -> None:
+        self.sent.append(job.id)
+
+
+@pytest.fixture
+def inst(instance: Instance) -> Instance:
+    return dataclasses.replace(instance, settings=StrataSettings(heartbeat_s=0.5))
+
+
+def _train(inst: Instance, stream: Any, name: str, seed: int) -> Job:
+    data = synthetic_tasks(seed=seed, train_size=24, test_size=6)[seed % 3]
+    _, job = submit_task(inst, stream=stream, name=name, data=data, format="synthetic",
+                         params={"eval_limit": 6})  # fmt: skip
+    done = execute(inst, Recorder(), job.id, worker="w")
+    assert done is not None and done.state is JobState.SUCCEEDED, done
+    return done
+
+
+def _consolidate(inst: Instance, stream_id: int) -> Job:
+    job = inst.registry.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=stream_id)
+    done = execute(inst, Recorder(), job.id, worker="w")
+    assert done is not None
+    return done
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def test_two_consolidations_fold_exactly_share_tensors_trace_lineage_and_roll_back(
+    inst: Instance,
+) -> None:
+    reg = inst.registry
+    stream, v0 = create_stream(inst, name="s", base={"kind": "tiny"}, method="o-lora",
+                               hyperparams=QV)  # fmt: skip
+    _train(inst, stream, "a", 0)
+    _train(inst, stream, "b", 1)
+    folded_versions = reg.adapters.list_versions(stream_id=stream.id)
+    before = reg.evaluations.matrix(stream.id).values[1]
+    adapted = (
+        consolidation._setup(folded_versions[-1])
+        .strategy()
+        .inference_model(
+            load_snapshot(inst, v0)[0],
+            history=[fetch_tree(inst, v.artifact_digest or "") for v in folded_versions],
+        )
+    )
+    job = _consolidate(inst, stream.id)
+    assert job.state is JobState.SUCCEEDED, job.error
+    v1 = reg.streams.current_snapshot(stream.id)
+    assert v1.version == 1 and v1.parent_id == v0.id
+    assert v1.folded_adapter_ids == tuple(v.id for v in folded_versions)
+    # the new snapshot alone computes what the old one computed with its adapters
+    torch.testing.assert_close(_logits(load_snapshot(inst, v1)[0]), _logits(adapted),
+                               rtol=0, atol=1e-4)  # fmt: skip
+    events = reg.jobs.events(job.id, limit=1000)
+    gap = next(e.metrics for e in events if e.metrics and "fold_max_abs_logit_diff" in e.metrics)
+    assert gap["fold_max_abs_logit_diff"] <= consolidation.FOLD_ATOL
+    # every task re-evaluated on the new snapshot: the same function, the same accuracies
+    after = reg.evaluations.matrix(stream.id).values[1]
+    assert after == pytest.approx(before)
+    # storage: only the adapted projections (q, v of 2 layers) and O-LoRA's memory are new
+    sizes = next(e.metrics for e in events if e.metrics and "bytes_added" in e.metrics)
+    old = read_manifest(inst.artifacts, v0.artifact_digest)["files"]
+    new = read_manifest(inst.artifacts, v1.artifact_digest)["files"]
+    changed = sorted(rel for rel, f in new.items() if old.get(rel) != f)
+    assert changed == [
+        "olora_memory/adapter_config.json", "olora_memory/adapter_model.safetensors",
+        *(f"tensors/model.layers.{i}.self_attn.{p}_proj.weight.safetensors"
+          for i in range(2) for p in "qv"),
+    ]  # fmt: skip
+    assert sizes["bytes_added"] == sum(new[rel]["size"] for rel in changed)
+    assert sizes["bytes_added"] < 0.5 * sizes["snapshot_bytes"]
+
+    # the next task trains on v1 with no adapters but O-LoRA's memory of a and b
+    c = _train(inst, stream, "c", 2)
+    vc = reg.adapters.list_versions(stream_id=stream.id)[-1]
+    assert vc.base_snapshot_id == v1.id and vc.depends_on == ()
+    messages = [e.message for e in reg.jobs.events(c.id, limit=1000)]
+    assert any("0 earlier adapters, the memory of the tasks folded" in m for m in messages)
+    second = _consolidate(inst, stream.id)
+    assert second.state is JobState.SUCCEEDED, second.error
+    v2 = reg.streams.current_snapshot(stream.id)
+    graph = reg.lineage.ancestors(NodeRef(NodeKind.SNAPSHOT, v2.id))
+    nodes = {(n.kind, n.id) for n in graph.nodes}
+    assert {(NodeKind.SNAPSHOT, v1.id), (NodeKind.SNAPSHOT, v0.id)} <= nodes
+    every = reg.adapters.list_versions(stream_id=stream.id)
+    assert {(NodeKind.ADAPTER, v.id) for v in every} <= nodes
+    assert {(NodeKind.DATASET, v.dataset_id) for v in every} <= nodes
+    assert {(NodeKind.JOB, job.id), (NodeKind.JOB, second.id)} <= nodes
+
+    # rollback to v1: the next task trains on v1 with c's adapter; nothing is deleted
+    reg.streams.set_current_snapshot(stream_id=stream.id, snapshot_id=v1.id)
+    d = _train(inst, stream, "d", 0)
+    vd = reg.adapters.list_versions(stream_id=stream.id)[-1]
+    assert vd.base_snapshot_id == v1.id and vd.depends_on == (vc.id,)
+    assert [s.version for s in reg.streams.list_snapshots(stream.id)] == [0, 1, 2]
+    labels = [n.label for n in reg.lineage.ancestors(NodeRef(NodeKind.ADAPTER, vd.id)).nodes]
+    assert "s snapshot v1 (current)" in labels and d.state is JobState.SUCCEEDED
+
+
+def test_a_policy_queues_a_consolidation_every_k_tasks(inst: Instance) -> None:
+    stream, _ = create_stream(inst, name="s", base={"kind": "tiny"}, method="inc-lora",
+                              hyperparams=QV, consolidation={"every_tasks": 2})  # fmt: skip
+    _train(inst, stream, "a", 0)
+    assert inst.registry.jobs.list_jobs(stream_id=stream.id, state=JobState.QUEUED) == []
+    data = synthetic_tasks(seed=1, train_size=24, test_size=6)[1]
+    _, job = submit_task(inst, stream=stream, name="b", data=data, format="synthetic",
+                         params={"eval_limit": 6})  # fmt: skip
+    out = Recorder()
+    execute(inst, out, job.id, worker="w")
+    queued = inst.registry.jobs.list_jobs(stream_id=stream.id, state=JobState.QUEUED)
+    assert [j.kind for j in queued] == [JobKind.CONSOLIDATE] and out.sent == [queued[0].id]
+    assert "2 adapters" in queued[0].params["reason"]
+    assert execute(inst, out, queued[0].id, worker="w").state is JobState.SUCCEEDED  # type: ignore[union-attr]
+    assert inst.registry.streams.current_snapshot(stream.id).version == 1
+    bad = [({"every_tasks": 0}, "every_tasks"), ({"sometimes": 1}, "sometimes")]
+    for policy, field in bad:
+        with pytest.raises(InvalidValue) as exc:
+            create_stream(inst, name="t", base={"kind": "tiny"}, consolidation=policy)
+        assert exc.value.field == field
+
+
+def test_am_lora_and_unverified_folds_leave_the_stream_on_its_snapshot(
+    inst: Instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(InvalidValue) as exc:
+        create_stream(inst, name="am", base={"kind": "tiny"}, method="am-lora",
+                      consolidation={"every_tasks": 2})  # fmt: skip
+    assert exc.value.field == "consolidation"
+    am, am_v0 = create_stream(inst, name="am", base={"kind": "tiny"}, method="am-lora",
+                              hyperparams=QV)  # fmt: skip
+    _train(inst, am, "a", 0)
+    refused = _consolidate(inst, am.id)
+    assert refused.state is JobState.FAILED and refused.error is not None
+    assert "am-lora" in refused.error.message and refused.error.code == "invalid_value"
+    assert inst.registry.streams.current_snapshot(am.id).id == am_v0.id
+
+    empty, empty_v0 = create_stream(inst, name="empty", base={"kind": "tiny"}, hyperparams=QV)
+    nothing = _consolidate(inst, empty.id)
+    assert nothing.state is JobState.FAILED and nothing.error is not None
+    assert nothing.error.code == "conflict"
+
+    _train(inst, empty, "a", 0)
+    monkeypatch.setattr(consolidation, "FOLD_ATOL", -1.0)  # no fold can pass this check
+    failed = _consolidate(inst, empty.id)
+    assert failed.state is JobState.FAILED and failed.error is not None
+    assert "stays on snapshot v0" in failed.error.message
+    assert inst.registry.streams.current_snapshot(empty.id).id == empty_v0.id
+    assert len(inst.registry.streams.list_snapshots(empty.id)) == 1
