@@ -47,5 +47,4 @@ def test_seq_lora_demo_learns_every_task_and_forgets(
     for adapter in result.adapters:
         assert sorted(f.name for f in adapter.iterdir()) == sorted(ADAPTER_FILES)
     assert len(result.train_results) == 3
-    assert result.seconds < 120
     assert any("after color" in r.getMessage() for r in caplog.records)
