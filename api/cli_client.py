@@ -56,8 +56,14 @@ def _sets(pairs: list[str]) -> dict[str, Any]:
 
 # -- streams and tasks ---------------------------------------------------------------------------
 def streams_create(c: StrataClient, a: argparse.Namespace) -> int:
-    body = {"name": a.name, "base": _base(a.base), "method": a.method, "hyperparams": _sets(a.set),
-            "method_options": _sets(a.option)}  # fmt: skip
+    body = {
+        "name": a.name,
+        "base": _base(a.base),
+        "method": a.method,
+        "hyperparams": _sets(a.set),
+        "method_options": _sets(a.option),
+        "consolidation": {"every_tasks": a.every_tasks},
+    }
     _show(c.request("POST", "/streams", json=body))
     return 0
 
@@ -70,6 +76,37 @@ def streams_list(c: StrataClient, _a: argparse.Namespace) -> int:
 
 def streams_show(c: StrataClient, a: argparse.Namespace) -> int:
     _show(c.request("GET", f"/streams/{a.name}"))
+    return 0
+
+
+def streams_policy(c: StrataClient, a: argparse.Namespace) -> int:
+    body = {k: getattr(a, k) for k in ("every_tasks", "max_adapters", "max_rank")}
+    s = c.request("PUT", f"/streams/{a.name}/consolidation", json=body)
+    print(f"{s['name']}: consolidation policy {s['consolidation'] or 'off'}")
+    return 0
+
+
+def streams_consolidate(c: StrataClient, a: argparse.Namespace) -> int:
+    job = c.request("POST", f"/streams/{a.name}/consolidate", json={})
+    print(f"consolidation job {job['id']} queued")
+    return watch(c, job["id"]) if a.watch else 0
+
+
+def snapshots_list(c: StrataClient, a: argparse.Namespace) -> int:
+    for s in c.request("GET", f"/streams/{a.stream}/snapshots")["data"]:
+        folded = (
+            f" folds {len(s['folded_adapter_ids'])} adapters" if s["folded_adapter_ids"] else ""
+        )
+        print(
+            f"v{s['version']:<3} {s['artifact_digest'][:12]}{folded}"
+            + (" (current)" if s["current"] else "")
+        )
+    return 0
+
+
+def snapshots_activate(c: StrataClient, a: argparse.Namespace) -> int:
+    s = c.request("POST", f"/streams/{a.stream}/snapshots/{a.version}/activate")
+    print(f"stream {a.stream} now on snapshot v{s['version']}")
     return 0
 
 
@@ -298,8 +335,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the method, e.g. lambda1=0.1 for o-lora")  # fmt: skip
+    p.add_argument("--every-tasks", type=int, help="consolidate every N tasks")
     command(streams, "list", streams_list)
     command(streams, "show", streams_show).add_argument("name")
+    p = command(streams, "policy", streams_policy, "set the consolidation policy")
+    p.add_argument("name")
+    p.add_argument("--every-tasks", type=int)
+    p.add_argument("--max-adapters", type=int)
+    p.add_argument("--max-rank", type=int)
+    p = command(streams, "consolidate", streams_consolidate, "fold the adapters into a snapshot")
+    p.add_argument("name")
+    p.add_argument("--watch", action="store_true")
+
+    snapshots = group("snapshots", "list a stream's snapshots; roll back to one")
+    command(snapshots, "list", snapshots_list).add_argument("stream")
+    p = command(snapshots, "activate", snapshots_activate, "point the stream at a snapshot")
+    p.add_argument("stream")
+    p.add_argument("version", type=int)
 
     tasks = group("tasks", "submit a dataset as the stream's next task; list tasks")
     p = command(tasks, "submit", tasks_submit)

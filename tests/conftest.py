@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from minio import Minio
 from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, create_engine, text
@@ -20,6 +21,12 @@ from registry.db import make_engine, migrate
 from registry.instance import Instance
 from registry.store import SqlRegistry
 from registry.tables import Base
+
+# One intra-op thread: the tests' models are tiny, and several test processes (Celery workers,
+# `strata serve`) run at once; OpenMP threads that outnumber the cores spin-wait on each other
+# (a tiny model's training step took 15-35x longer with 2 threads beside another busy process).
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the processes tests start
+torch.set_num_threads(1)
 
 # The server CI starts; its `test` database is only used to create a throwaway one per run.
 PG_ADMIN_URL = os.environ.get("STRATA_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")

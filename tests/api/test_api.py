@@ -312,3 +312,30 @@ def test_schedules_create_list_delete_and_refuse_bad_input(api: Api) -> None:
     assert c.delete(f"/v1/schedules/{made.json()['id']}", headers=h).status_code == 204
     _problem(c.delete(f"/v1/schedules/{made.json()['id']}", headers=h), 404, "schedule")
     assert c.get("/v1/streams/s1/schedules", headers=h).json()["count"] == 0
+
+
+def test_consolidation_routes_refuse_what_cannot_be_folded(api: Api) -> None:
+    c, h = api.client, api.auth("write")
+    made = c.post("/v1/streams", headers=h, json={"name": "s", "base": {"kind": "tiny"},
+                  "consolidation": {"every_tasks": 2}})  # fmt: skip
+    assert made.status_code == 201 and made.json()["consolidation"] == {"every_tasks": 2}
+    policy = c.put("/v1/streams/s/consolidation", json={"max_rank": 64}, headers=h)
+    assert policy.json()["consolidation"] == {"max_rank": 64}
+    _problem(c.put("/v1/streams/s/consolidation", json={"max_rank": 0}, headers=h), 422, "max_rank")
+    _problem(c.put("/v1/streams/s/consolidation", json={"often": 1}, headers=h), 422, "often")
+    queued = c.post("/v1/streams/s/consolidate", json={}, headers=h)
+    assert queued.status_code == 202 and queued.json()["kind"] == "consolidate"
+    assert api.dispatcher.sent == [queued.json()["id"]]
+    am = c.post("/v1/streams", headers=h, json={"name": "am", "base": {"kind": "tiny"},
+                "method": "am-lora"})  # fmt: skip
+    assert am.status_code == 201
+    _problem(c.post("/v1/streams/am/consolidate", json={}, headers=h), 422, "method")
+    _problem(c.put("/v1/streams/am/consolidation", json={"every_tasks": 2}, headers=h), 422,
+             "consolidation")  # fmt: skip
+    am2 = {"name": "am2", "base": {"kind": "tiny"}, "method": "am-lora",
+           "consolidation": {"every_tasks": 1}}  # fmt: skip
+    _problem(c.post("/v1/streams", headers=h, json=am2), 422, "consolidation")
+    _problem(c.post("/v1/streams/s/snapshots/7/activate", headers=h), 404)
+    activated = c.post("/v1/streams/s/snapshots/0/activate", headers=h)
+    assert activated.status_code == 200 and activated.json()["current"] is True
+    _problem(c.post("/v1/streams/s/snapshots/0/activate", headers=api.auth("read")), 403)

@@ -111,6 +111,15 @@ def test_serve_and_the_cli_from_stream_to_download(
     assert "retrain" in run("schedules", "list", "news")
     run("schedules", "delete", "1")
 
+    # consolidation folds the adapter into snapshot v1; rolling back moves the pointer only
+    out = run("streams", "consolidate", "news", "--watch")
+    assert "job 2 succeeded" in out
+    assert "v1" in run("snapshots", "list", "news").splitlines()[-1]
+    assert "(current)" in run("snapshots", "list", "news").splitlines()[-1]
+    assert "now on snapshot v0" in run("snapshots", "activate", "news", "0")
+    assert "(current)" in run("snapshots", "list", "news").splitlines()[0]
+    assert "every_tasks" in run("streams", "policy", "news", "--every-tasks", "3")
+
     # errors are one clear line and exit code 2
     assert main(["streams", "show", "nope", *auth]) == 2
     assert "error (404)" in capsys.readouterr().err
