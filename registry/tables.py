@@ -138,6 +138,10 @@ class JobRow(Base):
     worker: Mapped[str | None] = mapped_column(String(128))
     checkpoint_digest: Mapped[str | None] = mapped_column(String(64))
     checkpoint_step: Mapped[int] = mapped_column(Integer, default=0)
+    # A stream runs its state-changing jobs in `order_key` order: 2 * id (submission order), or
+    # 2 * id + 1 of the job a job must follow directly (a consolidation a policy queued after a
+    # task runs before the tasks submitted meanwhile).
+    sequence: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class LeaseRow(Base):

@@ -95,9 +95,9 @@ def due(inst: Instance, stream: Stream) -> str | None:
     return None
 
 
-def queue_if_due(inst: Instance, stream_id: int) -> Job | None:
+def queue_if_due(inst: Instance, stream_id: int, *, after_job: int) -> Job | None:
     """Queue a consolidation when the stream's policy says so and none is pending already; it
-    runs after the jobs queued before it (the stream's order)."""
+    runs right after `after_job` (the task that made it due), before tasks submitted since."""
     stream = inst.registry.streams.get_by_id(stream_id)
     reason = due(inst, stream)
     if reason is None:
@@ -106,7 +106,10 @@ def queue_if_due(inst: Instance, stream_id: int) -> Job | None:
     if any(j.kind is JobKind.CONSOLIDATE and not j.state.terminal for j in open_jobs):
         return None
     job = inst.registry.jobs.create(
-        kind=JobKind.CONSOLIDATE, stream_id=stream_id, params={"reason": reason}
+        kind=JobKind.CONSOLIDATE,
+        stream_id=stream_id,
+        params={"reason": reason},
+        after_job=after_job,
     )
     log.info("stream %s: consolidation queued (%s)", stream.name, reason)
     return job

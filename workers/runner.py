@@ -70,7 +70,7 @@ def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -
         log.exception("job %s failed", job.id)
         return _fail(inst, reporter, job.id, code="internal_error", message=repr(exc))
     if job.kind in (JobKind.TRAIN, JobKind.RETRAIN) and job.stream_id is not None:
-        queued = queue_if_due(inst, job.stream_id)
+        queued = queue_if_due(inst, job.stream_id, after_job=job.id)
         if queued is not None:
             reporter.event(f"queued consolidation job {queued.id}: {queued.params['reason']}")
     reporter.event("succeeded")

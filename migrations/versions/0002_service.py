@@ -33,6 +33,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("worker", sa.String(length=128), nullable=True))
         batch_op.add_column(sa.Column("checkpoint_digest", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("sequence", sa.BigInteger(), nullable=True))
         batch_op.add_column(
             sa.Column("checkpoint_step", sa.Integer(), nullable=False, server_default="0")
         )
@@ -95,6 +96,7 @@ def downgrade() -> None:
     op.drop_table("leases")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_column("checkpoint_step")
+        batch_op.drop_column("sequence")
         batch_op.drop_column("checkpoint_digest")
         batch_op.drop_column("worker")
         batch_op.drop_column("enqueued_at")

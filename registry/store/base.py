@@ -119,6 +119,7 @@ class JobStore(Protocol):
         task_id: int | None = None,
         params: dict[str, Any] | None = None,
         dataset_id: int | None = None,
+        after_job: int | None = None,
     ) -> Job: ...
     def get(self, job_id: int) -> Job: ...
     def list_jobs(

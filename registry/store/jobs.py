@@ -40,8 +40,11 @@ def insert_job(
     task_id: int | None,
     params: dict[str, Any],
     dataset_id: int | None = None,
+    after_job: int | None = None,
 ) -> JobRow:
-    """Insert a queued job inside the caller's transaction (so it commits with its rows)."""
+    """Insert a queued job inside the caller's transaction (so it commits with its rows).
+
+    `after_job`: run right after that job of the stream, before jobs submitted since."""
     if stream_id is not None and s.get(StreamRow, stream_id) is None:
         raise InvalidReference(f"stream {stream_id} does not exist", field="stream_id")
     if task_id is not None:
@@ -58,6 +61,11 @@ def insert_job(
         cancel_requested=False,
         attempts=0,
     )
+    if after_job is not None:
+        anchor = s.get(JobRow, after_job)
+        if anchor is None or anchor.stream_id != stream_id:
+            raise InvalidReference(f"job {after_job} is not a job of the stream", field="after_job")
+        row.sequence = (anchor.sequence if anchor.sequence is not None else 2 * anchor.id) + 1
     s.add(row)
     s.flush()
     if dataset_id is not None:
@@ -81,6 +89,7 @@ class SqlJobStore:
         task_id: int | None = None,
         params: dict[str, Any] | None = None,
         dataset_id: int | None = None,
+        after_job: int | None = None,
     ) -> Job:
         with self._db.tx() as s:
             row = insert_job(
@@ -90,6 +99,7 @@ class SqlJobStore:
                 task_id=task_id,
                 params=params or {},
                 dataset_id=dataset_id,
+                after_job=after_job,
             )
             return convert.job(row)
 
@@ -172,7 +182,8 @@ class SqlJobStore:
             now = utcnow()
             if job.sequenced:
                 assert row.stream_id is not None
-                earlier = s.scalar(_earlier_open_job(row.stream_id, before_id=job_id))
+                mine = row.sequence if row.sequence is not None else 2 * row.id
+                earlier = s.scalar(_earlier_open_job(row.stream_id, before=mine))
                 if earlier is not None:
                     reason = f"waiting for job {earlier} of the stream"
                     return Claim(job=job, claimed=False, waiting_for=earlier, reason=reason)
@@ -226,7 +237,7 @@ class SqlJobStore:
     def next_in_stream(self, stream_id: int) -> Job | None:
         """The stream's earliest unfinished state-changing job, if it is waiting to run."""
         with self._db.tx() as s:
-            first = s.scalar(_earlier_open_job(stream_id, before_id=None))
+            first = s.scalar(_earlier_open_job(stream_id, before=None))
             if first is None:
                 return None
             row = _job_row(s, first)
@@ -239,7 +250,7 @@ class SqlJobStore:
         earlier = aliased(JobRow)
         blocked = exists().where(
             earlier.stream_id == JobRow.stream_id,
-            earlier.id < JobRow.id,
+            _order_key(earlier) < _order_key(),
             earlier.kind.in_(_SEQUENCED),
             earlier.state.in_(_OPEN),
         )
@@ -317,12 +328,21 @@ def job_holder(job_id: int) -> str:
     return f"job:{job_id}"
 
 
-def _earlier_open_job(stream_id: int, *, before_id: int | None) -> Select[Any]:
-    """The id of the stream's earliest queued or running state-changing job (before a job)."""
-    query = select(func.min(JobRow.id)).where(
-        JobRow.stream_id == stream_id, JobRow.kind.in_(_SEQUENCED), JobRow.state.in_(_OPEN)
+def _order_key(job: type[JobRow] | Any = JobRow) -> Any:
+    """Where a job stands in its stream's order (see `JobRow.sequence`)."""
+    return func.coalesce(job.sequence, job.id * 2)
+
+
+def _earlier_open_job(stream_id: int, *, before: Any | None) -> Select[Any]:
+    """The id of the stream's first queued or running state-changing job (before `before`, an
+    order key)."""
+    query = (
+        select(JobRow.id)
+        .where(JobRow.stream_id == stream_id, JobRow.kind.in_(_SEQUENCED), JobRow.state.in_(_OPEN))
+        .order_by(_order_key(), JobRow.id)
+        .limit(1)
     )
-    return query if before_id is None else query.where(JobRow.id < before_id)
+    return query if before is None else query.where(_order_key() < before)
 
 
 def _job_row(s: Session, job_id: int) -> JobRow:

@@ -224,3 +224,20 @@ def test_schedules_refuse_bad_input(registry: SqlRegistry) -> None:
         assert (
             conn.execute(JobRow.__table__.select().where(JobRow.kind == "consolidate")).all() == []
         )
+
+
+def test_a_job_queued_after_another_runs_before_later_submissions(registry: SqlRegistry) -> None:
+    s1, s2 = _stream(registry, "s1"), _stream(registry, "s2")
+    a, b = _submit(registry, s1, "a"), _submit(registry, s1, "b")
+    fold = registry.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=s1, after_job=a).id
+    assert registry.jobs.claim(fold, worker="w").waiting_for == a
+    assert registry.jobs.claim(a, worker="w").claimed
+    registry.jobs.transition(a, JobState.SUCCEEDED)
+    nxt = registry.jobs.next_in_stream(s1)
+    assert nxt is not None and nxt.id == fold  # not b, though b is older
+    assert registry.jobs.claim(b, worker="w").waiting_for == fold
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    assert [j.id for j in registry.jobs.queued_heads(enqueued_before=later)] == [fold]
+    with pytest.raises(InvalidReference) as exc:
+        registry.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=s2, after_job=a)
+    assert exc.value.field == "after_job"

@@ -130,21 +130,32 @@ def test_two_consolidations_fold_exactly_share_tensors_trace_lineage_and_roll_ba
     assert "s snapshot v1 (current)" in labels and d.state is JobState.SUCCEEDED
 
 
-def test_a_policy_queues_a_consolidation_every_k_tasks(inst: Instance) -> None:
+def test_a_policy_consolidates_after_every_k_tasks_before_later_submissions(
+    inst: Instance,
+) -> None:
     stream, _ = create_stream(inst, name="s", base={"kind": "tiny"}, method="inc-lora",
                               hyperparams=QV, consolidation={"every_tasks": 2})  # fmt: skip
-    _train(inst, stream, "a", 0)
-    assert inst.registry.jobs.list_jobs(stream_id=stream.id, state=JobState.QUEUED) == []
-    data = synthetic_tasks(seed=1, train_size=24, test_size=6)[1]
-    _, job = submit_task(inst, stream=stream, name="b", data=data, format="synthetic",
-                         params={"eval_limit": 6})  # fmt: skip
+    jobs = []
+    for i, name in enumerate(("a", "b", "c")):  # all three submitted at once
+        data = synthetic_tasks(seed=i, train_size=24, test_size=6)[i]
+        jobs.append(submit_task(inst, stream=stream, name=name, data=data, format="synthetic",
+                                params={"eval_limit": 6})[1])  # fmt: skip
     out = Recorder()
-    execute(inst, out, job.id, worker="w")
+    execute(inst, out, jobs[0].id, worker="w")
     queued = inst.registry.jobs.list_jobs(stream_id=stream.id, state=JobState.QUEUED)
-    assert [j.kind for j in queued] == [JobKind.CONSOLIDATE] and out.sent == [queued[0].id]
-    assert "2 adapters" in queued[0].params["reason"]
-    assert execute(inst, out, queued[0].id, worker="w").state is JobState.SUCCEEDED  # type: ignore[union-attr]
-    assert inst.registry.streams.current_snapshot(stream.id).version == 1
+    assert [j.id for j in queued] == [j.id for j in jobs[1:]]  # not due after one task
+    execute(inst, out, jobs[1].id, worker="w")
+    fold = next(j for j in inst.registry.jobs.list_jobs(stream_id=stream.id)
+                if j.kind is JobKind.CONSOLIDATE)  # fmt: skip
+    assert "2 adapters" in fold.params["reason"]
+    assert out.sent[-1] == fold.id  # handed over before c, which was submitted earlier
+    assert execute(inst, out, jobs[2].id, worker="w") is None  # c waits for the fold
+    assert execute(inst, out, fold.id, worker="w").state is JobState.SUCCEEDED  # type: ignore[union-attr]
+    assert out.sent[-1] == jobs[2].id
+    assert execute(inst, out, jobs[2].id, worker="w").state is JobState.SUCCEEDED  # type: ignore[union-attr]
+    v1 = inst.registry.streams.current_snapshot(stream.id)
+    c = inst.registry.adapters.list_versions(stream_id=stream.id)[-1]
+    assert v1.version == 1 and c.base_snapshot_id == v1.id and c.depends_on == ()
     bad = [({"every_tasks": 0}, "every_tasks"), ({"sometimes": 1}, "sometimes")]
     for policy, field in bad:
         with pytest.raises(InvalidValue) as exc:
