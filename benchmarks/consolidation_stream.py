@@ -41,18 +41,26 @@ def learn(
     base = {"kind": "smollm2"} if args.model == "smollm2" else {"kind": "tiny", "seed": args.seed}
     started = time.perf_counter()
     stream, _ = create_stream(inst, name=name, base=base, method=args.method, hyperparams=hyper)
-    fold: dict[str, Any] = {}
-    for position, task in enumerate(args.order.split(",")):
+    jobs = []
+    for task in args.order.split(","):  # all submitted first: every row measures every task
         data = load_cl_benchmark(args.data, task, train_limit=args.train_per_task,
                                  test_limit=args.eval_per_task, seed=args.seed)  # fmt: skip
-        _, job = submit_task(inst, stream=stream, name=task, data=data, format="cl_benchmark",
-                             params={"eval_limit": args.eval_per_task})  # fmt: skip
+        jobs.append(submit_task(inst, stream=stream, name=task, data=data, format="cl_benchmark",
+                                params={"eval_limit": args.eval_per_task})[1])  # fmt: skip
+    fold: dict[str, Any] = {}
+    while (job := inst.registry.jobs.next_in_stream(stream.id)) is not None:
+        started_job = time.perf_counter()
         done = run_job(inst, job.id)
-        log.info("%s: %s %s", name, task, done.state)
+        log.info("%s: job %s (%s) %s", name, job.id, job.kind, done.state)
         if done.state is not JobState.SUCCEEDED:
             raise SystemExit(f"{name}: job {job.id} {done.state}: {done.error}")
-        if fold_after is not None and position + 1 == fold_after:
-            fold = _consolidate(inst, stream.id)
+        if job.kind is JobKind.CONSOLIDATE:
+            fold = {"seconds": time.perf_counter() - started_job}
+            for event in inst.registry.jobs.events(job.id, limit=1000):
+                fold.update(event.metrics or {})
+        elif fold_after is not None and job.id == jobs[fold_after - 1].id:
+            inst.registry.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=stream.id,
+                                      after_job=job.id)  # fmt: skip
     matrix = inst.registry.evaluations.matrix(stream.id)
     learned = accuracy_matrix(matrix)
     return {
@@ -67,18 +75,6 @@ def learn(
         "consolidation": fold,
         "table": learned.format_table(list(matrix.task_names)),
     }
-
-
-def _consolidate(inst: Instance, stream_id: int) -> dict[str, Any]:
-    job = inst.registry.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=stream_id)
-    started = time.perf_counter()
-    done = run_job(inst, job.id)
-    if done.state is not JobState.SUCCEEDED:
-        raise SystemExit(f"consolidation failed: {done.error}")
-    out: dict[str, Any] = {"seconds": time.perf_counter() - started}
-    for event in inst.registry.jobs.events(job.id, limit=1000):
-        out.update(event.metrics or {})
-    return out
 
 
 def _sets(pairs: list[str]) -> dict[str, Any]:
