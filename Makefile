@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install compose-tool
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,5 +25,12 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: $(BIN)/.installed lint
+# tests/test_compose.py validates docker-compose.yml with Debian's docker-compose (no daemon).
+compose-tool:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q docker-compose >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q docker-compose >/dev/null; }; }
+
+test: $(BIN)/.installed lint compose-tool
 	$(BIN)/pytest -q
