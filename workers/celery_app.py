@@ -41,6 +41,7 @@ def make_celery(settings: StrataSettings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=True,  # for Flower
         task_send_sent_event=True,
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
     )
     return app
 

@@ -11,16 +11,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import random
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,13 +22,12 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 
 from api.app import create_app
 from continual.data import synthetic_tasks
 from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
-from tests.conftest import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, fresh_database
+from tests.harness import celery_workers, serve, server_env, settings_kwargs
 from workers.celery_app import CeleryDispatcher, make_celery
 from workers.execution import Dispatcher
 from workers.inprocess import InProcessWorker
@@ -57,79 +49,16 @@ class Service:
     headers: dict[str, str]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def _serve(app: Any) -> Iterator[str]:
-    """The app on a real HTTP server (uvicorn) on a loopback port."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def _server_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    db_url = fresh_database(request, "postgresql")
-    endpoint: str = request.getfixturevalue("s3_endpoint")
-    broker = f"redis://127.0.0.1:6379/{random.randint(1, 15)}"
-    redis.Redis.from_url(broker).flushdb()
-    env = {
-        "STRATA_DATABASE_URL": db_url, "STRATA_ARTIFACT_BACKEND": "minio",
-        "STRATA_MINIO_ENDPOINT": endpoint, "STRATA_MINIO_ACCESS_KEY": S3_ACCESS_KEY,
-        "STRATA_MINIO_SECRET_KEY": S3_SECRET_KEY, "STRATA_MINIO_REGION": S3_REGION,
-        "STRATA_MINIO_BUCKET": f"strata-e2e-{random.randrange(16**8):08x}",
-        "STRATA_BROKER_URL": broker, "STRATA_DATA_DIR": str(tmp_path / "api"),
-    }  # fmt: skip
-    env.update({f"STRATA_{k.upper()}": v for k, v in WORKER_KNOBS.items()})
-    return env
-
-
-@contextmanager
-def _celery_workers(env: dict[str, str], tmp_path: Path, count: int) -> Iterator[None]:
-    """`count` GPU-style worker processes (solo pool, queue `train`), each its own data dir."""
-    procs = []
-    for i in range(count):
-        log = (tmp_path / f"worker{i}.log").open("w")
-        worker_env = {**os.environ, **env, "STRATA_DATA_DIR": str(tmp_path / f"worker{i}")}
-        cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
-               "train,default", "-P", "solo", "-c", "1", "-n", f"w{i}@%h", "--without-gossip",
-               "--without-mingle", "--loglevel=INFO"]  # fmt: skip
-        procs.append((subprocess.Popen(cmd, env=worker_env, cwd=REPO, stdout=log,
-                                       stderr=subprocess.STDOUT), log))  # fmt: skip
-    try:
-        yield
-    finally:
-        for proc, _ in procs:
-            proc.terminate()
-        for proc, log in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            log.close()
-
-
 @pytest.fixture(params=["server", "embedded"])
 def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]:
     if request.param == "server":
-        env = _server_env(request, tmp_path)
-        settings = StrataSettings(**{k[7:].lower(): v for k, v in env.items()})
+        env = server_env(request, tmp_path)
+        env.update({f"STRATA_{k.upper()}": v for k, v in WORKER_KNOBS.items()})
+        settings = StrataSettings(**settings_kwargs(env))
         inst = open_instance(settings, upgrade=False)
         dispatcher: Dispatcher = CeleryDispatcher(make_celery(settings))
-        with _celery_workers(env, tmp_path, count=2), _serve(create_app(inst, dispatcher)) as url:
+        workers = celery_workers(env, tmp_path / "workers", count=2)
+        with workers, serve(create_app(inst, dispatcher)) as url:
             yield _service(url, inst, dispatcher)
         redis.Redis.from_url(settings.broker_url).flushdb()
     else:
@@ -139,7 +68,7 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]
         inst = open_instance(settings)
         worker = InProcessWorker(inst, threads=2, scheduler=False).start()
         try:
-            with _serve(create_app(inst, worker)) as url:
+            with serve(create_app(inst, worker)) as url:
                 yield _service(url, inst, worker)
         finally:
             worker.stop(timeout=60)

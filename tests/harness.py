@@ -1,0 +1,174 @@
+"""Real parts for service tests: Celery worker processes, a private Redis, an HTTP server.
+
+Every helper is a context manager that leaves nothing running behind it."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import uvicorn
+
+from tests.conftest import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, fresh_database
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """The app on a real HTTP server (uvicorn) on a loopback port; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def server_env(
+    request: pytest.FixtureRequest, tmp_path: Path, *, broker: str | None = None
+) -> dict[str, str]:
+    """STRATA_* variables of a server deployment: a fresh PostgreSQL database, a fresh bucket on
+    the S3 test server, and a Redis database (a throwaway number on 127.0.0.1:6379 by default)."""
+    db_url = fresh_database(request, "postgresql")
+    endpoint: str = request.getfixturevalue("s3_endpoint")
+    if broker is None:
+        broker = f"redis://127.0.0.1:6379/{random.randint(1, 15)}"
+        redis.Redis.from_url(broker).flushdb()
+    return {
+        "STRATA_DATABASE_URL": db_url, "STRATA_ARTIFACT_BACKEND": "minio",
+        "STRATA_MINIO_ENDPOINT": endpoint, "STRATA_MINIO_ACCESS_KEY": S3_ACCESS_KEY,
+        "STRATA_MINIO_SECRET_KEY": S3_SECRET_KEY, "STRATA_MINIO_REGION": S3_REGION,
+        "STRATA_MINIO_BUCKET": f"strata-test-{random.randrange(16**8):08x}",
+        "STRATA_BROKER_URL": broker, "STRATA_DATA_DIR": str(tmp_path / "api"),
+    }  # fmt: skip
+
+
+def settings_kwargs(env: dict[str, str]) -> dict[str, str]:
+    """`StrataSettings(**...)` arguments from STRATA_* variables."""
+    return {k.removeprefix("STRATA_").lower(): v for k, v in env.items() if k.startswith("STRATA_")}
+
+
+@dataclass
+class Workers:
+    """Celery worker processes (solo pool, queues train and default), each with its data dir."""
+
+    env: dict[str, str]
+    root: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("ab")
+        env = {**os.environ, **self.env, "STRATA_DATA_DIR": str(self.root / name)}
+        cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
+               "train,default", "-P", "solo", "-c", "1", "-n", f"{name}@%h", "--without-gossip",
+               "--without-mingle", "--loglevel=INFO"]  # fmt: skip
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL: the worker dies mid-whatever, with no chance to clean up."""
+        os.kill(pid, signal.SIGKILL)
+        for proc in self.procs.values():
+            if proc.pid == pid:
+                proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+    def logs(self, *, tail: int | None = None) -> str:
+        texts = (p.read_text(errors="replace") for p in sorted(self.root.glob("*.log")))
+        return "\n".join(t if tail is None else t[-tail:] for t in texts)
+
+
+@contextmanager
+def celery_workers(env: dict[str, str], root: Path, count: int) -> Iterator[Workers]:
+    root.mkdir(parents=True, exist_ok=True)
+    workers = Workers(env=env, root=root)
+    try:
+        for i in range(count):
+            workers.start(f"w{i}")
+        yield workers
+    finally:
+        workers.stop()
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of the test's own on a loopback port, which the test may kill and restart
+    (the shared 127.0.0.1:6379 serves the other tests)."""
+
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port",
+             str(self.port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url).ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: everything in it (queued messages included) is gone."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@contextmanager
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis(port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
