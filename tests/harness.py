@@ -4,6 +4,7 @@ Every helper is a context manager that leaves nothing running behind it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -172,3 +174,53 @@ def private_redis() -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.kill()
+
+
+_PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+PG_BIN = _PG_BINS[-1] if _PG_BINS else None  # Debian's server binaries
+
+
+@dataclass
+class PrivatePostgres:
+    """A PostgreSQL cluster of the test's own (initdb in a temporary directory, run as the
+    `postgres` user), which the test may stop and start again."""
+
+    root: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        assert PG_BIN is not None, "PostgreSQL's server binaries are not installed"
+        cmd = ["runuser", "-u", "postgres", "--", str(PG_BIN / args[0]), *args[1:]]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def init(self) -> None:
+        shutil.chown(self.root, user="postgres")
+        self._run("initdb", "-D", str(self.root / "data"), "-A", "trust", "-U", "postgres")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-o", options,
+                  "-l", str(self.root / "log"), "-w", "start")  # fmt: skip
+
+    def stop(self, mode: str = "immediate") -> None:
+        """`immediate`: connections are cut as in a crash."""
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", mode, "-w", "stop")
+
+
+@contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """In a directory of its own under the system's temp dir (pytest's is root's alone)."""
+    root = Path(tempfile.mkdtemp(prefix="strata-pg-"))
+    server = PrivatePostgres(root=root, port=free_port())
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
