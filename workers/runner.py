@@ -17,7 +17,7 @@ from continual.errors import (
     TrainingCancelled,
 )
 from registry.entities import Job, JobKind, JobState
-from registry.errors import RegistryError
+from registry.errors import RegistryError, Unavailable
 from registry.instance import Instance
 from workers.consolidation import consolidate, queue_if_due
 from workers.jobs import evaluate_job, train_job
@@ -64,6 +64,11 @@ def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -
             return current
         reporter.event("cancelled at the user's request", level="warning")
         return jobs.transition(job.id, JobState.CANCELLED)
+    except Unavailable as exc:  # the database or the object store is away for a while
+        if job.attempts < inst.settings.max_attempts:
+            reporter.event(f"{exc.reason}; the job will be retried", level="warning")
+            return jobs.transition(job.id, JobState.QUEUED)  # the reconciler sends it again
+        return _fail(inst, reporter, job.id, code=exc.code, message=str(exc))
     except (RegistryError, InvalidHyperparameter, InvalidDataset, InvalidCheckpoint) as exc:
         return _fail(inst, reporter, job.id, code=_code(exc), message=str(exc))
     except Exception as exc:

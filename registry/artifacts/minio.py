@@ -17,9 +17,10 @@ from typing import BinaryIO, cast
 
 from minio import Minio
 from minio.error import S3Error
+from urllib3.exceptions import HTTPError
 
 from registry.artifacts.base import CHUNK_SIZE, ArtifactStore, blob_not_found
-from registry.errors import IntegrityError, InvalidValue
+from registry.errors import IntegrityError, InvalidValue, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,16 @@ class _HashingReader:
 
     def hexdigest(self) -> str:
         return self._sha.hexdigest()
+
+
+@contextmanager
+def _reachable(operation: str) -> Iterator[None]:
+    """Connection failures (after the client's own retries) as `Unavailable`: the caller may
+    retry later; nothing half-written is ever registered (blobs go before rows)."""
+    try:
+        yield
+    except HTTPError as exc:
+        raise Unavailable(f"the object store is unavailable ({operation}): {exc}") from exc
 
 
 class MinioStore(ArtifactStore):
@@ -81,6 +92,10 @@ class MinioStore(ArtifactStore):
         return f"MinioStore(bucket={self.bucket!r})"
 
     def _ensure_bucket(self, region: str | None) -> None:
+        with _reachable("bucket check"):
+            self._make_bucket(region)
+
+    def _make_bucket(self, region: str | None) -> None:
         try:
             if not self.client.bucket_exists(self.bucket):
                 self.client.make_bucket(self.bucket, location=region)
@@ -92,7 +107,8 @@ class MinioStore(ArtifactStore):
 
     def _stat(self, key: str) -> int | None:
         try:
-            stat = self.client.stat_object(self.bucket, key)
+            with _reachable("stat"):
+                stat = self.client.stat_object(self.bucket, key)
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
                 return None
@@ -100,12 +116,14 @@ class MinioStore(ArtifactStore):
         return int(stat.size or 0)
 
     def _write_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(
-            self.bucket, key, io.BytesIO(data), len(data), part_size=self._part_size_for(len(data))
-        )
+        with _reachable("upload"):
+            self.client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data),
+                part_size=self._part_size_for(len(data)),
+            )  # fmt: skip
 
     def _write_file(self, key: str, path: Path, *, digest: str, size: int) -> None:
-        with path.open("rb") as f:
+        with path.open("rb") as f, _reachable("upload"):
             reader = _HashingReader(cast(BinaryIO, f))
             self.client.put_object(
                 self.bucket,
@@ -122,13 +140,15 @@ class MinioStore(ArtifactStore):
     @contextmanager
     def _chunks(self, key: str) -> Iterator[Iterator[bytes]]:
         try:
-            response = self.client.get_object(self.bucket, key)
+            with _reachable("download"):
+                response = self.client.get_object(self.bucket, key)
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
                 raise blob_not_found(key) from None
             raise
         try:
-            yield response.stream(CHUNK_SIZE)
+            with _reachable("download"):
+                yield response.stream(CHUNK_SIZE)
         finally:
             response.close()
             response.release_conn()
