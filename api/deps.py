@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from registry.entities import ApiToken, Stream
 from registry.errors import Forbidden, Unauthorized
 from registry.instance import Instance
 from workers.execution import Dispatcher
+
+MAX_ID = 2**63 - 1  # BIGINT ids: a larger number is refused before it reaches the database
+MAX_VERSION = 2**31 - 1  # version numbers are INTEGER columns
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
+VersionPath = Annotated[int, Path(ge=0, le=MAX_VERSION)]
+Cursor = Annotated[
+    int, Query(ge=0, le=MAX_ID, description="next_cursor of the previous page (0: the first)")
+]
 
 _bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization: Bearer ...`")
 
@@ -57,8 +65,11 @@ WriteToken = Annotated[ApiToken, require("write")]
 AdminToken = Annotated[ApiToken, require("admin")]
 
 
-def stream_by_name(inst: InstDep, stream: str) -> Stream:
-    """The `{stream}` path parameter, by name."""
+def stream_by_name(
+    inst: InstDep, stream: str, _token: Annotated[ApiToken, Depends(_authenticate)]
+) -> Stream:
+    """The `{stream}` path parameter, by name; only after authentication, so that a caller
+    without a token cannot tell which streams exist (401, never 404)."""
     return inst.registry.streams.get(stream)
 
 

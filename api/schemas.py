@@ -163,7 +163,7 @@ class AdapterVersionsPublic(_Out):
 
 
 class AliasSet(_In):
-    version: int = Field(ge=1, description="The version number the alias points at.")
+    version: int = Field(ge=1, le=2**31 - 1, description="The version number the alias points at.")
 
 
 class ConsolidateRequest(_In):

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Query
 from fastapi.responses import FileResponse
 
-from api.deps import InstDep, ReadToken, StreamDep, WriteToken
+from api.deps import Cursor, InstDep, ReadToken, StreamDep, VersionPath, WriteToken
 from api.schemas import (
     AdapterVersionPublic,
     AdapterVersionsPublic,
@@ -40,7 +40,7 @@ def list_adapters(
     _: ReadToken,
     task: Annotated[str | None, Query(description="Only this task's versions")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[int, Query(ge=0)] = 0,
+    cursor: Cursor = 0,
 ) -> object:
     task_id = inst.registry.tasks.get(stream_id=stream.id, name=task).id if task else None
     page = inst.registry.adapters.list_versions(
@@ -105,7 +105,7 @@ def list_snapshots(stream: StreamDep, inst: InstDep, _: ReadToken) -> object:
 @router.get(
     "/streams/{stream}/snapshots/{version}", response_model=SnapshotPublic, tags=["snapshots"]
 )
-def get_snapshot(stream: StreamDep, version: int, inst: InstDep, _: ReadToken) -> object:
+def get_snapshot(stream: StreamDep, version: VersionPath, inst: InstDep, _: ReadToken) -> object:
     snapshot = inst.registry.streams.get_snapshot(stream_id=stream.id, version=version)
     return _snapshot_public(snapshot, inst.registry.streams.current_snapshot(stream.id))
 
@@ -115,7 +115,9 @@ def get_snapshot(stream: StreamDep, version: int, inst: InstDep, _: ReadToken) -
     response_model=SnapshotPublic,
     tags=["snapshots"],
 )
-def activate_snapshot(stream: StreamDep, version: int, inst: InstDep, _: WriteToken) -> object:
+def activate_snapshot(
+    stream: StreamDep, version: VersionPath, inst: InstDep, _: WriteToken
+) -> object:
     """Point the stream at this snapshot (e.g. roll back a consolidation): later tasks train on
     it, with the adapters trained on it. Nothing is deleted; the lineage keeps every snapshot."""
     snapshot = inst.registry.streams.get_snapshot(stream_id=stream.id, version=version)
@@ -130,7 +132,11 @@ def activate_snapshot(stream: StreamDep, version: int, inst: InstDep, _: WriteTo
     tags=["snapshots"],
 )
 def download_snapshot(
-    stream: StreamDep, version: int, inst: InstDep, background: BackgroundTasks, _: ReadToken
+    stream: StreamDep,
+    version: VersionPath,
+    inst: InstDep,
+    background: BackgroundTasks,
+    _: ReadToken,
 ) -> FileResponse:
     """The base model snapshot as a .tar.gz of a Hugging Face model directory."""
     snapshot = inst.registry.streams.get_snapshot(stream_id=stream.id, version=version)

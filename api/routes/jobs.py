@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 
-from api.deps import InstDep, ReadToken, WriteToken
+from api.deps import MAX_ID, Cursor, IdPath, InstDep, ReadToken, WriteToken
 from api.schemas import JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from registry.entities import JobState
 from registry.instance import Instance
@@ -30,7 +30,7 @@ def list_jobs(
     stream: Annotated[str | None, Query(description="Only this stream's jobs")] = None,
     state: Annotated[JobState | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[int, Query(ge=0, description="next_cursor of the previous page")] = 0,
+    cursor: Cursor = 0,
 ) -> object:
     stream_id = inst.registry.streams.get(stream).id if stream is not None else None
     jobs = inst.registry.jobs.list_jobs(
@@ -40,22 +40,22 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get(job_id: int, inst: InstDep, _: ReadToken) -> object:
+def get(job_id: IdPath, inst: InstDep, _: ReadToken) -> object:
     return inst.registry.jobs.get(job_id)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
-def cancel(job_id: int, inst: InstDep, _: WriteToken) -> object:
+def cancel(job_id: IdPath, inst: InstDep, _: WriteToken) -> object:
     """A queued job is cancelled at once; a running one stops at its next training step."""
     return inst.registry.jobs.request_cancel(job_id)
 
 
 @router.get("/{job_id}/events", response_model=JobEventsPublic)
 def events(
-    job_id: int,
+    job_id: IdPath,
     inst: InstDep,
     _: ReadToken,
-    cursor: Annotated[int, Query(ge=0, description="next_cursor of the previous page")] = 0,
+    cursor: Cursor = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> object:
     page = inst.registry.jobs.events(job_id, after_id=cursor, limit=limit)
@@ -68,11 +68,13 @@ def events(
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def stream_events(
-    job_id: int,
+    job_id: IdPath,
     inst: InstDep,
     _: ReadToken,
-    last_event_id: Annotated[int | None, Header(description="Resume after this event")] = None,
-    cursor: Annotated[int, Query(ge=0)] = 0,
+    last_event_id: Annotated[
+        int | None, Header(ge=0, le=MAX_ID, description="Resume after this event")
+    ] = None,
+    cursor: Cursor = 0,
 ) -> StreamingResponse:
     """Live progress as server-sent events: `event: job-event` for each event (its id is the
     SSE id, so a reconnecting client resumes with Last-Event-ID), `event: state` when the job's

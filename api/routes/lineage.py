@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from api.deps import InstDep, ReadToken
+from api.deps import IdPath, InstDep, ReadToken
 from api.schemas import LineageGraphPublic
 from registry.entities import NodeKind, NodeRef
 
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/lineage", tags=["lineage"])
 @router.get("/{kind}/{node_id}", response_model=LineageGraphPublic)
 def lineage(
     kind: NodeKind,
-    node_id: int,
+    node_id: IdPath,
     inst: InstDep,
     _: ReadToken,
     direction: Annotated[Literal["ancestors", "descendants"], Query()] = "ancestors",

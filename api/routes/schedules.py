@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import InstDep, ReadToken, StreamDep, WriteToken
+from api.deps import IdPath, InstDep, ReadToken, StreamDep, WriteToken
 from api.schemas import ScheduleCreate, SchedulePublic, SchedulesPublic
 from workers.scheduler import create_schedule
 
@@ -29,5 +29,5 @@ def list_schedules(stream: StreamDep, inst: InstDep, _: ReadToken) -> object:
 
 
 @router.delete("/schedules/{schedule_id}", status_code=204)
-def delete(schedule_id: int, inst: InstDep, _: WriteToken) -> None:
+def delete(schedule_id: IdPath, inst: InstDep, _: WriteToken) -> None:
     inst.registry.schedules.delete(schedule_id)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
+from api.deps import Cursor, DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
 from api.schemas import (
     ConsolidateRequest,
     ConsolidationPolicy,
@@ -41,7 +41,7 @@ def list_streams(
     inst: InstDep,
     _: ReadToken,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[int, Query(ge=0, description="next_cursor of the previous page")] = 0,
+    cursor: Cursor = 0,
 ) -> object:
     streams = inst.registry.streams.list_streams(limit=limit, after_id=cursor)
     nxt = streams[-1].id if len(streams) == limit else None

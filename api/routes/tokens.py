@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import AdminToken, InstDep
+from api.deps import AdminToken, IdPath, InstDep
 from api.schemas import TokenCreate, TokenCreated, TokenPublic, TokensPublic
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
@@ -23,6 +23,6 @@ def list_tokens(inst: InstDep, _: AdminToken) -> object:
 
 
 @router.delete("/{token_id}", response_model=TokenPublic)
-def revoke(token_id: int, inst: InstDep, _: AdminToken) -> object:
+def revoke(token_id: IdPath, inst: InstDep, _: AdminToken) -> object:
     """Revoked at once: the next request with it gets 401."""
     return inst.registry.tokens.revoke(token_id)

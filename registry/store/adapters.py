@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from registry.tables import (
     TaskRow,
     utcnow,
 )
-from registry.validation import check_alias, check_digest
+from registry.validation import check_alias, check_digest, check_name
 
 LATEST = "latest"
 
@@ -233,12 +234,18 @@ def _row(s: Session, version_id: int) -> AdapterVersionRow:
     return row
 
 
+_VERSION = re.compile(r"[0-9]{1,10}")
+MAX_VERSION = 2**31 - 1
+
+
 def _resolve(s: Session, task_id: int, ref_: int | str) -> AdapterVersionRow:
     live = (AdapterVersionRow.task_id == task_id, AdapterVersionRow.deleted_at.is_(None))
-    if isinstance(ref_, int) or (isinstance(ref_, str) and ref_.isdigit()):
-        row = s.scalar(
-            select(AdapterVersionRow).where(*live, AdapterVersionRow.version == int(ref_))
-        )
+    if isinstance(ref_, str) and _VERSION.fullmatch(ref_):
+        ref_ = int(ref_)
+    if isinstance(ref_, int):
+        if not 0 <= ref_ <= MAX_VERSION:
+            raise NotFound(f"version {ref_} not found for this task", field="version")
+        row = s.scalar(select(AdapterVersionRow).where(*live, AdapterVersionRow.version == ref_))
         what = f"version {ref_}"
     elif ref_ == LATEST:
         row = s.scalar(
@@ -249,6 +256,7 @@ def _resolve(s: Session, task_id: int, ref_: int | str) -> AdapterVersionRow:
         )
         what = "a ready version"
     else:
+        check_name(ref_, field="version")  # an alias, or nothing that can exist
         target = select(AdapterAliasRow.adapter_version_id).where(
             AdapterAliasRow.task_id == task_id, AdapterAliasRow.alias == ref_
         )

@@ -70,6 +70,7 @@ class SqlStreamStore:
             return convert.stream(row)
 
     def get(self, name: str) -> Stream:
+        check_name(name, field="stream")  # what cannot be a name is refused before the query
         with self._db.tx() as s:
             row = s.scalar(
                 select(StreamRow).where(StreamRow.name == name, StreamRow.deleted_at.is_(None))

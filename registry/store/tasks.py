@@ -114,6 +114,7 @@ class SqlTaskStore:
         return self._db.allocate(attempt, what="a task position")
 
     def get(self, *, stream_id: int, name: str) -> Task:
+        check_name(name, field="task")
         with self._db.tx() as s:
             row = s.scalar(
                 select(TaskRow).where(
