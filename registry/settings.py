@@ -1,13 +1,21 @@
-"""Deployment settings, read from the environment (prefix ``STRATA_``) or secret files."""
+"""Deployment settings, read from the environment (prefix ``STRATA_``) or secret files.
+
+Secrets never live in code: `STRATA_DATABASE_URL`, `STRATA_BROKER_URL`, `STRATA_MINIO_ACCESS_KEY`
+and `STRATA_MINIO_SECRET_KEY` come from the environment, or from the file that
+`STRATA_<NAME>_FILE` names (Docker and Kubernetes secrets), never both.
+"""
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRET_FILES = ("database_url", "broker_url", "minio_access_key", "minio_secret_key")
 
 
 class StrataSettings(BaseSettings):
@@ -18,7 +26,11 @@ class StrataSettings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="STRATA_", secrets_dir=None, extra="ignore", frozen=True
+        env_prefix="STRATA_",
+        secrets_dir=None,
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,  # a validation error must not print the secrets it read
     )
 
     data_dir: Path = Path(".strata")
@@ -51,6 +63,27 @@ class StrataSettings(BaseSettings):
     max_upload_bytes: int = Field(default=256 * 2**20, ge=1024)
     max_examples: int = Field(default=1_000_000, ge=1)
     max_line_bytes: int = Field(default=2**20, ge=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name in SECRET_FILES:
+            path = os.environ.get(f"STRATA_{name.upper()}_FILE")
+            if not path:
+                continue
+            if data.get(name) is not None:
+                raise ValueError(
+                    f"STRATA_{name.upper()} and STRATA_{name.upper()}_FILE are both set"
+                )
+            try:
+                data[name] = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:  # the message names the variable, never the content
+                raise ValueError(
+                    f"STRATA_{name.upper()}_FILE: cannot read {path}: {exc.strerror}"
+                ) from None
+        return data
 
     @model_validator(mode="after")
     def _minio_needs_credentials(self) -> StrataSettings:
