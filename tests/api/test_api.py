@@ -339,3 +339,24 @@ def test_consolidation_routes_refuse_what_cannot_be_folded(api: Api) -> None:
     activated = c.post("/v1/streams/s/snapshots/0/activate", headers=h)
     assert activated.status_code == 200 and activated.json()["current"] is True
     _problem(c.post("/v1/streams/s/snapshots/0/activate", headers=api.auth("read")), 403)
+
+
+def test_tokens_never_reach_logs_or_error_documents(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    secret = api.tokens["write"]
+    wrong = secret[:-4] + "abcd"
+    answers = [
+        api.client.get("/v1/streams", headers={"Authorization": f"Bearer {secret}"}),
+        api.client.get("/v1/streams", headers={"Authorization": f"Bearer {wrong}"}),
+        api.client.post(
+            "/v1/streams",
+            json={"name": "../x", "base": {"kind": "tiny"}},
+            headers={"Authorization": f"Bearer {secret}"},
+        ),
+        api.client.get("/v1/tokens", headers={"Authorization": f"Bearer {secret}"}),
+    ]
+    assert [r.status_code for r in answers] == [200, 401, 422, 403]
+    for text in (caplog.text, *(r.text for r in answers)):
+        assert secret not in text and wrong not in text and secret[7:] not in text
