@@ -59,10 +59,12 @@ class StrataSettings(BaseSettings):
     checkpoint_every: int = Field(default=50, ge=1)
     scheduler_tick_s: float = Field(default=5.0, gt=0)
     # API: uploads larger than `max_upload_bytes` are refused while they stream in; a dataset
-    # may hold at most `max_examples` examples and lines of at most `max_line_bytes`.
+    # may hold at most `max_examples` examples and lines of at most `max_line_bytes`; a gzip
+    # upload may expand to at most `max_expanded_bytes`.
     max_upload_bytes: int = Field(default=256 * 2**20, ge=1024)
     max_examples: int = Field(default=1_000_000, ge=1)
     max_line_bytes: int = Field(default=2**20, ge=64)
+    max_expanded_bytes: int = Field(default=2**30, ge=1024)  # a gzip upload, decompressed
 
     @model_validator(mode="before")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,10 @@ DEFAULT_HOLDOUT = 0.1
 class UploadLimits:
     max_examples: int
     max_line_bytes: int
+    max_expanded_bytes: int = 2**30  # a gzip upload may expand to at most this
+
+
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def parse_upload(
@@ -103,6 +108,8 @@ def _check_labels(labels: object) -> None:
 def _parse_file(
     field: str, data: bytes, *, format: str, labels: list[str] | None, limits: UploadLimits
 ) -> list[Example]:
+    if data.startswith(GZIP_MAGIC):
+        data = _gunzip(field, data, limit=limits.max_expanded_bytes)
     if not data.strip():
         raise InvalidDataset(field=field, reason="the file is empty")
     try:
@@ -137,6 +144,27 @@ def _parse_file(
                 reason = f"completion {example.completion!r} is not one of the labels"
                 raise InvalidDataset(field=f"{field}.completion", reason=reason, line=number)
     return examples
+
+
+def _gunzip(field: str, data: bytes, *, limit: int) -> bytes:
+    """A gzip upload's content, decompressed in bounded steps: more than `limit` bytes is
+    refused as soon as it is reached (a compression bomb never expands in memory)."""
+    inflater = zlib.decompressobj(wbits=31)  # gzip container
+    out = bytearray()
+    pending = data
+    try:
+        while pending:
+            out += inflater.decompress(pending, limit + 1 - len(out))
+            if len(out) > limit:
+                raise InvalidDataset(field=field, reason=f"expands to more than {limit} bytes")
+            pending = inflater.unconsumed_tail
+            if inflater.eof:
+                break
+    except zlib.error as exc:
+        raise InvalidDataset(field=field, reason=f"not a valid gzip file: {exc}") from exc
+    if not inflater.eof:
+        raise InvalidDataset(field=field, reason="the gzip file is truncated")
+    return bytes(out)
 
 
 def _json_list(text: str, *, field: str) -> list[Any]:

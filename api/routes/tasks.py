@@ -68,7 +68,9 @@ def submit(
             labels=_json_form("labels", labels, list),
             holdout=holdout,
             limits=UploadLimits(
-                max_examples=settings.max_examples, max_line_bytes=settings.max_line_bytes
+                max_examples=settings.max_examples,
+                max_line_bytes=settings.max_line_bytes,
+                max_expanded_bytes=settings.max_expanded_bytes,
             ),
         )
         task, job = submit_task(

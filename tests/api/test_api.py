@@ -3,6 +3,7 @@ and a trained task's adapters, lineage, evaluations and predictions."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -15,6 +16,7 @@ from peft import PeftModel
 
 from continual.data import synthetic_tasks
 from tests.api.conftest import Api
+from workers.datasets import load_dataset
 from workers.models import load_snapshot
 
 FAST = {"max_steps": 4, "batch_size": 8}
@@ -360,3 +362,40 @@ def test_tokens_never_reach_logs_or_error_documents(
     assert [r.status_code for r in answers] == [200, 401, 422, 403]
     for text in (caplog.text, *(r.text for r in answers)):
         assert secret not in text and wrong not in text and secret[7:] not in text
+
+
+def test_gzip_uploads_are_read_and_compression_bombs_refused_before_anything_is_stored(
+    api: Api,
+) -> None:
+    import gzip
+
+    c, h = api.client, api.auth("write")
+    _stream(api)
+    train, test, labels = _task_files()
+    packed = {"train": ("train.jsonl.gz", gzip.compress(train.encode())),
+              "test": ("test.jsonl.gz", gzip.compress(test.encode()))}  # fmt: skip
+    ok = c.post("/v1/streams/s1/tasks", data={"name": "zipped", "labels": json.dumps(labels)},
+                files=packed, headers=h)  # fmt: skip
+    assert ok.status_code == 202, ok.text
+    plain = _submit(api, "s1", "plain")
+    zipped_data, plain_data = (
+        load_dataset(
+            api.inst, api.inst.registry.tasks.get_dataset(r.json()["task"]["dataset_digest"])
+        )
+        for r in (ok, plain)
+    )  # the same examples, decompressed
+    assert (zipped_data.train, zipped_data.test) == (plain_data.train, plain_data.test)
+    bomb = gzip.compress(b"{" * (2 * 2**20))  # 2 MiB of one byte packs into a few KiB
+    assert len(bomb) < 10_000
+    limits = api.inst.settings.model_copy(update={"max_expanded_bytes": 2**20})
+    api.client.app.state.inst = dataclasses.replace(api.inst, settings=limits)  # type: ignore[attr-defined]
+    r = c.post("/v1/streams/s1/tasks", data={"name": "bomb"}, files={"train": ("b.gz", bomb)},
+               headers=h)  # fmt: skip
+    body = _problem(r, 422, "train")
+    assert "expands to more than 1048576 bytes" in body["detail"]
+    broken = gzip.compress(train.encode())[:-20]
+    r = c.post("/v1/streams/s1/tasks", data={"name": "broken"},
+               files={"train": ("t.gz", broken)}, headers=h)  # fmt: skip
+    _problem(r, 422, "train")
+    names = [t["name"] for t in c.get("/v1/streams/s1/tasks", headers=h).json()["data"]]
+    assert names == ["zipped", "plain"]
