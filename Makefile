@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install compose-tool
+.PHONY: demo test lint install compose-tool audit
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ compose-tool:
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get install -y -q docker-compose >/dev/null 2>&1 \
 		|| { apt-get update -q >/dev/null && apt-get install -y -q docker-compose >/dev/null; }; }
+
+# Known vulnerabilities in the locked dependency set (needs PyPI's JSON API or OSV).
+audit: $(BIN)/.installed
+	$(BIN)/pip install --quiet pip-audit
+	$(BIN)/pip-audit -r requirements.lock --no-deps --disable-pip --progress-spinner off
 
 test: $(BIN)/.installed lint compose-tool
 	$(BIN)/pytest -q
