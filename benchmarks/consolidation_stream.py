@@ -2,8 +2,9 @@
 code on an embedded instance (SQLite + a local artifact directory).
 
     .venv/bin/python benchmarks/consolidation_stream.py --data ../shared/data/cl_benchmark \\
-        --order dbpedia,amazon,agnews,yelp --method o-lora --train-per-task 250 \\
-        --eval-per-task 100 --set learning_rate=1e-3 --set batch_size=8 --out bench-results/fold
+        --order dbpedia,amazon,agnews,yelp --method o-lora --train-per-task 500 \\
+        --eval-per-task 100 --set learning_rate=1e-3 --set batch_size=8 --set epochs=1 \\
+        --set max_length=128 --option lambda2=0.01 --out bench-results/fold
 
 Both streams learn the same tasks from the same base (SmolLM2-135M-Instruct by default) with the
 same hyperparameters; the second folds its adapters into snapshot v1 after task 2 and learns
@@ -40,7 +41,8 @@ def learn(
     hyper = {"seed": args.seed, **_sets(args.set)}
     base = {"kind": "smollm2"} if args.model == "smollm2" else {"kind": "tiny", "seed": args.seed}
     started = time.perf_counter()
-    stream, _ = create_stream(inst, name=name, base=base, method=args.method, hyperparams=hyper)
+    stream, _ = create_stream(inst, name=name, base=base, method=args.method, hyperparams=hyper,
+                              method_options=_sets(args.option))  # fmt: skip
     jobs = []
     for task in args.order.split(","):  # all submitted first: every row measures every task
         data = load_cl_benchmark(args.data, task, train_limit=args.train_per_task,
@@ -129,15 +131,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fold-after", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the method, e.g. lambda2=0.01")  # fmt: skip
+    parser.add_argument("--streams", default="plain,consolidated",
+                        help="which streams to learn (plain: no consolidation)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench-results/consolidation"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with tempfile.TemporaryDirectory(prefix="strata-fold-bench-") as tmp:
         inst = open_instance(StrataSettings(data_dir=Path(tmp)))
-        results = [
-            learn(inst, args, name="plain", fold_after=None),
-            learn(inst, args, name="consolidated", fold_after=args.fold_after),
-        ]
+        folds = {"plain": None, "consolidated": args.fold_after}
+        results = [learn(inst, args, name=n, fold_after=folds[n]) for n in args.streams.split(",")]
         inst.close()
     args.out.mkdir(parents=True, exist_ok=True)
     text = report(results, args)

@@ -153,8 +153,10 @@ def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:
 
 
 def _setup(newest: AdapterVersion) -> TrainingSetup:
+    """How the newest adapter was trained (its recorded hyperparameters and method options)."""
     options = newest.hyperparams.get("method_options") or {}
-    return training_setup(method=newest.method, hyperparams={}, params={}, options=options)
+    hyper = {k: v for k, v in newest.hyperparams.items() if k != "method_options"}
+    return training_setup(method=newest.method, hyperparams=hyper, params={}, options=options)
 
 
 def _fold_verified(

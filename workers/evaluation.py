@@ -33,12 +33,16 @@ def score_task(
     *,
     limit: int,
     batch_size: int,
+    max_length: int | None = None,
 ) -> tuple[str, float, int]:
+    """`max_length`: cut prompts as training cut them (`LoraHyperparams.max_length`)."""
     examples = data.test[:limit]
     if data.labels:
-        res = rank_classification(model, tokenizer, examples, data.labels, batch_size=batch_size)
+        res = rank_classification(model, tokenizer, examples, data.labels, batch_size=batch_size,
+                                  max_length=max_length)  # fmt: skip
         return "accuracy", res.accuracy, res.n
-    loss = language_model_loss(model, tokenizer, examples, batch_size=batch_size)
+    loss = language_model_loss(model, tokenizer, examples, batch_size=batch_size,
+                               max_length=max_length)  # fmt: skip
     return "loss", loss.loss, loss.n
 
 
@@ -54,13 +58,16 @@ def evaluate_row(
     adapter_version_id: int | None,
     limit: int,
     batch_size: int = 64,
+    max_length: int | None = None,
 ) -> list[TaskScore]:
     """Score `model` on each task's test split and record the cells (after_position, task)."""
     scores = []
     for task, data in tasks:
         if not data.test:
             continue
-        metric, value, n = score_task(model, tokenizer, data, limit=limit, batch_size=batch_size)
+        metric, value, n = score_task(
+            model, tokenizer, data, limit=limit, batch_size=batch_size, max_length=max_length
+        )
         inst.registry.evaluations.record(
             stream_id=task.stream_id,
             after_position=after_position,

@@ -148,7 +148,10 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     history_dirs = memory + [fetch_tree(inst, v.artifact_digest or "") for v in plan.history]
     limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
     base, tokenizer = load_snapshot(inst, plan.snapshot)
-    _evaluate_baselines(inst, reporter, base, tokenizer, plan.datasets, plan.snapshot.id, limit)
+    max_length = plan.setup.hyper.max_length  # evaluation cuts prompts as training does
+    _evaluate_baselines(
+        inst, reporter, base, tokenizer, plan.datasets, plan.snapshot.id, limit, max_length
+    )
     version = plan.published
     if version is not None and version.status is AdapterStatus.READY:
         reporter.event(f"adapter {plan.task.name} v{version.version} was published by this job")
@@ -173,6 +176,7 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     scores = evaluate_row(
         inst, reporter, state, tokenizer, plan.datasets, after_position=plan.task.position,
         snapshot_id=plan.snapshot.id, adapter_version_id=version.id, limit=limit,
+        max_length=max_length,
     )  # fmt: skip
     own = [s for s in scores if s.task.id == plan.task.id]
     if own:
@@ -236,6 +240,7 @@ def _evaluate_baselines(
     datasets: list[tuple[Task, Any]],
     snapshot_id: int,
     limit: int,
+    max_length: int | None,
 ) -> None:
     """Measure tasks not yet measured on the untrained base (needed for forward transfer)."""
     matrix = inst.registry.evaluations.matrix(datasets[0][0].stream_id)
@@ -245,7 +250,7 @@ def _evaluate_baselines(
     if missing:
         evaluate_row(
             inst, reporter, base, tokenizer, missing, after_position=-1,
-            snapshot_id=snapshot_id, adapter_version_id=None, limit=limit,
+            snapshot_id=snapshot_id, adapter_version_id=None, limit=limit, max_length=max_length,
         )  # fmt: skip
 
 
@@ -260,11 +265,14 @@ def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     datasets = [(t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id))) for t in tasks]
     limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
     base, tokenizer = load_snapshot(inst, snapshot)
+    stream = reg.streams.get_by_id(job.stream_id)
     if not adapters:
-        _evaluate_baselines(inst, reporter, base, tokenizer, datasets, snapshot.id, limit)
+        length = int(stream.hyperparams.get("max_length") or 0) or None
+        _evaluate_baselines(inst, reporter, base, tokenizer, datasets, snapshot.id, limit, length)
         return
     newest = adapters[-1]
-    method = training_setup(method=newest.method, hyperparams={}, params={},
+    hyper = {k: v for k, v in newest.hyperparams.items() if k != "method_options"}
+    method = training_setup(method=newest.method, hyperparams=hyper, params={},
                             options=newest.hyperparams.get("method_options") or {})  # fmt: skip
     dirs = [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
     state = method.strategy().inference_model(base, history=dirs)
@@ -273,4 +281,5 @@ def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     evaluate_row(
         inst, reporter, state, tokenizer, datasets, after_position=position,
         snapshot_id=snapshot.id, adapter_version_id=newest.id, limit=limit,
+        max_length=method.hyper.max_length,
     )  # fmt: skip
