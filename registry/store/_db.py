@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -92,7 +92,16 @@ def add_edges(session: Session, child: NodeRef, parents: list[tuple[NodeRef, Rel
 
 
 def lock(session: Session, table: type[Base], row_id: int) -> Any:
-    """Fetch a parent row FOR NO KEY UPDATE (a no-op on SQLite, whose writers are serial)."""
+    """Fetch a parent row FOR NO KEY UPDATE, so writers to one parent queue up.
+
+    SQLite has no row locks, and Python's driver begins a transaction only at the first write,
+    so reads before it see no snapshot and two writers could both act on what they read. There
+    a no-op UPDATE of the row takes the database's write lock first (waiting out the busy
+    timeout), and the row is read again inside the transaction that now holds it."""
+    if session.get_bind().dialect.name == "sqlite":
+        pk = table.__mapper__.primary_key[0]
+        session.execute(update(table).where(pk == row_id).values({pk.key: pk}))
+        return session.get(table, row_id, populate_existing=True)
     return session.get(table, row_id, with_for_update={"key_share": True})
 
 
