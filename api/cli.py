@@ -111,6 +111,15 @@ class _BenchProgress:
 
         return TrainingCallbacks(on_step=on_step)
 
+    def scored(self, method: str, n: int, row_total: int) -> None:
+        """An evaluation's progress: one bar per measured row of the accuracy matrix."""
+        bar = self.bar
+        if bar is None or bar.unit != "example" or bar.total != row_total or bar.n >= row_total:
+            if self.bar is not None:
+                self.bar.close()
+            bar = self.bar = tqdm(total=row_total, desc=f"{method} evaluating", unit="example")
+        bar.update(n)
+
     def row(self, method: str, t: int, row: tuple[float, ...]) -> None:
         """Print each measured row of an accuracy matrix (evaluation takes minutes too)."""
         if self.bar is not None:
@@ -160,7 +169,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device=args.device, hyperparams=_parse_sets(args.set), metric=args.metric,
             options=_parse_options(args.option),
         )  # fmt: skip
-        results = run_bench(cfg, out_dir=out, callbacks_for=progress.callbacks, on_row=progress.row)
+        results = run_bench(
+            cfg, out_dir=out, callbacks_for=progress.callbacks, on_row=progress.row,
+            on_scored=progress.scored,
+        )  # fmt: skip
     except (InvalidDataset, InvalidHyperparameter) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -52,22 +52,29 @@ def label_scores(
     batch_size: int = 64,
     max_length: int | None = None,
     shared_prefix: bool = True,
+    on_scored: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Mean per-token log-likelihood of `" label"` given each prompt: (E, L) on the CPU.
 
     With `shared_prefix` (and a model with a KV cache) each prompt runs once and only the label
     tokens run per label (`continual.prefix_scoring`). Otherwise all labels of an example share
     one padded forward pass with other examples' labels, `batch_size` sequences at a time.
+    `on_scored(n)` reports progress: n more examples scored.
     """
     if not labels:
         raise ValueError("label_scores needs at least one label")
     if shared_prefix and supports_prefix_cache(model):
         completions = [format_completion(label) for label in labels]
+        scores = []
         with evaluating(model):
-            scores = [
-                prefix_label_scores(model, tokenizer, ex.prompt, completions, max_length=max_length)
-                for ex in examples
-            ]
+            for ex in examples:
+                scores.append(
+                    prefix_label_scores(
+                        model, tokenizer, ex.prompt, completions, max_length=max_length
+                    )
+                )
+                if on_scored is not None:
+                    on_scored(1)
         return torch.stack(scores) if scores else torch.empty(0, len(labels))  # (E, L)
     per_pass = max(1, batch_size // len(labels))  # examples per forward pass
     completions = [format_completion(label) for label in labels]
@@ -82,6 +89,8 @@ def label_scores(
         ]
         sums, counts = _score_encoded(model, tokenizer, encoded)
         rows.append((sums / counts.clamp(min=1)).view(len(chunk), len(labels)))  # (E, L)
+        if on_scored is not None:
+            on_scored(len(chunk))
     return torch.cat(rows) if rows else torch.empty(0, len(labels))
 
 
@@ -94,12 +103,13 @@ def rank_classification(
     batch_size: int = 64,
     max_length: int | None = None,
     shared_prefix: bool = True,
+    on_scored: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Predict the label with the highest `label_scores`; accuracy against each example's own
     completion (`" label"`)."""
     scores = label_scores(
         model, tokenizer, examples, labels, batch_size=batch_size, max_length=max_length,
-        shared_prefix=shared_prefix,
+        shared_prefix=shared_prefix, on_scored=on_scored,
     )  # (E, L)  # fmt: skip
     predictions = [labels[i] for i in scores.argmax(dim=1).tolist()]
     correct = sum(pred == label_of(ex) for pred, ex in zip(predictions, examples, strict=True))
@@ -114,13 +124,14 @@ def exact_match(
     *,
     max_new_tokens: int = 8,
     batch_size: int = 32,
+    on_scored: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Greedy generation; an answer matches when it equals the completion (both stripped)."""
     if not examples:
         return EvalResult(accuracy=0.0, n=0, predictions=[])
     predictions = generate(
         model, tokenizer, [ex.prompt for ex in examples], max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
+        batch_size=batch_size, on_generated=on_scored,
     )  # fmt: skip
     gold = [ex.completion.strip() for ex in examples]
     correct = sum(pred == ref for pred, ref in zip(predictions, gold, strict=True))
@@ -134,13 +145,17 @@ def generate(
     *,
     max_new_tokens: int = 16,
     batch_size: int = 32,
+    on_generated: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Greedy completions of `prompts` (tokenised as in training), stripped."""
+    """Greedy completions of `prompts` (tokenised as in training), stripped; `on_generated(n)`
+    reports progress (n more prompts done)."""
     outputs: list[str] = []
     with evaluating(model):
         for begin in range(0, len(prompts), batch_size):
             chunk = prompts[begin : begin + batch_size]
             outputs.extend(_generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens))
+            if on_generated is not None:
+                on_generated(len(chunk))
     return outputs
 
 

@@ -77,6 +77,7 @@ def learn_multitask(
     measure_baseline: bool = False,
     metric: str = "rank",
     callbacks: TrainingCallbacks | None = None,
+    on_scored: Callable[[int], None] | None = None,
 ) -> MultitaskResult:
     """Train one fresh adapter on every task's training examples, save it at `out_dir`, rebuild
     the model from the saved files and evaluate every task. `make_base` returns a fresh base."""
@@ -85,7 +86,11 @@ def learn_multitask(
     check_metric(metric)
     start = time.perf_counter()
     names = tuple(task.name for task in tasks)
-    baseline = _evaluate(make_base(), tokenizer, tasks, hyper, metric) if measure_baseline else None
+    baseline = (
+        _evaluate(make_base(), tokenizer, tasks, hyper, metric, on_scored)
+        if measure_baseline
+        else None
+    )
     union: list[Example] = [example for task in tasks for example in task.train]
     union_hyper = multitask_hyperparams(hyper, num_tasks=len(tasks))
     strategy = SeqLora()  # a single fresh adapter: exactly seq-lora's first task
@@ -94,7 +99,12 @@ def learn_multitask(
     adapter = Path(out_dir)
     strategy.save_adapter(model, adapter)
     accuracies = _evaluate(
-        strategy.inference_model(make_base(), history=[adapter]), tokenizer, tasks, hyper, metric
+        strategy.inference_model(make_base(), history=[adapter]),
+        tokenizer,
+        tasks,
+        hyper,
+        metric,
+        on_scored,
     )
     logger.info(
         "multitask over %s: %s", ", ".join(names), ", ".join(f"{a:.3f}" for a in accuracies)
@@ -115,5 +125,8 @@ def _evaluate(
     tasks: Sequence[TaskData],
     hyper: LoraHyperparams,
     metric: str,
+    on_scored: Callable[[int], None] | None = None,
 ) -> tuple[float, ...]:
-    return evaluate_tasks(model, tokenizer, tasks, max_length=hyper.max_length, metric=metric)
+    return evaluate_tasks(
+        model, tokenizer, tasks, max_length=hyper.max_length, metric=metric, on_scored=on_scored
+    )

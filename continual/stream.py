@@ -49,15 +49,17 @@ def evaluate_task(
     *,
     max_length: int,
     metric: str = "rank",
+    on_scored: Callable[[int], None] | None = None,
 ) -> float:
     """Test accuracy. `rank`: rank classification when the task has labels (exact match for
-    free-form tasks); `exact`: exact match of the greedy generation for every task."""
+    free-form tasks); `exact`: exact match of the greedy generation for every task.
+    `on_scored(n)`: progress, n more test examples done."""
     check_metric(metric)
     if metric == "rank" and task.labels is not None:
         return rank_classification(
-            model, tokenizer, task.test, task.labels, max_length=max_length
+            model, tokenizer, task.test, task.labels, max_length=max_length, on_scored=on_scored
         ).accuracy
-    return exact_match(model, tokenizer, task.test).accuracy
+    return exact_match(model, tokenizer, task.test, on_scored=on_scored).accuracy
 
 
 def evaluate_tasks(
@@ -67,10 +69,13 @@ def evaluate_tasks(
     *,
     max_length: int,
     metric: str = "rank",
+    on_scored: Callable[[int], None] | None = None,
 ) -> tuple[float, ...]:
     """`evaluate_task` for every task, in order: one row of the accuracy matrix."""
     return tuple(
-        evaluate_task(model, tokenizer, task, max_length=max_length, metric=metric)
+        evaluate_task(
+            model, tokenizer, task, max_length=max_length, metric=metric, on_scored=on_scored
+        )
         for task in tasks
     )
 
@@ -88,17 +93,22 @@ def learn_stream(
     metric: str = "rank",
     callbacks: TrainingCallbacks | None = None,
     on_row: Callable[[int, tuple[float, ...]], None] | None = None,
+    on_scored: Callable[[int], None] | None = None,
 ) -> StreamResult:
     """Train `tasks` in order; after each, rebuild the stream's model from the saved adapters
     and evaluate every task. `make_base` must return a fresh base each call (PEFT edits the
     base in place). `baseline`: the untrained base's row when already measured (several
     strategies on one base share it); otherwise it is measured when `measure_baseline`.
-    `on_row(t, row)` reports each row of the matrix as soon as it is measured."""
+    `on_row(t, row)` reports each row of the matrix as soon as it is measured, `on_scored(n)`
+    the progress of an evaluation (n more test examples done)."""
     check_metric(metric)
     start = time.perf_counter()
 
     def evaluate_all(model: nn.Module) -> tuple[float, ...]:
-        return evaluate_tasks(model, tokenizer, tasks, max_length=hyper.max_length, metric=metric)
+        return evaluate_tasks(
+            model, tokenizer, tasks, max_length=hyper.max_length, metric=metric,
+            on_scored=on_scored,
+        )  # fmt: skip
 
     if baseline is not None and len(baseline) != len(tasks):
         raise ValueError(f"baseline has {len(baseline)} values for {len(tasks)} tasks")

@@ -85,11 +85,14 @@ def run_bench(
     out_dir: Path,
     callbacks_for: Callable[[str], TrainingCallbacks | None] = lambda _m: None,
     on_row: Callable[[str, int, tuple[float, ...]], None] | None = None,
+    on_scored: Callable[[str, int, int], None] | None = None,
 ) -> list[MethodResult]:
     """Learn the sequence once per method; every method starts from the same base model, whose
     row (the baseline of forward transfer) is measured once for all of them.
 
-    `on_row(method, t, row)` reports every measured row (t = -1: the untrained base)."""
+    `on_row(method, t, row)` reports every measured row (t = -1: the untrained base), and
+    `on_scored(method, n, row_total)` the evaluation's progress: n more of a row's `row_total`
+    test examples done."""
     hyper = LoraHyperparams.from_dict({"seed": cfg.seed, **cfg.hyperparams})
     check_bench(cfg)  # fail on a typo before the slow part
     tasks = load_tasks(cfg)
@@ -104,9 +107,15 @@ def run_bench(
     def report(method: str) -> Callable[[int, tuple[float, ...]], None] | None:
         return None if on_row is None else lambda t, row: on_row(method, t, row)
 
+    row_total = sum(len(task.test) for task in tasks)
+
+    def scored(method: str) -> Callable[[int], None] | None:
+        return None if on_scored is None else lambda n: on_scored(method, n, row_total)
+
     baseline = evaluate_tasks(
-        make_base(), tokenizer, tasks, max_length=hyper.max_length, metric=cfg.metric
-    )
+        make_base(), tokenizer, tasks, max_length=hyper.max_length, metric=cfg.metric,
+        on_scored=scored("base"),
+    )  # fmt: skip
     if on_row is not None:
         on_row("base", -1, baseline)
     results = []
@@ -114,12 +123,17 @@ def run_bench(
         work = out_dir / "adapters" / method
         log.info("bench: %s on %s", method, " -> ".join(cfg.order))
         if method == MULTITASK:
-            results.append(_multitask(cfg, make_base, tokenizer, tasks, hyper, work, callbacks_for))
+            results.append(
+                _multitask(
+                    cfg, make_base, tokenizer, tasks, hyper, work, callbacks_for, scored(method)
+                )
+            )
             continue
         res = learn_stream(
             strategy=get_strategy(method, **cfg.options.get(method, {})), make_base=make_base,
             tokenizer=tokenizer, tasks=tasks, hyper=hyper, out_dir=work, baseline=baseline,
             metric=cfg.metric, callbacks=callbacks_for(method), on_row=report(method),
+            on_scored=scored(method),
         )  # fmt: skip
         steps = sum(r.steps for r in res.train_results)
         results.append(
@@ -155,13 +169,14 @@ def _multitask(
     hyper: LoraHyperparams,
     work: Path,
     callbacks_for: Callable[[str], TrainingCallbacks | None],
+    on_scored: Callable[[int], None] | None = None,
 ) -> MethodResult:
     from continual.multitask import learn_multitask
 
     start = time.perf_counter()
     res = learn_multitask(
         make_base=make_base, tokenizer=tokenizer, tasks=tasks, hyper=hyper, out_dir=work,
-        metric=cfg.metric, callbacks=callbacks_for(MULTITASK),
+        metric=cfg.metric, callbacks=callbacks_for(MULTITASK), on_scored=on_scored,
     )  # fmt: skip
     return MethodResult(
         method=MULTITASK, matrix=None, final_row=tuple(res.accuracies),

@@ -76,6 +76,20 @@ def test_label_scores_match_reference_loop(
     assert len(set(predicted)) > 1  # the reference is not degenerate
 
 
+def test_evaluation_reports_progress_per_example_scored(
+    model: peft.PeftModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    for shared_prefix in (True, False):
+        done: list[int] = []
+        label_scores(model, tokenizer, EXAMPLES, LABELS, batch_size=4, shared_prefix=shared_prefix,
+                     on_scored=done.append)  # fmt: skip
+        assert sum(done) == len(EXAMPLES) and len(done) > 1, (shared_prefix, done)
+    generated: list[int] = []
+    exact_match(model, tokenizer, EXAMPLES, max_new_tokens=2, batch_size=2,
+                on_scored=generated.append)  # fmt: skip
+    assert generated == [2, 2, 1]
+
+
 def test_evaluation_restores_train_mode(
     model: peft.PeftModel, tokenizer: PreTrainedTokenizerFast
 ) -> None:

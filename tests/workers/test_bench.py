@@ -66,8 +66,11 @@ def test_bench_writes_json_markdown_and_heat_maps(
     for method in ("seq-lora", "o-lora"):
         assert (out / f"matrix-{method}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "matrix-multitask.png").exists()
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| seq-lora |" in printed
+    for who in ("base", "seq-lora", "o-lora", "multitask"):  # evaluation shows progress too
+        assert f"{who} evaluating" in captured.err, who
     # the untrained base is measured once and shared: one baseline for both streams
     assert printed.count("untrained base:") == 1
     assert seq["baseline"] == olora["baseline"] and len(seq["baseline"]) == 2
