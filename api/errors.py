@@ -15,7 +15,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from continual.errors import InvalidCheckpoint, InvalidDataset, InvalidHyperparameter
+from continual.errors import (
+    IncompatibleAdapter,
+    InvalidCheckpoint,
+    InvalidDataset,
+    InvalidHyperparameter,
+)
 from registry.errors import (
     AlreadyExists,
     ArtifactError,
@@ -113,6 +118,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(InvalidCheckpoint)
     async def bad_checkpoint(_r: Request, exc: InvalidCheckpoint) -> JSONResponse:
         return problem(422, str(exc), code="invalid_checkpoint")
+
+    @app.exception_handler(IncompatibleAdapter)
+    async def bad_adapter(_r: Request, exc: IncompatibleAdapter) -> JSONResponse:
+        return problem(422, str(exc), code="incompatible_adapter", field="adapter")
 
     @app.exception_handler(ProblemError)
     async def api_problem(_r: Request, exc: ProblemError) -> JSONResponse:

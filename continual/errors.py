@@ -29,3 +29,14 @@ class TrainingCancelled(Exception):
 
 class InvalidCheckpoint(ValueError):
     """A training checkpoint is unreadable or belongs to another model or run."""
+
+
+class IncompatibleAdapter(ValueError):
+    """An adapter cannot be applied to this base model: a layer it adapts is missing, or its
+    LoRA matrices' shapes do not match the layer's, or its files are not a safetensors PEFT
+    adapter. Raised before anything is loaded."""
+
+    def __init__(self, *, adapter: str, reason: str) -> None:
+        super().__init__(f"adapter {adapter}: {reason}")
+        self.adapter = adapter
+        self.reason = reason

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 
 from continual.errors import (
+    IncompatibleAdapter,
     InvalidCheckpoint,
     InvalidDataset,
     InvalidHyperparameter,
@@ -69,7 +70,13 @@ def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -
             reporter.event(f"{exc.reason}; the job will be retried", level="warning")
             return jobs.transition(job.id, JobState.QUEUED)  # the reconciler sends it again
         return _fail(inst, reporter, job.id, code=exc.code, message=str(exc))
-    except (RegistryError, InvalidHyperparameter, InvalidDataset, InvalidCheckpoint) as exc:
+    except (
+        RegistryError,
+        InvalidHyperparameter,
+        InvalidDataset,
+        InvalidCheckpoint,
+        IncompatibleAdapter,
+    ) as exc:
         return _fail(inst, reporter, job.id, code=_code(exc), message=str(exc))
     except Exception as exc:
         log.exception("job %s failed", job.id)
@@ -87,6 +94,8 @@ def _code(exc: Exception) -> str:
         return exc.code
     if isinstance(exc, InvalidCheckpoint):
         return "invalid_checkpoint"
+    if isinstance(exc, IncompatibleAdapter):
+        return "incompatible_adapter"
     return "invalid_hyperparameter" if isinstance(exc, InvalidHyperparameter) else "invalid_dataset"
 
 

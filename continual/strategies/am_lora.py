@@ -47,12 +47,16 @@ from continual.config import LoraHyperparams
 from continual.errors import InvalidHyperparameter
 from continual.strategies.am_lora_layer import AmLoraLinear, FrozenAdapters, stack_adapters
 from continual.strategies.base import register_strategy
-from continual.strategies.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from continual.strategies.common import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    check_adapter_fits,
+)
 
 logger = logging.getLogger(__name__)
 
 SELECTOR_FILE = "selector.safetensors"
-PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a model wrapped by a PeftModel
 _A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 Selector = tuple[Tensor, Tensor]  # (weight (n, out), bias (n + 1,)) of one layer
 
@@ -80,6 +84,8 @@ class AmLora:
     ) -> PreTrainedModel:
         # Each task draws its A matrices from its own seed, not a copy of the first task's.
         torch.manual_seed(hyper.seed + len(history))
+        for adapter_dir in history:
+            check_adapter_fits(base, adapter_dir)
         base.requires_grad_(False)
         targets = _target_linears(base, hyper.target_modules)
         frozen = _load_adapters(history, modules=sorted(targets))
@@ -137,6 +143,8 @@ class AmLora:
     def inference_model(self, base: PreTrainedModel, *, history: Sequence[Path]) -> nn.Module:
         if not history:
             return base.eval()
+        for adapter_dir in history:
+            check_adapter_fits(base, adapter_dir)
         base.requires_grad_(False)
         modules = sorted(_adapter_modules(Path(history[-1])))
         frozen = _load_adapters(history, modules=modules)

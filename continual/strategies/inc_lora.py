@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from continual.config import LoraHyperparams
 from continual.strategies.base import register_strategy
-from continual.strategies.common import lora_config, save_peft_adapter
+from continual.strategies.common import check_adapter_fits, lora_config, save_peft_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ def load_frozen_adapters(base: PreTrainedModel, history: Sequence[Path]) -> Peft
     Which adapters are active is left to `activate`."""
     if not history:
         raise ValueError("load_frozen_adapters needs at least one adapter directory")
+    for adapter_dir in history:
+        check_adapter_fits(base, adapter_dir)
     base.requires_grad_(False)
     model = PeftModel.from_pretrained(base, str(history[0]), adapter_name=task_adapter_name(0))
     for index, adapter_dir in enumerate(history[1:], start=1):

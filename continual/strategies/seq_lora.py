@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from continual.config import LoraHyperparams
 from continual.strategies.base import register_strategy
-from continual.strategies.common import lora_config, save_peft_adapter
+from continual.strategies.common import check_adapter_fits, lora_config, save_peft_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class SeqLora:
         if not history:
             model = peft.get_peft_model(base, lora_config(hyper), adapter_name=self.adapter_name)
         else:
+            check_adapter_fits(base, history[-1])
             model = PeftModel.from_pretrained(
                 base, str(history[-1]), adapter_name=self.adapter_name, is_trainable=True
             )
@@ -55,5 +56,6 @@ class SeqLora:
     def inference_model(self, base: PreTrainedModel, *, history: Sequence[Path]) -> nn.Module:
         if not history:
             return base.eval()
+        check_adapter_fits(base, history[-1])
         model = PeftModel.from_pretrained(base, str(history[-1]), adapter_name=self.adapter_name)
         return model.eval()
