@@ -6,11 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from registry.entities import AdapterStatus, JobKind, JobState, NodeKind, NodeRef, Relation
 from registry.errors import AlreadyExists, Conflict, InvalidReference, InvalidValue, NotFound
 from registry.store import SqlRegistry
-from registry.tables import JobRow, TaskRow
+from registry.tables import JobRow, LineageEdgeRow, TaskRow
 
 D1, D2, D3 = "a" * 64, "b" * 64, "c" * 64
 
@@ -311,3 +312,60 @@ def test_stream_state_is_newest_ready_per_task_in_order(registry: SqlRegistry) -
     )
     state = registry.adapters.stream_state(stream_id=stream_id, snapshot_id=v0)
     assert [v.id for v in state] == [va.id, vb.id]
+
+
+def _reference_walk(
+    edges: list[tuple[NodeRef, NodeRef, str]], root: NodeRef, *, max_depth: int, up: bool
+) -> tuple[dict[NodeRef, int], set[tuple[NodeRef, NodeRef, str]]]:
+    """Shortest distances by relaxing every edge until nothing changes (not a BFS)."""
+    dist = {root: 0}
+    changed = True
+    while changed:
+        changed = False
+        for child, parent, _rel in edges:
+            near, far = (child, parent) if up else (parent, child)
+            if near in dist and dist[near] + 1 < dist.get(far, max_depth + 1):
+                dist[far] = dist[near] + 1
+                changed = True
+    kept = {
+        e
+        for e in edges
+        if (e[0] if up else e[1]) in dist and dist[e[0] if up else e[1]] < max_depth
+    }
+    return dist, kept
+
+
+def test_lineage_of_a_long_consolidation_chain_matches_a_reference_walk(
+    registry: SqlRegistry,
+) -> None:
+    """Every snapshot is reached twice (from its child snapshot and through the adapter the child
+    folded), and adapters depend on earlier ones: many paths of different lengths to each node."""
+    stream_id, snap = _stream(registry)
+    root_snapshot, deps = snap, []
+    for k in range(12):
+        _task, _job, adapter = _trained(registry, stream_id, snap, f"t{k}", deps=deps[-2:])
+        deps.append(adapter.id)
+        if k % 3 == 2:  # a consolidation every three tasks
+            snap = registry.streams.add_snapshot(
+                stream_id=stream_id, artifact_digest=D1, source={}, parent_id=snap,
+                folded_adapter_ids=deps[-3:],
+            ).id  # fmt: skip
+    with Session(registry.engine) as s:  # the reference reads the raw edges
+        edges = [
+            (NodeRef(NodeKind(r.child_kind), r.child_id),
+             NodeRef(NodeKind(r.parent_kind), r.parent_id), r.relation)
+            for r in s.scalars(select(LineageEdgeRow))
+        ]  # fmt: skip
+    newest, oldest = NodeRef(NodeKind.SNAPSHOT, snap), NodeRef(NodeKind.SNAPSHOT, root_snapshot)
+    cases = [(newest, True), (oldest, False), (NodeRef(NodeKind.ADAPTER, deps[5]), True),
+             (NodeRef(NodeKind.ADAPTER, deps[0]), False)]  # fmt: skip
+    for root, up in cases:
+        for max_depth in (1, 2, 3, 5, 8, 10_000):
+            walk = registry.lineage.ancestors if up else registry.lineage.descendants
+            graph = walk(root, max_depth=max_depth)
+            dist, kept = _reference_walk(edges, root, max_depth=max_depth, up=up)
+            assert {NodeRef(n.kind, n.id): n.depth for n in graph.nodes} == dist
+            assert {(e.child, e.parent, e.relation.value) for e in graph.edges} == kept
+            assert len(graph.edges) == len(kept)  # no edge twice
+    # the whole chain is walked: 5 snapshots, 12 adapters, their 12 jobs and the shared dataset
+    assert len(registry.lineage.ancestors(newest).nodes) == 5 + 12 + 12 + 1
