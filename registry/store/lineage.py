@@ -140,9 +140,10 @@ def _describe(s: Session, depths: dict[NodeRef, int]) -> list[LineageNode]:
 
 
 def _labels(s: Session, kind: NodeKind, ids: list[int]) -> list[tuple[int, str, dict[str, Any]]]:
+    """Only the columns a label needs (plain rows, not ORM objects: a deep graph has thousands)."""
     if kind is NodeKind.SNAPSHOT:
         snaps = s.execute(
-            select(SnapshotRow, StreamRow.name)
+            select(SnapshotRow.id, SnapshotRow.version, StreamRow.name)
             .join(StreamRow, StreamRow.id == SnapshotRow.stream_id)
             .where(SnapshotRow.id.in_(ids))
         ).all()
@@ -155,32 +156,44 @@ def _labels(s: Session, kind: NodeKind, ids: list[int]) -> list[tuple[int, str, 
         )
         return [
             (
-                r.id,
-                f"{name} snapshot v{r.version}" + (" (current)" if r.id in current else ""),
-                {"stream": name, "version": r.version, "current": r.id in current},
+                id_,
+                f"{name} snapshot v{version}" + (" (current)" if id_ in current else ""),
+                {"stream": name, "version": version, "current": id_ in current},
             )
-            for r, name in snaps
+            for id_, version, name in snaps
         ]
     if kind is NodeKind.ADAPTER:
         adapters = s.execute(
-            select(AdapterVersionRow, TaskRow.name)
+            select(
+                AdapterVersionRow.id,
+                AdapterVersionRow.version,
+                AdapterVersionRow.method,
+                AdapterVersionRow.status,
+                TaskRow.name,
+            )
             .join(TaskRow, TaskRow.id == AdapterVersionRow.task_id)
             .where(AdapterVersionRow.id.in_(ids))
         ).all()
         return [
             (
-                r.id,
-                f"adapter {task} v{r.version} ({r.method}, {r.status})",
-                {"task": task, "version": r.version, "method": r.method, "status": r.status},
+                id_,
+                f"adapter {task} v{version} ({method}, {status})",
+                {"task": task, "version": version, "method": method, "status": status},
             )
-            for r, task in adapters
+            for id_, version, method, status, task in adapters
         ]
     if kind is NodeKind.DATASET:
+        datasets = s.execute(
+            select(DatasetRow.id, DatasetRow.digest, DatasetRow.num_train).where(
+                DatasetRow.id.in_(ids)
+            )
+        ).all()
         return [
-            (r.id, f"dataset {r.digest[:12]}", {"digest": r.digest, "num_train": r.num_train})
-            for r in s.scalars(select(DatasetRow).where(DatasetRow.id.in_(ids)))
+            (id_, f"dataset {digest[:12]}", {"digest": digest, "num_train": num_train})
+            for id_, digest, num_train in datasets
         ]
+    jobs = s.execute(select(JobRow.id, JobRow.kind, JobRow.state).where(JobRow.id.in_(ids))).all()
     return [
-        (r.id, f"{r.kind} job #{r.id} ({r.state})", {"kind": r.kind, "state": r.state})
-        for r in s.scalars(select(JobRow).where(JobRow.id.in_(ids)))
+        (id_, f"{job_kind} job #{id_} ({state})", {"kind": job_kind, "state": state})
+        for id_, job_kind, state in jobs
     ]
