@@ -1,0 +1,267 @@
+"""The registry at scale on PostgreSQL: lineage and listing latency with 100,000 adapter versions.
+
+    .venv/bin/python benchmarks/registry_scale.py \\
+        --url postgresql://postgres@127.0.0.1:5432/strata_bench --reset
+
+Fills a dedicated database (`--reset` drops and re-creates its schema through the migrations:
+never point it at a database you use) with `--streams` streams of `--tasks` tasks, each retrained
+`--versions` times (1,000 x 20 x 5 = 100,000 adapter versions by default). Every version has the
+edges the workers write: trained_on its stream's snapshot, trained_with its dataset, produced_by
+its job, and depends_on the newest version of each earlier task of its stream (the adapters
+active while it trained). One more stream is a chain of `--chain` consolidations: task k's
+adapter trains on snapshot v(k-1), which snapshot v(k) derives from and folds it.
+
+Then measures, `--samples` times each, through the registry's own store methods:
+
+- ancestors of the chain's newest snapshot (the whole chain),
+- descendants of the chain's first snapshot (the whole chain),
+- ancestors of a random adapter version of a random stream,
+- a page (50) of a random stream's adapter versions, and the page after it,
+
+and prints p50/p99 in ms and the PostgreSQL plans (EXPLAIN ANALYZE) of the queries behind them.
+Rows are inserted in bulk with explicit ids (the store's one-row-at-a-time writes would take
+hours for this many); the queries are the store's. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, Table, func, insert, select, text
+
+from registry.db import migrate
+from registry.entities import NodeKind, NodeRef
+from registry.store import SqlRegistry, open_registry
+from registry.store.lineage import ANCESTORS
+from registry.tables import (
+    AdapterVersionRow,
+    DatasetRow,
+    JobRow,
+    LineageEdgeRow,
+    SnapshotAliasRow,
+    SnapshotRow,
+    StreamRow,
+    TaskRow,
+)
+
+NOW = datetime(2026, 11, 22, tzinfo=UTC)
+BATCH = 20_000
+
+
+def digest(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+class Ids:
+    """Explicit ids per table, so rows and their edges go in without round trips."""
+
+    def __init__(self) -> None:
+        self.next: dict[str, int] = {}
+
+    def __call__(self, table: str) -> int:
+        self.next[table] = self.next.get(table, 0) + 1
+        return self.next[table]
+
+
+class Loader:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.rows: dict[Table, list[dict[str, Any]]] = {}
+        self.ids = Ids()
+        self.count = 0
+
+    def add(self, row_type: Any, **values: Any) -> int:
+        table: Table = row_type.__table__
+        values.setdefault("id", self.ids(table.name))
+        self.rows.setdefault(table, []).append(values)
+        self.count += 1
+        return int(values["id"])
+
+    def edge(self, child: tuple[str, int], parent: tuple[str, int], relation: str) -> None:
+        self.add(LineageEdgeRow, child_kind=child[0], child_id=child[1], parent_kind=parent[0],
+                 parent_id=parent[1], relation=relation, created_at=NOW)  # fmt: skip
+
+    def flush(self) -> None:
+        """Insert in foreign-key order (the dict keeps the order tables were first used)."""
+        with self.engine.begin() as conn:
+            for table, rows in self.rows.items():
+                for start in range(0, len(rows), BATCH):
+                    conn.execute(insert(table), rows[start : start + BATCH])
+        self.rows = {table: [] for table in self.rows}
+
+
+def stream_rows(load: Loader, name: str) -> tuple[int, int]:
+    stream = load.add(StreamRow, name=name, base_source={"kind": "tiny"}, method="o-lora",
+                      hyperparams={"rank": 8}, method_options={}, consolidation={},
+                      created_at=NOW)  # fmt: skip
+    snap = load.add(SnapshotRow, stream_id=stream, version=0, artifact_digest=digest(name),
+                    source={"kind": "tiny"}, created_at=NOW)  # fmt: skip
+    load.add(SnapshotAliasRow, stream_id=stream, alias="current", snapshot_id=snap,
+             updated_at=NOW)  # fmt: skip
+    return stream, snap
+
+
+def trained(
+    load: Loader, *, stream: int, snapshot: int, name: str, position: int, version: int,
+    task: int | None, depends_on: list[int],
+) -> tuple[int, int]:  # fmt: skip
+    """A task (when `task` is None) and one trained version of it, with all its edges."""
+    dataset = load.add(DatasetRow, digest=digest(stream, name, version), format="jsonl",
+                       num_train=500, num_test=200, size_bytes=100_000, created_at=NOW)  # fmt: skip
+    if task is None:
+        task = load.add(TaskRow, stream_id=stream, name=name, position=position,
+                        dataset_id=dataset, created_at=NOW)  # fmt: skip
+    job = load.add(JobRow, kind="train", state="succeeded", stream_id=stream, task_id=task,
+                   params={}, progress=1.0, cancel_requested=False, attempts=1,
+                   checkpoint_step=0, created_at=NOW, finished_at=NOW)  # fmt: skip
+    load.edge(("job", job), ("dataset", dataset), "uses")
+    adapter = load.add(AdapterVersionRow, stream_id=stream, task_id=task, version=version,
+                       method="o-lora", hyperparams={"rank": 8}, base_snapshot_id=snapshot,
+                       dataset_id=dataset, depends_on=depends_on, job_id=job,
+                       metrics={"loss": 0.1}, artifact_digest=digest("a", stream, name, version),
+                       status="ready", created_at=NOW)  # fmt: skip
+    load.edge(("adapter", adapter), ("snapshot", snapshot), "trained_on")
+    load.edge(("adapter", adapter), ("dataset", dataset), "trained_with")
+    load.edge(("adapter", adapter), ("job", job), "produced_by")
+    for earlier in depends_on:
+        load.edge(("adapter", adapter), ("adapter", earlier), "depends_on")
+    return task, adapter
+
+
+def populate(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
+    load = Loader(engine)
+    started = time.perf_counter()
+    streams: list[int] = []
+    for s in range(args.streams):
+        stream, snapshot = stream_rows(load, f"stream-{s}")
+        streams.append(stream)
+        newest: list[int] = []  # each earlier task's newest version
+        for t in range(args.tasks):
+            task = None
+            for v in range(1, args.versions + 1):
+                task, adapter = trained(load, stream=stream, snapshot=snapshot, name=f"task-{t}",
+                                        position=t, version=v, task=task,
+                                        depends_on=list(newest))  # fmt: skip
+            newest.append(adapter)
+        if load.count >= 200_000:
+            load.flush()
+            load.count = 0
+            print(f"  {s + 1}/{args.streams} streams ({time.perf_counter() - started:.0f} s)")
+    chain, first = stream_rows(load, "chain")
+    snapshot = first
+    for k in range(args.chain):
+        _task, adapter = trained(load, stream=chain, snapshot=snapshot, name=f"task-{k}",
+                                 position=k, version=1, task=None, depends_on=[])  # fmt: skip
+        parent, snapshot = snapshot, load.add(
+            SnapshotRow, stream_id=chain, version=k + 1, parent_id=snapshot,
+            artifact_digest=digest("chain", k), source={}, created_at=NOW,
+        )  # fmt: skip
+        load.edge(("snapshot", snapshot), ("snapshot", parent), "derived_from")
+        load.edge(("snapshot", snapshot), ("adapter", adapter), "folds")
+    load.flush()
+    with engine.begin() as conn:  # explicit ids: move the sequences past them
+        for table, last in load.ids.next.items():
+            conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {last})"))
+        conn.execute(text("UPDATE snapshot_aliases SET snapshot_id = :s WHERE stream_id = :c"),
+                     {"s": snapshot, "c": chain})  # fmt: skip
+        conn.execute(text("ANALYZE"))
+    return {"streams": streams, "chain_first": first, "chain_last": snapshot,
+            "seconds": time.perf_counter() - started}  # fmt: skip
+
+
+def timed(fn: Callable[[], Any], samples: int) -> tuple[float, float, Any]:
+    fn()  # warm the connection pool and the caches
+    times, result = [], None
+    for _ in range(samples):
+        start = time.perf_counter()
+        result = fn()
+        times.append(1000 * (time.perf_counter() - start))
+    times.sort()
+    p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
+    return statistics.median(times), p99, result
+
+
+def explain(engine: Engine, sql: str, params: dict[str, Any]) -> Iterator[str]:
+    with engine.connect() as conn:
+        for (line,) in conn.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql), params):
+            yield line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/strata_bench")
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--tasks", type=int, default=20)
+    parser.add_argument("--versions", type=int, default=5)
+    parser.add_argument("--chain", type=int, default=1000)
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--reset", action="store_true", help="drop and re-create the schema")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not args.url.startswith("postgresql"):
+        raise SystemExit("this benchmark measures PostgreSQL: pass a postgresql:// --url")
+    registry: SqlRegistry = open_registry(args.url, upgrade=False)
+    engine = registry.engine
+    if args.reset:
+        migrate(engine, "base")
+        migrate(engine, "head")
+        print(f"populating {args.streams} x {args.tasks} x {args.versions} versions "
+              f"and a {args.chain}-deep chain")  # fmt: skip
+        filled = populate(engine, args)
+        print(f"populated in {filled['seconds']:.0f} s")
+    with engine.connect() as conn:
+        counts = {t: conn.scalar(text(f"SELECT count(*) FROM {t}"))
+                  for t in ("adapter_versions", "lineage_edges", "snapshots", "jobs")}  # fmt: skip
+        chain = conn.scalar(select(StreamRow.id).where(StreamRow.name == "chain"))
+        first, last = conn.execute(
+            select(func.min(SnapshotRow.id), func.max(SnapshotRow.id)).where(
+                SnapshotRow.stream_id == chain
+            )
+        ).one()
+        streams = list(conn.scalars(select(StreamRow.id).where(StreamRow.name != "chain")))
+        max_adapter = conn.scalar(select(func.max(AdapterVersionRow.id)).where(
+            AdapterVersionRow.stream_id != chain))  # fmt: skip
+    print("rows:", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    rng = random.Random(args.seed)
+    lineage, adapters = registry.lineage, registry.adapters
+
+    def page_after() -> Any:
+        stream = rng.choice(streams)
+        first_page = adapters.list_versions(stream_id=stream, limit=50)
+        return adapters.list_versions(stream_id=stream, limit=50, after_id=first_page[-1].id)
+
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        ("ancestors of the chain's newest snapshot",
+         lambda: lineage.ancestors(NodeRef(NodeKind.SNAPSHOT, last))),
+        ("descendants of the chain's first snapshot",
+         lambda: lineage.descendants(NodeRef(NodeKind.SNAPSHOT, first))),
+        ("ancestors of a random adapter version",
+         lambda: lineage.ancestors(NodeRef(NodeKind.ADAPTER, rng.randint(1, max_adapter)))),
+        ("adapter listing, first page (50)",
+         lambda: adapters.list_versions(stream_id=rng.choice(streams), limit=50)),
+        ("adapter listing, first and second page", page_after),
+    ]  # fmt: skip
+    print("\n| query | nodes / rows | p50 (ms) | p99 (ms) |\n|---|---|---|---|")
+    for name, fn in cases:
+        p50, p99, result = timed(fn, args.samples)
+        size = len(result.nodes) if hasattr(result, "nodes") else len(result)
+        print(f"| {name} | {size} | {p50:.1f} | {p99:.1f} |")
+    print("\nPlan of the ancestors walk (chain's newest snapshot):")
+    for line in explain(engine, ANCESTORS.text, {"kind": "snapshot", "id": last}):
+        print("   ", line)
+    print("\nPlan of an adapter listing page:")
+    listing = ("SELECT * FROM adapter_versions WHERE stream_id = :s AND deleted_at IS NULL "
+               "ORDER BY id LIMIT 50")  # fmt: skip
+    for line in explain(engine, listing, {"s": streams[len(streams) // 2]}):
+        print("   ", line)
+
+
+if __name__ == "__main__":
+    main()
