@@ -157,7 +157,7 @@ class SqlAdapterStore:
         if task_id is not None:
             query = query.where(AdapterVersionRow.task_id == task_id)
         with self._db.tx() as s:
-            return [_entity(s, r) for r in s.scalars(query)]
+            return _entities(s, list(s.scalars(query)))
 
     def set_alias(self, *, task_id: int, alias: str, version_id: int) -> AdapterVersion:
         check_alias(alias)
@@ -224,7 +224,7 @@ class SqlAdapterStore:
                 .where(AdapterVersionRow.id.in_(newest))
                 .order_by(TaskRow.position)
             )
-            return [_entity(s, r) for r in rows]
+            return _entities(s, list(rows))
 
 
 def _row(s: Session, version_id: int) -> AdapterVersionRow:
@@ -278,18 +278,42 @@ def _aliases(s: Session, version_id: int) -> tuple[str, ...]:
 
 
 def _entity(s: Session, row: AdapterVersionRow) -> AdapterVersion:
-    task_name = s.get_one(TaskRow, row.task_id).name
-    aliases = _aliases(s, row.id)
-    newest_ready = s.scalar(
-        select(func.max(AdapterVersionRow.version)).where(
-            AdapterVersionRow.task_id == row.task_id,
-            AdapterVersionRow.status == AdapterStatus.READY.value,
-            AdapterVersionRow.deleted_at.is_(None),
-        )
+    return _entities(s, [row])[0]
+
+
+def _entities(s: Session, rows: Sequence[AdapterVersionRow]) -> list[AdapterVersion]:
+    """Entities for `rows` in three queries whatever their number (task names, aliases, and
+    each task's newest ready version, which carries the implicit `latest` alias)."""
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    task_ids = sorted({r.task_id for r in rows})
+    names = dict(s.execute(select(TaskRow.id, TaskRow.name).where(TaskRow.id.in_(task_ids))).all())
+    aliases: dict[int, list[str]] = {}
+    for version_id, alias in s.execute(
+        select(AdapterAliasRow.adapter_version_id, AdapterAliasRow.alias)
+        .where(AdapterAliasRow.adapter_version_id.in_(ids))
+        .order_by(AdapterAliasRow.alias)
+    ):
+        aliases.setdefault(version_id, []).append(alias)
+    newest_ready = dict(
+        s.execute(
+            select(AdapterVersionRow.task_id, func.max(AdapterVersionRow.version))
+            .where(
+                AdapterVersionRow.task_id.in_(task_ids),
+                AdapterVersionRow.status == AdapterStatus.READY.value,
+                AdapterVersionRow.deleted_at.is_(None),
+            )
+            .group_by(AdapterVersionRow.task_id)
+        ).all()
     )
-    if newest_ready == row.version and row.status == AdapterStatus.READY.value:
-        aliases = (LATEST, *aliases)
-    return convert.adapter(row, task_name, aliases)
+    out = []
+    for row in rows:
+        names_of = tuple(aliases.get(row.id, ()))
+        if newest_ready.get(row.task_id) == row.version and row.status == AdapterStatus.READY.value:
+            names_of = (LATEST, *names_of)
+        out.append(convert.adapter(row, names[row.task_id], names_of))
+    return out
 
 
 def _check_refs(

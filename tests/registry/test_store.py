@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from registry.entities import AdapterStatus, JobKind, JobState, NodeKind, NodeRef, Relation
@@ -369,3 +369,27 @@ def test_lineage_of_a_long_consolidation_chain_matches_a_reference_walk(
             assert len(graph.edges) == len(kept)  # no edge twice
     # the whole chain is walked: 5 snapshots, 12 adapters, their 12 jobs and the shared dataset
     assert len(registry.lineage.ancestors(newest).nodes) == 5 + 12 + 12 + 1
+
+
+def test_listing_adapter_versions_takes_the_same_queries_for_any_page_size(
+    registry: SqlRegistry,
+) -> None:
+    stream_id, snap = _stream(registry)
+    for k in range(12):
+        _trained(registry, stream_id, snap, f"t{k}")
+    statements: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        statements.append(statement)
+
+    event.listen(registry.engine, "before_cursor_execute", count)
+    try:
+        sizes = {}
+        for limit in (2, 12):
+            statements.clear()
+            page = registry.adapters.list_versions(stream_id=stream_id, limit=limit)
+            sizes[limit] = len(statements)
+            assert len(page) == limit and all(v.aliases == ("latest",) for v in page)
+    finally:
+        event.remove(registry.engine, "before_cursor_execute", count)
+    assert sizes[2] == sizes[12] <= 6, sizes  # no query per row
