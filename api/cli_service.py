@@ -37,11 +37,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     """The service's API process: jobs go to Celery workers through the broker."""
     import uvicorn
 
-    from api.app import create_app
-    from workers.celery_app import CeleryDispatcher
-
-    inst = open_instance(StrataSettings(), upgrade=False)
-    uvicorn.run(create_app(inst, CeleryDispatcher()), host=args.host, port=args.port)
+    uvicorn.run(
+        "api.asgi:service_app", factory=True, host=args.host, port=args.port,
+        workers=args.workers,
+    )  # fmt: skip
     return 0
 
 
@@ -97,6 +96,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     api = sub.add_parser("api", help="the service API (jobs go to Celery workers)")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     api.set_defaults(func=cmd_api)
 
     scheduler = sub.add_parser("scheduler", help="fire cron schedules and reconcile jobs")

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
+from datetime import timedelta
 
 from sqlalchemy import select
 
@@ -23,6 +24,7 @@ from registry.tables import ApiTokenRow, utcnow
 from registry.validation import check_name
 
 TOKEN_PREFIX = "strata_"
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # how stale `last_used_at` may be
 SCOPES = ("read", "write", "admin")  # write implies read; admin manages tokens
 
 
@@ -68,7 +70,10 @@ class SqlTokenStore:
                 raise Unauthorized("invalid or revoked token", field="authorization")
             if row.revoked_at is not None:
                 raise Unauthorized("invalid or revoked token", field="authorization")
-            row.last_used_at = utcnow()
+            now = utcnow()
+            last = row.last_used_at
+            if last is None or now - convert.aware(last) >= LAST_USED_RESOLUTION:
+                row.last_used_at = now  # at most one write per token and minute, not per request
             return convert.api_token(row)
 
     def list_tokens(self) -> list[ApiToken]:

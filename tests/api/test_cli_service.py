@@ -125,3 +125,34 @@ def test_serve_and_the_cli_from_stream_to_download(
     assert "error (404)" in capsys.readouterr().err
     assert main(["streams", "list", "--url", url, "--token", "strata_wrong"]) == 2
     assert "error (401)" in capsys.readouterr().err
+
+
+def test_strata_api_serves_from_several_processes(tmp_path: Path) -> None:
+    """`strata api --workers 2`: uvicorn builds the app in each process from the environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    env |= {"STRATA_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "api.cli"]
+    made = subprocess.run([*cli, "tokens", "create", "--scope", "read"], env=env, cwd=REPO,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    secret = made.stdout.strip().splitlines()[-1]
+    port = _free_port()
+    proc = subprocess.Popen([*cli, "api", "--port", str(port), "--workers", "2"], env=env,
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "the API did not start"
+            time.sleep(0.2)
+        auth = {"Authorization": f"Bearer {secret}"}
+        assert httpx.get(f"{url}/v1/streams", headers=auth).json()["data"] == []
+        assert httpx.get(f"{url}/v1/streams").status_code == 401
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert err.count("Started server process") == 2, err

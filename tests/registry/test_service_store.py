@@ -12,7 +12,7 @@ from sqlalchemy import update
 from registry.entities import JobKind, JobState
 from registry.errors import Conflict, InvalidReference, InvalidValue, NotFound, Unauthorized
 from registry.store import SqlRegistry
-from registry.tables import JobRow, LeaseRow
+from registry.tables import ApiTokenRow, JobRow, LeaseRow
 
 D1, D2, D3 = "a" * 64, "b" * 64, "c" * 64
 
@@ -151,7 +151,13 @@ def test_tokens_are_stored_hashed_scoped_and_revoked_at_once(registry: SqlRegist
                           for v in row)  # fmt: skip
     assert secret not in stored and secret[11:] not in stored
     assert registry.tokens.authenticate(secret).id == token.id
-    assert registry.tokens.authenticate(secret).last_used_at is not None
+    first_use = registry.tokens.authenticate(secret).last_used_at
+    assert first_use is not None
+    # reads do not each write: last_used_at moves at most once a minute
+    assert registry.tokens.authenticate(secret).last_used_at == first_use
+    with registry.engine.begin() as conn:
+        conn.execute(update(ApiTokenRow).values(last_used_at=first_use - timedelta(minutes=2)))
+    assert registry.tokens.authenticate(secret).last_used_at > first_use
     for bad in ("", "strata_wrong", secret + "x", secret[:-1]):
         with pytest.raises(Unauthorized):
             registry.tokens.authenticate(bad)
