@@ -34,7 +34,7 @@ MAX_DEPTH = 10_000
 # node already found, so each node is expanded once however many paths reach it. (Carrying the
 # depth in the recursion instead keeps one row per distinct path length: on a stream of
 # consolidations, where every snapshot is reached both directly and through the adapter it
-# folded, that grows quadratically with the chain: 70 ms at 100 deep, seconds at 1,000.) The
+# folded, that grows with the square of the chain's length: 23 ms at 50 deep, 68 ms at 100.) The
 # outer query returns the edges leaving those nodes, and `_depths` finds each node's shortest
 # distance with a breadth-first pass in memory. `near`/`far` are the edge ends towards and away
 # from the root.
