@@ -117,6 +117,11 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 f"{full / 2**20:.1f} MiB ({100 * fold['bytes_added'] / full:.1f}%); "
                 f"{fold['seconds']:.0f} s."
             )
+            phases = ("load", "fold", "verify", "store")
+            if all(f"seconds_{p}" in fold for p in phases):
+                lines.append("Of which " + ", ".join(
+                    f"{p} {fold[f'seconds_{p}']:.1f} s" for p in phases
+                ) + " (the rest re-evaluates every task on the new snapshot).")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

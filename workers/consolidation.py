@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,14 +133,16 @@ def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:
     datasets = [(t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id))) for t in tasks]
     reporter.event(f"folding {len(adapters)} {method} adapters into snapshot v{snapshot.version}")
     folded, tokenizer, subspace = _fold_verified(inst, reporter, snapshot, adapters, datasets)
+    started = time.perf_counter()
     digest, sizes = _store(inst, folded, tokenizer, subspace, parent=snapshot)
+    stored: dict[str, float] = {**sizes, "seconds_store": round(time.perf_counter() - started, 3)}
     new = reg.streams.add_snapshot(
         stream_id=job.stream_id, artifact_digest=digest, parent_id=snapshot.id,
         folded_adapter_ids=[v.id for v in adapters], job_id=job.id,
         source={"consolidated_from": snapshot.version, "method": method,
                 "folded": [f"{v.task_name}@v{v.version}" for v in adapters]},
     )  # fmt: skip
-    reporter.event(f"stream on snapshot v{new.version}", metrics=sizes)
+    reporter.event(f"stream on snapshot v{new.version}", metrics=stored)
     reporter.progress(0.8)
     after = max(t.position for t in tasks if t.id in {v.task_id for v in adapters})
     state = (
@@ -169,28 +172,47 @@ def _fold_verified(
     """The folded model (its logits checked against the adapted model's), its tokenizer and,
     for O-LoRA, the subspace of every task now in the base."""
     method = adapters[-1].method
+    clock = _Clock()
     memory = memory_dirs(inst, snapshot, method)
     dirs = memory + [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
     base, tokenizer = load_snapshot(inst, snapshot)
     state = _setup(adapters[-1]).strategy().inference_model(base, history=dirs)
     if not isinstance(state, PeftModel):
         raise InvalidValue(f"{method} does not build a PEFT model to fold", field="method")
+    clock.lap("seconds_load")
     prompts = _verification_inputs(tokenizer, [d for _, d in datasets])
     reference = _logits(state, prompts)
+    clock.lap("seconds_verify")
     previous = load_memory_adapter(memory[0]) if memory else None
     subspace = folded_subspace(state, previous=previous) if method == "o-lora" else None
     folded = fold_into_base(state)
+    clock.lap("seconds_fold")
     gap = max(
         float((a - b).abs().max()) for a, b in zip(reference, _logits(folded, prompts), strict=True)
     )
+    clock.lap("seconds_verify")
     tolerance = FOLD_ATOL if next(folded.parameters()).dtype == torch.float32 else FOLD_ATOL_HALF
     reporter.event(f"max |logit difference| after folding: {gap:.2e} (tolerance {tolerance:g})",
-                   metrics={"fold_max_abs_logit_diff": gap, "tolerance": tolerance})  # fmt: skip
+                   metrics={"fold_max_abs_logit_diff": gap, "tolerance": tolerance,
+                            **clock.laps})  # fmt: skip
     if not gap <= tolerance:
         raise Conflict(f"the folded model differs from the adapted one by {gap:.3g} "
                        f"(> {tolerance:g}); the stream stays on snapshot v{snapshot.version}",
                        field="fold")  # fmt: skip
     return folded, tokenizer, subspace
+
+
+class _Clock:
+    """Wall time per phase (seconds, summed when a phase comes back), for the job's events."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = round(self.laps.get(phase, 0.0) + now - self._last, 3)
+        self._last = now
 
 
 def _verification_inputs(tokenizer: Any, datasets: list[Any]) -> list[torch.Tensor]:

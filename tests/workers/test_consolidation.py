@@ -87,11 +87,14 @@ def test_two_consolidations_fold_exactly_share_tensors_trace_lineage_and_roll_ba
     events = reg.jobs.events(job.id, limit=1000)
     gap = next(e.metrics for e in events if e.metrics and "fold_max_abs_logit_diff" in e.metrics)
     assert gap["fold_max_abs_logit_diff"] <= consolidation.FOLD_ATOL
+    # the job reports where its time went
+    assert all(gap[k] >= 0 for k in ("seconds_load", "seconds_fold", "seconds_verify"))
     # every task re-evaluated on the new snapshot: the same function, the same accuracies
     after = reg.evaluations.matrix(stream.id).values[1]
     assert after == pytest.approx(before)
     # storage: only the adapted projections (q, v of 2 layers) and O-LoRA's memory are new
     sizes = next(e.metrics for e in events if e.metrics and "bytes_added" in e.metrics)
+    assert sizes["seconds_store"] >= 0
     old = read_manifest(inst.artifacts, v0.artifact_digest)["files"]
     new = read_manifest(inst.artifacts, v1.artifact_digest)["files"]
     changed = sorted(rel for rel, f in new.items() if old.get(rel) != f)
