@@ -145,14 +145,13 @@ def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:
     reporter.event(f"stream on snapshot v{new.version}", metrics=stored)
     reporter.progress(0.8)
     after = max(t.position for t in tasks if t.id in {v.task_id for v in adapters})
-    state = (
-        _setup(adapters[-1])
-        .strategy()
-        .inference_model(folded, history=memory_dirs(inst, new, method))
-    )
+    setup = _setup(adapters[-1])
+    state = setup.strategy().inference_model(folded, history=memory_dirs(inst, new, method))
     limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
+    # prompts cut where training cut them, as the training jobs' own evaluations do
     evaluate_row(inst, reporter, state, tokenizer, datasets, after_position=after,
-                 snapshot_id=new.id, adapter_version_id=None, limit=limit)  # fmt: skip
+                 snapshot_id=new.id, adapter_version_id=None, limit=limit,
+                 max_length=setup.hyper.max_length)  # fmt: skip
 
 
 def _setup(newest: AdapterVersion) -> TrainingSetup:

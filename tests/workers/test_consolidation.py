@@ -193,3 +193,21 @@ def test_am_lora_and_unverified_folds_leave_the_stream_on_its_snapshot(
     assert "stays on snapshot v0" in failed.error.message
     assert inst.registry.streams.current_snapshot(empty.id).id == empty_v0.id
     assert len(inst.registry.streams.list_snapshots(empty.id)) == 1
+
+
+def test_the_consolidation_evaluates_with_the_prompt_cut_training_used(
+    inst: Instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int | None] = []
+    evaluate_row = consolidation.evaluate_row
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("max_length"))
+        return evaluate_row(*args, **kwargs)
+
+    monkeypatch.setattr(consolidation, "evaluate_row", spy)
+    stream, _ = create_stream(inst, name="cut", base={"kind": "tiny"}, method="o-lora",
+                              hyperparams={**QV, "max_length": 12})  # fmt: skip
+    _train(inst, stream, "a", 0)
+    assert _consolidate(inst, stream.id).state is JobState.SUCCEEDED
+    assert seen == [12]  # as the training job's own evaluation cut them
