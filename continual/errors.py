@@ -40,3 +40,14 @@ class IncompatibleAdapter(ValueError):
         super().__init__(f"adapter {adapter}: {reason}")
         self.adapter = adapter
         self.reason = reason
+
+
+class MissingWeights(ValueError):
+    """A checkpoint lacks weights the model needs. transformers would fill them with random
+    values (and a GGUF load can leave them uninitialised); a model like that is refused."""
+
+    def __init__(self, *, path: str, keys: list[str]) -> None:
+        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        super().__init__(f"{path} lacks weights the model needs: {shown}")
+        self.path = path
+        self.keys = keys

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from continual.data import synthetic_corpus
+from continual.errors import MissingWeights
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ def load_causal_lm(
 
     A directory loads in its checkpoint's dtype unless `dtype` is given. Nothing is downloaded
     (`local_files_only`). The tokenizer always has a pad token (EOS when the checkpoint has none).
+    A checkpoint that lacks a weight the model needs raises `MissingWeights`: transformers would
+    otherwise initialise it at random and the model would quietly produce garbage.
     """
     kwargs: dict[str, object] = {"local_files_only": True}
     if gguf_file is not None:
@@ -102,9 +105,18 @@ def load_causal_lm(
         model_kwargs["use_safetensors"] = True  # never fall back to pickled .bin weights
     if dtype is not None:
         model_kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(path), output_loading_info=True, **model_kwargs
+    )
+    missing = set(info["missing_keys"])
     if gguf_file is not None:
+        missing = _tie_gguf_output(model, missing)
         _drop_gguf_quantizer(model)
+    if missing:
+        raise MissingWeights(
+            path=str(path / gguf_file if gguf_file else path), keys=sorted(missing)
+        )
+    if gguf_file is not None:
         torch.nn.Module.to(model, dtype or torch.float32)  # in place
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -117,6 +129,35 @@ def load_causal_lm(
         "loaded %s (%s) with %d parameters", path, gguf_file or "hf", model.num_parameters()
     )
     return model, tokenizer
+
+
+def _tie_gguf_output(model: PreTrainedModel, missing: set[str]) -> set[str]:
+    """llama.cpp writes a GGUF's output projection (`output.weight`) only when it is not the
+    token embedding; without it the model's output layer is the embedding matrix. transformers
+    derives `tie_word_embeddings` from that, and a model that still arrives with its output
+    weight missing (untied) would predict from uninitialised or random memory: tie it here.
+    Returns the keys still missing."""
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or inputs is None:
+        return missing
+    name = next(
+        (
+            f"{n}.weight"
+            for n, m in model.named_modules()
+            if m is output and f"{n}.weight" in missing
+        ),
+        None,
+    )
+    if name is None or output.weight.shape != inputs.weight.shape:
+        return missing
+    logger.warning("the GGUF has no output weight: tying %s to the token embedding", name)
+    model.config.tie_word_embeddings = True
+    # setattr: an attribute transformers 5 keeps on the instance, which mypy cannot see.
+    setattr(  # noqa: B010
+        model, "all_tied_weights_keys", model.get_expanded_tied_weights_keys(all_submodels=True)
+    )
+    model.tie_weights()
+    return missing - {name}
 
 
 def _drop_gguf_quantizer(model: PreTrainedModel) -> None:

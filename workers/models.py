@@ -12,6 +12,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.consolidation import MEMORY_DIR
+from continual.errors import MissingWeights
 from continual.models import build_tiny_llama, load_causal_lm
 from registry.artifacts import get_tree, put_tree, split_per_tensor, validate_safetensors
 from registry.artifacts.weights import SHARD_INDEX
@@ -76,11 +77,14 @@ def load_source(source: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedToke
     source = check_source(source)
     if source["kind"] == "tiny":
         return build_tiny_llama(seed=source["seed"])
-    if source["kind"] == "hf":
-        return load_causal_lm(Path(source["path"]))
-    gguf = Path(source["path"]) if source["kind"] == "gguf" else smollm2_gguf()
-    log.info("dequantizing %s (this takes a while)", gguf.name)
-    return load_causal_lm(gguf.parent, gguf_file=gguf.name)
+    try:
+        if source["kind"] == "hf":
+            return load_causal_lm(Path(source["path"]))
+        gguf = Path(source["path"]) if source["kind"] == "gguf" else smollm2_gguf()
+        log.info("dequantizing %s (this takes a while)", gguf.name)
+        return load_causal_lm(gguf.parent, gguf_file=gguf.name)
+    except MissingWeights as exc:
+        raise InvalidWeights(str(exc), field="base.path") from exc
 
 
 MODEL_FILES = ("config.json", "generation_config.json", SHARD_INDEX)
@@ -129,7 +133,10 @@ def fetch_tree(inst: Instance, digest: str) -> Path:
 def load_snapshot(
     inst: Instance, snapshot: Snapshot
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model, tokenizer = load_causal_lm(fetch_tree(inst, snapshot.artifact_digest))
+    try:
+        model, tokenizer = load_causal_lm(fetch_tree(inst, snapshot.artifact_digest))
+    except MissingWeights as exc:
+        raise InvalidWeights(f"snapshot v{snapshot.version}: {exc}", field="snapshot") from exc
     model.requires_grad_(False)
     return model, tokenizer
 

@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
-from continual.models import build_tiny_llama, build_tokenizer, load_causal_lm
+from continual.errors import MissingWeights
+from continual.models import _tie_gguf_output, build_tiny_llama, build_tokenizer, load_causal_lm
 
 
 def test_tokenizer_is_deterministic_and_byte_level(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -73,3 +75,42 @@ def test_load_causal_lm_falls_back_to_eos_padding(tmp_path: Path) -> None:
     loaded, loaded_tok = load_causal_lm(tmp_path, dtype=torch.float64)
     assert loaded_tok.pad_token == "</s>"
     assert loaded.lm_head.weight.dtype == torch.float64
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_not_filled_at_random(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    model, _ = build_tiny_llama(seed=1, tokenizer=tokenizer)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["lm_head.weight"], weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MissingWeights) as exc:
+        load_causal_lm(tmp_path)
+    assert exc.value.keys == ["lm_head.weight", "model.layers.0.mlp.up_proj.weight"]
+    assert "lm_head.weight" in str(exc.value)
+
+
+def test_a_gguf_without_an_output_weight_gets_it_tied_to_the_embedding(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """llama.cpp omits `output.weight` when it is the token embedding; a model that arrives with
+    its output layer missing (untied, so random or uninitialised) is tied, and saves as tied."""
+    model, _ = build_tiny_llama(seed=1, tokenizer=tokenizer)
+    assert not model.config.tie_word_embeddings
+    other = {"model.layers.0.mlp.up_proj.weight"}
+    assert _tie_gguf_output(model, {"lm_head.weight"} | other) == other
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    loaded, _ = load_causal_lm(tmp_path)  # no weight missing: the tie is in the config
+    ids = torch.tensor([tokenizer.encode("Input: a red car\nAnswer:")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # nothing to tie: the output weight is present, or something else is missing
+    untouched, _ = build_tiny_llama(seed=1, tokenizer=tokenizer)
+    assert _tie_gguf_output(untouched, other) == other
+    assert untouched.lm_head.weight is not untouched.model.embed_tokens.weight

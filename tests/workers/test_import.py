@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from continual.models import build_tiny_llama
 from registry.errors import InvalidValue, InvalidWeights
@@ -50,6 +50,15 @@ def test_pickled_or_missing_weights_are_refused(instance: Instance, tmp_path: Pa
     with pytest.raises(InvalidWeights) as corrupt:
         create_stream(instance, name="bogus", base={"kind": "hf", "path": str(bogus)})
     assert corrupt.value.field == "base.path/model.safetensors"
+    lacking = tmp_path / "lacking"  # well-formed, but without a weight the model needs
+    model.save_pretrained(lacking, safe_serialization=True)
+    tok.save_pretrained(lacking)
+    weights = load_file(lacking / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, str(lacking / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InvalidWeights, match="model.norm.weight") as missing:
+        create_stream(instance, name="lacking", base={"kind": "hf", "path": str(lacking)})
+    assert missing.value.field == "base.path"
     for source, field in [
         ({"kind": "gguf", "path": str(pickled)}, "base.path"),  # a directory, not a file
         ({"kind": "tiny", "seed": "x"}, "base.seed"),
@@ -70,6 +79,8 @@ def test_import_smollm2_gguf(instance: Instance, tmp_path: Path) -> None:
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         greedy = model.generate(ids, max_new_tokens=2, do_sample=False)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied and model.config.tie_word_embeddings  # the GGUF has no separate output weight
     assert "Paris" in tok.decode(greedy[0, ids.shape[1] :])
     digest = store_model(instance, model, tok)
     stream = instance.registry.streams.create(
