@@ -43,7 +43,7 @@ from registry.errors import Conflict, InvalidValue
 from registry.instance import Instance
 from workers.datasets import load_dataset
 from workers.evaluation import evaluate_row
-from workers.jobs import DEFAULT_EVAL_LIMIT, TrainingSetup, training_setup
+from workers.jobs import DEFAULT_EVAL_LIMIT, recorded_setup
 from workers.models import fetch_tree, load_snapshot, memory_dirs, store_model
 from workers.reporting import JobReporter
 
@@ -145,20 +145,13 @@ def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:
     reporter.event(f"stream on snapshot v{new.version}", metrics=stored)
     reporter.progress(0.8)
     after = max(t.position for t in tasks if t.id in {v.task_id for v in adapters})
-    setup = _setup(adapters[-1])
+    setup = recorded_setup(adapters[-1])
     state = setup.strategy().inference_model(folded, history=memory_dirs(inst, new, method))
     limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
     # prompts cut where training cut them, as the training jobs' own evaluations do
     evaluate_row(inst, reporter, state, tokenizer, datasets, after_position=after,
                  snapshot_id=new.id, adapter_version_id=None, limit=limit,
                  max_length=setup.hyper.max_length)  # fmt: skip
-
-
-def _setup(newest: AdapterVersion) -> TrainingSetup:
-    """How the newest adapter was trained (its recorded hyperparameters and method options)."""
-    options = newest.hyperparams.get("method_options") or {}
-    hyper = {k: v for k, v in newest.hyperparams.items() if k != "method_options"}
-    return training_setup(method=newest.method, hyperparams=hyper, params={}, options=options)
 
 
 def _fold_verified(
@@ -175,7 +168,7 @@ def _fold_verified(
     memory = memory_dirs(inst, snapshot, method)
     dirs = memory + [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
     base, tokenizer = load_snapshot(inst, snapshot)
-    state = _setup(adapters[-1]).strategy().inference_model(base, history=dirs)
+    state = recorded_setup(adapters[-1]).strategy().inference_model(base, history=dirs)
     if not isinstance(state, PeftModel):
         raise InvalidValue(f"{method} does not build a PEFT model to fold", field="method")
     clock.lap("seconds_load")

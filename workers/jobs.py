@@ -53,6 +53,13 @@ class TrainingSetup:
         return {**self.hyper.to_dict(), "method_options": dict(self.options)}
 
 
+def recorded_setup(version: AdapterVersion) -> TrainingSetup:
+    """How an adapter version was trained: its recorded hyperparameters and method options."""
+    options = version.hyperparams.get("method_options") or {}
+    hyper = {k: v for k, v in version.hyperparams.items() if k != "method_options"}
+    return training_setup(method=version.method, hyperparams=hyper, params={}, options=options)
+
+
 def training_setup(
     *,
     method: str,
@@ -265,15 +272,16 @@ def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     datasets = [(t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id))) for t in tasks]
     limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
     base, tokenizer = load_snapshot(inst, snapshot)
-    stream = reg.streams.get_by_id(job.stream_id)
-    if not adapters:
-        length = int(stream.hyperparams.get("max_length") or 0) or None
+    if not adapters:  # the untrained base, cut as the stream's training jobs cut prompts
+        stream = reg.streams.get_by_id(job.stream_id)
+        length = training_setup(
+            method=stream.method, hyperparams=stream.hyperparams, params={},
+            options=stream.method_options,
+        ).hyper.max_length  # fmt: skip
         _evaluate_baselines(inst, reporter, base, tokenizer, datasets, snapshot.id, limit, length)
         return
     newest = adapters[-1]
-    hyper = {k: v for k, v in newest.hyperparams.items() if k != "method_options"}
-    method = training_setup(method=newest.method, hyperparams=hyper, params={},
-                            options=newest.hyperparams.get("method_options") or {})  # fmt: skip
+    method = recorded_setup(newest)
     dirs = [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
     state = method.strategy().inference_model(base, history=dirs)
     position = {t.id: t.position for t in tasks}[newest.task_id]

@@ -17,6 +17,7 @@ from registry.instance import Instance
 from registry.settings import StrataSettings
 from workers import consolidation
 from workers.execution import execute
+from workers.jobs import recorded_setup
 from workers.models import fetch_tree, load_snapshot
 from workers.streams import create_stream, submit_task
 
@@ -69,7 +70,7 @@ def test_two_consolidations_fold_exactly_share_tensors_trace_lineage_and_roll_ba
     folded_versions = reg.adapters.list_versions(stream_id=stream.id)
     before = reg.evaluations.matrix(stream.id).values[1]
     adapted = (
-        consolidation._setup(folded_versions[-1])
+        recorded_setup(folded_versions[-1])
         .strategy()
         .inference_model(
             load_snapshot(inst, v0)[0],
