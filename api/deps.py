@@ -10,10 +10,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from registry.entities import ApiToken, Stream
 from registry.errors import Forbidden, Unauthorized
 from registry.instance import Instance
+from registry.store.adapters import MAX_VERSION  # version numbers are INTEGER columns
 from workers.execution import Dispatcher
 
 MAX_ID = 2**63 - 1  # BIGINT ids: a larger number is refused before it reaches the database
-MAX_VERSION = 2**31 - 1  # version numbers are INTEGER columns
 IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
 VersionPath = Annotated[int, Path(ge=0, le=MAX_VERSION)]
 Cursor = Annotated[

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from registry.store.adapters import MAX_VERSION
+
 
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -163,7 +165,9 @@ class AdapterVersionsPublic(_Out):
 
 
 class AliasSet(_In):
-    version: int = Field(ge=1, le=2**31 - 1, description="The version number the alias points at.")
+    version: int = Field(
+        ge=1, le=MAX_VERSION, description="The version number the alias points at."
+    )
 
 
 class ConsolidateRequest(_In):

@@ -50,6 +50,8 @@ from continual.strategies.base import register_strategy
 from continual.strategies.common import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
     PEFT_PREFIX,
     check_adapter_fits,
 )
@@ -57,7 +59,6 @@ from continual.strategies.common import (
 logger = logging.getLogger(__name__)
 
 SELECTOR_FILE = "selector.safetensors"
-_A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 Selector = tuple[Tensor, Tensor]  # (weight (n, out), bias (n + 1,)) of one layer
 
 
@@ -129,8 +130,8 @@ class AmLora:
         selector: dict[str, Tensor] = {}
         for path, layer in layers.items():
             assert layer.lora_A is not None and layer.lora_B is not None  # _new_adapter_config
-            tensors[PEFT_PREFIX + path + _A_SUFFIX] = layer.lora_A.detach().contiguous()
-            tensors[PEFT_PREFIX + path + _B_SUFFIX] = layer.lora_B.detach().contiguous()
+            tensors[PEFT_PREFIX + path + LORA_A_SUFFIX] = layer.lora_A.detach().contiguous()
+            tensors[PEFT_PREFIX + path + LORA_B_SUFFIX] = layer.lora_B.detach().contiguous()
             selector[path + ".weight"] = layer.selector_weight.detach().contiguous()
             selector[path + ".bias"] = layer.selector_bias.detach().contiguous()
         config.save_pretrained(str(out_dir))
@@ -213,7 +214,7 @@ def _adapter_modules(adapter_dir: Path) -> set[str]:
     """Module paths of the LoRA layers in a PEFT adapter file."""
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
         keys = list(f.keys())
-    return {k[len(PEFT_PREFIX) : -len(_A_SUFFIX)] for k in keys if k.endswith(_A_SUFFIX)}
+    return {k[len(PEFT_PREFIX) : -len(LORA_A_SUFFIX)] for k in keys if k.endswith(LORA_A_SUFFIX)}
 
 
 def _load_adapters(history: Sequence[Path], *, modules: list[str]) -> dict[str, FrozenAdapters]:
@@ -231,8 +232,8 @@ def _load_adapters(history: Sequence[Path], *, modules: list[str]) -> dict[str, 
                 f"{len(extra)} more ({extra[:3]}) and {len(missing)} fewer ({missing[:3]})",
             )
         for module in modules:
-            lora_A = tensors[PEFT_PREFIX + module + _A_SUFFIX]  # (r, in)
-            lora_B = tensors[PEFT_PREFIX + module + _B_SUFFIX]  # (out, r)
+            lora_A = tensors[PEFT_PREFIX + module + LORA_A_SUFFIX]  # (r, in)
+            lora_B = tensors[PEFT_PREFIX + module + LORA_B_SUFFIX]  # (out, r)
             rank = lora_A.shape[0]
             scale = alpha / math.sqrt(rank) if rslora else alpha / rank
             per_module[module].append((lora_A, lora_B, scale))

@@ -20,7 +20,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a model wrapped by a PeftModel
-_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+LORA_A_SUFFIX, LORA_B_SUFFIX = ".lora_A.weight", ".lora_B.weight"  # of PEFT's weight keys
+_LORA_SUFFIXES = (LORA_A_SUFFIX, LORA_B_SUFFIX)
 
 
 def lora_config(hyper: LoraHyperparams) -> peft.LoraConfig:
@@ -90,7 +91,7 @@ def check_adapter_fits(base: nn.Module, adapter_dir: Path) -> None:
         if weight is None or weight.dim() != 2:
             raise IncompatibleAdapter(adapter=name, reason=f"{module!r} is not a linear layer")
         out_features, in_features = (int(n) for n in weight.shape)
-        a, b = found.get(".lora_A.weight"), found.get(".lora_B.weight")
+        a, b = found.get(LORA_A_SUFFIX), found.get(LORA_B_SUFFIX)
         if a is None or b is None:
             raise IncompatibleAdapter(adapter=name, reason=f"{module!r} lacks lora_A or lora_B")
         if (
