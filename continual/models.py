@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -105,10 +106,12 @@ def load_causal_lm(
         model_kwargs["use_safetensors"] = True  # never fall back to pickled .bin weights
     if dtype is not None:
         model_kwargs["dtype"] = dtype
-    model, info = AutoModelForCausalLM.from_pretrained(
+    # output_loading_info: a (model, info) pair, which the stubs do not describe
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
         str(path), output_loading_info=True, **model_kwargs
     )
-    missing = set(info["missing_keys"])
+    model: PreTrainedModel = loaded[0]
+    missing = set(loaded[1]["missing_keys"])
     if gguf_file is not None:
         missing = _tie_gguf_output(model, missing)
         _drop_gguf_quantizer(model)

@@ -56,7 +56,7 @@ def test_pickled_or_missing_weights_are_refused(instance: Instance, tmp_path: Pa
     weights = load_file(lacking / "model.safetensors")
     del weights["model.norm.weight"]
     save_file(weights, str(lacking / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(InvalidWeights, match="model.norm.weight") as missing:
+    with pytest.raises(InvalidWeights, match=r"model\.norm\.weight") as missing:
         create_stream(instance, name="lacking", base={"kind": "hf", "path": str(lacking)})
     assert missing.value.field == "base.path"
     for source, field in [
