@@ -60,6 +60,13 @@ class LoraHyperparams:
     grad_clip: float | None = field(
         default=1.0, metadata={"help": "Max global gradient norm; None disables clipping."}
     )
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "Batch examples of similar length (within shuffled groups of 16 batches) so "
+            "little of a batch is padding; the order stays random and seeded."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -81,6 +88,11 @@ class LoraHyperparams:
         _check_int(self, "seed", low=0, high=2**32 - 1)
         if self.grad_clip is not None:
             _check_float(self, "grad_clip", low=0.0, low_inclusive=False)
+        if not isinstance(self.group_by_length, bool):
+            raise InvalidHyperparameter(
+                field="group_by_length",
+                reason=f"must be true or false, got {self.group_by_length!r}",
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> LoraHyperparams:

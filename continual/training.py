@@ -268,6 +268,9 @@ def _setup_optimizer(
     return optimizer, scheduler
 
 
+GROUP_BATCHES = 16  # batches per length group: sorting within it cuts padding, not randomness
+
+
 def _batches(
     encoded: Sequence[Encoded], *, hyper: LoraHyperparams, steps: int, pad_id: int, skip: int = 0
 ) -> Iterator[Batch]:
@@ -276,12 +279,35 @@ def _batches(
     generator = torch.Generator().manual_seed(hyper.seed)
     produced = 0
     while True:
-        order = torch.randperm(len(encoded), generator=generator).tolist()
-        for begin in range(0, len(order), hyper.batch_size):
+        for chunk in _epoch(encoded, hyper=hyper, generator=generator):
             if produced == steps:
                 return
             produced += 1
             if produced <= skip:
                 continue
-            chunk = [encoded[i] for i in order[begin : begin + hyper.batch_size]]
-            yield pad_batch(chunk, pad_id=pad_id)
+            yield pad_batch([encoded[i] for i in chunk], pad_id=pad_id)
+
+
+def _epoch(
+    encoded: Sequence[Encoded], *, hyper: LoraHyperparams, generator: torch.Generator
+) -> list[list[int]]:
+    """One epoch's batches as example indices: `ceil(n / batch_size)` of them either way.
+
+    With `group_by_length` the seeded permutation is cut into groups of `GROUP_BATCHES` batches;
+    each group is sorted by length, split into batches, and the batches of the group are shuffled
+    (the one short batch, if any, holds the shortest examples of the last group). A batch
+    pads to its longest example, so on prompts of mixed length most padding goes away while every
+    example is still seen once per epoch in a random order (the grouping of HF Trainer's
+    `group_by_length`, with the same aim)."""
+    size = hyper.batch_size
+    order = torch.randperm(len(encoded), generator=generator).tolist()
+    if not hyper.group_by_length:
+        return [order[begin : begin + size] for begin in range(0, len(order), size)]
+    batches: list[list[int]] = []
+    span = size * GROUP_BATCHES
+    for start in range(0, len(order), span):
+        group = sorted(order[start : start + span], key=lambda i: -len(encoded[i].ids))
+        chunks = [group[begin : begin + size] for begin in range(0, len(group), size)]
+        shuffled = torch.randperm(len(chunks), generator=generator).tolist()
+        batches.extend(chunks[i] for i in shuffled)
+    return batches

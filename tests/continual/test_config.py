@@ -46,6 +46,8 @@ def test_defaults_are_valid_and_round_trip_through_json() -> None:
         ("seed", -1),
         ("seed", 2**32),
         ("grad_clip", 0.0),
+        ("group_by_length", 1),
+        ("group_by_length", "yes"),
     ],
 )
 def test_invalid_field_is_named(field: str, value: Any) -> None:

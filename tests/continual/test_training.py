@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from continual.batching import completion_loss, encode_pair, pad_batch
+from continual.batching import Encoded, completion_loss, encode_pair, pad_batch
 from continual.config import LoraHyperparams
 from continual.data import Example, synthetic_tasks
 from continual.errors import InvalidDataset, TrainingCancelled
@@ -17,6 +17,8 @@ from continual.strategies import lora_config
 from continual.training import (
     StepInfo,
     TrainingCallbacks,
+    _batches,
+    _epoch,
     causal_lm_loss,
     lr_multiplier,
     total_steps,
@@ -198,3 +200,42 @@ def test_train_rejects_empty_data_and_frozen_models(
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train(model, tokenizer, EXAMPLES, LoraHyperparams())
+
+
+def _mixed_lengths(count: int) -> list[Encoded]:
+    """Examples whose lengths repeat 3..40 tokens in a scrambled order."""
+    return [Encoded(ids=tuple(range(3 + (i * 7) % 38)), prompt_len=1) for i in range(count)]
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_an_epoch_sees_every_example_once_in_the_same_number_of_batches(group: bool) -> None:
+    encoded = _mixed_lengths(203)  # not a multiple of the batch size: one short batch
+    hyper = LoraHyperparams(batch_size=8, group_by_length=group, seed=5)
+    epochs = [
+        _epoch(encoded, hyper=hyper, generator=torch.Generator().manual_seed(s)) for s in (5, 6)
+    ]
+    for batches in epochs:
+        assert len(batches) == math.ceil(203 / 8)
+        assert sorted(i for batch in batches for i in batch) == list(range(203))
+        assert sorted(len(b) for b in batches)[1:] == [8] * (len(batches) - 1)
+    assert epochs[0] != epochs[1]  # another seed (or epoch): another order
+
+
+def test_grouping_by_length_cuts_padding_and_keeps_resume_exact() -> None:
+    encoded = _mixed_lengths(512)
+    useful = sum(len(e.ids) for e in encoded)
+
+    def padded_tokens(group: bool) -> int:
+        hyper = LoraHyperparams(batch_size=8, group_by_length=group, seed=1)
+        steps = math.ceil(512 / 8)
+        batches = list(_batches(encoded, hyper=hyper, steps=steps, pad_id=0))
+        assert sum(int(b.attention_mask.sum()) for b in batches) == useful
+        return sum(b.input_ids.numel() for b in batches)
+
+    grouped, shuffled = padded_tokens(True), padded_tokens(False)
+    assert grouped < 1.15 * useful < shuffled  # lengths 3..40 in one batch pad to ~1.7x
+    hyper = LoraHyperparams(batch_size=8, seed=1)
+    whole = list(_batches(encoded, hyper=hyper, steps=150, pad_id=0))  # past an epoch boundary
+    resumed = list(_batches(encoded, hyper=hyper, steps=150, pad_id=0, skip=70))
+    for a, b in zip(whole[70:], resumed, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids)
