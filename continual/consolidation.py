@@ -54,6 +54,12 @@ def _active_lora_linears(model: PeftModel) -> dict[str, tuple[lora.Linear, list[
     return out
 
 
+def folded_weight_names(model: PeftModel) -> list[str]:
+    """The state-dict names, in the unloaded base model, of the weights `fold_into_base` changes
+    (one per adapted Linear): what a snapshot derived by the fold stores anew."""
+    return sorted(f"{path}.weight" for path in _active_lora_linears(model))
+
+
 @torch.no_grad()
 def fold_into_base(model: PeftModel) -> PreTrainedModel:
     """The model with every active adapter folded into its base weights (fp32 sums, cast back

@@ -33,6 +33,7 @@ from continual.consolidation import (
     Subspace,
     fold_into_base,
     folded_subspace,
+    folded_weight_names,
     load_memory_adapter,
     save_memory_adapter,
 )
@@ -44,7 +45,7 @@ from registry.instance import Instance
 from workers.datasets import load_dataset
 from workers.evaluation import evaluate_row
 from workers.jobs import DEFAULT_EVAL_LIMIT, recorded_setup
-from workers.models import fetch_tree, load_snapshot, memory_dirs, store_model
+from workers.models import fetch_tree, load_snapshot, memory_dirs, store_derived
 from workers.reporting import JobReporter
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,11 @@ def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:
     tasks = reg.tasks.list_tasks(job.stream_id)
     datasets = [(t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id))) for t in tasks]
     reporter.event(f"folding {len(adapters)} {method} adapters into snapshot v{snapshot.version}")
-    folded, tokenizer, subspace = _fold_verified(inst, reporter, snapshot, adapters, datasets)
+    folded, tokenizer, changed, subspace = _fold_verified(
+        inst, reporter, snapshot, adapters, datasets
+    )
     started = time.perf_counter()
-    digest, sizes = _store(inst, folded, tokenizer, subspace, parent=snapshot)
+    digest, sizes = _store(inst, folded, changed, subspace, parent=snapshot)
     stored: dict[str, float] = {**sizes, "seconds_store": round(time.perf_counter() - started, 3)}
     new = reg.streams.add_snapshot(
         stream_id=job.stream_id, artifact_digest=digest, parent_id=snapshot.id,
@@ -160,9 +163,10 @@ def _fold_verified(
     snapshot: Snapshot,
     adapters: list[AdapterVersion],
     datasets: list[tuple[Task, TaskData]],
-) -> tuple[Any, Any, Subspace | None]:
-    """The folded model (its logits checked against the adapted model's), its tokenizer and,
-    for O-LoRA, the subspace of every task now in the base."""
+) -> tuple[Any, Any, list[str], Subspace | None]:
+    """The folded model (its logits checked against the adapted model's), its tokenizer, the
+    names of the weights the fold changed and, for O-LoRA, the subspace of every task now in
+    the base."""
     method = adapters[-1].method
     clock = _Clock()
     memory = memory_dirs(inst, snapshot, method)
@@ -177,6 +181,7 @@ def _fold_verified(
     clock.lap("seconds_verify")
     previous = load_memory_adapter(memory[0]) if memory else None
     subspace = folded_subspace(state, previous=previous) if method == "o-lora" else None
+    changed = folded_weight_names(state)
     folded = fold_into_base(state)
     clock.lap("seconds_fold")
     gap = max(
@@ -191,7 +196,7 @@ def _fold_verified(
         raise Conflict(f"the folded model differs from the adapted one by {gap:.3g} "
                        f"(> {tolerance:g}); the stream stays on snapshot v{snapshot.version}",
                        field="fold")  # fmt: skip
-    return folded, tokenizer, subspace
+    return folded, tokenizer, changed, subspace
 
 
 class _Clock:
@@ -226,16 +231,23 @@ def _logits(model: Any, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _store(
-    inst: Instance, model: Any, tokenizer: Any, subspace: Subspace | None, *, parent: Snapshot
+    inst: Instance,
+    model: Any,
+    changed: list[str],
+    subspace: Subspace | None,
+    *,
+    parent: Snapshot,
 ) -> tuple[str, dict[str, int]]:
-    """Store the folded model (and O-LoRA's memory); returns its digest and byte counts."""
+    """Store the folded model (and O-LoRA's memory); returns its digest and byte counts. Only
+    the weights the fold changed are written: the rest is the parent snapshot's, as stored."""
     extra = None
     with tempfile.TemporaryDirectory(prefix="strata-memory-") as tmp:
         if subspace is not None:
             save_memory_adapter(subspace, Path(tmp) / MEMORY_DIR)
             extra = Path(tmp)
-        parent_dir = fetch_tree(inst, parent.artifact_digest)  # its tokenizer files, as stored
-        digest = store_model(inst, model, parent_dir, extra=extra)
+        digest = store_derived(
+            inst, model, parent=parent.artifact_digest, changed=changed, extra=extra
+        )
     old = read_manifest(inst.artifacts, parent.artifact_digest)["files"]
     new = read_manifest(inst.artifacts, digest)["files"]
     known = {f["digest"] for f in old.values()}

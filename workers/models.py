@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.consolidation import MEMORY_DIR
 from continual.errors import MissingWeights
 from continual.models import build_tiny_llama, load_causal_lm
-from registry.artifacts import get_tree, put_tree, split_per_tensor, validate_safetensors
-from registry.artifacts.weights import SHARD_INDEX
+from registry.artifacts import (
+    get_tree,
+    put_tree,
+    read_manifest,
+    split_per_tensor,
+    validate_safetensors,
+)
+from registry.artifacts.weights import SHARD_INDEX, TENSOR_DIR, write_tensor_file
 from registry.entities import Snapshot
 from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
@@ -116,6 +125,53 @@ def store_model(
             for folder in sorted(p for p in Path(extra).iterdir() if p.is_dir()):
                 shutil.copytree(folder, Path(tmp) / folder.name)
         return put_tree(inst.artifacts, Path(tmp))
+
+
+# safetensors' names of the dtypes a snapshot's weights can have
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def store_derived(
+    inst: Instance,
+    model: PreTrainedModel,
+    *,
+    parent: str,
+    changed: Collection[str],
+    extra: Path | None = None,
+) -> str:
+    """Store `model` as a snapshot derived from the stored snapshot tree `parent`, from which it
+    differs only in the tensors named in `changed` (e.g. the projections a fold edited).
+
+    Only those tensors are written (each as `split_per_tensor` writes it, so the result is the
+    tree `store_model` would give, minus re-saving what did not change): config, tokenizer and
+    every other tensor file are the parent's stored entries, neither re-written nor re-hashed.
+    The parent's extra folders (O-LoRA's memory) are replaced by the folders in `extra`."""
+    files = read_manifest(inst.artifacts, parent)["files"]
+    if SHARD_INDEX not in files:
+        raise InvalidValue(f"snapshot tree {parent} is not stored per tensor", field="parent")
+    weight_map = json.loads(inst.artifacts.get_bytes(files[SHARD_INDEX]["digest"]))["weight_map"]
+    state = model.state_dict()
+    reuse = {
+        rel: e for rel, e in files.items() if "/" not in rel or rel.startswith(f"{TENSOR_DIR}/")
+    }
+    with tempfile.TemporaryDirectory(prefix="strata-snap-") as tmp:
+        for name in changed:
+            tensor = state.get(name)
+            if name not in weight_map or tensor is None:
+                raise InvalidValue(f"{name} is not a tensor of snapshot {parent}", field="changed")
+            if tensor.dtype not in SAFETENSORS_DTYPES:
+                raise InvalidValue(f"{name}: cannot store dtype {tensor.dtype}", field="changed")
+            data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+            rel = write_tensor_file(
+                Path(tmp), name, dtype=SAFETENSORS_DTYPES[tensor.dtype],
+                shape=list(tensor.shape), data=data,
+            )  # fmt: skip
+            if rel != weight_map[name]:
+                raise InvalidValue(f"{name} is stored at {weight_map[name]}", field="changed")
+        if extra is not None:
+            for folder in sorted(p for p in Path(extra).iterdir() if p.is_dir()):
+                shutil.copytree(folder, Path(tmp) / folder.name)
+        return put_tree(inst.artifacts, Path(tmp), reuse=reuse)
 
 
 def fetch_tree(inst: Instance, digest: str) -> Path:

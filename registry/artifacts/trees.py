@@ -19,6 +19,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, TypedDict
 
@@ -76,29 +77,48 @@ def check_tree_path(rel: object) -> str:
     raise UnsafeArtifact(f"file type {suffix or name!r} is not in the allow-list", field=rel)
 
 
-def put_tree(store: ArtifactStore, directory: Path) -> str:
+def put_tree(
+    store: ArtifactStore, directory: Path, *, reuse: Mapping[str, TreeFile] | None = None
+) -> str:
     """Store every file under ``directory`` and its manifest; return the manifest digest.
 
-    Everything is checked (paths, file types, symlinks, safetensors) before the first upload, so
-    a refused directory leaves nothing behind.
+    ``reuse`` lists files of a stored tree (path -> entry, as a manifest has them) that the new
+    tree keeps without their bytes passing through here: a derived tree (a snapshot that changes
+    a few tensors of its parent) writes only its new files. A file of ``directory`` replaces a
+    reused entry at the same path; every reused blob must already be in the store.
+
+    Everything is checked (paths, file types, symlinks, safetensors, reused blobs) before the
+    first upload, so a refused directory leaves nothing behind.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidValue(f"{directory} is not a directory", field="directory")
     found = _walk(directory)
-    if not found:
+    new_paths = {rel for rel, _ in found}
+    kept = {
+        check_tree_path(rel): _check_entry(rel, dict(entry))
+        for rel, entry in (reuse or {}).items()
+        if rel not in new_paths
+    }
+    if not found and not kept:
         raise InvalidValue(f"{directory} has no files", field="directory")
     for rel, path in found:
         check_tree_path(rel)
         if rel.endswith(".safetensors"):
             validate_safetensors(path, name=rel)
-    files: dict[str, TreeFile] = {}
+    for rel, entry in kept.items():
+        if not store.exists(entry["digest"]):
+            raise InvalidValue(f"reused blob {entry['digest']} is not stored", field=rel)
+    _check_no_nesting({**kept, **{rel: {"digest": "", "size": 0} for rel, _ in found}})
+    files: dict[str, TreeFile] = dict(kept)
     for rel, path in found:
         digest = store.put_file(path)
         files[rel] = {"digest": digest, "size": store.size(digest)}
     manifest: TreeManifest = {"kind": TREE_KIND, "files": files}
     digest = store.put_bytes(_canonical_json(manifest))
-    logger.info("stored tree %s from %s (%d files)", digest, directory, len(files))
+    logger.info(
+        "stored tree %s from %s (%d files, %d reused)", digest, directory, len(files), len(kept)
+    )
     return digest
 
 

@@ -190,8 +190,8 @@ def split_per_tensor(directory: Path) -> int:
                 begin, end = info["data_offsets"]
                 f.seek(8 + header_len + begin)
                 data = f.read(end - begin)
-                rel = f"{TENSOR_DIR}/{name}.safetensors"
-                _write_single(out / f"{name}.safetensors", name, info, data)
+                rel = tensor_file(name)
+                _write_single(directory / rel, name, info, data)
                 weight_map[name] = rel
                 total += end - begin
         source.unlink()
@@ -199,6 +199,23 @@ def split_per_tensor(directory: Path) -> int:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n"
     )
     return len(weight_map)
+
+
+def tensor_file(name: str) -> str:
+    """Where `split_per_tensor` puts tensor `name`, relative to the model directory."""
+    return f"{TENSOR_DIR}/{name}.safetensors"
+
+
+def write_tensor_file(
+    directory: Path, name: str, *, dtype: str, shape: list[int], data: bytes
+) -> str:
+    """Write one tensor (safetensors `dtype` name, shape, raw little-endian bytes) where and as
+    `split_per_tensor` would: the same tensor gives the same bytes, so the same blob. Returns
+    its path relative to `directory`."""
+    rel = tensor_file(name)
+    (Path(directory) / rel).parent.mkdir(parents=True, exist_ok=True)
+    _write_single(Path(directory) / rel, name, {"dtype": dtype, "shape": shape}, data)
+    return rel
 
 
 def _write_single(path: Path, name: str, info: dict[str, Any], data: bytes) -> None:

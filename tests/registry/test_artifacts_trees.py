@@ -134,6 +134,44 @@ def test_nested_tree_round_trip_and_canonical_manifest(
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
 
 
+def test_a_derived_tree_reuses_stored_entries_and_replaces_what_it_writes(
+    artifact_store: ArtifactStore, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text('{"a": 1}')
+    (src / "sub" / "x.json").write_text('{"x": 1}')
+    parent = read_manifest(artifact_store, put_tree(artifact_store, src))["files"]
+    change = tmp_path / "change"
+    (change / "sub").mkdir(parents=True)
+    (change / "sub" / "x.json").write_text('{"x": 2}')
+    derived = put_tree(artifact_store, change, reuse=parent)
+    dest = get_tree(artifact_store, derived, tmp_path / "dest")
+    assert (dest / "config.json").read_text() == '{"a": 1}'  # reused, never re-read
+    assert (dest / "sub" / "x.json").read_text() == '{"x": 2}'  # replaced
+    files = read_manifest(artifact_store, derived)["files"]
+    assert files["config.json"] == parent["config.json"]
+    # the same files stored whole give the same tree
+    (change / "config.json").write_text('{"a": 1}')
+    assert put_tree(artifact_store, change) == derived
+
+    # a reused blob that is not stored, or a reused path a new file nests under, is refused
+    # before anything is uploaded
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "new.json").write_text('{"new": true}')
+    ghost = {"gone.json": {"digest": "0" * 64, "size": 3}}
+    with pytest.raises(InvalidValue) as missing:
+        put_tree(artifact_store, tmp_path / "more", reuse={**parent, **ghost})
+    assert missing.value.field == "gone.json"
+    nested = tmp_path / "nested"
+    (nested / "config.json").mkdir(parents=True)
+    (nested / "config.json" / "y.json").write_text("{}")
+    with pytest.raises(UnsafeArtifact):
+        put_tree(artifact_store, nested, reuse=parent)
+    new_digest = hashlib.sha256(b'{"new": true}').hexdigest()
+    assert not artifact_store.exists(new_digest)
+
+
 def test_get_tree_into_an_existing_empty_directory(
     artifact_store: ArtifactStore, tmp_path: Path
 ) -> None:

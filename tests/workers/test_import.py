@@ -8,10 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from continual.models import build_tiny_llama
+from continual.models import build_tiny_llama, load_causal_lm
+from registry.artifacts import read_manifest
 from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
-from workers.models import check_source, load_snapshot, load_source, store_model
+from workers.models import (
+    check_source,
+    fetch_tree,
+    load_snapshot,
+    load_source,
+    store_derived,
+    store_model,
+)
 from workers.streams import create_stream
 
 
@@ -90,3 +98,29 @@ def test_import_smollm2_gguf(instance: Instance, tmp_path: Path) -> None:
     snap = instance.registry.streams.current_snapshot(stream.id)
     reloaded, _ = load_snapshot(instance, snap)
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), rtol=0, atol=0)
+
+
+def test_a_derived_snapshot_writes_only_the_tensors_that_changed(instance: Instance) -> None:
+    model, tok = build_tiny_llama(seed=3)
+    parent = store_model(instance, model, tok)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    with torch.no_grad():
+        for name in names:
+            model.get_parameter(name).add_(0.5)
+    derived = store_derived(instance, model, parent=parent, changed=names)
+    whole = store_model(instance, model, tok)  # the same model saved and split in full
+    old, new, full = (
+        read_manifest(instance.artifacts, d)["files"] for d in (parent, derived, whole)
+    )
+    tensors = sorted(rel for rel in full if rel.startswith("tensors/"))
+    assert tensors == sorted(rel for rel in new if rel.startswith("tensors/"))
+    assert all(new[rel] == full[rel] for rel in tensors)  # byte for byte what a split writes
+    assert sorted(rel for rel in new if new[rel] != old[rel]) == [
+        f"tensors/{name}.safetensors" for name in names
+    ]
+    loaded, _ = load_causal_lm(fetch_tree(instance, derived))
+    ids = tok("good red sport", return_tensors="pt").input_ids
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
+    with pytest.raises(InvalidValue) as bad:
+        store_derived(instance, model, parent=parent, changed=["model.no_such.weight"])
+    assert bad.value.field == "changed"
