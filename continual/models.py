@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,13 @@ from continual.errors import MissingWeights
 logger = logging.getLogger(__name__)
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+MODEL_INIT_LOCK = threading.RLock()
+"""Held while a transformers model is built. `from_pretrained` swaps process-wide state for the
+duration (it stubs out `PreTrainedModel.tie_weights` on the class and sets torch's default
+dtype), and two threads doing it at once can leave the stub or the dtype in place for good:
+every later load of a tied model would then come back untied, its output layer random. The
+embedded service loads models from several threads (API predictions beside the worker)."""
 
 
 def build_tokenizer(
@@ -80,7 +88,7 @@ def build_tiny_llama(
         initializer_range=initializer_range,
     )
     # Seed a forked RNG so building a model does not disturb the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
+    with MODEL_INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).float()
     model.eval()
@@ -107,11 +115,13 @@ def load_causal_lm(
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     # output_loading_info: a (model, info) pair, which the stubs do not describe
-    loaded: Any = AutoModelForCausalLM.from_pretrained(
-        str(path), output_loading_info=True, **model_kwargs
-    )
+    with MODEL_INIT_LOCK:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            str(path), output_loading_info=True, **model_kwargs
+        )
     model: PreTrainedModel = loaded[0]
     missing = set(loaded[1]["missing_keys"])
+    missing |= {n for n, p in model.named_parameters() if p.is_meta}  # never materialised
     if gguf_file is not None:
         missing = _tie_gguf_output(model, missing)
         _drop_gguf_quantizer(model)
@@ -159,7 +169,7 @@ def _tie_gguf_output(model: PreTrainedModel, missing: set[str]) -> set[str]:
     setattr(  # noqa: B010
         model, "all_tied_weights_keys", model.get_expanded_tied_weights_keys(all_submodels=True)
     )
-    model.tie_weights()
+    output.weight = inputs.weight
     return missing - {name}
 
 

@@ -294,11 +294,12 @@ def _epoch(
     """One epoch's batches as example indices: `ceil(n / batch_size)` of them either way.
 
     With `group_by_length` the seeded permutation is cut into groups of `GROUP_BATCHES` batches;
-    each group is sorted by length, split into batches, and the batches of the group are shuffled
-    (the one short batch, if any, holds the shortest examples of the last group). A batch
-    pads to its longest example, so on prompts of mixed length most padding goes away while every
-    example is still seen once per epoch in a random order (the grouping of HF Trainer's
-    `group_by_length`, with the same aim)."""
+    each group is sorted by prompt length, split into batches, and the batches of the group are
+    shuffled (the one short batch, if any, holds the shortest prompts of the last group). A batch
+    pads to its longest example, so on prompts of mixed length most padding goes away, and every
+    example is still seen once per epoch (as HF Trainer's `group_by_length`). The key leaves the
+    completion out: on a classification task it is the label, and sorting by it would give
+    batches of one label."""
     size = hyper.batch_size
     order = torch.randperm(len(encoded), generator=generator).tolist()
     if not hyper.group_by_length:
@@ -306,7 +307,7 @@ def _epoch(
     batches: list[list[int]] = []
     span = size * GROUP_BATCHES
     for start in range(0, len(order), span):
-        group = sorted(order[start : start + span], key=lambda i: -len(encoded[i].ids))
+        group = sorted(order[start : start + span], key=lambda i: -encoded[i].prompt_len)
         chunks = [group[begin : begin + size] for begin in range(0, len(group), size)]
         shuffled = torch.randperm(len(chunks), generator=generator).tolist()
         batches.extend(chunks[i] for i in shuffled)

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from continual.errors import MissingWeights
 from continual.models import _tie_gguf_output, build_tiny_llama, build_tokenizer, load_causal_lm
@@ -114,3 +115,43 @@ def test_a_gguf_without_an_output_weight_gets_it_tied_to_the_embedding(
     untouched, _ = build_tiny_llama(seed=1, tokenizer=tokenizer)
     assert _tie_gguf_output(untouched, other) == other
     assert untouched.lm_head.weight is not untouched.model.embed_tokens.weight
+
+
+def test_concurrent_loads_keep_transformers_global_state(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """`from_pretrained` swaps class- and process-wide state while it builds a model (it stubs
+    out `PreTrainedModel.tie_weights` and sets torch's default dtype). Two threads loading at
+    once (`strata serve` predicts while its worker trains) could leave the stub in place for
+    good, and every later load of a tied model untied, with a random output layer."""
+    model, _ = build_tiny_llama(seed=1, tokenizer=tokenizer)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    tie_weights = PreTrainedModel.__dict__["tie_weights"]
+    start = threading.Barrier(6)
+    loaded: list[PreTrainedModel] = []
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            start.wait()
+            for _ in range(4):
+                if index % 3 == 0:
+                    build_tiny_llama(seed=index, tokenizer=tokenizer)
+                else:
+                    loaded.append(load_causal_lm(tmp_path, dtype=torch.bfloat16)[0])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert PreTrainedModel.__dict__["tie_weights"] is tie_weights
+    assert torch.get_default_dtype() == torch.float32
+    assert len(loaded) == 16
+    assert all(m.lm_head.weight is m.model.embed_tokens.weight for m in loaded)

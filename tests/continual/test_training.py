@@ -203,8 +203,9 @@ def test_train_rejects_empty_data_and_frozen_models(
 
 
 def _mixed_lengths(count: int) -> list[Encoded]:
-    """Examples whose lengths repeat 3..40 tokens in a scrambled order."""
-    return [Encoded(ids=tuple(range(3 + (i * 7) % 38)), prompt_len=1) for i in range(count)]
+    """Examples whose lengths repeat 3..40 tokens in a scrambled order, one completion token."""
+    lengths = [3 + (i * 7) % 38 for i in range(count)]
+    return [Encoded(ids=tuple(range(n)), prompt_len=n - 1) for n in lengths]
 
 
 @pytest.mark.parametrize("group", [True, False])
@@ -234,7 +235,7 @@ def test_grouping_by_length_cuts_padding_and_keeps_resume_exact() -> None:
 
     grouped, shuffled = padded_tokens(True), padded_tokens(False)
     assert grouped < 1.15 * useful < shuffled  # lengths 3..40 in one batch pad to ~1.7x
-    hyper = LoraHyperparams(batch_size=8, seed=1)
+    hyper = LoraHyperparams(batch_size=8, seed=1, group_by_length=True)
     whole = list(_batches(encoded, hyper=hyper, steps=150, pad_id=0))  # past an epoch boundary
     resumed = list(_batches(encoded, hyper=hyper, steps=150, pad_id=0, skip=70))
     for a, b in zip(whole[70:], resumed, strict=True):
