@@ -1,7 +1,7 @@
 """Training throughput against the machine's matmul peak (model FLOPs utilisation, MFU).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/training_throughput.py --model smollm2 \
-        --cl-data ../shared/data/cl_benchmark --task yelp --threads 2
+        --cl-data ../shared/data/cl_benchmark --task amazon --max-length 256 --threads 2
 
 1. Peak: the best FLOP/s of square fp32 matmuls (torch.mm, sizes --peak-sizes) on --threads.
 2. Training: `continual.training.train` of a fresh LoRA adapter (rank --rank on all seven
@@ -196,7 +196,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny or smollm2")
     parser.add_argument("--cl-data", type=Path, default=None, help="a CL_Benchmark folder")
-    parser.add_argument("--task", default="yelp", help="task of --cl-data to train on")
+    parser.add_argument("--task", default="amazon", help="task of --cl-data to train on")
     parser.add_argument("--examples", type=int, default=512, help="training examples loaded")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
