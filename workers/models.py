@@ -24,7 +24,7 @@ from registry.artifacts import (
     split_per_tensor,
     validate_safetensors,
 )
-from registry.artifacts.weights import SHARD_INDEX, TENSOR_DIR, write_tensor_file
+from registry.artifacts.weights import SHARD_INDEX, TENSOR_DIR, tensor_file, tensor_file_bytes
 from registry.entities import Snapshot
 from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
@@ -142,32 +142,33 @@ def store_derived(
     """Store `model` as a snapshot derived from the stored snapshot tree `parent`, from which it
     differs only in the tensors named in `changed` (e.g. the projections a fold edited).
 
-    Only those tensors are written (each as `split_per_tensor` writes it, so the result is the
-    tree `store_model` would give, minus re-saving what did not change): config, tokenizer and
-    every other tensor file are the parent's stored entries, neither re-written nor re-hashed.
-    The parent's extra folders (O-LoRA's memory) are replaced by the folders in `extra`."""
+    Only those tensors are written, each straight from memory into the store (as the file
+    `split_per_tensor` would write, so the result is the tree `store_model` would give, without
+    re-saving, re-reading and re-hashing what did not change): config, tokenizer and every other
+    tensor file are the parent's stored entries. The parent's extra folders (O-LoRA's memory)
+    are replaced by the folders in `extra`."""
     files = read_manifest(inst.artifacts, parent)["files"]
     if SHARD_INDEX not in files:
         raise InvalidValue(f"snapshot tree {parent} is not stored per tensor", field="parent")
     weight_map = json.loads(inst.artifacts.get_bytes(files[SHARD_INDEX]["digest"]))["weight_map"]
     state = model.state_dict()
+    for name in changed:  # everything is checked before the first write
+        tensor = state.get(name)
+        if weight_map.get(name) != tensor_file(name) or tensor is None:
+            raise InvalidValue(f"{name} is not a tensor file of snapshot {parent}", field="changed")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise InvalidValue(f"{name}: cannot store dtype {tensor.dtype}", field="changed")
     reuse = {
         rel: e for rel, e in files.items() if "/" not in rel or rel.startswith(f"{TENSOR_DIR}/")
     }
+    for name in changed:
+        tensor = state[name]
+        blob = tensor_file_bytes(
+            name, dtype=SAFETENSORS_DTYPES[tensor.dtype], shape=list(tensor.shape),
+            data=tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes(),
+        )  # fmt: skip
+        reuse[tensor_file(name)] = {"digest": inst.artifacts.put_bytes(blob), "size": len(blob)}
     with tempfile.TemporaryDirectory(prefix="strata-snap-") as tmp:
-        for name in changed:
-            tensor = state.get(name)
-            if name not in weight_map or tensor is None:
-                raise InvalidValue(f"{name} is not a tensor of snapshot {parent}", field="changed")
-            if tensor.dtype not in SAFETENSORS_DTYPES:
-                raise InvalidValue(f"{name}: cannot store dtype {tensor.dtype}", field="changed")
-            data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-            rel = write_tensor_file(
-                Path(tmp), name, dtype=SAFETENSORS_DTYPES[tensor.dtype],
-                shape=list(tensor.shape), data=data,
-            )  # fmt: skip
-            if rel != weight_map[name]:
-                raise InvalidValue(f"{name} is stored at {weight_map[name]}", field="changed")
         if extra is not None:
             for folder in sorted(p for p in Path(extra).iterdir() if p.is_dir()):
                 shutil.copytree(folder, Path(tmp) / folder.name)

@@ -206,19 +206,17 @@ def tensor_file(name: str) -> str:
     return f"{TENSOR_DIR}/{name}.safetensors"
 
 
-def write_tensor_file(
-    directory: Path, name: str, *, dtype: str, shape: list[int], data: bytes
-) -> str:
-    """Write one tensor (safetensors `dtype` name, shape, raw little-endian bytes) where and as
-    `split_per_tensor` would: the same tensor gives the same bytes, so the same blob. Returns
-    its path relative to `directory`."""
-    rel = tensor_file(name)
-    (Path(directory) / rel).parent.mkdir(parents=True, exist_ok=True)
-    _write_single(Path(directory) / rel, name, {"dtype": dtype, "shape": shape}, data)
-    return rel
+def tensor_file_bytes(name: str, *, dtype: str, shape: list[int], data: bytes) -> bytes:
+    """The file `split_per_tensor` writes for one tensor (safetensors `dtype` name, shape, raw
+    little-endian bytes), as bytes: the same tensor gives the same bytes, so the same blob."""
+    return _single(name, {"dtype": dtype, "shape": shape}, data)
 
 
 def _write_single(path: Path, name: str, info: dict[str, Any], data: bytes) -> None:
+    path.write_bytes(_single(name, info, data))
+
+
+def _single(name: str, info: dict[str, Any], data: bytes) -> bytes:
     """A one-tensor safetensors file with a canonical header (sorted keys, 8-byte aligned)."""
     header = {
         "__metadata__": {"format": "pt"},
@@ -226,4 +224,4 @@ def _write_single(path: Path, name: str, info: dict[str, Any], data: bytes) -> N
     }
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return struct.pack("<Q", len(raw)) + raw + data

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import BigInteger, ColumnElement, any_, bindparam, select, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from registry.entities import (
@@ -53,6 +54,9 @@ JOIN reached r ON e.{near}_kind = r.kind AND e.{near}_id = r.id
 ANCESTORS = text(_WALK.format(near="child", far="parent"))
 DESCENDANTS = text(_WALK.format(near="parent", far="child"))
 
+_KINDS = {kind.value: kind for kind in NodeKind}
+_RELATIONS = {relation.value: relation for relation in Relation}
+
 _TABLES: dict[NodeKind, type[Base]] = {
     NodeKind.SNAPSHOT: SnapshotRow,
     NodeKind.ADAPTER: AdapterVersionRow,
@@ -79,20 +83,19 @@ class SqlLineageStore:
         with self._db.tx() as s:
             if s.get(_TABLES[node.kind], node.id) is None:
                 raise NotFound(f"{node.kind.value} {node.id} not found", field="node")
-            rows = s.execute(
+            result = s.execute(
                 ANCESTORS if ancestors else DESCENDANTS, {"kind": node.kind.value, "id": node.id}
-            ).all()
-            reachable = [
-                LineageEdge(
-                    child=NodeRef(NodeKind(ck), int(ci)),
-                    parent=NodeRef(NodeKind(pk), int(pi)),
-                    relation=Relation(rel),
-                )
-                for ck, ci, pk, pi, rel in rows
+            )
+            rows: list[Row] = [(ck, int(ci), pk, int(pi), rel) for ck, ci, pk, pi, rel in result]
+            depths, kept = _depths((node.kind.value, node.id), rows, max_depth=max_depth,
+                                   ancestors=ancestors)  # fmt: skip
+            refs = {key: NodeRef(_KINDS[key[0]], key[1]) for key in depths}
+            kept.sort()
+            edges = [
+                LineageEdge(child=refs[ck, ci], parent=refs[pk, pi], relation=_RELATIONS[rel])
+                for ck, ci, pk, pi, rel in kept
             ]
-            depths, edges = _depths(node, reachable, max_depth=max_depth, ancestors=ancestors)
-            nodes = _describe(s, depths)
-        edges.sort(key=lambda e: (str(e.child), str(e.parent), e.relation.value))
+            nodes = _describe(s, {refs[key]: depth for key, depth in depths.items()})
         return LineageGraph(
             root=node,
             direction="ancestors" if ancestors else "descendants",
@@ -101,23 +104,27 @@ class SqlLineageStore:
         )
 
 
+Key = tuple[str, int]  # (kind, id) of a node: hashed far faster than a NodeRef
+Row = tuple[str, int, str, int, str]  # child kind, child id, parent kind, parent id, relation
+
+
 def _depths(
-    root: NodeRef, edges: list[LineageEdge], *, max_depth: int, ancestors: bool
-) -> tuple[dict[NodeRef, int], list[LineageEdge]]:
+    root: Key, rows: list[Row], *, max_depth: int, ancestors: bool
+) -> tuple[dict[Key, int], list[Row]]:
     """Shortest distance from `root` of every node within `max_depth`, and the edges that leave
     a node closer than `max_depth` (an edge's depth is its far end's distance along it)."""
-    leaving: dict[NodeRef, list[LineageEdge]] = {}
-    for edge in edges:
-        leaving.setdefault(edge.child if ancestors else edge.parent, []).append(edge)
+    leaving: dict[Key, list[Row]] = {}
+    for row in rows:
+        leaving.setdefault((row[0], row[1]) if ancestors else (row[2], row[3]), []).append(row)
     depths = {root: 0}
-    kept: list[LineageEdge] = []
+    kept: list[Row] = []
     frontier = [root]
     for depth in range(1, max_depth + 1):
-        following: list[NodeRef] = []
+        following: list[Key] = []
         for near in frontier:
-            for edge in leaving.get(near, ()):
-                kept.append(edge)
-                far = edge.parent if ancestors else edge.child
+            for row in leaving.get(near, ()):
+                kept.append(row)
+                far = (row[2], row[3]) if ancestors else (row[0], row[1])
                 if far not in depths:
                     depths[far] = depth
                     following.append(far)
@@ -139,18 +146,26 @@ def _describe(s: Session, depths: dict[NodeRef, int]) -> list[LineageNode]:
     return nodes
 
 
+def _in(s: Session, column: Any, ids: list[int]) -> ColumnElement[bool]:
+    """`column IN ids`; on PostgreSQL as `= ANY(array)`, one parameter however many ids (an
+    expanded IN of thousands of parameters costs more to build and parse than to run)."""
+    if s.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(ids), type_=ARRAY(BigInteger)))
+    return column.in_(ids)
+
+
 def _labels(s: Session, kind: NodeKind, ids: list[int]) -> list[tuple[int, str, dict[str, Any]]]:
     """Only the columns a label needs (plain rows, not ORM objects: a deep graph has thousands)."""
     if kind is NodeKind.SNAPSHOT:
         snaps = s.execute(
             select(SnapshotRow.id, SnapshotRow.version, StreamRow.name)
             .join(StreamRow, StreamRow.id == SnapshotRow.stream_id)
-            .where(SnapshotRow.id.in_(ids))
+            .where(_in(s, SnapshotRow.id, ids))
         ).all()
         current = set(
             s.scalars(
                 select(SnapshotAliasRow.snapshot_id).where(
-                    SnapshotAliasRow.alias == "current", SnapshotAliasRow.snapshot_id.in_(ids)
+                    SnapshotAliasRow.alias == "current", _in(s, SnapshotAliasRow.snapshot_id, ids)
                 )
             )
         )
@@ -172,7 +187,7 @@ def _labels(s: Session, kind: NodeKind, ids: list[int]) -> list[tuple[int, str, 
                 TaskRow.name,
             )
             .join(TaskRow, TaskRow.id == AdapterVersionRow.task_id)
-            .where(AdapterVersionRow.id.in_(ids))
+            .where(_in(s, AdapterVersionRow.id, ids))
         ).all()
         return [
             (
@@ -185,14 +200,16 @@ def _labels(s: Session, kind: NodeKind, ids: list[int]) -> list[tuple[int, str, 
     if kind is NodeKind.DATASET:
         datasets = s.execute(
             select(DatasetRow.id, DatasetRow.digest, DatasetRow.num_train).where(
-                DatasetRow.id.in_(ids)
+                _in(s, DatasetRow.id, ids)
             )
         ).all()
         return [
             (id_, f"dataset {digest[:12]}", {"digest": digest, "num_train": num_train})
             for id_, digest, num_train in datasets
         ]
-    jobs = s.execute(select(JobRow.id, JobRow.kind, JobRow.state).where(JobRow.id.in_(ids))).all()
+    jobs = s.execute(
+        select(JobRow.id, JobRow.kind, JobRow.state).where(_in(s, JobRow.id, ids))
+    ).all()
     return [
         (id_, f"{job_kind} job #{id_} ({state})", {"kind": job_kind, "state": state})
         for id_, job_kind, state in jobs
