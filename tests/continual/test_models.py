@@ -12,6 +12,12 @@ from continual.errors import MissingWeights
 from continual.models import _tie_gguf_output, build_tiny_llama, build_tokenizer, load_causal_lm
 
 
+def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+    """A model directory as users hand one over: safetensors weights and the tokenizer."""
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
 def test_tokenizer_is_deterministic_and_byte_level(tokenizer: PreTrainedTokenizerFast) -> None:
     again = build_tokenizer()
     assert again.get_vocab() == tokenizer.get_vocab()
@@ -57,8 +63,7 @@ def test_load_causal_lm_from_hf_directory(
     tmp_path: Path, tokenizer: PreTrainedTokenizerFast
 ) -> None:
     model, _ = build_tiny_llama(seed=1, tokenizer=tokenizer)
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_path)
+    _save(model, tokenizer, tmp_path)
     loaded, loaded_tok = load_causal_lm(tmp_path)
     ids = torch.tensor([tokenizer.encode("Input: a red car\nAnswer:")])
     with torch.no_grad():
@@ -82,8 +87,7 @@ def test_a_checkpoint_missing_a_weight_is_refused_not_filled_at_random(
     tmp_path: Path, tokenizer: PreTrainedTokenizerFast
 ) -> None:
     model, _ = build_tiny_llama(seed=1, tokenizer=tokenizer)
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_path)
+    _save(model, tokenizer, tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     del weights["lm_head.weight"], weights["model.layers.0.mlp.up_proj.weight"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -104,8 +108,7 @@ def test_a_gguf_without_an_output_weight_gets_it_tied_to_the_embedding(
     assert _tie_gguf_output(model, {"lm_head.weight"} | other) == other
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.config.tie_word_embeddings
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_path)
+    _save(model, tokenizer, tmp_path)
     assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
     loaded, _ = load_causal_lm(tmp_path)  # no weight missing: the tie is in the config
     ids = torch.tensor([tokenizer.encode("Input: a red car\nAnswer:")])
@@ -127,8 +130,7 @@ def test_concurrent_loads_keep_transformers_global_state(
     model, _ = build_tiny_llama(seed=1, tokenizer=tokenizer)
     model.config.tie_word_embeddings = True
     model.lm_head.weight = model.model.embed_tokens.weight
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_path)
+    _save(model, tokenizer, tmp_path)
     tie_weights = PreTrainedModel.__dict__["tie_weights"]
     start = threading.Barrier(6)
     loaded: list[PreTrainedModel] = []
