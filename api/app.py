@@ -9,8 +9,11 @@ service, `workers.inprocess.InProcessWorker` for the embedded `strata serve`.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +29,14 @@ API_VERSION = "v1"
 
 
 def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # blocking routes and dependencies run on at most `api_threads` threads of this loop
+        anyio.to_thread.current_default_thread_limiter().total_tokens = inst.settings.api_threads
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Strata",
         version="0.1.0",
         description="Continual-learning fine-tuning with a versioned adapter registry. Every "

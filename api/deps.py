@@ -26,12 +26,14 @@ _bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization
 _IMPLIED = {"read": {"read", "write", "admin"}, "write": {"write", "admin"}, "admin": {"admin"}}
 
 
-def get_instance(request: Request) -> Instance:
+# Dependencies that do no I/O are `async`: FastAPI runs a plain `def` one on the threadpool, a
+# thread hop per request each (BENCHMARKS.md, "API under load").
+async def get_instance(request: Request) -> Instance:
     inst: Instance = request.app.state.inst
     return inst
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
 
@@ -52,7 +54,7 @@ def _authenticate(inst: InstDep, credentials: BearerDep) -> ApiToken:
 def require(scope: str) -> object:
     """A dependency that admits tokens holding `scope` (or a scope that implies it)."""
 
-    def check(token: Annotated[ApiToken, Depends(_authenticate)]) -> ApiToken:
+    async def check(token: Annotated[ApiToken, Depends(_authenticate)]) -> ApiToken:
         if not _IMPLIED[scope] & set(token.scopes):
             raise Forbidden(f"this token lacks the '{scope}' scope", field="authorization")
         return token

@@ -9,6 +9,12 @@ before and after; no Celery worker consumes, so submitted jobs stay queued). The
 client (httpx) runs `--clients` concurrent connections: first multipart task submissions spread
 over `--streams` streams, then reads of random jobs' status. Prints requests/s, p50/p99 latency
 and the count of non-2xx answers per phase. Not a test.
+
+`--reader wrk` reads the status with `wrk` (Debian package `wrk`: C, one event-loop thread)
+for `--read-seconds` instead of the Python client, whose own CPU time on a 2-core machine is
+part of what it measures. `--poll-ms N` makes each wrk connection wait a random 0 to 2N ms (N on
+average) after each answer, as clients polling jobs' status at their own times do; without it
+the clients ask as fast as answers come.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,8 +130,54 @@ async def run(args: argparse.Namespace, token: str) -> list[tuple[str, dict[str,
         submitted = await phase(client, args.clients, args.submissions, submit)
         if not job_ids:
             raise SystemExit("no submission was accepted")
-        read = await phase(client, args.clients, args.reads, status)
-    return [("task submission (multipart)", submitted), ("job status read", read)]
+        poll = f", polling every {args.poll_ms} ms" if args.poll_ms else ""
+        if args.reader == "wrk":
+            read = read_with_wrk(args, base, token, job_ids)
+        else:
+            read = await phase(client, args.clients, args.reads, status)
+    reads = f"job status read ({args.reader}{poll})"
+    return [("task submission (multipart)", submitted), (reads, read)]
+
+
+WRK_SCRIPT = """
+local ids = {%(ids)s}
+wrk.headers["Authorization"] = "Bearer %(token)s"
+math.randomseed(0)
+request = function()
+  return wrk.format("GET", "/v1/jobs/" .. ids[math.random(#ids)])
+end
+delay = function() return math.random(0, 2 * %(poll_ms)d) end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  local errors = e.status + e.connect + e.read + e.write + e.timeout
+  io.write(string.format("STRATA %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), errors))
+end
+"""
+
+
+def read_with_wrk(
+    args: argparse.Namespace, base: str, token: str, job_ids: list[int]
+) -> dict[str, Any]:
+    """Status reads of random submitted jobs by wrk, `args.clients` connections, one thread."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("--reader wrk needs wrk on PATH (Debian: apt-get install wrk)")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        ids = ",".join(map(str, job_ids))
+        script.write(WRK_SCRIPT % {"ids": ids, "token": token, "poll_ms": args.poll_ms})
+    try:
+        command = ["wrk", "-t", "1", "-c", str(args.clients), "-d", f"{args.read_seconds}s",
+                   "--timeout", "10s", "-s", script.name, base]  # fmt: skip
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    finally:
+        os.unlink(script.name)
+    match = re.search(r"STRATA (\d+) (\d+) (\d+) (\d+) (\d+)", out)
+    if match is None:
+        raise SystemExit(f"unexpected wrk output:\n{out}")
+    requests, duration_us, p50_us, p99_us, errors = map(int, match.groups())
+    failures = {0: errors} if errors else {}  # wrk counts statuses >= 400 and socket errors
+    return {"requests": requests, "per_s": requests / (duration_us / 1e6),
+            "p50": p50_us / 1000, "p99": p99_us / 1000, "failures": failures}  # fmt: skip
 
 
 def main() -> None:
@@ -133,6 +187,9 @@ def main() -> None:
     parser.add_argument("--submissions", type=int, default=640)
     parser.add_argument("--reads", type=int, default=6400)
     parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--reader", choices=["httpx", "wrk"], default="httpx")
+    parser.add_argument("--read-seconds", type=int, default=30, help="with --reader wrk")
+    parser.add_argument("--poll-ms", type=int, default=0, help="with --reader wrk: mean think time")
     parser.add_argument("--server-workers", type=int, default=2)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--redis-db", type=int, default=15)

@@ -45,7 +45,9 @@ def open_instance(settings: StrataSettings | None = None, *, upgrade: bool = Tru
     settings = settings or StrataSettings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return Instance(
-        registry=open_registry(settings.resolved_database_url, upgrade=upgrade),
+        registry=open_registry(
+            settings.resolved_database_url, upgrade=upgrade, pool_size=max(5, settings.api_threads)
+        ),
         artifacts=open_artifact_store(settings),
         cache_dir=settings.data_dir / "cache",
         settings=settings,

@@ -65,6 +65,10 @@ class StrataSettings(BaseSettings):
     max_examples: int = Field(default=1_000_000, ge=1)
     max_line_bytes: int = Field(default=2**20, ge=64)
     max_expanded_bytes: int = Field(default=2**30, ge=1024)  # a gzip upload, decompressed
+    # Threads per API process for the routes that block (database, object store). Few threads
+    # serve more requests per second than many: they take turns on one GIL. The database pool
+    # keeps at least this many connections open so that no request opens its own.
+    api_threads: int = Field(default=8, ge=1, le=256)
 
     @model_validator(mode="before")
     @classmethod

@@ -49,9 +49,10 @@ class SqlRegistry:
         self.engine.dispose()
 
 
-def open_registry(url: str, *, upgrade: bool = True) -> SqlRegistry:
-    """Open (and by default migrate to head) the registry database at `url`."""
-    engine = make_engine(url)
+def open_registry(url: str, *, upgrade: bool = True, pool_size: int = 5) -> SqlRegistry:
+    """Open (and by default migrate to head) the registry database at `url`, keeping up to
+    `pool_size` connections open (and 10 more while busy)."""
+    engine = make_engine(url, pool_size=pool_size)
     if upgrade:
         migrate(engine)
     return SqlRegistry(engine)

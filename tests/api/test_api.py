@@ -11,11 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import pytest
+from fastapi.testclient import TestClient
 from peft import PeftModel
 
+from api.app import create_app
 from continual.data import synthetic_tasks
-from tests.api.conftest import Api
+from registry.instance import open_instance
+from registry.settings import StrataSettings
+from tests.api.conftest import Api, Recorder
 from workers.datasets import load_dataset
 from workers.models import load_snapshot
 
@@ -399,3 +404,28 @@ def test_gzip_uploads_are_read_and_compression_bombs_refused_before_anything_is_
     _problem(r, 422, "train")
     names = [t["name"] for t in c.get("/v1/streams/s1/tasks", headers=h).json()["data"]]
     assert names == ["zipped", "plain"]
+
+
+def test_blocking_routes_share_api_threads_threads_and_as_many_pooled_connections(
+    tmp_path: Path,
+) -> None:
+    inst = open_instance(StrataSettings(data_dir=tmp_path, api_threads=12))
+    try:
+        assert inst.registry.engine.pool.size() == 12  # type: ignore[attr-defined]
+        app = create_app(inst, Recorder())
+
+        @app.get("/threads")
+        async def threads() -> float:
+            return anyio.to_thread.current_default_thread_limiter().total_tokens
+
+        with TestClient(app) as client:  # the lifespan sets the limit of the server's loop
+            assert client.get("/threads").json() == 12
+    finally:
+        inst.registry.close()
+    small = open_instance(StrataSettings(data_dir=tmp_path / "small", api_threads=1))
+    try:
+        assert small.registry.engine.pool.size() == 5  # never fewer than SQLAlchemy's default
+    finally:
+        small.registry.close()
+    with pytest.raises(ValueError, match="api_threads"):
+        StrataSettings(data_dir=tmp_path, api_threads=0)
