@@ -20,6 +20,15 @@ price: under Adam the L1 subgradient keeps flipping sign around zero, which slow
 adapter's learning on short budgets (on the synthetic demo, 80 steps per task leave later tasks
 near chance; the default 160 learn them), and a larger lambda1 trades plasticity for retention.
 
+`lambda2_norm="update"` replaces the second term by lambda2 * sum_layers || s B_t A_t ||_F, the
+norm of the new adapter's weight change (s = alpha / r). What protects earlier tasks is a bound on
+how far the new adapter moves the outputs they read; orthogonal A matrices alone do not bound that
+(BENCHMARKS.md). The paper's norm of the parameters bounds it too, but its gradient on A (the
+Kaiming-initialised down projection) is there from the first step, while B = 0 leaves A no task
+gradient: under Adam the term shrinks A before the task loss reaches it. The update's norm is 0
+with zero gradient on A while B = 0, and grows only with the change the adapter makes. It is
+computed from r x r Gram matrices, ||B A||_F^2 = sum((B^T B) * (A A^T)), never forming B A.
+
 With `orthogonal_init` the new A starts orthogonal to the earlier ones (`project_out_history`),
 so the penalty starts at zero and only has to keep it there; off by default, as in the paper.
 
@@ -62,6 +71,7 @@ from continual.strategies.inc_lora import (
 logger = logging.getLogger(__name__)
 
 HISTORY_ADAPTER = "history"  # the folded earlier adapters
+LAMBDA2_NORMS = ("params", "update")  # what lambda2 weighs: the paper's, or the weight change
 
 
 @dataclass
@@ -80,12 +90,29 @@ class _PenaltyGroup:
 
 
 @dataclass
+class _UpdateGroup:
+    """Layers whose new adapter has the same shapes: their update norms in one batched pass."""
+
+    down: tuple[Tensor, ...]  # L new A matrices (parameters), each (r, d_in)
+    up: tuple[Tensor, ...]  # L new B matrices (parameters), each (d_out, r)
+    scaling: Tensor  # (L,): each layer's alpha / r
+
+    def update_norms(self) -> Tensor:
+        """(L,) Frobenius norms of scaling * B A."""
+        a, b = torch.stack(self.down), torch.stack(self.up)  # (L, r, d_in), (L, d_out, r)
+        gram = (torch.bmm(b.transpose(1, 2), b) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+        # the epsilon keeps the gradient finite at B = 0, where it is 0 anyway (gram's is)
+        return self.scaling.to(gram) * torch.sqrt(gram.clamp_min(0) + 1e-12)
+
+
+@dataclass
 class _Prepared:
     """What `extra_loss` needs, collected once in `prepare`."""
 
     model: weakref.ref[PeftModel]
     groups: tuple[_PenaltyGroup, ...]
     new_params: tuple[nn.Parameter, ...]  # every matrix of the new adapter, for the L2 term
+    updates: tuple[_UpdateGroup, ...]  # the new adapter's layers, for lambda2_norm="update"
 
 
 def fold_adapters(model: PeftModel, names: Sequence[str], *, into: str = HISTORY_ADAPTER) -> str:
@@ -169,10 +196,36 @@ def _down_projections(module: nn.Module) -> dict[str, Tensor]:
     return {name: m.weight for name, m in module.lora_A.items() if isinstance(m, nn.Linear)}
 
 
+def _up_projections(module: nn.Module) -> dict[str, Tensor]:
+    """Adapter name -> LoRA up projection B (d_out, r), for a LoRA layer; else empty."""
+    if not isinstance(module, LoraLayer) or not isinstance(module.lora_B, nn.ModuleDict):
+        return {}
+    return {name: m.weight for name, m in module.lora_B.items() if isinstance(m, nn.Linear)}
+
+
 def _row_basis(matrix: Tensor) -> Tensor:
     """Orthonormal basis (d_in, k) of the row space of `matrix` (k, d_in), in float64."""
     q, _ = torch.linalg.qr(matrix.detach().double().T)  # reduced: (d_in, k)
     return q
+
+
+def _update_groups(model: PeftModel, *, new_name: str) -> tuple[_UpdateGroup, ...]:
+    """The new adapter's (A, B, scaling) in every layer, grouped by shapes."""
+    groups: dict[tuple[int, ...], tuple[list[Tensor], list[Tensor], list[float]]] = {}
+    for module in model.modules():
+        down = _down_projections(module).get(new_name)
+        up = _up_projections(module).get(new_name)
+        if down is None or up is None:
+            continue
+        assert isinstance(module, LoraLayer)
+        downs, ups, scales = groups.setdefault((*down.shape, up.shape[0]), ([], [], []))
+        downs.append(down)
+        ups.append(up)
+        scales.append(float(module.scaling[new_name]))
+    return tuple(
+        _UpdateGroup(down=tuple(d), up=tuple(u), scaling=torch.tensor(c, dtype=torch.float64))
+        for d, u, c in groups.values()
+    )
 
 
 def _penalty_groups(
@@ -201,7 +254,12 @@ class OLora:
     name = "o-lora"
 
     def __init__(
-        self, *, lambda1: float = 0.5, lambda2: float = 0.0, orthogonal_init: bool = False
+        self,
+        *,
+        lambda1: float = 0.5,
+        lambda2: float = 0.0,
+        orthogonal_init: bool = False,
+        lambda2_norm: str = "params",
     ) -> None:
         for field, value in (("lambda1", lambda1), ("lambda2", lambda2)):
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -211,8 +269,12 @@ class OLora:
         if not isinstance(orthogonal_init, bool):
             reason = f"must be true or false, got {orthogonal_init!r}"
             raise InvalidHyperparameter(field="orthogonal_init", reason=reason)
+        if lambda2_norm not in LAMBDA2_NORMS:
+            reason = f"must be one of {', '.join(LAMBDA2_NORMS)}, got {lambda2_norm!r}"
+            raise InvalidHyperparameter(field="lambda2_norm", reason=reason)
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)
+        self.lambda2_norm = lambda2_norm
         self.orthogonal_init = orthogonal_init
         self._prepared: _Prepared | None = None
 
@@ -240,7 +302,10 @@ class OLora:
 
     def _remember(self, model: PeftModel, *, groups: tuple[_PenaltyGroup, ...]) -> None:
         params = tuple(p for p in model.parameters() if p.requires_grad)
-        self._prepared = _Prepared(model=weakref.ref(model), groups=groups, new_params=params)
+        updates = _update_groups(model, new_name=newest_adapter(model))
+        self._prepared = _Prepared(
+            model=weakref.ref(model), groups=groups, new_params=params, updates=updates
+        )
 
     def extra_loss(self, model: PeftModel) -> Tensor | None:
         prepared = self._prepared
@@ -250,7 +315,10 @@ class OLora:
         if self.lambda1 > 0 and prepared.groups:
             overlap = torch.stack([g.l1_overlap() for g in prepared.groups]).sum()
             terms.append(self.lambda1 * overlap)
-        if self.lambda2 > 0:
+        if self.lambda2 > 0 and self.lambda2_norm == "update":
+            norms = torch.cat([g.update_norms() for g in prepared.updates])
+            terms.append(self.lambda2 * norms.sum())
+        elif self.lambda2 > 0:
             norms = torch.stack([torch.linalg.vector_norm(p) for p in prepared.new_params])
             terms.append(self.lambda2 * norms.sum())
         if not terms:

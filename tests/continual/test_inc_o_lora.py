@@ -180,6 +180,51 @@ def test_o_lora_penalty_matches_reference_and_reaches_only_the_new_adapter(
     )
 
 
+def _new_matrices(model: PeftModel, name: str) -> list[tuple[torch.nn.Parameter, ...]]:
+    """(A, B) of adapter `name` in every LoRA layer, with the layer's scaling."""
+    return [
+        (m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name])
+        for m in model.modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer) and name in m.lora_A
+    ]
+
+
+def test_o_lora_update_norm_is_the_weight_change_and_leaves_a_alone_while_b_is_zero(
+    make_base: MakeBase, history: list[Path]
+) -> None:
+    params_norm = OLora(lambda1=0.0, lambda2=0.01)
+    update_norm = OLora(lambda1=0.0, lambda2=0.01, lambda2_norm="update")
+    grads = {}
+    for strategy in (params_norm, update_norm):
+        model = strategy.prepare(make_base(), history=history, hyper=HYPER)
+        extra = strategy.extra_loss(model)
+        assert extra is not None
+        extra.backward()
+        grads[strategy.lambda2_norm] = [float(a.grad.abs().sum()) for a, _, _ in
+                                        _new_matrices(model, "task2")]  # fmt: skip
+    # B = 0 at the start: the weight change and its gradient on A are 0, the paper's term's not
+    assert len(grads["update"]) == 2 * 7 and not any(grads["update"])
+    assert all(g > 0 for g in grads["params"])
+    assert float(extra.detach()) < 1e-6
+
+    with torch.no_grad():  # a trained B
+        for _, b, _ in _new_matrices(model, "task2"):
+            b.copy_(torch.randn_like(b))
+    expected = sum(
+        float(torch.linalg.matrix_norm(scale * b.detach().double() @ a.detach().double()))
+        for a, b, scale in _new_matrices(model, "task2")
+    )
+    extra = update_norm.extra_loss(model)
+    assert extra is not None and expected > 1.0
+    torch.testing.assert_close(extra.double(), torch.tensor(0.01 * expected).double(), rtol=1e-5,
+                               atol=0)  # fmt: skip
+    model.train()
+    _grads_only_on(model, "task2", extra)
+    with pytest.raises(InvalidHyperparameter) as info:
+        OLora(lambda2_norm="squared")
+    assert info.value.field == "lambda2_norm" and "params, update" in info.value.reason
+
+
 def test_o_lora_extra_loss_needs_the_prepared_model(
     make_base: MakeBase, history: list[Path]
 ) -> None:
