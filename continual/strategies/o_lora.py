@@ -193,16 +193,19 @@ def project_out_history(model: PeftModel, *, old_names: Sequence[str], new_name:
 
 def _down_projections(module: nn.Module) -> dict[str, Tensor]:
     """Adapter name -> LoRA down projection A (r, d_in), for a LoRA layer; else empty."""
-    if not isinstance(module, LoraLayer) or not isinstance(module.lora_A, nn.ModuleDict):
-        return {}
-    return {name: m.weight for name, m in module.lora_A.items() if isinstance(m, nn.Linear)}
+    return _lora_weights(module, "lora_A")
 
 
 def _up_projections(module: nn.Module) -> dict[str, Tensor]:
     """Adapter name -> LoRA up projection B (d_out, r), for a LoRA layer; else empty."""
-    if not isinstance(module, LoraLayer) or not isinstance(module.lora_B, nn.ModuleDict):
+    return _lora_weights(module, "lora_B")
+
+
+def _lora_weights(module: nn.Module, side: str) -> dict[str, Tensor]:
+    matrices = getattr(module, side) if isinstance(module, LoraLayer) else None
+    if not isinstance(matrices, nn.ModuleDict):
         return {}
-    return {name: m.weight for name, m in module.lora_B.items() if isinstance(m, nn.Linear)}
+    return {name: m.weight for name, m in matrices.items() if isinstance(m, nn.Linear)}
 
 
 def _row_basis(matrix: Tensor) -> Tensor:
@@ -215,11 +218,12 @@ def _update_groups(model: PeftModel, *, new_name: str) -> tuple[_UpdateGroup, ..
     """The new adapter's (A, B, scaling) in every layer, grouped by shapes."""
     groups: dict[tuple[int, ...], tuple[list[Tensor], list[Tensor], list[float]]] = {}
     for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
         down = _down_projections(module).get(new_name)
         up = _up_projections(module).get(new_name)
         if down is None or up is None:
             continue
-        assert isinstance(module, LoraLayer)
         downs, ups, scales = groups.setdefault((*down.shape, up.shape[0]), ([], [], []))
         downs.append(down)
         ups.append(up)

@@ -191,7 +191,7 @@ def split_per_tensor(directory: Path) -> int:
                 f.seek(8 + header_len + begin)
                 data = f.read(end - begin)
                 rel = tensor_file(name)
-                _write_single(directory / rel, name, info, data)
+                (directory / rel).write_bytes(_single(name, info, data))
                 weight_map[name] = rel
                 total += end - begin
         source.unlink()
@@ -210,10 +210,6 @@ def tensor_file_bytes(name: str, *, dtype: str, shape: list[int], data: bytes) -
     """The file `split_per_tensor` writes for one tensor (safetensors `dtype` name, shape, raw
     little-endian bytes), as bytes: the same tensor gives the same bytes, so the same blob."""
     return _single(name, {"dtype": dtype, "shape": shape}, data)
-
-
-def _write_single(path: Path, name: str, info: dict[str, Any], data: bytes) -> None:
-    path.write_bytes(_single(name, info, data))
 
 
 def _single(name: str, info: dict[str, Any], data: bytes) -> bytes:
