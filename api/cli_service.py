@@ -33,13 +33,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# uvicorn's supervisor pings each server process and replaces one that does not answer in time
+# (5 s by default). A starting process imports the training stack (torch, transformers: about
+# 6 s on a quiet 2-core machine, more on a busy one), so the default replaced processes that were
+# only slow to start, again and again (tests/api/test_cli_service.py, under a full suite).
+HEALTHCHECK_TIMEOUT_S = 60
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds >= 1, not {text}")
+    return value
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     """The service's API process: jobs go to Celery workers through the broker."""
     import uvicorn
 
     uvicorn.run(
         "api.asgi:service_app", factory=True, host=args.host, port=args.port,
-        workers=args.workers,
+        workers=args.workers, timeout_worker_healthcheck=args.healthcheck_timeout,
     )  # fmt: skip
     return 0
 
@@ -97,6 +114,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+    api.add_argument(
+        "--healthcheck-timeout", type=_seconds, default=HEALTHCHECK_TIMEOUT_S, metavar="S",
+        help="with --workers above 1: seconds a server process may take to start, or to answer "
+        f"the supervisor's ping, before it is replaced (default {HEALTHCHECK_TIMEOUT_S})",
+    )  # fmt: skip
     api.set_defaults(func=cmd_api)
 
     scheduler = sub.add_parser("scheduler", help="fire cron schedules and reconcile jobs")

@@ -52,6 +52,7 @@ def start_server(args: argparse.Namespace, data_dir: Path) -> subprocess.Popen[b
     command = [sys.executable, "-m", "uvicorn", "--factory", "api.asgi:service_app",
                "--host", "127.0.0.1", "--port", str(args.port),
                "--workers", str(args.server_workers),
+               "--timeout-worker-healthcheck", "60",
                "--log-level", "warning", "--no-access-log"]  # fmt: skip
     return subprocess.Popen(command, env=env)
 

@@ -156,3 +156,24 @@ def test_strata_api_serves_from_several_processes(tmp_path: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert err.count("Started server process") == 2, err
+    assert "died" not in err, err  # none replaced for being slow to start (--healthcheck-timeout)
+
+
+def test_strata_api_hands_the_healthcheck_timeout_to_uvicorn(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import uvicorn
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: calls.append(kwargs))
+    assert main(["api", "--workers", "2"]) == 0
+    assert main(["api", "--workers", "2", "--healthcheck-timeout", "90"]) == 0
+    assert [c["timeout_worker_healthcheck"] for c in calls] == [60, 90]
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["api", "--healthcheck-timeout", bad])
+        assert exit_.value.code == 2
+        assert f"--healthcheck-timeout: must be a whole number of seconds >= 1, not {bad}" in (
+            capsys.readouterr().err
+        )
+    assert len(calls) == 2
