@@ -44,8 +44,10 @@ class StrataSettings(BaseSettings):
     minio_secure: bool = False
     minio_region: str | None = None
     broker_url: str = "redis://127.0.0.1:6379/0"
-    # Redis re-delivers a message not acknowledged within this time. Workers acknowledge on
-    # receipt, so no job depends on it (see workers.execution); the reliability tests shorten it.
+    # Redis re-delivers a message not acknowledged within this time. A GPU worker acknowledges
+    # a job's message when the job ends, so a longer job's message is delivered once more; the
+    # copy starts nothing (see workers.execution). Set it above the usual job's length to spare
+    # that message; the reliability tests shorten it.
     broker_visibility_timeout_s: float = Field(default=3600.0, gt=0)
     # Workers: a running job heartbeats every `heartbeat_s`; its stream lease lasts `lease_s`
     # past the last heartbeat; the reconciler re-queues a job silent for `stale_after_s` (at

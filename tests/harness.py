@@ -83,12 +83,13 @@ class Workers:
 
     env: dict[str, str]
     root: Path
+    app: str = "workers.celery_app"  # the module `celery -A` loads
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
         log = (self.root / f"{name}.log").open("ab")
         env = {**os.environ, **self.env, "STRATA_DATA_DIR": str(self.root / name)}
-        cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
+        cmd = [sys.executable, "-m", "celery", "-A", self.app, "worker", "-Q",
                "train,default", "-P", "solo", "-c", "1", "-n", f"{name}@%h", "--without-gossip",
                "--without-mingle", "--loglevel=INFO"]  # fmt: skip
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -120,9 +121,11 @@ class Workers:
 
 
 @contextmanager
-def celery_workers(env: dict[str, str], root: Path, count: int) -> Iterator[Workers]:
+def celery_workers(
+    env: dict[str, str], root: Path, count: int, *, app: str = "workers.celery_app"
+) -> Iterator[Workers]:
     root.mkdir(parents=True, exist_ok=True)
-    workers = Workers(env=env, root=root)
+    workers = Workers(env=env, root=root, app=app)
     try:
         for i in range(count):
             workers.start(f"w{i}")

@@ -4,9 +4,11 @@
     celery -A workers.celery_app worker -Q default -P threads -c 4 # evaluation, housekeeping
 
 GPU workers use the `solo` pool: the job runs in the worker's main process, one at a time (no
-fork after CUDA initialised, no second model on the device). Messages are acknowledged on
-receipt and never re-delivered (see `workers.execution` for why that loses nothing); results
-are not stored: the database holds every job's state.
+fork after CUDA initialised, no second model on the device). Messages are acknowledged early,
+on receipt, but Celery sends the acknowledgement from its event loop, which the solo pool
+blocks while a job runs: a job longer than the visibility timeout has its message delivered
+once more, and the copy finds the job claimed (see `workers.execution`). Results are not
+stored: the database holds every job's state.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def make_celery(settings: StrataSettings) -> Celery:
     app.conf.update(
         task_queues=(Queue(TRAIN_QUEUE), Queue(DEFAULT_QUEUE)),
         task_default_queue=DEFAULT_QUEUE,
-        task_acks_late=False,  # early ack: a long job is never re-delivered mid-run
+        task_acks_late=False,  # early ack (sent when the solo pool's job ends: see above)
         worker_prefetch_multiplier=1,  # a GPU worker holds one message: the job it runs
         task_ignore_result=True,
         task_serializer="json",

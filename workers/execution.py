@@ -3,8 +3,11 @@ reconciler that makes the database, not the broker, the source of truth.
 
 Delivery design (why a job never runs twice and is never lost):
 
-- The broker message carries only the job id, and is acknowledged when a worker receives it
-  (early ack), so the Redis visibility timeout never re-delivers a long training job.
+- The broker message carries only the job id. Celery is set to acknowledge it on receipt (early
+  ack), but it sends acknowledgements from its event loop, which a GPU worker's solo pool blocks
+  while the job runs: the message is acknowledged when the job ends. Redis therefore delivers
+  the message of a job running past the visibility timeout once more (its sweep restores it);
+  the copy finds the job claimed and starts nothing.
 - A worker *claims* the job in the database before running it: the claim succeeds only for a
   queued job that is first in its stream, under the stream's lease. Duplicate or early messages
   are dropped; nothing waits on another task.

@@ -90,7 +90,8 @@ class Cluster:
 
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
-    extra: dict[str, str] = getattr(request, "param", {})  # indirect parametrization
+    extra: dict[str, str] = dict(getattr(request, "param", {}))  # indirect parametrization
+    app = extra.pop("celery_app", "workers.celery_app")  # the workers' `celery -A` module
     with private_redis() as broker:
         env = {**server_env(request, tmp_path, broker=broker.url), **KNOBS, **extra}
         settings = StrataSettings(**settings_kwargs(env))
@@ -105,7 +106,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
         thread = threading.Thread(target=reconcile, daemon=True)
         thread.start()
         try:
-            with celery_workers(env, tmp_path / "workers", count=2) as workers:
+            with celery_workers(env, tmp_path / "workers", count=2, app=app) as workers:
                 yield Cluster(inst=inst, dispatcher=dispatcher, workers=workers, redis=broker)
         finally:
             stop.set()
