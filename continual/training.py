@@ -1,7 +1,9 @@
 """One explicit training loop (torchtune / nanoGPT style) that knows nothing about LoRA.
 
 It optimises whatever parameters have `requires_grad`, on the completion tokens only, and
-reports through callbacks. Strategies decide what is trainable and may add a loss term.
+reports through callbacks. Strategies decide what is trainable and may add a loss term; a
+parameter carrying an `lr_scale` attribute (`set_lr_scale`) learns at that multiple of the
+learning rate.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from continual.errors import InvalidCheckpoint, InvalidDataset, TrainingCancelle
 logger = logging.getLogger(__name__)
 
 FINAL_LOSS_WINDOW = 5  # steps averaged into TrainResult.final_loss
+LR_SCALE = "lr_scale"  # a parameter's attribute, and its optimizer group's key
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,8 @@ class _Loop:
             if self.callbacks.should_stop is not None and self.callbacks.should_stop():
                 logger.info("training cancelled before step %d of %d", step, self.steps)
                 raise TrainingCancelled(f"cancelled before step {step} of {self.steps}")
-            lr = float(self.scheduler.get_last_lr()[0])
+            lr = float(self.scheduler.get_last_lr()[0])  # the run's rate, not a scaled group's
+            lr /= self.optimizer.param_groups[0].get(LR_SCALE, 1.0)
             loss = self._step(batch.to(device))
             self.scheduler.step()
             self.losses.append(loss)
@@ -254,13 +258,30 @@ class _Loop:
         )
 
 
+def set_lr_scale(param: nn.Parameter, scale: float) -> None:
+    """Train `param` at `scale` times the run's learning rate (schedule included)."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"lr_scale must be a finite number > 0, not {scale!r}")
+    setattr(param, LR_SCALE, float(scale))
+
+
 def _setup_optimizer(
     model: nn.Module, *, hyper: LoraHyperparams, steps: int, schedule: LrSchedule
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    groups: dict[float, list[nn.Parameter]] = {}  # one group per lr_scale, in parameter order
+    for param in model.parameters():
+        if param.requires_grad:
+            groups.setdefault(getattr(param, LR_SCALE, 1.0), []).append(param)
+    if not groups:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": params, "lr": hyper.learning_rate * scale, LR_SCALE: scale}
+            for scale, params in groups.items()
+        ],
+        lr=hyper.learning_rate,
+        weight_decay=hyper.weight_decay,
+    )
     warmup = math.ceil(hyper.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: schedule(step, total=steps, warmup=warmup)

@@ -17,7 +17,10 @@ Design choices:
   earlier adapters too: the selector learns to weigh all adapters with each task). Earlier
   adapters are frozen parameters that no gradient reaches. A new adapter's selector row starts
   with a zero dense layer and a bias equal to the logsumexp of the earlier logits (about half
-  the weight at the start of its task; see `am_lora_layer._head_start`).
+  the weight at the start of its task; see `am_lora_layer._head_start`). `selector_lr_scale`
+  trains the selector at that multiple of the learning rate: at 1 (the default) its logits
+  move by about the learning rate per step, too little in a short task to route tokens
+  (BENCHMARKS.md, "Why am-lora forgets").
 - **Files**: each task's directory holds that task's A and B as a plain PEFT LoRA adapter
   (`adapter_config.json` + `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained`)
   plus `selector.safetensors`, the selector trained with that task (rows for the zero adapter
@@ -55,6 +58,7 @@ from continual.strategies.common import (
     PEFT_PREFIX,
     check_adapter_fits,
 )
+from continual.training import set_lr_scale
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +72,9 @@ class AmLora:
 
     name = "am-lora"
 
-    def __init__(self, *, sparsity_weight: float = 0.01) -> None:
-        if (
-            isinstance(sparsity_weight, bool)
-            or not isinstance(sparsity_weight, int | float)
-            or not math.isfinite(sparsity_weight)
-            or sparsity_weight < 0
-        ):
-            raise InvalidHyperparameter(
-                field="sparsity_weight", reason=f"must be a finite number >= 0: {sparsity_weight!r}"
-            )
-        self.sparsity_weight = float(sparsity_weight)
+    def __init__(self, *, sparsity_weight: float = 0.01, selector_lr_scale: float = 1.0) -> None:
+        self.sparsity_weight = _number(sparsity_weight, field="sparsity_weight", positive=False)
+        self.selector_lr_scale = _number(selector_lr_scale, field="selector_lr_scale")
 
     def prepare(
         self, base: PreTrainedModel, *, history: Sequence[Path], hyper: LoraHyperparams
@@ -104,6 +100,9 @@ class AmLora:
                 selector_weight=weight,
                 selector_bias=bias,
             )
+            if self.selector_lr_scale != 1.0:
+                set_lr_scale(layer.selector_weight, self.selector_lr_scale)
+                set_lr_scale(layer.selector_bias, self.selector_lr_scale)
             base.set_submodule(path, layer)
         logger.info("am-lora: %d layers, %d earlier adapters", len(targets), len(history))
         return base
@@ -166,6 +165,16 @@ class AmLora:
             )
             base.set_submodule(path, layer)
         return base.eval()
+
+
+def _number(value: object, *, field: str, positive: bool = True) -> float:
+    """A finite real option value, > 0 (or >= 0 when not `positive`)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):  # type: ignore[operator]
+        bound = "> 0" if positive else ">= 0"
+        reason = f"must be a finite number {bound}: {value!r}"
+        raise InvalidHyperparameter(field=field, reason=reason)
+    return float(value)  # type: ignore[arg-type]
 
 
 def am_lora_layers(model: nn.Module) -> dict[str, AmLoraLinear]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -82,6 +83,11 @@ def test_registry_and_options() -> None:
         with pytest.raises(InvalidHyperparameter) as info:
             get_strategy("am-lora", sparsity_weight=bad)
         assert info.value.field == "sparsity_weight"
+    assert get_strategy("am-lora", selector_lr_scale=20).selector_lr_scale == 20.0  # type: ignore[attr-defined]
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "10"):
+        with pytest.raises(InvalidHyperparameter) as info:
+            get_strategy("am-lora", selector_lr_scale=bad)
+        assert info.value.field == "selector_lr_scale"
     with pytest.raises(InvalidHyperparameter) as info:
         get_strategy("am-lora", rank=4)
     assert info.value.field == "rank"
@@ -180,6 +186,29 @@ def test_only_the_new_adapter_and_the_selector_train(
         k.rsplit(".", 1)[-1] for k, v in model.state_dict().items() if not torch.equal(v, before[k])
     }
     assert changed == {"lora_A", "lora_B", "selector_weight", "selector_bias"}
+
+
+def test_selector_lr_scale_trains_the_selector_faster(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    """Adam's first step moves each entry by about its group's rate: the selector's is 30x."""
+    history = _history(make_base, tmp_path, 1)
+    strategy = AmLora(selector_lr_scale=30.0)
+    model = strategy.prepare(make_base(), history=history, hyper=HYPER)
+
+    def weights() -> list[torch.Tensor]:  # every layer's B, then every layer's selector bias
+        layers = am_lora_layers(model).values()
+        b = [layer.lora_B.detach().flatten() for layer in layers if layer.lora_B is not None]
+        bias = [layer.selector_bias.detach().flatten() for layer in layers]
+        return [torch.cat(b), torch.cat(bias)]
+
+    before = weights()
+    hyper = dataclasses.replace(HYPER, max_steps=1, warmup_ratio=0.0, weight_decay=0.0)
+    train(model, tokenizer, EXAMPLES, hyper, extra_loss=strategy.extra_loss)
+    after = weights()
+    moved_B, moved_bias = (float((after[i] - before[i]).abs().max()) for i in range(2))
+    assert moved_B == pytest.approx(hyper.learning_rate, rel=1e-3)
+    assert moved_bias == pytest.approx(30 * hyper.learning_rate, rel=1e-3)
 
 
 def _entropy(model: torch.nn.Module, ids: torch.Tensor) -> float:

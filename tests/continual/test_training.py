@@ -21,6 +21,7 @@ from continual.training import (
     _epoch,
     causal_lm_loss,
     lr_multiplier,
+    set_lr_scale,
     total_steps,
     train,
 )
@@ -188,6 +189,30 @@ def test_only_trainable_parameters_change(
     train(model, tokenizer, EXAMPLES, LoraHyperparams(max_steps=2, batch_size=5))
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]) == (key != "lm_head.weight"), key
+
+
+def test_a_parameter_with_an_lr_scale_learns_at_that_multiple_of_the_rate(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Adam's first step moves every entry by about the learning rate (m / sqrt(v) = +-1), so
+    the largest change of a parameter is its group's rate; the reported rate is the run's."""
+    model = make_base()
+    model.requires_grad_(False)
+    norm, head = model.model.norm.weight, model.lm_head.weight
+    norm.requires_grad_(True)
+    head.requires_grad_(True)
+    set_lr_scale(head, 10.0)
+    before = norm.detach().clone(), head.detach().clone()
+    hyper = LoraHyperparams(max_steps=1, batch_size=5, learning_rate=1e-3, warmup_ratio=0.0,
+                            weight_decay=0.0)  # fmt: skip
+    seen: list[StepInfo] = []
+    train(model, tokenizer, EXAMPLES, hyper, callbacks=TrainingCallbacks(on_step=seen.append))
+    assert float((norm - before[0]).abs().max()) == pytest.approx(1e-3, rel=1e-3)
+    assert float((head - before[1]).abs().max()) == pytest.approx(1e-2, rel=1e-3)
+    assert seen[0].learning_rate == pytest.approx(1e-3)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr_scale"):
+            set_lr_scale(head, bad)
 
 
 def test_train_rejects_empty_data_and_frozen_models(
