@@ -18,12 +18,13 @@ Design choices:
   adapters are frozen parameters that no gradient reaches. A new adapter's selector row starts
   with a zero dense layer and a bias equal to the logsumexp of the earlier logits (about half
   the weight at the start of its task; see `am_lora_layer._head_start`).
-- **Selector learning rate**: `selector_lr_scale` (default 30) times the run's. Adam moves a
-  logit by about the learning rate per step, so at the LoRA rate (1e-3) the selector stays
-  where it starts: every new adapter then takes half of every token's weight, and after four
-  tasks the first adapter keeps 8% of it, on its own task's tokens too. At 30x the earlier
-  adapters keep their share (BENCHMARKS.md, "Why am-lora forgets"). Trained on the new task's
-  data only, the selector still gives every task's tokens about the same mixture.
+- **Selector learning rate**: `selector_lr_scale` (default 1) times the run's. Adam moves a
+  logit by about the learning rate per step, so at a LoRA rate (1e-3) and a short task the
+  selector stays near its start: each new adapter takes about half of every token's weight,
+  halving the earlier adapters' shares. A faster selector (30x) moves the shares, but by what
+  helps the task being learned, and it gives every task's tokens the same mixture either way:
+  trained on the new task's data only, it cannot route by input. 30x helped in 32-step pilots
+  and hurt in the full 63-step run (BENCHMARKS.md, "Why am-lora forgets").
 - **Files**: each task's directory holds that task's A and B as a plain PEFT LoRA adapter
   (`adapter_config.json` + `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained`)
   plus `selector.safetensors`, the selector trained with that task (rows for the zero adapter
@@ -75,7 +76,7 @@ class AmLora:
 
     name = "am-lora"
 
-    def __init__(self, *, sparsity_weight: float = 0.01, selector_lr_scale: float = 30.0) -> None:
+    def __init__(self, *, sparsity_weight: float = 0.01, selector_lr_scale: float = 1.0) -> None:
         self.sparsity_weight = _number(sparsity_weight, field="sparsity_weight", positive=False)
         self.selector_lr_scale = _number(selector_lr_scale, field="selector_lr_scale")
 

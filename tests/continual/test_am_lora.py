@@ -241,8 +241,8 @@ def test_sparsity_penalty_lowers_the_selector_entropy(
     start = float(-(g * g.log()).sum())
     entropies = []
     for weight in (0.0, 0.1, 1.0):
-        # The selector at the run's rate (1e-2, ten times a real run's): at the default 30x it
-        # settles on one adapter within these 20 steps even without the penalty.
+        # The selector at the run's rate (1e-2, ten times a real run's): at 30x it settles on
+        # one adapter within these 20 steps even without the penalty.
         strategy = AmLora(sparsity_weight=weight, selector_lr_scale=1.0)
         model = strategy.prepare(make_base(), history=history, hyper=hyper)
         assert _entropy(model, IDS) == pytest.approx(start, abs=1e-5)

@@ -25,12 +25,19 @@ def _trainables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("method", ["seq-lora", "am-lora"])
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("seq-lora", {}), ("am-lora", {}), ("am-lora", {"selector_lr_scale": 30.0})],  # 2 groups
+)
 def test_resumed_run_equals_uninterrupted_run(
-    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path, method: str
+    make_base: MakeBase,
+    tokenizer: PreTrainedTokenizerFast,
+    tmp_path: Path,
+    method: str,
+    options: dict[str, float],
 ) -> None:
     task = synthetic_tasks(seed=0, train_size=40, test_size=4)[0]
-    strategy = get_strategy(method)
+    strategy = get_strategy(method, **options)
     whole_model = strategy.prepare(make_base(), history=[], hyper=HYPER)
     whole = train(whole_model, tokenizer, task.train, HYPER)
 
