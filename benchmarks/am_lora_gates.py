@@ -63,18 +63,14 @@ def recorded_gates(model: nn.Module) -> Iterator[list[Tensor]]:
 
 def mean_gates(model: nn.Module, tokenizer, task: TaskData, max_length: int) -> list[float]:  # type: ignore[no-untyped-def]
     """Mean selector weights over the task's test prompts (every token, every layer)."""
-    totals: Tensor | None = None
-    count = 0
+    per_example = []
     for example in task.test:
         ids = tokenizer(example.prompt, return_tensors="pt", truncation=True,
                         max_length=max_length)  # fmt: skip
-        with recorded_gates(model) as passes, evaluating(model), torch.no_grad():
+        with recorded_gates(model) as layers, evaluating(model), torch.no_grad():
             model(**ids)
-        mean = torch.stack(passes).mean(dim=0)
-        totals = mean if totals is None else totals + mean
-        count += 1
-    assert totals is not None
-    return [round(float(v), 3) for v in totals / count]
+        per_example.append(torch.stack(layers).mean(dim=0))
+    return [round(float(v), 3) for v in torch.stack(per_example).mean(dim=0)]
 
 
 @contextmanager

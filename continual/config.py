@@ -126,27 +126,32 @@ def _check_int(obj: object, name: str, *, low: int, high: int | None = None) -> 
         raise InvalidHyperparameter(field=name, reason=f"must be <= {high}, got {value}")
 
 
-def _check_float(
-    obj: object,
-    name: str,
+def _check_float(obj: object, name: str, **bounds: Any) -> None:
+    check_number(getattr(obj, name), field=name, **bounds)
+
+
+def check_number(
+    value: object,
     *,
+    field: str,
     low: float,
     low_inclusive: bool = True,
     high: float | None = None,
     high_inclusive: bool = False,
-) -> None:
-    """Numbers between low and high (inclusive as flagged); ints are accepted as floats."""
-    value = getattr(obj, name)
+) -> float:
+    """`value` as a float, if a finite number between low and high (inclusive as flagged);
+    ints are accepted, bools are not. InvalidHyperparameter on `field` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidHyperparameter(field=name, reason=f"must be a number, got {value!r}")
+        raise InvalidHyperparameter(field=field, reason=f"must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise InvalidHyperparameter(field=name, reason=f"must be finite, got {value}")
+        raise InvalidHyperparameter(field=field, reason=f"must be finite, got {value}")
     if value < low or (value == low and not low_inclusive):
         op = ">=" if low_inclusive else ">"
-        raise InvalidHyperparameter(field=name, reason=f"must be {op} {low}, got {value}")
+        raise InvalidHyperparameter(field=field, reason=f"must be {op} {low}, got {value}")
     if high is not None and (value > high or (value == high and not high_inclusive)):
         op = "<=" if high_inclusive else "<"
-        raise InvalidHyperparameter(field=name, reason=f"must be {op} {high}, got {value}")
+        raise InvalidHyperparameter(field=field, reason=f"must be {op} {high}, got {value}")
+    return float(value)
 
 
 def _check_modules(modules: object) -> None:

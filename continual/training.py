@@ -30,7 +30,7 @@ from continual.batching import (
     pad_id_of,
 )
 from continual.checkpoint import TrainState, capture, restore
-from continual.config import LoraHyperparams
+from continual.config import LoraHyperparams, check_number
 from continual.data import Example
 from continual.errors import InvalidCheckpoint, InvalidDataset, TrainingCancelled
 
@@ -260,9 +260,7 @@ class _Loop:
 
 def set_lr_scale(param: nn.Parameter, scale: float) -> None:
     """Train `param` at `scale` times the run's learning rate (schedule included)."""
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"lr_scale must be a finite number > 0, not {scale!r}")
-    setattr(param, LR_SCALE, float(scale))
+    setattr(param, LR_SCALE, check_number(scale, field=LR_SCALE, low=0.0, low_inclusive=False))
 
 
 def _setup_optimizer(

@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from continual.config import LoraHyperparams
+from continual.config import LoraHyperparams, check_number
 from continual.errors import InvalidHyperparameter
 from continual.strategies.am_lora_layer import AmLoraLinear, FrozenAdapters, stack_adapters
 from continual.strategies.base import register_strategy
@@ -77,8 +77,10 @@ class AmLora:
     name = "am-lora"
 
     def __init__(self, *, sparsity_weight: float = 0.01, selector_lr_scale: float = 1.0) -> None:
-        self.sparsity_weight = _number(sparsity_weight, field="sparsity_weight", positive=False)
-        self.selector_lr_scale = _number(selector_lr_scale, field="selector_lr_scale")
+        self.sparsity_weight = check_number(sparsity_weight, field="sparsity_weight", low=0.0)
+        self.selector_lr_scale = check_number(
+            selector_lr_scale, field="selector_lr_scale", low=0.0, low_inclusive=False
+        )
 
     def prepare(
         self, base: PreTrainedModel, *, history: Sequence[Path], hyper: LoraHyperparams
@@ -104,9 +106,8 @@ class AmLora:
                 selector_weight=weight,
                 selector_bias=bias,
             )
-            if self.selector_lr_scale != 1.0:
-                set_lr_scale(layer.selector_weight, self.selector_lr_scale)
-                set_lr_scale(layer.selector_bias, self.selector_lr_scale)
+            set_lr_scale(layer.selector_weight, self.selector_lr_scale)  # 1: the run's group
+            set_lr_scale(layer.selector_bias, self.selector_lr_scale)
             base.set_submodule(path, layer)
         logger.info("am-lora: %d layers, %d earlier adapters", len(targets), len(history))
         return base
@@ -169,16 +170,6 @@ class AmLora:
             )
             base.set_submodule(path, layer)
         return base.eval()
-
-
-def _number(value: object, *, field: str, positive: bool = True) -> float:
-    """A finite real option value, > 0 (or >= 0 when not `positive`)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= 0 if positive else value < 0):  # type: ignore[operator]
-        bound = "> 0" if positive else ">= 0"
-        reason = f"must be a finite number {bound}: {value!r}"
-        raise InvalidHyperparameter(field=field, reason=reason)
-    return float(value)  # type: ignore[arg-type]
 
 
 def am_lora_layers(model: nn.Module) -> dict[str, AmLoraLinear]:
