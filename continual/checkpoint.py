@@ -1,7 +1,9 @@
 """Training checkpoints: everything `train` needs to continue a run where it stopped.
 
-A checkpoint holds the trainable parameters, the optimizer and LR-scheduler state, the CPU RNG
-state (dropout), the losses so far and the step. On disk it is two files, neither pickled:
+A checkpoint holds the trainable parameters, the buffers that training accumulates into (marked
+with `mark_train_state`, e.g. AM-LoRA's task statistics), the optimizer and LR-scheduler state,
+the CPU RNG state (dropout), the losses so far and the step. On disk it is two files, neither
+pickled:
 `train_state.safetensors` (every tensor) and `train_state.json` (the rest), so a checkpoint is
 stored and verified like any other artifact tree.
 """
@@ -9,7 +11,8 @@ stored and verified like any other artifact tree.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,24 @@ from torch import Tensor, nn
 
 from continual.errors import InvalidCheckpoint
 
+logger = logging.getLogger(__name__)
+
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 FORMAT = "strata.train_state/v1"
+TRAIN_STATE = "strata_train_state"
+"""Attribute of a buffer that training updates, which a checkpoint must therefore keep."""
+
+
+def mark_train_state(buffer: Tensor) -> None:
+    """Make checkpoints save and restore `buffer` (update it in place: the mark is on the
+    tensor object)."""
+    setattr(buffer, TRAIN_STATE, True)
+
+
+def train_state_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """The model's marked buffers by `named_buffers` name."""
+    return {n: b for n, b in model.named_buffers() if getattr(b, TRAIN_STATE, False)}
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,7 @@ class TrainState:
     rng: Tensor  # torch CPU generator state (uint8)
     losses: tuple[float, ...]
     tokens: int
+    buffers: dict[str, Tensor] = field(default_factory=dict)  # marked buffers by name
 
 
 def capture(
@@ -56,6 +75,7 @@ def capture(
         rng=torch.get_rng_state(),
         losses=tuple(losses),
         tokens=tokens,
+        buffers={n: b.detach().clone() for n, b in train_state_buffers(model).items()},
     )
 
 
@@ -81,6 +101,18 @@ def restore(
                     f"{name}: shape {tuple(state.params[name].shape)} != {tuple(param.shape)}"
                 )
             param.copy_(state.params[name])
+        for name, buffer in train_state_buffers(model).items():
+            saved = state.buffers.get(name)
+            if saved is None:
+                # Written before the buffer existed: it restarts from its initial value, and
+                # holds what the rest of the run adds to it.
+                logger.warning("checkpoint has no %s; it restarts from its initial value", name)
+                continue
+            if saved.shape != buffer.shape:
+                raise InvalidCheckpoint(
+                    f"{name}: shape {tuple(saved.shape)} != {tuple(buffer.shape)}"
+                )
+            buffer.copy_(saved)
     try:
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(dict(state.scheduler))
@@ -94,6 +126,7 @@ def save_train_state(state: TrainState, directory: Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {f"param/{n}": t.contiguous() for n, t in state.params.items()}
+    tensors.update({f"buffer/{n}": t.contiguous() for n, t in state.buffers.items()})
     tensors["rng"] = state.rng
     optim_state: dict[str, dict[str, Any]] = {}
     for index, entries in state.optimizer.get("state", {}).items():
@@ -133,10 +166,13 @@ def load_train_state(directory: Path) -> TrainState:
     for index, plain in meta["optimizer"]["state"].items():
         optim_state[int(index)] = dict(plain)
     params: dict[str, Tensor] = {}
+    buffers: dict[str, Tensor] = {}
     for key, value in tensors.items():
         kind, _, rest = key.partition("/")
         if kind == "param":
             params[rest] = value
+        elif kind == "buffer":
+            buffers[rest] = value
         elif kind == "optim":
             index, _, name = rest.partition("/")
             optim_state.setdefault(int(index), {})[name] = value
@@ -148,6 +184,7 @@ def load_train_state(directory: Path) -> TrainState:
         rng=tensors["rng"],
         losses=tuple(float(v) for v in meta["losses"]),
         tokens=int(meta["tokens"]),
+        buffers=buffers,
     )
 
 

@@ -13,23 +13,33 @@ Design choices:
   impurity is 0 exactly when one adapter (or the zero adapter) takes all the weight and largest
   for the uniform mixture; it is a polynomial in g, so its gradient is bounded and cheap.
   Padding tokens count like the others (the layer does not see the attention mask).
-- **What trains**: the new task's A and B and the whole selector of every layer (the rows of
-  earlier adapters too: the selector learns to weigh all adapters with each task). Earlier
-  adapters are frozen parameters that no gradient reaches. A new adapter's selector row starts
-  with a zero dense layer and a bias equal to the logsumexp of the earlier logits (about half
-  the weight at the start of its task; see `am_lora_layer._head_start`).
+- **Task routing** (`routing_weight`, default 1; 0 turns it off): the selector alone cannot
+  route by input (trained on the new task's data only, it gives every task's tokens the same
+  mixture; BENCHMARKS.md, "Why am-lora forgets"). A `TaskRouter` (see `am_lora_router`) keeps
+  statistics of each task's training sequences (their mean token embedding's mean, and a pooled
+  scatter matrix: no examples) and adds `routing_weight * log p(task | tokens so far)` from a
+  linear discriminant to each task adapter's score. A new task trains with the earlier adapters'
+  scores at -inf, as the router will use it. A stream whose history lacks statistics (started
+  without routing) keeps being mixed by the selector alone.
+- **What trains**: the new task's A and B and the selector. Without routing, the whole selector
+  of every layer trains (the rows of earlier adapters too: the selector learns to weigh all
+  adapters with each task). With routing, only the new adapter's row does; the earlier rows and
+  the zero logit are held as saved. Earlier adapters are frozen parameters that no gradient
+  reaches. A new adapter's selector row starts with a zero dense layer and a bias equal to the
+  logsumexp of the earlier logits (about half the weight at the start of its task without
+  routing; see `am_lora_layer._head_start`).
 - **Selector learning rate**: `selector_lr_scale` (default 1) times the run's. Adam moves a
   logit by about the learning rate per step, so at a LoRA rate (1e-3) and a short task the
-  selector stays near its start: each new adapter takes about half of every token's weight,
-  halving the earlier adapters' shares. A faster selector (30x) moves the shares, but by what
-  helps the task being learned, and it gives every task's tokens the same mixture either way:
-  trained on the new task's data only, it cannot route by input. 30x helped in 32-step pilots
-  and hurt in the full 63-step run (BENCHMARKS.md, "Why am-lora forgets").
+  selector stays near its start: without routing, each new adapter takes about half of every
+  token's weight, halving the earlier adapters' shares. A faster selector (30x) moves the
+  shares, but by what helps the task being learned, and it gives every task's tokens the same
+  mixture either way. 30x helped in 32-step pilots and hurt in the full 63-step run.
 - **Files**: each task's directory holds that task's A and B as a plain PEFT LoRA adapter
   (`adapter_config.json` + `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained`)
   plus `selector.safetensors`, the selector trained with that task (rows for the zero adapter
-  and tasks 0..t). Inference uses the adapters of all history directories and the newest
-  selector. Everything is safetensors; nothing is pickled.
+  and tasks 0..t) and, with routing, the router's statistics of tasks 0..t (d x d + (t + 1) x
+  (d + 1) floats: 1.3 MB for SmolLM2's 576-wide embedding). Inference uses the adapters of all
+  history directories and the newest selector. Everything is safetensors; nothing is pickled.
 - **Models**: `prepare` and `inference_model` return the base model itself with its target
   linear layers replaced in place (as PEFT injects its layers), not a `PeftModel`: the mixture
   is no PEFT method, though each task's adapter on disk is a PEFT adapter.
@@ -53,6 +63,14 @@ from transformers import PreTrainedModel
 from continual.config import LoraHyperparams, check_number
 from continual.errors import InvalidHyperparameter
 from continual.strategies.am_lora_layer import AmLoraLinear, FrozenAdapters, stack_adapters
+from continual.strategies.am_lora_router import (
+    COUNTS,
+    MEANS,
+    ROUTER_MODULE,
+    WITHIN,
+    TaskRouter,
+    empty_statistics,
+)
 from continual.strategies.base import register_strategy
 from continual.strategies.common import (
     ADAPTER_CONFIG,
@@ -67,6 +85,7 @@ from continual.training import set_lr_scale
 logger = logging.getLogger(__name__)
 
 SELECTOR_FILE = "selector.safetensors"
+STATISTICS = frozenset({MEANS, COUNTS, WITHIN})
 Selector = tuple[Tensor, Tensor]  # (weight (n, out), bias (n + 1,)) of one layer
 
 
@@ -76,11 +95,18 @@ class AmLora:
 
     name = "am-lora"
 
-    def __init__(self, *, sparsity_weight: float = 0.01, selector_lr_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        sparsity_weight: float = 0.01,
+        selector_lr_scale: float = 1.0,
+        routing_weight: float = 1.0,
+    ) -> None:
         self.sparsity_weight = check_number(sparsity_weight, field="sparsity_weight", low=0.0)
         self.selector_lr_scale = check_number(
             selector_lr_scale, field="selector_lr_scale", low=0.0, low_inclusive=False
         )
+        self.routing_weight = check_number(routing_weight, field="routing_weight", low=0.0)
 
     def prepare(
         self, base: PreTrainedModel, *, history: Sequence[Path], hyper: LoraHyperparams
@@ -109,8 +135,51 @@ class AmLora:
             set_lr_scale(layer.selector_weight, self.selector_lr_scale)  # 1: the run's group
             set_lr_scale(layer.selector_bias, self.selector_lr_scale)
             base.set_submodule(path, layer)
-        logger.info("am-lora: %d layers, %d earlier adapters", len(targets), len(history))
+        routed = self._route(base, history, learning=True)
+        logger.info(
+            "am-lora: %d layers, %d earlier adapters, %s",
+            len(targets), len(history), "task routing" if routed else "no task routing",
+        )  # fmt: skip
         return base
+
+    def _route(self, base: PreTrainedModel, history: Sequence[Path], *, learning: bool) -> bool:
+        """Install a `TaskRouter` on the AM-LoRA model `base` when routing is on and every task
+        of `history` has statistics; whether it did."""
+        if self.routing_weight == 0:
+            return False
+        embedding = base.get_input_embeddings()
+        if not isinstance(embedding, nn.Embedding):
+            raise ValueError(
+                f"am-lora routing needs a model with an input embedding, not {type(embedding)}"
+            )
+        dim = int(embedding.weight.shape[1])
+        stats = (
+            _load_statistics(history[-1], len(history), dim) if history else empty_statistics(dim)
+        )
+        if stats is None or bool((stats[COUNTS] <= 0).any()):
+            (logger.warning if learning else logger.debug)(
+                "am-lora: %s has no task statistics for every task (the stream was started "
+                "without routing, or a task saw no data); its adapters are mixed by the selector "
+                "alone",
+                history[-1],
+            )
+            return False
+        layers = list(am_lora_layers(base).values())
+        if learning and history:
+            for layer in layers:
+                layer.hold_history_rows()
+        router = TaskRouter(
+            embedding,
+            layers,
+            means=stats[MEANS],
+            counts=stats[COUNTS],
+            within=stats[WITHIN],
+            weight=self.routing_weight,
+            learning=learning,
+        ).to(embedding.weight.device)
+        base.add_module(ROUTER_MODULE, router)
+        router.install(base.get_decoder())
+        return True
 
     def extra_loss(self, model: nn.Module) -> Tensor | None:
         """`sparsity_weight` x mean Gini impurity of the selector over the last forward pass."""
@@ -136,8 +205,12 @@ class AmLora:
             assert layer.lora_A is not None and layer.lora_B is not None  # _new_adapter_config
             tensors[PEFT_PREFIX + path + LORA_A_SUFFIX] = layer.lora_A.detach().contiguous()
             tensors[PEFT_PREFIX + path + LORA_B_SUFFIX] = layer.lora_B.detach().contiguous()
-            selector[path + ".weight"] = layer.selector_weight.detach().contiguous()
-            selector[path + ".bias"] = layer.selector_bias.detach().contiguous()
+            weight, bias = layer.selector()
+            selector[path + ".weight"] = weight.detach().contiguous()
+            selector[path + ".bias"] = bias.detach().contiguous()
+        router = getattr(model, ROUTER_MODULE, None)
+        if isinstance(router, TaskRouter):
+            selector.update(router.statistics())
         config.save_pretrained(str(out_dir))
         save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         num_adapters = next(iter(layers.values())).num_adapters
@@ -169,6 +242,7 @@ class AmLora:
                 train_selector=False,
             )
             base.set_submodule(path, layer)
+        self._route(base, history, learning=False)
         return base.eval()
 
 
@@ -280,8 +354,28 @@ def _load_selector(
             f"{path} mixes {saved} adapters but the history has {num_adapters} "
             "(history must be the stream's adapters, oldest first, ending with its newest)"
         )
-    tensors = load_file(str(path))
+    tensors = {k: v for k, v in load_file(str(path)).items() if k not in STATISTICS}
     expected = {m + suffix for m in modules for suffix in (".weight", ".bias")}
     if set(tensors) != expected:
         raise ValueError(f"{path} does not hold one selector per adapted layer")
     return {m: (tensors[m + ".weight"], tensors[m + ".bias"]) for m in modules}
+
+
+def _load_statistics(adapter_dir: Path, num_adapters: int, dim: int) -> dict[str, Tensor] | None:
+    """The task statistics saved with the newest adapter (None if it has none); they must
+    describe `num_adapters` tasks in a `dim`-wide embedding."""
+    path = Path(adapter_dir) / SELECTOR_FILE
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        if not keys & STATISTICS:
+            return None
+        if not keys >= STATISTICS:
+            raise ValueError(f"{path} holds only some of the router's statistics")
+        stats = {key: f.get_tensor(key) for key in STATISTICS}
+    shapes = {key: tuple(value.shape) for key, value in stats.items()}
+    if shapes != {MEANS: (num_adapters, dim), COUNTS: (num_adapters,), WITHIN: (dim, dim)}:
+        raise ValueError(
+            f"{path}: router statistics of shapes {shapes} do not describe {num_adapters} tasks "
+            f"in this model's {dim}-wide embedding"
+        )
+    return stats

@@ -115,6 +115,32 @@ class AmLoraLinear(nn.Module):
             bias[n] = _head_start(bias[:n])
         self.selector_bias = nn.Parameter(bias, train_selector)
         self.last_impurity: Tensor | None = None
+        self.route_logits: Tensor | None = None  # (B or 1, T or 1, n), set by the task router
+        # The earlier rows while they are held (see `hold_history_rows`); buffers, so that they
+        # follow the layer to a device, but not saved with it.
+        self.held_weight: Tensor | None
+        self.held_bias: Tensor | None
+        self.register_buffer("held_weight", None, persistent=False)
+        self.register_buffer("held_bias", None, persistent=False)
+
+    def hold_history_rows(self) -> None:
+        """Keep the earlier adapters' selector rows and the zero logit as they are now: the
+        forward pass and `selector()` use these copies, whatever the optimiser does to the
+        parameters' first rows (they get no gradient, but weight decay would move them)."""
+        n_frozen = self.frozen_A.shape[0]
+        self.held_weight = self.selector_weight[:n_frozen].detach().clone()
+        self.held_bias = self.selector_bias[: n_frozen + 1].detach().clone()
+
+    def selector(self) -> tuple[Tensor, Tensor]:
+        """The selector in use: weight (n, out) and bias (n + 1,) (differentiable)."""
+        weight, bias = self.selector_weight, self.selector_bias
+        held_weight, held_bias = self.held_weight, self.held_bias
+        if held_weight is None or held_bias is None:
+            return weight, bias
+        return (
+            torch.cat([held_weight, weight[held_weight.shape[0] :]]),
+            torch.cat([held_bias, bias[held_bias.shape[0] :]]),
+        )
 
     @property
     def num_adapters(self) -> int:
@@ -138,10 +164,13 @@ class AmLoraLinear(nn.Module):
     def gates(self, h: Tensor, lora_B: Tensor) -> Tensor:
         """Selector weights (..., n + 1) over [zero, adapter_1..n] from h = A x (..., n, R)."""
         n, rank = h.shape[-2:]
+        weight, bias = self.selector()
         # w_i . (B_i h_i) = (B_i^T w_i) . h_i: the dense layer folded through B.
-        probe = torch.einsum("onr,no->nr", lora_B.unflatten(1, (n, rank)), self.selector_weight)
-        scores = (h * probe).sum(dim=-1) + self.selector_bias[1:]  # (..., n)
-        zero = self.selector_bias[:1].expand(*scores.shape[:-1], 1)  # (..., 1)
+        probe = torch.einsum("onr,no->nr", lora_B.unflatten(1, (n, rank)), weight)
+        scores = (h * probe).sum(dim=-1) + bias[1:]  # (..., n)
+        if self.route_logits is not None:
+            scores = _routed(scores, self.route_logits)
+        zero = bias[:1].expand(*scores.shape[:-1], 1)  # (..., 1)
         return torch.softmax(torch.cat([zero, scores], dim=-1).float(), dim=-1)  # (..., n + 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -154,6 +183,16 @@ class AmLoraLinear(nn.Module):
             self.last_impurity = (1.0 - g.square().sum(dim=-1)).mean()
         mixed = (h * g[..., 1:, None].to(h.dtype)).flatten(-2)  # (..., n*R)
         return result + (mixed @ lora_B.T).to(result.dtype)  # (..., out)
+
+
+def _routed(scores: Tensor, prior: Tensor) -> Tensor:
+    """Scores (B, T, n) plus the router's log-prior, (B, T, n) or broadcastable to it."""
+    if prior.dim() != scores.dim() or prior.shape[0] not in (1, scores.shape[0]):
+        raise ValueError(
+            f"the task router's prior of shape {tuple(prior.shape)} does not fit this layer's "
+            f"scores {tuple(scores.shape)} (was the layer called outside the model's forward?)"
+        )
+    return scores + prior.to(scores.dtype)
 
 
 def _empty_stack(like: Tensor, *, rank: int) -> FrozenAdapters:

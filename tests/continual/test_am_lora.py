@@ -350,9 +350,10 @@ def test_history_errors(make_base: MakeBase, tmp_path: Path) -> None:
 def test_am_lora_stream_learns_every_task(
     make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
-    """The 3-task synthetic stream end to end through the saved files. Asserted: what held for
-    seeds 0-2 (each task learned when trained; average accuracy well above chance). Measured,
-    not asserted: ACC 0.72 / 0.73 / 0.65 vs seq-lora 0.75 / 0.65 / 0.62 (seeds 0 / 1 / 2)."""
+    """The 3-task synthetic stream end to end through the saved files, with task routing (the
+    default): learning a task leaves the earlier ones as they were. Measured on seeds 0 and 1:
+    ACC 0.995 and BWT 0.000 both times; without routing (the selector alone) ACC 0.61 / 0.64
+    and BWT -0.56 / -0.44."""
     tasks = synthetic_tasks(seed=0)
     result = learn_stream(
         strategy=get_strategy("am-lora"),
@@ -367,7 +368,7 @@ def test_am_lora_stream_learns_every_task(
     logging.getLogger(__name__).info("am-lora stream in %.1fs\n%s", result.seconds, table)
     for i in range(len(tasks)):
         assert matrix.at(i, i) > 0.8, table
-    chance = sum(1 / len(task.labels or ()) for task in tasks) / len(tasks)
-    assert matrix.average_accuracy > chance + 0.15, table
+    assert matrix.backward_transfer > -0.05, table
+    assert matrix.average_accuracy > 0.9, table
     for adapter in result.adapters:
         assert sorted(f.name for f in adapter.iterdir()) == sorted([*ADAPTER_FILES, SELECTOR_FILE])

@@ -3,6 +3,8 @@ uninterrupted run ends (same batches, learning rates, dropout masks and optimize
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +12,13 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from continual.checkpoint import STATE_JSON, TrainState, load_train_state, save_train_state
+from continual.checkpoint import (
+    STATE_JSON,
+    TrainState,
+    load_train_state,
+    save_train_state,
+    train_state_buffers,
+)
 from continual.config import LoraHyperparams
 from continual.data import synthetic_tasks
 from continual.errors import InvalidCheckpoint, TrainingCancelled
@@ -74,6 +82,12 @@ def test_resumed_run_equals_uninterrupted_run(
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+    # Buffers that training accumulates into (am-lora's task statistics) resume too: the resumed
+    # run's statistics cover every step, not only those after the checkpoint.
+    assert set(state.buffers) == set(train_state_buffers(second))
+    assert (method == "am-lora") == bool(state.buffers)
+    for name, buffer in train_state_buffers(whole_model).items():
+        torch.testing.assert_close(train_state_buffers(second)[name], buffer, rtol=0, atol=1e-9)
 
 
 def test_a_checkpoint_of_another_model_or_run_is_refused(
@@ -105,3 +119,24 @@ def test_a_checkpoint_of_another_model_or_run_is_refused(
         load_train_state(tmp_path / "ok")
     with pytest.raises(InvalidCheckpoint):
         load_train_state(tmp_path / "missing")
+
+
+def test_a_checkpoint_from_before_a_buffer_existed_resumes_without_it(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint written before am-lora kept task statistics still resumes: the statistics
+    then hold the steps after it, and a warning says so."""
+    task = synthetic_tasks(seed=0, train_size=16, test_size=4)[0]
+    hyper = LoraHyperparams(rank=4, max_steps=3, batch_size=8)
+    states: list[TrainState] = []
+    strategy = get_strategy("am-lora")
+    model = strategy.prepare(make_base(), history=[], hyper=hyper)
+    train(model, tokenizer, task.train, hyper,
+          callbacks=TrainingCallbacks(checkpoint_every=1, on_checkpoint=states.append))  # fmt: skip
+    old = dataclasses.replace(states[0], buffers={})
+    resumed = strategy.prepare(make_base(), history=[], hyper=hyper)
+    with caplog.at_level(logging.WARNING):
+        train(resumed, tokenizer, task.train, hyper, resume=old)
+    assert "restarts from its initial value" in caplog.text
+    counts = [float(b) for n, b in train_state_buffers(resumed).items() if n.endswith("new_count")]
+    assert counts == [2 * hyper.batch_size]  # steps 2 and 3
