@@ -84,6 +84,13 @@ def fake_history(
     for index in range(count):
         model = strategy.prepare(make_base(), history=dirs, hyper=hyper)
         fill_zero_trainables(model, seed=index)
+        # One training-mode pass over random tokens: a strategy that keeps statistics of its
+        # task's inputs (am-lora's router) then has some, as after real training.
+        generator = torch.Generator().manual_seed(index)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        model.train()
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, int(vocab), (2, 16), generator=generator))
         out = root / f"{strategy.name}-{index:02d}"
         strategy.save_adapter(model, out)
         dirs.append(out)
