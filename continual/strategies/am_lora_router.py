@@ -2,7 +2,7 @@
 
 The selector alone cannot route by input: it is trained on the new task's data only, so nothing
 teaches it to keep the new adapter away from earlier tasks' inputs (BENCHMARKS.md, "Why am-lora
-forgets"). The router adds what it lacks without keeping any earlier data:
+forgot"). The router adds what it lacks without keeping any earlier data:
 
 - **Statistics, not examples.** While a task trains, the router sums each training sequence's
   representation: the mean of its token embeddings (the frozen base's input embedding, over the
