@@ -3,9 +3,8 @@
 A checkpoint holds the trainable parameters, the buffers that training accumulates into (marked
 with `mark_train_state`, e.g. AM-LoRA's task statistics), the optimizer and LR-scheduler state,
 the CPU RNG state (dropout), the losses so far and the step. On disk it is two files, neither
-pickled:
-`train_state.safetensors` (every tensor) and `train_state.json` (the rest), so a checkpoint is
-stored and verified like any other artifact tree.
+pickled: `train_state.safetensors` (every tensor) and `train_state.json` (the rest), so a
+checkpoint is stored and verified like any other artifact tree.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ For an input x the layer returns
 
 where index 0 is the **zero adapter** (its output is 0, so it has nothing to score: its score is
 the learned logit z, the same for every token) and each task adapter's output passes its own
-dense layer (w_i, b_i) to a score. Weights are per token.
+dense layer (w_i, b_i) to a score. Weights are per token. With task routing, each s_i also
+gets the task router's log-prior for task i at that token (`route_logits`, set before every
+forward pass; see `am_lora_router`), and while a task trains the earlier rows of (w, b) and z
+can be held as saved (`hold_history_rows`).
 
 Because a dense layer out -> 1 is linear, w_i . (scale_i B_i A_i x) = (scale_i B_i^T w_i) .
 (A_i x): the scores come from the rank-r intermediate h_i = A_i x and the (N, n, out) stack of
