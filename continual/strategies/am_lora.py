@@ -347,17 +347,18 @@ def _load_selector(
     path = Path(adapter_dir) / SELECTOR_FILE
     if not path.is_file():
         raise ValueError(f"{adapter_dir} has no {SELECTOR_FILE}: not written by am-lora")
+    expected = {m + suffix for m in modules for suffix in (".weight", ".bias")}
     with safe_open(str(path), framework="pt") as f:
         saved = int((f.metadata() or {}).get("num_adapters", -1))
-    if saved != num_adapters:
-        raise ValueError(
-            f"{path} mixes {saved} adapters but the history has {num_adapters} "
-            "(history must be the stream's adapters, oldest first, ending with its newest)"
-        )
-    tensors = {k: v for k, v in load_file(str(path)).items() if k not in STATISTICS}
-    expected = {m + suffix for m in modules for suffix in (".weight", ".bias")}
-    if set(tensors) != expected:
-        raise ValueError(f"{path} does not hold one selector per adapted layer")
+        if saved != num_adapters:
+            raise ValueError(
+                f"{path} mixes {saved} adapters but the history has {num_adapters} "
+                "(history must be the stream's adapters, oldest first, ending with its newest)"
+            )
+        if set(f.keys()) - STATISTICS != expected:
+            raise ValueError(f"{path} does not hold one selector per adapted layer")
+        # Only the selector: the router's statistics are read where routing needs them.
+        tensors = {key: f.get_tensor(key) for key in expected}
     return {m: (tensors[m + ".weight"], tensors[m + ".bias"]) for m in modules}
 
 

@@ -123,6 +123,11 @@ class TaskRouter(nn.Module):
             WITHIN: within.float().contiguous(),
         }
 
+    def _counts(self) -> Tensor:
+        if not self.learning:
+            return self.counts
+        return torch.cat([self.counts, self.new_count[None]])
+
     def _current(self) -> tuple[Tensor, Tensor, Tensor]:
         if not self.learning:
             return self.means, self.counts, self.within
@@ -130,18 +135,19 @@ class TaskRouter(nn.Module):
         mean = self.new_sum / count.clamp(min=1.0)
         scatter = self.new_outer - count * torch.outer(mean, mean)
         means = torch.cat([self.means, mean[None]])
-        return means, torch.cat([self.counts, count[None]]), self.within + scatter
+        return means, self._counts(), self.within + scatter
 
     def log_posterior(self, features: Tensor) -> Tensor | None:
         """log p(task | x) (..., n) for sequence representations (..., d); None unless there
         are two or more tasks and every one has statistics (a stream started without routing)."""
-        # As saved (float32), so that the model that trained a task and the one rebuilt from
-        # its files route alike.
-        means, counts, within = (t.float().double() for t in self._current())
+        counts = self._counts()
         if len(counts) < 2 or bool((counts <= 0).any()):
             return None
-        key = float(counts.sum())
+        key = float(counts.sum())  # grows with every sequence a learning router sees
         if self._cached is None or self._cached[0] != key:
+            # As saved (float32), so that the model that trained a task and the one rebuilt
+            # from its files route alike.
+            means, counts, within = (t.float().double() for t in self._current())
             self._cached = (key, *_discriminant(means, counts, within))
         _, w, b = self._cached
         return torch.log_softmax(features.to(torch.float64) @ w.T + b, dim=-1)

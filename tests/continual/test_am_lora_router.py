@@ -26,6 +26,7 @@ MakeBase = Callable[..., LlamaForCausalLM]
 HYPER = LoraHyperparams(rank=4, max_steps=6, batch_size=8, learning_rate=1e-2)
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44], [1, 50, 51, 52, 0, 0]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+SMALL = synthetic_tasks(seed=0, train_size=16, test_size=4)  # three quick tasks
 
 
 def _router(model: torch.nn.Module) -> TaskRouter:
@@ -90,9 +91,8 @@ def test_statistics_are_the_mean_and_scatter_of_the_training_sequences(
 def test_earlier_adapters_sit_out_a_new_tasks_training_and_keep_their_selector_rows(
     make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
-    tasks = synthetic_tasks(seed=0, train_size=16, test_size=4)
     strategy = AmLora()
-    history = _stream(make_base, tokenizer, tasks[:1], tmp_path, strategy=strategy)
+    history = _stream(make_base, tokenizer, SMALL[:1], tmp_path, strategy=strategy)
     decaying = dataclasses.replace(HYPER, weight_decay=0.5)  # AdamW would shrink every entry
     model = strategy.prepare(make_base(), history=history, hyper=decaying)
     model.train()
@@ -100,7 +100,7 @@ def test_earlier_adapters_sit_out_a_new_tasks_training_and_keep_their_selector_r
     for layer in am_lora_layers(model).values():
         assert layer.route_logits is not None
         assert layer.route_logits.tolist() == [[[float("-inf"), 0.0]]]
-    train(model, tokenizer, tasks[1].train, decaying, extra_loss=strategy.extra_loss)
+    train(model, tokenizer, SMALL[1].train, decaying, extra_loss=strategy.extra_loss)
     strategy.save_adapter(model, tmp_path / "next")
     before = load_file(str(history[0] / SELECTOR_FILE))
     after = load_file(str(tmp_path / "next" / SELECTOR_FILE))
@@ -163,11 +163,10 @@ def test_routing_is_causal_and_a_kv_cache_routes_alike(
 def test_a_rebuilt_model_routes_like_the_one_that_trained(
     make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
-    tasks = synthetic_tasks(seed=0, train_size=16, test_size=4)
     strategy = AmLora()
-    history = _stream(make_base, tokenizer, tasks[:1], tmp_path, strategy=strategy)
+    history = _stream(make_base, tokenizer, SMALL[:1], tmp_path, strategy=strategy)
     model = strategy.prepare(make_base(), history=history, hyper=HYPER)
-    train(model, tokenizer, tasks[1].train, HYPER, extra_loss=strategy.extra_loss)
+    train(model, tokenizer, SMALL[1].train, HYPER, extra_loss=strategy.extra_loss)
     strategy.save_adapter(model, tmp_path / "new")
     model.eval()
     rebuilt = strategy.inference_model(make_base(), history=[*history, tmp_path / "new"])
@@ -183,9 +182,8 @@ def test_a_stream_started_without_routing_is_mixed_by_the_selector_alone(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    tasks = synthetic_tasks(seed=0, train_size=16, test_size=4)
     unrouted = AmLora(routing_weight=0)
-    history = _stream(make_base, tokenizer, tasks[:2], tmp_path, strategy=unrouted)
+    history = _stream(make_base, tokenizer, SMALL[:2], tmp_path, strategy=unrouted)
     assert not set(load_file(str(history[-1] / SELECTOR_FILE))) & {MEANS, COUNTS, WITHIN}
     routed = AmLora()
     with caplog.at_level(logging.WARNING):
@@ -201,9 +199,8 @@ def test_a_stream_started_without_routing_is_mixed_by_the_selector_alone(
 def test_statistics_that_do_not_fit_are_refused(
     make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
-    tasks = synthetic_tasks(seed=0, train_size=16, test_size=4)
     strategy = AmLora()
-    history = _stream(make_base, tokenizer, tasks[:1], tmp_path, strategy=strategy)
+    history = _stream(make_base, tokenizer, SMALL[:1], tmp_path, strategy=strategy)
     path = history[0] / SELECTOR_FILE
     tensors = load_file(str(path))
     save_file({**tensors, MEANS: torch.zeros(2, tensors[MEANS].shape[1])}, str(path),
