@@ -64,9 +64,7 @@ class ArtifactStore(ABC):
     def put_bytes(self, data: bytes) -> str:
         """Store ``data``; return its sha256 hex digest. Idempotent."""
         digest = hashlib.sha256(data).hexdigest()
-        key = blob_key(digest)
-        if self._should_write(key, len(data)):
-            self._write_bytes(key, data)
+        if self._create_bytes(blob_key(digest), data):
             logger.debug("stored blob %s (%d bytes)", digest, len(data))
         return digest
 
@@ -159,6 +157,17 @@ class ArtifactStore(ABC):
         """Open the object at ``key`` as an iterator of chunks; BlobNotFound if absent."""
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _create_bytes(self, key: str, data: bytes) -> bool:
+        """Store ``data`` at ``key`` unless an intact object is there; whether it wrote.
+
+        This asks first and writes second. A backend that can create an object only if the key
+        is free, in one request, overrides it to save the round trip.
+        """
+        if not self._should_write(key, len(data)):
+            return False
+        self._write_bytes(key, data)
+        return True
 
     def _should_write(self, key: str, size: int) -> bool:
         """False if the object is already there (objects are immutable, never rewritten).

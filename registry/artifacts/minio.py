@@ -1,8 +1,14 @@
 """The server artifact store: blobs as objects in a MinIO (or any S3) bucket.
 
-Uploads stream the source through a hashing reader, so a file that changed after ``put_file``
-hashed it is caught (the object is removed again and IntegrityError raised). Downloads stream the
-response in chunks; the base class verifies the digest.
+A blob that fits in one request (at most ``part_size`` bytes) is read once, hashed, and sent as
+one conditional PUT (``If-None-Match: *``): the server creates the object only if the key is
+free, so an existing blob is never rewritten and no existence check (a HEAD, one more round trip)
+comes first. The bytes sent are the bytes hashed, so the key always names what was stored.
+
+Larger files are checked for first, then streamed in parts through a hashing reader, so a file
+that changed after ``put_file`` hashed it is caught (the object is removed again and
+IntegrityError raised). Downloads stream the response in chunks; the base class verifies the
+digest.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -30,6 +37,9 @@ DEFAULT_PART_SIZE = 16 * 1024 * 1024
 """Bytes per multipart part; the client holds about one part per upload thread in memory."""
 _MAX_PARTS = 10_000
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
+_TAKEN_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+"""A conditional create was refused: the key holds an object (or another upload is writing
+one)."""
 
 
 class _HashingReader:
@@ -104,6 +114,40 @@ class MinioStore(ArtifactStore):
             # Another process created it between our check and our request.
             if exc.code != "BucketAlreadyOwnedByYou":
                 raise
+
+    def put_file(self, path: Path) -> str:
+        """Store the file at ``path``; return its digest. Idempotent.
+
+        A file of at most ``part_size`` bytes is read once and stored like ``put_bytes`` (the
+        client would hold that one part in memory anyway); a larger one is streamed.
+        """
+        path = Path(path)
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= self.part_size:
+                data = f.read(size + 1)  # (read(n) allocates n bytes before it reads)
+                if len(data) <= size:  # all of it: the file did not grow meanwhile
+                    return self.put_bytes(data)
+        return super().put_file(path)
+
+    def _create_bytes(self, key: str, data: bytes) -> bool:
+        if len(data) > self.part_size:
+            return super()._create_bytes(key, data)
+        try:
+            with _reachable("upload"):
+                # minio's put_object turns unknown headers into user metadata, so the
+                # conditional create goes through the single-request call put_object makes.
+                self.client._put_object(
+                    self.bucket, key, data,
+                    headers={"Content-Type": "application/octet-stream", "If-None-Match": "*"},
+                )  # fmt: skip
+            return True
+        except S3Error as exc:
+            if exc.code not in _TAKEN_CODES:
+                raise
+        # Something is stored under the key: keep it, unless it is the wrong size (see
+        # _should_write: the right bytes repair it).
+        return super()._create_bytes(key, data)
 
     def _stat(self, key: str) -> int | None:
         try:

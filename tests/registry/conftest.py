@@ -11,6 +11,7 @@ import pytest
 from minio import Minio
 
 from registry.artifacts import ArtifactStore, LocalStore, MinioStore, blob_key
+from registry.artifacts.minio import MIN_PART_SIZE
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 
 
@@ -26,6 +27,7 @@ def artifact_store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactSt
         secret_key=S3_SECRET_KEY,
         bucket=f"strata-test-{uuid.uuid4().hex[:16]}",
         client=client,
+        part_size=MIN_PART_SIZE,  # the tests reach the multipart path with 6 MiB files
     )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from minio import Minio
+from minio.error import S3Error
 
 from registry.artifacts import ArtifactStore, LocalStore, MinioStore
 from registry.artifacts import base as artifacts_base
@@ -136,6 +137,61 @@ def test_minio_multipart_round_trip(minio_client: Minio, tmp_path: Path) -> None
     assert store.get_file(digest, tmp_path / "copy").read_bytes() == data
 
 
+class _Calls:
+    """Records which of a MinIO client's request methods a store calls, and how each ends."""
+
+    def __init__(self, client: Minio, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.log: list[str] = []
+        for name in ("_put_object", "put_object", "stat_object"):
+            monkeypatch.setattr(client, name, self._wrap(name, getattr(client, name)))
+
+    def _wrap(self, name: str, method: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            try:
+                result = method(*args, **kwargs)
+            except S3Error as exc:
+                self.log.append(f"{name}: {exc.code}")
+                raise
+            self.log.append(name)
+            return result
+
+        return call
+
+    def take(self) -> list[str]:
+        log, self.log = self.log, []
+        return log
+
+
+def test_minio_small_blob_is_one_conditional_put(
+    artifact_store: ArtifactStore, corrupt_blob: CorruptBlob, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    if not isinstance(artifact_store, MinioStore):
+        pytest.skip("the conditional create is MinioStore's")
+    calls = _Calls(artifact_store.client, monkeypatch)
+    data = os.urandom(1024 * 1024)
+    source = tmp_path / "small.bin"
+    source.write_bytes(data)
+
+    digest = artifact_store.put_file(source)  # new: created in one request, no HEAD first
+    assert calls.take() == ["_put_object"]
+    assert artifact_store.put_bytes(data) == digest  # stored: the server refuses the create
+    assert calls.take() == ["_put_object: PreconditionFailed", "stat_object"]
+    assert raw_read(artifact_store, digest) == data
+
+    corrupt_blob(artifact_store, digest, data[:10])  # the wrong size: put back the right bytes
+    calls.take()
+    assert artifact_store.put_file(source) == digest
+    # (put_object, the unconditional write, sends its request through _put_object)
+    assert calls.take() == [
+        "_put_object: PreconditionFailed",
+        "stat_object",
+        "_put_object",
+        "put_object",
+    ]
+    assert raw_read(artifact_store, digest) == data
+
+
 def test_minio_store_rejects_tiny_parts(minio_client: Minio) -> None:
     with pytest.raises(InvalidValue) as err:
         MinioStore(
@@ -230,11 +286,14 @@ def test_put_repairs_an_object_of_the_wrong_size(
 def test_file_changed_after_hashing_is_not_stored(
     artifact_store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = tmp_path / "a.txt"
-    source.write_bytes(b"what is on disk now")
-    stale = b"what was hashed first"[: len(b"what is on disk now")]
-    stale_digest = hashlib.sha256(stale).hexdigest()
-    monkeypatch.setattr(artifacts_base, "hash_file", lambda path: (stale_digest, len(stale)))
+    # 6 MiB, over the test MinioStore's part size (5 MiB). MinioStore reads a file of one part
+    # or less once, so what it hashes is what it sends; a larger file is hashed in a first pass
+    # and streamed in a second, and that is the case checked here.
+    size = 6 * 1024 * 1024
+    source = tmp_path / "a.bin"
+    source.write_bytes(os.urandom(size))
+    stale_digest = hashlib.sha256(os.urandom(size)).hexdigest()  # what the first pass saw
+    monkeypatch.setattr(artifacts_base, "hash_file", lambda path: (stale_digest, size))
 
     with pytest.raises(IntegrityError):
         artifact_store.put_file(source)
