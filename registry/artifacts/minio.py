@@ -3,7 +3,8 @@
 A blob that fits in one request (at most ``part_size`` bytes) is read once, hashed, and sent as
 one conditional PUT (``If-None-Match: *``): the server creates the object only if the key is
 free, so an existing blob is never rewritten and no existence check (a HEAD, one more round trip)
-comes first. The bytes sent are the bytes hashed, so the key always names what was stored.
+comes first. The bytes sent are the bytes hashed, so the key always names what was stored. (A
+server that ignores the header, such as a MinIO older than 2024, rewrites the same bytes.)
 
 Larger files are checked for first, then streamed in parts through a hashing reader, so a file
 that changed after ``put_file`` hashed it is caught (the object is removed again and
