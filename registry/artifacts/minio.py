@@ -126,7 +126,7 @@ class MinioStore(ArtifactStore):
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= self.part_size:
-                data = f.read(size + 1)  # (read(n) allocates n bytes before it reads)
+                data = f.read(size + 1)  # not part_size + 1: read(n) allocates n bytes first
                 if len(data) <= size:  # all of it: the file did not grow meanwhile
                     return self.put_bytes(data)
         return super().put_file(path)
