@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, and_, any_, bindparam, select, text
+from sqlalchemy import BigInteger, ColumnElement, any_, bindparam, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
@@ -88,27 +86,21 @@ class SqlLineageStore:
             result = s.execute(
                 ANCESTORS if ancestors else DESCENDANTS, {"kind": node.kind.value, "id": node.id}
             )
-            rows: list[Row] = [tuple(row) for row in result.all()]
+            rows: list[Row] = [(ck, int(ci), pk, int(pi), rel) for ck, ci, pk, pi, rel in result]
             depths, kept = _depths((node.kind.value, node.id), rows, max_depth=max_depth,
                                    ancestors=ancestors)  # fmt: skip
-            labels = _describe(s, depths)
-        # One NodeRef per node; nodes sorted by (depth, kind, id) and edges by their row, on the
-        # plain (kind, id) keys (hashing and comparing them is far cheaper than the entities).
-        refs = {key: NodeRef(_KINDS[key[0]], key[1]) for key in depths}
-        nodes = []
-        for key, depth in sorted(depths.items(), key=_by_depth):
-            if (described := labels.get(key)) is not None:
-                ref_ = refs[key]
-                nodes.append(LineageNode(ref_.kind, ref_.id, depth, *described))
-        kept.sort()
-        edges = tuple(
-            LineageEdge(refs[ck, ci], refs[pk, pi], _RELATIONS[rel]) for ck, ci, pk, pi, rel in kept
-        )
+            refs = {key: NodeRef(_KINDS[key[0]], key[1]) for key in depths}
+            kept.sort()
+            edges = [
+                LineageEdge(child=refs[ck, ci], parent=refs[pk, pi], relation=_RELATIONS[rel])
+                for ck, ci, pk, pi, rel in kept
+            ]
+            nodes = _describe(s, {refs[key]: depth for key, depth in depths.items()})
         return LineageGraph(
             root=node,
             direction="ancestors" if ancestors else "descendants",
-            nodes=tuple(nodes),
-            edges=edges,
+            nodes=tuple(sorted(nodes, key=lambda n: (n.depth, n.kind.value, n.id))),
+            edges=tuple(edges),
         )
 
 
@@ -121,24 +113,18 @@ def _depths(
 ) -> tuple[dict[Key, int], list[Row]]:
     """Shortest distance from `root` of every node within `max_depth`, and the edges that leave
     a node closer than `max_depth` (an edge's depth is its far end's distance along it)."""
-    near_end, far_end = (itemgetter(0, 1), itemgetter(2, 3))
-    if not ancestors:
-        near_end, far_end = far_end, near_end
-    leaving: defaultdict[Key, list[Row]] = defaultdict(list)
+    leaving: dict[Key, list[Row]] = {}
     for row in rows:
-        leaving[near_end(row)].append(row)
+        leaving.setdefault((row[0], row[1]) if ancestors else (row[2], row[3]), []).append(row)
     depths = {root: 0}
     kept: list[Row] = []
     frontier = [root]
     for depth in range(1, max_depth + 1):
         following: list[Key] = []
         for near in frontier:
-            out = leaving.get(near)
-            if out is None:
-                continue
-            kept.extend(out)
-            for row in out:
-                far = far_end(row)
+            for row in leaving.get(near, ()):
+                kept.append(row)
+                far = (row[2], row[3]) if ancestors else (row[0], row[1])
                 if far not in depths:
                     depths[far] = depth
                     following.append(far)
@@ -148,20 +134,16 @@ def _depths(
     return depths, kept
 
 
-def _by_depth(item: tuple[Key, int]) -> tuple[int, Key]:
-    return item[1], item[0]
-
-
-def _describe(s: Session, depths: dict[Key, int]) -> dict[Key, tuple[str, dict[str, Any]]]:
-    """A human label and a few attributes for every node, one query per kind."""
-    by_kind: dict[str, list[int]] = {}
-    for kind, id_ in depths:
-        by_kind.setdefault(kind, []).append(id_)
-    return {
-        (kind, id_): (label, attrs)
-        for kind, ids in by_kind.items()
-        for id_, label, attrs in _labels(s, _KINDS[kind], ids)
-    }
+def _describe(s: Session, depths: dict[NodeRef, int]) -> list[LineageNode]:
+    """Attach a human label and a few attributes to every node, one query per kind."""
+    by_kind: dict[NodeKind, list[int]] = {}
+    for ref_ in depths:
+        by_kind.setdefault(ref_.kind, []).append(ref_.id)
+    nodes = []
+    for kind, ids in by_kind.items():
+        for id_, label, attrs in _labels(s, kind, ids):
+            nodes.append(LineageNode(kind, id_, depths[NodeRef(kind, id_)], label, attrs))
+    return nodes
 
 
 def _in(s: Session, column: Any, ids: list[int]) -> ColumnElement[bool]:
@@ -176,25 +158,24 @@ def _labels(s: Session, kind: NodeKind, ids: list[int]) -> list[tuple[int, str, 
     """Only the columns a label needs (plain rows, not ORM objects: a deep graph has thousands)."""
     if kind is NodeKind.SNAPSHOT:
         snaps = s.execute(
-            select(SnapshotRow.id, SnapshotRow.version, StreamRow.name, SnapshotAliasRow.id)
+            select(SnapshotRow.id, SnapshotRow.version, StreamRow.name)
             .join(StreamRow, StreamRow.id == SnapshotRow.stream_id)
-            .outerjoin(  # the stream's `current` alias, where it points at this snapshot
-                SnapshotAliasRow,
-                and_(
-                    SnapshotAliasRow.stream_id == SnapshotRow.stream_id,
-                    SnapshotAliasRow.alias == "current",
-                    SnapshotAliasRow.snapshot_id == SnapshotRow.id,
-                ),
-            )
             .where(_in(s, SnapshotRow.id, ids))
         ).all()
+        current = set(
+            s.scalars(
+                select(SnapshotAliasRow.snapshot_id).where(
+                    SnapshotAliasRow.alias == "current", _in(s, SnapshotAliasRow.snapshot_id, ids)
+                )
+            )
+        )
         return [
             (
                 id_,
-                f"{name} snapshot v{version}" + (" (current)" if alias is not None else ""),
-                {"stream": name, "version": version, "current": alias is not None},
+                f"{name} snapshot v{version}" + (" (current)" if id_ in current else ""),
+                {"stream": name, "version": version, "current": id_ in current},
             )
-            for id_, version, name, alias in snaps
+            for id_, version, name in snaps
         ]
     if kind is NodeKind.ADAPTER:
         adapters = s.execute(
