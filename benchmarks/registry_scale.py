@@ -19,6 +19,10 @@ Then measures, `--samples` times each, through the registry's own store methods:
 - a page (50) of a random stream's adapter versions, and the page after it,
 
 and prints p50/p99 in ms and the PostgreSQL plans (EXPLAIN ANALYZE) of the queries behind them.
+
+`--against REV` also times the two whole-chain walks with `registry/store/lineage.py` as it was
+at git revision REV, alternating the two versions sample by sample in this one process, and
+prints both and their ratio: a before/after measured side by side.
 Rows are inserted in bulk with explicit ids (the store's one-row-at-a-time writes would take
 hours for this many); the queries are the store's. Not a test.
 """
@@ -27,8 +31,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -39,6 +47,7 @@ from sqlalchemy import Engine, Table, func, insert, select, text
 from registry.db import migrate
 from registry.entities import NodeKind, NodeRef
 from registry.store import SqlRegistry, open_registry
+from registry.store._db import Database
 from registry.store.lineage import ANCESTORS
 from registry.tables import (
     AdapterVersionRow,
@@ -188,6 +197,36 @@ def timed(fn: Callable[[], Any], samples: int) -> tuple[float, float, Any]:
     return statistics.median(times), p99, result
 
 
+def lineage_at(revision: str, registry: SqlRegistry) -> Any:
+    """A lineage store built from `registry/store/lineage.py` as it was at git `revision`."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:registry/store/lineage.py"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("lineage_before", f.name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module.SqlLineageStore(Database(registry.engine))
+
+
+def side_by_side(before: Any, after: Any, node: NodeRef, *, up: bool,
+                 samples: int) -> tuple[float, float]:  # fmt: skip
+    """Median ms of `before` and `after` walking from `node`, alternating sample by sample."""
+    walks = [getattr(store, "ancestors" if up else "descendants") for store in (before, after)]
+    assert walks[0](node) == walks[1](node), "the two versions disagree"
+    times: list[list[float]] = [[], []]
+    for _ in range(samples):
+        for k, walk in enumerate(walks):
+            start = time.perf_counter()
+            walk(node)
+            times[k].append(1000 * (time.perf_counter() - start))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def explain(engine: Engine, sql: str, params: dict[str, Any]) -> Iterator[str]:
     with engine.connect() as conn:
         for (line,) in conn.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql), params):
@@ -204,6 +243,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--reset", action="store_true", help="drop and re-create the schema")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--against", metavar="REV", help="time the walks against lineage.py at REV")
     args = parser.parse_args()
     if not args.url.startswith("postgresql"):
         raise SystemExit("this benchmark measures PostgreSQL: pass a postgresql:// --url")
@@ -253,6 +293,17 @@ def main() -> None:
         p50, p99, result = timed(fn, args.samples)
         size = len(result.nodes) if hasattr(result, "nodes") else len(result)
         print(f"| {name} | {size} | {p50:.1f} | {p99:.1f} |")
+    if args.against:
+        before = lineage_at(args.against, registry)
+        print(f"\n| walk, side by side | {args.against} p50 (ms) | this tree p50 (ms) | ratio |")
+        print("|---|---|---|---|")
+        for name, node, up in [
+            ("ancestors of the chain's newest snapshot", last, True),
+            ("descendants of the chain's first snapshot", first, False),
+        ]:
+            old, new = side_by_side(before, lineage, NodeRef(NodeKind.SNAPSHOT, node), up=up,
+                                    samples=args.samples)  # fmt: skip
+            print(f"| {name} | {old:.1f} | {new:.1f} | {new / old:.2f}x |")
     print("\nPlan of the ancestors walk (chain's newest snapshot):")
     for line in explain(engine, ANCESTORS.text, {"kind": "snapshot", "id": last}):
         print("   ", line)
