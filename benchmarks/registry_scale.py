@@ -23,6 +23,7 @@ and prints p50/p99 in ms and the PostgreSQL plans (EXPLAIN ANALYZE) of the queri
 `--against REV` also times the two whole-chain walks with `registry/store/lineage.py` as it was
 at git revision REV, alternating the two versions sample by sample in this one process, and
 prints both and their ratio: a before/after measured side by side.
+
 Rows are inserted in bulk with explicit ids (the store's one-row-at-a-time writes would take
 hours for this many); the queries are the store's. Not a test.
 """
@@ -40,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, Table, func, insert, select, text
@@ -203,26 +205,28 @@ def lineage_at(revision: str, registry: SqlRegistry) -> Any:
         ["git", "show", f"{revision}:registry/store/lineage.py"],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("lineage_before", f.name)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (dataclasses look their module up)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lineage_before.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("lineage_before", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # (dataclasses look their module up)
+        spec.loader.exec_module(module)
     return module.SqlLineageStore(Database(registry.engine))
 
 
 def side_by_side(before: Any, after: Any, node: NodeRef, *, up: bool,
                  samples: int) -> tuple[float, float]:  # fmt: skip
-    """Median ms of `before` and `after` walking from `node`, alternating sample by sample."""
+    """Median ms of `before` and `after` walking from `node`, alternating sample by sample (and
+    which of the two goes first, so that neither always runs right after the other)."""
     walks = [getattr(store, "ancestors" if up else "descendants") for store in (before, after)]
     assert walks[0](node) == walks[1](node), "the two versions disagree"
     times: list[list[float]] = [[], []]
-    for _ in range(samples):
-        for k, walk in enumerate(walks):
+    for n in range(samples):
+        for k in (0, 1) if n % 2 == 0 else (1, 0):
             start = time.perf_counter()
-            walk(node)
+            walks[k](node)
             times[k].append(1000 * (time.perf_counter() - start))
     return statistics.median(times[0]), statistics.median(times[1])
 
