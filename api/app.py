@@ -23,6 +23,7 @@ from api.routes import adapters, evaluations, jobs, lineage, predict, schedules,
 from api.routes import tokens as token_routes
 from registry.errors import RegistryError
 from registry.instance import Instance
+from registry.store.async_reads import open_reads
 from workers.execution import Dispatcher
 
 API_VERSION = "v1"
@@ -33,7 +34,15 @@ def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # blocking routes and dependencies run on at most `api_threads` threads of this loop
         anyio.to_thread.current_default_thread_limiter().total_tokens = inst.settings.api_threads
-        yield
+        # authentication and job status are awaited here, on PostgreSQL without the threadpool
+        reads = open_reads(inst.registry, size=inst.settings.api_threads)
+        await reads.open()
+        app.state.reads = reads
+        try:
+            yield
+        finally:
+            del app.state.reads
+            await reads.close()
 
     app = FastAPI(
         lifespan=lifespan,

@@ -11,6 +11,7 @@ from registry.entities import ApiToken, Stream
 from registry.errors import Forbidden, Unauthorized
 from registry.instance import Instance
 from registry.store.adapters import MAX_VERSION  # version numbers are INTEGER columns
+from registry.store.async_reads import AsyncReads
 from workers.execution import Dispatcher
 
 MAX_ID = 2**63 - 1  # BIGINT ids: a larger number is refused before it reaches the database
@@ -38,17 +39,26 @@ async def get_dispatcher(request: Request) -> Dispatcher:
     return dispatcher
 
 
+async def get_reads(request: Request) -> AsyncReads:
+    reads: AsyncReads | None = getattr(request.app.state, "reads", None)
+    if reads is None:
+        raise RuntimeError("the app's lifespan has not run: serve it with an ASGI server, or "
+                           "use `with TestClient(app)`")  # fmt: skip
+    return reads
+
+
 InstDep = Annotated[Instance, Depends(get_instance)]
+ReadsDep = Annotated[AsyncReads, Depends(get_reads)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
 
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def _authenticate(inst: InstDep, credentials: BearerDep) -> ApiToken:
+async def _authenticate(reads: ReadsDep, credentials: BearerDep) -> ApiToken:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("a bearer token is required", field="authorization")
-    return inst.registry.tokens.authenticate(credentials.credentials)
+    return await reads.authenticate(credentials.credentials)
 
 
 def require(scope: str) -> object:

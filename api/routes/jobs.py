@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 
-from api.deps import MAX_ID, Cursor, IdPath, InstDep, ReadToken, WriteToken
+from api.deps import MAX_ID, Cursor, IdPath, InstDep, ReadsDep, ReadToken, WriteToken
 from api.schemas import JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from registry.entities import JobState
 from registry.instance import Instance
@@ -40,8 +40,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get(job_id: IdPath, inst: InstDep, _: ReadToken) -> object:
-    return inst.registry.jobs.get(job_id)
+async def get(job_id: IdPath, reads: ReadsDep, _: ReadToken) -> object:
+    """A job's state and progress: the route clients poll, read without a thread hop."""
+    return await reads.job(job_id)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)

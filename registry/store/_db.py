@@ -22,6 +22,7 @@ T = TypeVar("T")
 # row locked (PostgreSQL) so writers to one parent queue up; should two still race, the insert
 # fails on the constraint and we retry a bounded number of times with a little jitter.
 ALLOCATION_RETRIES = 8
+UNAVAILABLE = "the registry database is unavailable; retry shortly"
 
 
 class Database:
@@ -38,7 +39,7 @@ class Database:
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
             if not _is_disconnect(exc):
                 raise
-            raise Unavailable("the registry database is unavailable; retry shortly") from exc
+            raise Unavailable(UNAVAILABLE) from exc
 
     def allocate(self, attempt: Callable[[Session], T], *, what: str) -> T:
         """Run `attempt` in its own transaction, retrying when a unique constraint races."""

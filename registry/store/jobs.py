@@ -348,5 +348,9 @@ def _earlier_open_job(stream_id: int, *, before: Any | None) -> Select[Any]:
 def _job_row(s: Session, job_id: int) -> JobRow:
     row = s.get(JobRow, job_id)
     if row is None:
-        raise NotFound(f"job {job_id} not found", field="job")
+        raise job_not_found(job_id)
     return row
+
+
+def job_not_found(job_id: int) -> NotFound:
+    return NotFound(f"job {job_id} not found", field="job")

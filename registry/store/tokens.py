@@ -8,11 +8,13 @@ against guessing; a 256-bit random secret cannot be guessed, so a fast hash lose
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 
@@ -41,6 +43,23 @@ def check_scopes(scopes: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(set(scopes), key=SCOPES.index))
 
 
+def admit(row: Any, digest: str) -> ApiToken:
+    """The token of `row` (an `api_tokens` row fetched by `digest`, or None) if it may be used;
+    Unauthorized with one message whatever the reason, so that no detail leaks."""
+    if row is None or not hmac.compare_digest(row.token_hash, digest):
+        raise Unauthorized("invalid or revoked token", field="authorization")
+    if row.revoked_at is not None:
+        raise Unauthorized("invalid or revoked token", field="authorization")
+    return convert.api_token(row)
+
+
+def needs_touch(token: ApiToken, now: datetime) -> bool:
+    """Whether a use at `now` should update `last_used_at`: at most one write per token and
+    `LAST_USED_RESOLUTION`, not one per request."""
+    last = token.last_used_at
+    return last is None or now - last >= LAST_USED_RESOLUTION
+
+
 class SqlTokenStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -66,15 +85,13 @@ class SqlTokenStore:
         digest = hash_token(secret)
         with self._db.tx() as s:
             row = s.scalar(select(ApiTokenRow).where(ApiTokenRow.token_hash == digest))
-            if row is None or not hmac.compare_digest(row.token_hash, digest):
-                raise Unauthorized("invalid or revoked token", field="authorization")
-            if row.revoked_at is not None:
-                raise Unauthorized("invalid or revoked token", field="authorization")
+            token = admit(row, digest)
             now = utcnow()
-            last = row.last_used_at
-            if last is None or now - convert.aware(last) >= LAST_USED_RESOLUTION:
-                row.last_used_at = now  # at most one write per token and minute, not per request
-            return convert.api_token(row)
+            if needs_touch(token, now):
+                assert row is not None  # admitted
+                row.last_used_at = now
+                token = dataclasses.replace(token, last_used_at=now)
+            return token
 
     def list_tokens(self) -> list[ApiToken]:
         with self._db.tx() as s:

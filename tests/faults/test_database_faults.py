@@ -54,40 +54,51 @@ def test_a_postgres_restart_gives_503s_then_recovers_with_no_half_written_rows(
         inst = dataclasses.replace(inst)
         _, secret = inst.registry.tokens.create(name="t", scopes=["write"])
         headers = {"Authorization": f"Bearer {secret}"}
-        client = TestClient(create_app(inst, Recorder()), raise_server_exceptions=False)
-        made = client.post("/v1/streams", headers=headers,
-                           json={"name": "s", "base": {"kind": "tiny"}})  # fmt: skip
-        assert made.status_code == 201
-        answers: list[tuple[int, str, str | None]] = []
-        health: list[int] = []
-        files = _files()
+        with TestClient(create_app(inst, Recorder()), raise_server_exceptions=False) as client:
+            made = client.post("/v1/streams", headers=headers,
+                               json={"name": "s", "base": {"kind": "tiny"}})  # fmt: skip
+            assert made.status_code == 201
+            answers: list[tuple[int, str, str | None]] = []
+            health: list[int] = []
+            reads: list[int] = []  # a job's status, read through the API's async pool
+            job_ids: list[int] = []
+            files = _files()
 
-        stop = threading.Event()
+            stop = threading.Event()
 
-        def submit() -> None:
-            i = 0
-            while not stop.is_set() and i < MAX_SUBMISSIONS:
-                r = client.post("/v1/streams/s/tasks", data={"name": f"t{i}"}, files=files,
-                                headers=headers)  # fmt: skip
-                answers.append((r.status_code, r.headers.get("content-type", ""),
-                                r.headers.get("retry-after")))  # fmt: skip
-                health.append(client.get("/health").status_code)
-                i += 1
-                time.sleep(0.05)
+            def submit() -> None:
+                i = 0
+                while not stop.is_set() and i < MAX_SUBMISSIONS:
+                    r = client.post("/v1/streams/s/tasks", data={"name": f"t{i}"}, files=files,
+                                    headers=headers)  # fmt: skip
+                    answers.append((r.status_code, r.headers.get("content-type", ""),
+                                    r.headers.get("retry-after")))  # fmt: skip
+                    if r.status_code == 202:
+                        job_ids.append(r.json()["job"]["id"])
+                    if job_ids:
+                        reads.append(
+                            client.get(f"/v1/jobs/{job_ids[-1]}", headers=headers).status_code
+                        )
+                    health.append(client.get("/health").status_code)
+                    i += 1
+                    time.sleep(0.05)
 
-        thread = threading.Thread(target=submit)
-        thread.start()
-        while len(answers) < 5:
-            time.sleep(0.02)
-        pg.stop("immediate")  # a crash: connections cut mid-transaction
-        time.sleep(2)
-        pg.start()
-        restarted = len(answers)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and [s for s, _, _ in answers[restarted:]].count(202) < 5:
-            time.sleep(0.1)
-        stop.set()
-        thread.join(60)
+            thread = threading.Thread(target=submit)
+            thread.start()
+            while len(answers) < 5:
+                time.sleep(0.02)
+            pg.stop("immediate")  # a crash: connections cut mid-transaction
+            time.sleep(2)
+            pg.start()
+            restarted = len(answers)
+            deadline = time.monotonic() + 60
+            while (
+                time.monotonic() < deadline
+                and [s for s, _, _ in answers[restarted:]].count(202) < 5
+            ):
+                time.sleep(0.1)
+            stop.set()
+            thread.join(60)
 
         statuses = [s for s, _, _ in answers]
         assert set(statuses) <= {202, 503}, answers
@@ -95,6 +106,7 @@ def test_a_postgres_restart_gives_503s_then_recovers_with_no_half_written_rows(
         assert down, "no request met the outage"
         assert all(ctype.startswith("application/problem+json") and retry for ctype, retry in down)
         assert 503 in health and health[-1] == 200
+        assert set(reads) <= {200, 503} and 503 in reads and reads[-1] == 200, reads
         first_outage = statuses.index(503)
         assert 202 in statuses[first_outage:], "the API did not recover by itself"
 
