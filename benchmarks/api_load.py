@@ -14,7 +14,9 @@ and the count of non-2xx answers per phase. Not a test.
 for `--read-seconds` instead of the Python client, whose own CPU time on a 2-core machine is
 part of what it measures. `--poll-ms N` makes each wrk connection wait a random 0 to 2N ms (N on
 average) after each answer, as clients polling jobs' status at their own times do; without it
-the clients ask as fast as answers come.
+the clients ask as fast as answers come. `--floor` then reads the same jobs, the same way, from
+`api_floor.py`: one route answering from one prepared statement, the least a status read can
+cost on this machine with this framework and database.
 """
 
 from __future__ import annotations
@@ -53,6 +55,16 @@ def start_server(args: argparse.Namespace, data_dir: Path) -> subprocess.Popen[b
                "--host", "127.0.0.1", "--port", str(args.port),
                "--workers", str(args.server_workers),
                "--timeout-worker-healthcheck", "60",
+               "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    return subprocess.Popen(command, env=env)
+
+
+def start_floor(args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    """`api_floor.py`'s app (not Strata) on the next port, on the same database."""
+    env = {**os.environ, "STRATA_DATABASE_URL": args.url}
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).parent),
+               "api_floor:app", "--host", "127.0.0.1", "--port", str(args.port + 1),
+               "--workers", str(args.server_workers),
                "--log-level", "warning", "--no-access-log"]  # fmt: skip
     return subprocess.Popen(command, env=env)
 
@@ -137,7 +149,18 @@ async def run(args: argparse.Namespace, token: str) -> list[tuple[str, dict[str,
         else:
             read = await phase(client, args.clients, args.reads, status)
     reads = f"job status read ({args.reader}{poll})"
-    return [("task submission (multipart)", submitted), (reads, read)]
+    results = [("task submission (multipart)", submitted), (reads, read)]
+    if args.floor:
+        floor = start_floor(args)
+        try:
+            floor_base = f"http://127.0.0.1:{args.port + 1}"
+            await wait_healthy(floor_base)
+            results.append((f"floor: api_floor.py ({args.reader}{poll})",
+                            read_with_wrk(args, floor_base, token, job_ids)))  # fmt: skip
+        finally:
+            floor.terminate()
+            floor.wait(timeout=30)
+    return results
 
 
 WRK_SCRIPT = """
@@ -191,10 +214,15 @@ def main() -> None:
     parser.add_argument("--reader", choices=["httpx", "wrk"], default="httpx")
     parser.add_argument("--read-seconds", type=int, default=30, help="with --reader wrk")
     parser.add_argument("--poll-ms", type=int, default=0, help="with --reader wrk: mean think time")
+    parser.add_argument("--floor", action="store_true",
+                        help="with --reader wrk: then read the same jobs from api_floor.py's "
+                        "one-query app, the least a status read can cost here")  # fmt: skip
     parser.add_argument("--server-workers", type=int, default=2)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--redis-db", type=int, default=15)
     args = parser.parse_args()
+    if args.floor and args.reader != "wrk":
+        parser.error("--floor needs --reader wrk")
     engine = make_engine(args.url)
     migrate(engine, "base")
     migrate(engine, "head")
