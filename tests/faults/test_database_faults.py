@@ -121,6 +121,6 @@ def test_a_postgres_restart_gives_503s_then_recovers_with_no_half_written_rows(
         engine.dispose()
         logging.getLogger(__name__).warning(
             "RELIABILITY postgres restart: submitted=%d accepted=%d refused_503=%d "
-            "tasks_written=%d lost=0", len(statuses), statuses.count(202), statuses.count(503),
-            len(tasks),
+            "tasks_written=%d lost=0 status_reads=%d reads_503=%d", len(statuses),
+            statuses.count(202), statuses.count(503), len(tasks), len(reads), reads.count(503),
         )  # fmt: skip
