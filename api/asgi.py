@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api.app import create_app
+from api.app import create_app, freeze_startup_objects
 from registry.instance import open_instance
 from registry.settings import StrataSettings
 
@@ -15,4 +15,6 @@ def service_app() -> FastAPI:
     migrate` runs once, before the API processes start)."""
     from workers.celery_app import CeleryDispatcher
 
-    return create_app(open_instance(StrataSettings(), upgrade=False), CeleryDispatcher())
+    app = create_app(open_instance(StrataSettings(), upgrade=False), CeleryDispatcher())
+    freeze_startup_objects()
+    return app

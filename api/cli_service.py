@@ -18,7 +18,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """The embedded default: API + in-process worker threads on SQLite and a local directory."""
     import uvicorn
 
-    from api.app import create_app
+    from api.app import create_app, freeze_startup_objects
     from workers.inprocess import InProcessWorker
 
     settings = StrataSettings(data_dir=args.data_dir) if args.data_dir else StrataSettings()
@@ -26,7 +26,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _first_token(inst)
     worker = InProcessWorker(inst, threads=args.workers).start()
     try:
-        uvicorn.run(create_app(inst, worker), host=args.host, port=args.port, log_level="info")
+        app = create_app(inst, worker)
+        freeze_startup_objects()
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
         worker.stop(timeout=5)
         inst.close()
