@@ -20,6 +20,9 @@ Then measures, `--samples` times each, through the registry's own store methods:
 
 and prints p50/p99 in ms and the PostgreSQL plans (EXPLAIN ANALYZE) of the queries behind them.
 
+`--heap server` first imports what an API process imports, and `--heap server-frozen` also
+freezes it as `strata api` does: the walks then run on a server process's heap.
+
 `--against REV` also times the two whole-chain walks with `registry/store/lineage.py` as it was
 at git revision REV, alternating the two versions sample by sample in this one process, and
 prints both and their ratio: a before/after measured side by side.
@@ -237,6 +240,21 @@ def explain(engine: Engine, sql: str, params: dict[str, Any]) -> Iterator[str]:
             yield line
 
 
+def server_heap(*, frozen: bool) -> None:
+    """Hold what an API process holds from its start (the modules `api.asgi` imports: the app,
+    torch, transformers), and with `frozen` leave it out of the collector's passes as
+    `api.asgi.service_app` does, so that the walks run on a server's heap."""
+    import gc
+
+    import api.asgi  # noqa: F401
+    from api.app import freeze_startup_objects
+
+    if frozen:
+        freeze_startup_objects()
+    print(f"heap: {len(gc.get_objects()):,} objects in the collector's passes"
+          f"{' (after the freeze)' if frozen else ''}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/strata_bench")
@@ -248,7 +266,12 @@ def main() -> None:
     parser.add_argument("--reset", action="store_true", help="drop and re-create the schema")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--against", metavar="REV", help="time the walks against lineage.py at REV")
+    parser.add_argument("--heap", choices=["bare", "server", "server-frozen"], default="bare",
+                        help="first import what an API process imports (server), and freeze it "
+                        "as `strata api` does (server-frozen)")  # fmt: skip
     args = parser.parse_args()
+    if args.heap != "bare":
+        server_heap(frozen=args.heap == "server-frozen")
     if not args.url.startswith("postgresql"):
         raise SystemExit("this benchmark measures PostgreSQL: pass a postgresql:// --url")
     registry: SqlRegistry = open_registry(args.url, upgrade=False)
