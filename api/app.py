@@ -77,8 +77,9 @@ def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
 def freeze_startup_objects() -> None:
     """Leave what a server process holds from its start (the imports of torch, transformers and
     the app: about 500,000 objects) out of the cyclic garbage collector's passes. They live as
-    long as the process, and a full pass would otherwise scan them all, a pause of 0.1 to 0.3 s
-    paid by whichever request set it off (BENCHMARKS.md). Call it once the app is built."""
+    long as the process, and a full pass would otherwise scan them all: a pause of about 0.4 s
+    on a 2-core machine, paid by whichever request set it off (BENCHMARKS.md). Call it once
+    the app is built."""
     gc.collect()  # what is garbage now is freed, not frozen
     gc.freeze()
 
