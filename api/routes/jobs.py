@@ -8,14 +8,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
-from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 
 from api.deps import MAX_ID, Cursor, IdPath, InstDep, ReadsDep, ReadToken, WriteToken
 from api.schemas import JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from registry.entities import JobState
-from registry.instance import Instance
+from registry.store.async_reads import AsyncReads
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -52,14 +51,14 @@ def cancel(job_id: IdPath, inst: InstDep, _: WriteToken) -> object:
 
 
 @router.get("/{job_id}/events", response_model=JobEventsPublic)
-def events(
+async def events(
     job_id: IdPath,
-    inst: InstDep,
+    reads: ReadsDep,
     _: ReadToken,
     cursor: Cursor = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> object:
-    page = inst.registry.jobs.events(job_id, after_id=cursor, limit=limit)
+    page = await reads.events(job_id, after_id=cursor, limit=limit)
     return {"data": page, "next_cursor": page[-1].id if len(page) == limit else None}
 
 
@@ -70,7 +69,7 @@ def events(
 )
 async def stream_events(
     job_id: IdPath,
-    inst: InstDep,
+    reads: ReadsDep,
     _: ReadToken,
     last_event_id: Annotated[
         int | None, Header(ge=0, le=MAX_ID, description="Resume after this event")
@@ -80,25 +79,25 @@ async def stream_events(
     """Live progress as server-sent events: `event: job-event` for each event (its id is the
     SSE id, so a reconnecting client resumes with Last-Event-ID), `event: state` when the job's
     state or progress changes, and a final `event: end` once the job is finished."""
-    await run_in_threadpool(inst.registry.jobs.get, job_id)  # 404 before the stream starts
+    await reads.job(job_id)  # 404 before the stream starts
     after = last_event_id if last_event_id is not None else cursor
     return StreamingResponse(
-        _sse(inst, job_id, after=after),
+        _sse(reads, job_id, after=after),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _sse(inst: Instance, job_id: int, *, after: int) -> AsyncIterator[str]:
+async def _sse(reads: AsyncReads, job_id: int, *, after: int) -> AsyncIterator[str]:
     last_state: tuple[Any, ...] | None = None
     idle = 0.0
     while True:
-        page = await run_in_threadpool(inst.registry.jobs.events, job_id, after_id=after, limit=500)
+        page = await reads.events(job_id, after_id=after, limit=500)
         for event in page:
             after = event.id
             data = jsonable_encoder(JobEventPublic.model_validate(event))
             yield f"id: {event.id}\nevent: job-event\ndata: {json.dumps(data)}\n\n"
-        job = await run_in_threadpool(inst.registry.jobs.get, job_id)
+        job = await reads.job(job_id)
         state = (job.state, round(job.progress, 4))
         if state != last_state:
             last_state = state

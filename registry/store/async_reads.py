@@ -1,5 +1,5 @@
-"""The API's hottest reads, awaited on its event loop: token authentication (every request) and
-job status (every client polling its jobs).
+"""The API's hottest reads, awaited on its event loop: token authentication (every request), job
+status (every client polling its jobs) and job events (every progress stream, twice a second).
 
 Through the stores, each read is an ORM session run on the threadpool: a thread hop, a session,
 a ping on checkout, BEGIN, SELECT, COMMIT and the ORM's row loading, about 2 ms of CPU for the
@@ -20,6 +20,7 @@ stores on the threadpool: SQLite (the embedded default) and any other registry.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -31,14 +32,14 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.sql import ClauseElement
 
-from registry.entities import ApiToken, Job
+from registry.entities import ApiToken, Job, JobEvent
 from registry.errors import Unavailable
 from registry.store import _convert as convert
 from registry.store._db import UNAVAILABLE
 from registry.store.base import Registry
 from registry.store.jobs import job_not_found
 from registry.store.tokens import admit, hash_token, needs_touch
-from registry.tables import ApiTokenRow, JobRow, utcnow
+from registry.tables import ApiTokenRow, JobEventRow, JobRow, utcnow
 
 # How long a read waits for a pooled connection before it is `Unavailable` (503 with a retry
 # hint). The pool waits out a database that is down rather than failing at once, so this is how
@@ -52,6 +53,9 @@ class AsyncReads(Protocol):
     async def open(self) -> None: ...
     async def authenticate(self, secret: str) -> ApiToken: ...
     async def job(self, job_id: int) -> Job: ...
+    async def events(
+        self, job_id: int, *, after_id: int = 0, limit: int = 100
+    ) -> list[JobEvent]: ...
     async def close(self) -> None: ...
 
 
@@ -80,6 +84,10 @@ class ThreadedReads:
     async def job(self, job_id: int) -> Job:
         return await anyio.to_thread.run_sync(self._registry.jobs.get, job_id)
 
+    async def events(self, job_id: int, *, after_id: int = 0, limit: int = 100) -> list[JobEvent]:
+        page = functools.partial(self._registry.jobs.events, job_id, after_id=after_id, limit=limit)
+        return await anyio.to_thread.run_sync(page)
+
     async def close(self) -> None:
         pass
 
@@ -98,6 +106,14 @@ _TOUCH_TOKEN = _sql(
     .values(last_used_at=bindparam("now"))
 )
 _JOB_BY_ID = _sql(select(_jobs).where(_jobs.c.id == bindparam("job_id")))
+_JOB_EXISTS = _sql(select(_jobs.c.id).where(_jobs.c.id == bindparam("job_id")))
+_events = JobEventRow.__table__
+_EVENTS_AFTER = _sql(
+    select(_events)
+    .where(_events.c.job_id == bindparam("job_id"), _events.c.id > bindparam("after_id"))
+    .order_by(_events.c.id)
+    .limit(bindparam("limit"))
+)
 
 
 class PgReads:
@@ -161,6 +177,18 @@ class PgReads:
             if row is None:
                 raise job_not_found(job_id)
             return convert.job(row)
+
+        return await self._run(read)
+
+    async def events(self, job_id: int, *, after_id: int = 0, limit: int = 100) -> list[JobEvent]:
+        params = {"job_id": job_id, "after_id": after_id, "limit": limit}
+
+        async def read(conn: psycopg.AsyncConnection[Any]) -> list[JobEvent]:
+            rows = await (await conn.execute(_EVENTS_AFTER, params)).fetchall()
+            # an event names its job (a foreign key), so only an empty page needs the check
+            if not rows and await (await conn.execute(_JOB_EXISTS, params)).fetchone() is None:
+                raise job_not_found(job_id)
+            return [convert.job_event(row) for row in rows]
 
         return await self._run(read)
 

@@ -1,5 +1,5 @@
-"""The API's async reads (token authentication, job status) against the stores they stand in
-for: the same entities and errors on both backends, `last_used_at` written at most once a
+"""The API's async reads (token authentication, job status and events) against the stores they
+stand in for: the same entities and errors on both backends, `last_used_at` written at most once a
 minute, and on PostgreSQL a restart survived without an error and an outage reported."""
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def test_reads_give_what_the_stores_give(registry: SqlRegistry) -> None:
     failed = registry.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=stream_id)
     registry.jobs.transition(failed.id, JobState.RUNNING)
     registry.jobs.transition(failed.id, JobState.FAILED, error_code="boom", error_message="x")
+    for i in range(5):
+        registry.jobs.add_event(failed.id, message=f"step {i}", metrics={"loss": 1.0 / (i + 1)})
     token, secret = registry.tokens.create(name="t", scopes=["read", "write"])
     revoked, revoked_secret = registry.tokens.create(name="r", scopes=["read"])
     registry.tokens.revoke(revoked.id)
@@ -45,12 +47,20 @@ def test_reads_give_what_the_stores_give(registry: SqlRegistry) -> None:
             for job_id in (queued.id, failed.id):
                 assert await reads.job(job_id) == registry.jobs.get(job_id)
             assert await reads.authenticate(secret) == registry.tokens.authenticate(secret)
+            events = registry.jobs.events(failed.id)
+            assert len(events) == 5 and await reads.events(failed.id) == events
+            for after, limit in [(events[1].id, 2), (events[-1].id, 10), (0, 1)]:
+                page = registry.jobs.events(failed.id, after_id=after, limit=limit)
+                assert await reads.events(failed.id, after_id=after, limit=limit) == page
+            assert await reads.events(queued.id) == []  # a job without events: an empty page
             with pytest.raises(NotFound) as missing:
                 await reads.job(failed.id + 100)
             assert (missing.value.field, missing.value.reason) == (
                 "job",
                 f"job {failed.id + 100} not found",
             )
+            with pytest.raises(NotFound):  # not an empty page
+                await reads.events(failed.id + 100)
             for bad in (revoked_secret, secret + "x", "strata_nonsense"):
                 with pytest.raises(Unauthorized) as refused:
                     await reads.authenticate(bad)
