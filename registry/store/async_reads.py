@@ -45,6 +45,11 @@ from registry.tables import ApiTokenRow, JobEventRow, JobRow, utcnow
 # hint). The pool waits out a database that is down rather than failing at once, so this is how
 # soon a client hears of an outage; a burst of requests queues for milliseconds, far less.
 CHECKOUT_TIMEOUT_S = 1.0
+# How long the pool keeps retrying a connection that failed before it gives up on it. Its
+# retries back off (1 s, 2 s, 4 s...), so with psycopg_pool's default of 5 minutes a pool whose
+# database had been down for a minute could wait most of another minute after it came back.
+# Once the pool gives up, the next read that needs a connection starts a new attempt at once.
+RECONNECT_TIMEOUT_S = 2.0
 
 T = TypeVar("T")
 
@@ -134,6 +139,7 @@ class PgReads:
             max_size=size,
             open=False,
             timeout=CHECKOUT_TIMEOUT_S,
+            reconnect_timeout=RECONNECT_TIMEOUT_S,
             kwargs={"autocommit": True, "row_factory": namedtuple_row},
             name="strata-reads",
         )
