@@ -35,7 +35,7 @@ def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # blocking routes and dependencies run on at most `api_threads` threads of this loop
         anyio.to_thread.current_default_thread_limiter().total_tokens = inst.settings.api_threads
-        # authentication and job status are awaited here, on PostgreSQL without the threadpool
+        # token checks, job status and job events are awaited here (on PostgreSQL, no threadpool)
         reads = open_reads(inst.registry, size=inst.settings.api_threads)
         await reads.open()
         app.state.reads = reads
