@@ -208,10 +208,29 @@ def adapters_list(c: StrataClient, a: argparse.Namespace) -> int:
 
 
 def adapters_download(c: StrataClient, a: argparse.Namespace) -> int:
-    dest = Path(a.output or f"{a.stream}-{a.task}-{a.ref}.tar.gz")
-    c.download(f"/streams/{a.stream}/tasks/{a.task}/adapters/{a.ref}/download", dest)
+    dest = Path(a.output or f"{a.stream}-{a.task}-{a.ref}.{a.format}")
+    _download(c, f"/streams/{a.stream}/tasks/{a.task}/adapters/{a.ref}/download", dest, a.format)
     print(f"wrote {dest} (a PEFT adapter directory: PeftModel.from_pretrained loads it)")
     return 0
+
+
+def snapshots_download(c: StrataClient, a: argparse.Namespace) -> int:
+    dest = Path(a.output or f"{a.stream}-snapshot-v{a.version}.{a.format}")
+    _download(c, f"/streams/{a.stream}/snapshots/{a.version}/download", dest, a.format)
+    print(f"wrote {dest} (a model directory: AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
+def _download(c: StrataClient, path: str, dest: Path, format: str) -> None:
+    """A byte-counting progress bar; its total is the archive's length when the server sent it
+    (always for `tar`)."""
+    with tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+
+        def progress(done: int, total: int | None) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        c.download(path, dest, params={"format": format}, progress=progress)
 
 
 def adapters_alias(c: StrataClient, a: argparse.Namespace) -> int:
@@ -352,6 +371,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = command(snapshots, "activate", snapshots_activate, "point the stream at a snapshot")
     p.add_argument("stream")
     p.add_argument("version", type=int)
+    p = command(snapshots, "download", snapshots_download, "download a snapshot as an archive")
+    p.add_argument("stream")
+    p.add_argument("version", type=int)
+    _archive_arguments(p)
 
     tasks = group("tasks", "submit a dataset as the stream's next task; list tasks")
     p = command(tasks, "submit", tasks_submit)
@@ -382,7 +405,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("stream")
     p.add_argument("task")
     p.add_argument("ref", nargs="?", default="latest", help="version number or alias")
-    p.add_argument("-o", "--output")
+    _archive_arguments(p)
     p = command(adapters, "alias", adapters_alias)
     for arg in ("stream", "task", "alias"):
         p.add_argument(arg)
@@ -412,6 +435,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     command(schedules, "list", schedules_list).add_argument("stream")
     command(schedules, "delete", schedules_delete).add_argument("id", type=int)
+
+
+def _archive_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", help="the archive's path (default: named after it)")
+    p.add_argument("--format", choices=["tar", "tar.gz"], default="tar",
+                   help="tar (default, fastest; weights barely compress) or tar.gz")  # fmt: skip
 
 
 def _run(fn: Command, args: argparse.Namespace) -> int:

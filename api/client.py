@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,16 +99,38 @@ class StrataClient:
                     yield event, json.loads(data)
                     event, data = "message", ""
 
-    def download(self, path: str, dest: Path) -> Path:
-        """Stream a file to `dest` (never held in memory whole)."""
-        with self.http.stream("GET", path) as response:
+    def download(
+        self,
+        path: str,
+        dest: Path,
+        *,
+        params: dict[str, Any] | None = None,
+        progress: Callable[[int, int | None], None] | None = None,
+    ) -> Path:
+        """Stream a file to `dest` (never held in memory whole), written next to it first and
+        renamed into place once whole: a failed download leaves `dest` as it was.
+
+        `progress(done, total)` is called after every chunk with the bytes written so far and the
+        announced length (None when the server sent none)."""
+        dest = Path(dest)
+        part = dest.with_name(f".{dest.name}.part")
+        with self.http.stream("GET", path, params=params) as response:
             if response.status_code >= 400:
                 response.read()
                 raise ApiError(response.status_code, _problem(response))
-            with Path(dest).open("wb") as out:
-                for chunk in response.iter_bytes():
-                    out.write(chunk)
-        return Path(dest)
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None and length.isdigit() else None
+            try:
+                with part.open("wb") as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+                        if progress is not None:
+                            progress(response.num_bytes_downloaded, total)
+                part.replace(dest)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
+        return dest
 
 
 def _problem(response: httpx.Response) -> dict[str, Any]:

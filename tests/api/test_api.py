@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import gzip
 import io
 import json
 import tarfile
@@ -247,9 +248,17 @@ def test_a_trained_task_can_be_downloaded_traced_evaluated_and_queried(
 
     # the download is a PEFT directory that loads on the stream's base
     r = c.get("/v1/streams/s1/tasks/colors/adapters/1/download", headers=h)
-    assert r.status_code == 200 and r.headers["content-type"] == "application/gzip"
-    with tarfile.open(fileobj=io.BytesIO(r.content)) as archive:
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+    assert r.headers["content-length"] == str(len(r.content))  # announced before the first byte
+    assert r.headers["content-disposition"] == 'attachment; filename="s1-colors-v1.tar"'
+    with tarfile.open(fileobj=io.BytesIO(r.content), mode="r:") as archive:
         archive.extractall(tmp_path, filter="data")
+    gz = c.get("/v1/streams/s1/tasks/colors/adapters/1/download", params={"format": "tar.gz"},
+               headers=h)  # fmt: skip
+    assert gz.status_code == 200 and gz.headers["content-type"] == "application/gzip"
+    assert "content-length" not in gz.headers and gzip.decompress(gz.content) == r.content
+    _problem(c.get("/v1/streams/s1/tasks/colors/adapters/1/download", params={"format": "zip"},
+                   headers=h), 422, "format")  # fmt: skip
     folder = tmp_path / "s1-colors-v1"
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json",
                                                         "adapter_model.safetensors"]  # fmt: skip
@@ -373,8 +382,6 @@ def test_tokens_never_reach_logs_or_error_documents(
 def test_gzip_uploads_are_read_and_compression_bombs_refused_before_anything_is_stored(
     api: Api,
 ) -> None:
-    import gzip
-
     c, h = api.client, api.auth("write")
     _stream(api)
     train, test, labels = _task_files()

@@ -97,11 +97,18 @@ def test_serve_and_the_cli_from_stream_to_download(
     tree = run("lineage", "adapter", "1")
     assert "trained_on: news snapshot v0" in tree and "trained_with: dataset" in tree
     assert "topic" in run("adapters", "list", "news")
-    archive = tmp_path / "topic.tar.gz"
+    archive = tmp_path / "topic.tar"
     run("adapters", "download", "news", "topic", "latest", "-o", str(archive))
-    with tarfile.open(archive) as tar:
-        assert {Path(n).name for n in tar.getnames()} == {"adapter_config.json",
-                                                          "adapter_model.safetensors"}  # fmt: skip
+    with tarfile.open(archive, "r:") as tar:  # a plain tar by default
+        assert set(tar.getnames()) == {"news-topic-v1", "news-topic-v1/adapter_config.json",
+                                       "news-topic-v1/adapter_model.safetensors"}  # fmt: skip
+    gz = tmp_path / "topic.tar.gz"
+    run("adapters", "download", "news", "topic", "1", "-o", str(gz), "--format", "tar.gz")
+    with tarfile.open(gz, "r:gz") as tar, tarfile.open(archive, "r:") as plain:
+        assert tar.getnames() == plain.getnames()
+        weights = "news-topic-v1/adapter_model.safetensors"
+        assert _read(tar, weights) == _read(plain, weights)
+    assert not list(tmp_path.glob(".*.part"))  # written next to the archive, then renamed
     assert "prod -> topic v1" in run("adapters", "alias", "news", "topic", "prod", "1")
     prompt = json.loads((data / "test.jsonl").read_text().splitlines()[0])["prompt"]
     labels = json.loads((data / "labels.json").read_text())
@@ -118,6 +125,10 @@ def test_serve_and_the_cli_from_stream_to_download(
     assert "(current)" in run("snapshots", "list", "news").splitlines()[-1]
     assert "now on snapshot v0" in run("snapshots", "activate", "news", "0")
     assert "(current)" in run("snapshots", "list", "news").splitlines()[0]
+    snapshot = tmp_path / "base.tar"
+    assert "wrote" in run("snapshots", "download", "news", "1", "-o", str(snapshot))
+    with tarfile.open(snapshot, "r:") as tar:
+        assert "news-snapshot-v1/config.json" in tar.getnames()
     assert "every_tasks" in run("streams", "policy", "news", "--every-tasks", "3")
 
     # errors are one clear line and exit code 2
@@ -177,3 +188,9 @@ def test_strata_api_hands_the_healthcheck_timeout_to_uvicorn(
             capsys.readouterr().err
         )
     assert len(calls) == 2
+
+
+def _read(tar: tarfile.TarFile, name: str) -> bytes:
+    member = tar.extractfile(name)
+    assert member is not None, name
+    return member.read()
