@@ -3,11 +3,12 @@ an S3 server on loopback (moto) standing in for MinIO."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from minio import Minio
 from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, create_engine, text
 
-from registry.artifacts import LocalStore, MinioStore
+from registry.artifacts import ArtifactStore, LocalStore, MinioStore, blob_key
 from registry.db import make_engine, migrate
 from registry.instance import Instance
 from registry.store import SqlRegistry
@@ -147,3 +148,19 @@ def instance(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Instanc
     )
     yield inst
     inst.close()
+
+
+def _corrupt(store: ArtifactStore, digest: str, data: bytes) -> None:
+    if isinstance(store, LocalStore):
+        path = store.root / blob_key(digest)
+        path.chmod(0o644)  # blobs are written read-only
+        path.write_bytes(data)
+    else:
+        assert isinstance(store, MinioStore)
+        store.client.put_object(store.bucket, blob_key(digest), io.BytesIO(data), len(data))
+
+
+@pytest.fixture
+def corrupt_blob() -> Callable[[ArtifactStore, str, bytes], None]:
+    """Overwrite a stored object behind the store's back (disk rot, tampering)."""
+    return _corrupt

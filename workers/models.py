@@ -175,9 +175,14 @@ def store_derived(
         return put_tree(inst.artifacts, Path(tmp), reuse=reuse)
 
 
+def tree_cache_path(inst: Instance, digest: str) -> Path:
+    """Where this instance keeps its verified local copy of tree `digest` (present only whole)."""
+    return inst.cache_dir / "trees" / digest
+
+
 def fetch_tree(inst: Instance, digest: str) -> Path:
     """A verified local copy of a stored tree, cached by digest (trees never change)."""
-    dest = inst.cache_dir / "trees" / digest
+    dest = tree_cache_path(inst, digest)
     if not dest.exists():
         try:
             get_tree(inst.artifacts, digest, dest)  # staged, then renamed into place

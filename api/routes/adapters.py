@@ -3,6 +3,7 @@ archive, set and delete aliases. Snapshots: list, get, download."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 from urllib.parse import quote
 
@@ -78,7 +79,7 @@ def download_adapter(
     if version.artifact_digest is None:
         raise Conflict(f"adapter version {version.version} is {version.status}", field="ref")
     name = f"{stream.name}-{task}-v{version.version}"
-    return _archive_response(inst, version.artifact_digest, name, format)
+    return _archive_response(inst, version.artifact_digest, name, format, version.created_at)
 
 
 @router.put("/streams/{stream}/tasks/{task}/aliases/{alias}", response_model=AdapterVersionPublic)
@@ -150,14 +151,15 @@ def download_snapshot(
     """The base model snapshot as a tar archive of a Hugging Face model directory."""
     snapshot = inst.registry.streams.get_snapshot(stream_id=stream.id, version=version)
     name = f"{stream.name}-snapshot-v{snapshot.version}"
-    return _archive_response(inst, snapshot.artifact_digest, name, format)
+    return _archive_response(inst, snapshot.artifact_digest, name, format, snapshot.created_at)
 
 
 def _archive_response(
-    inst: Instance, digest: str, name: str, format: ArchiveFormat
+    inst: Instance, digest: str, name: str, format: ArchiveFormat, created: datetime
 ) -> StreamingResponse:
-    """The archive streamed as it is produced; a plain tar announces its exact length."""
-    archive = tree_archive(inst, digest, name=name, format=format)
+    """The archive streamed as it is produced; a plain tar announces its exact length. Its files
+    are dated when the version was made, so the same version is always the same bytes."""
+    archive = tree_archive(inst, digest, name=name, format=format, mtime=int(created.timestamp()))
     quoted = quote(archive.filename)  # as FileResponse does: the plain form when it is safe
     disposition = (f'attachment; filename="{archive.filename}"' if quoted == archive.filename
                    else f"attachment; filename*=utf-8''{quoted}")  # fmt: skip

@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -97,11 +97,20 @@ class ArtifactStore(ABC):
         _check_match(digest, sha.hexdigest())
         return b"".join(parts)
 
-    def get_file(self, digest: str, dest: Path) -> Path:
+    def get_file(
+        self,
+        digest: str,
+        dest: Path,
+        *,
+        durable: bool = True,
+        tee: Callable[[bytes], None] | None = None,
+    ) -> Path:
         """Stream blob ``digest`` to ``dest`` (replaced atomically), verified; return ``dest``.
 
         The content goes to a temporary file next to ``dest`` and is renamed over it only once its
         digest matched; on any failure the temporary file is removed and ``dest`` is untouched.
+        ``durable=False`` leaves out the fsyncs, for a caller that makes several files durable
+        at once. ``tee`` is handed each chunk once it is written, before the digest is checked.
         """
         key = blob_key(digest)
         dest = Path(dest)
@@ -114,15 +123,19 @@ class ArtifactStore(ABC):
                 for chunk in chunks:
                     sha.update(chunk)
                     out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            _check_match(digest, sha.hexdigest())
+                    if tee is not None:
+                        tee(chunk)
+                _check_match(digest, sha.hexdigest())
+                if durable:
+                    out.flush()
+                    os.fsync(out.fileno())
             tmp.chmod(0o644)  # mkstemp made it private to us
             os.replace(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        fsync_dir(dest.parent)
+        if durable:
+            fsync_dir(dest.parent)
         return dest
 
     def exists(self, digest: str) -> bool:

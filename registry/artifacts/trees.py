@@ -19,11 +19,12 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, TypedDict
 
-from registry.artifacts.base import ArtifactStore, check_digest
+from registry.artifacts.base import ArtifactStore, check_digest, fsync_dir
 from registry.artifacts.weights import validate_safetensors
 from registry.errors import IntegrityError, InvalidValue, UnsafeArtifact
 
@@ -143,11 +144,24 @@ def read_manifest(store: ArtifactStore, digest: str) -> TreeManifest:
     return {"kind": TREE_KIND, "files": files}
 
 
-def get_tree(store: ArtifactStore, digest: str, dest: Path) -> Path:
+def get_tree(
+    store: ArtifactStore,
+    digest: str,
+    dest: Path,
+    *,
+    tee: Callable[[str, bytes], None] | None = None,
+    on_verified: Callable[[], None] | None = None,
+) -> Path:
     """Materialize tree ``digest`` at ``dest`` (which must not exist or be an empty directory).
 
-    Files are fetched, verified and validated into a staging directory next to ``dest`` that is
-    renamed into place at the end: ``dest`` ends up with the whole tree or is left untouched.
+    Files are fetched, verified and validated into a staging directory next to ``dest``, made
+    durable together, and the directory is renamed into place at the end: ``dest`` ends up with
+    the whole tree or is left untouched. Files come in the order of their paths.
+
+    For a caller that passes the content on while it arrives (a download served from the store):
+    ``tee(path, chunk)`` gets each file's bytes as they are written, before their digest is
+    checked, and ``on_verified()`` is called once every file matched its digest and was
+    validated, before the copy is made durable.
     """
     manifest = read_manifest(store, digest)
     dest = Path(dest)
@@ -156,20 +170,41 @@ def get_tree(store: ArtifactStore, digest: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
     try:
-        for rel, entry in manifest["files"].items():
+        for rel, entry in sorted(manifest["files"].items()):
             target = staging.joinpath(*rel.split("/"))
-            store.get_file(entry["digest"], target)
+            store.get_file(entry["digest"], target, durable=False,
+                           tee=None if tee is None else partial(tee, rel))  # fmt: skip
             if target.stat().st_size != entry["size"]:
                 raise IntegrityError(f"{rel} has the wrong size", field=rel)
             if rel.endswith(".safetensors"):
                 validate_safetensors(target, name=rel)
+        if on_verified is not None:
+            on_verified()
+        _sync_tree(staging)
         staging.chmod(0o755)
         _rename_into_place(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    fsync_dir(dest.parent)
     logger.info("fetched tree %s into %s (%d files)", digest, dest, len(manifest["files"]))
     return dest
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file, then every directory (deepest first) under ``root``, and ``root``."""
+    folders = [root]
+    for path in sorted(root.rglob("*")):
+        if path.is_dir():
+            folders.append(path)
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for folder in reversed(folders):
+        fsync_dir(folder)
 
 
 def _rename_into_place(staging: Path, dest: Path) -> None:
