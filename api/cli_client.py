@@ -444,6 +444,9 @@ def _archive_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(fn: Command, args: argparse.Namespace) -> int:
+    import httpx
+    import urllib3
+
     from api.client import ApiError
 
     client = _client(args)
@@ -451,6 +454,9 @@ def _run(fn: Command, args: argparse.Namespace) -> int:
         return fn(client, args)
     except ApiError as exc:
         print(f"error ({exc.status}): {exc}", file=sys.stderr)
+        return 2
+    except (httpx.HTTPError, urllib3.exceptions.HTTPError) as exc:  # unreachable, or cut short
+        print(f"error: {args.url}: {exc}", file=sys.stderr)
         return 2
     finally:
         client.close()

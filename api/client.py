@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import urllib3
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+DOWNLOAD_CHUNK = 1024 * 1024
 
 
 class ApiError(Exception):
@@ -27,10 +29,19 @@ class ApiError(Exception):
 class StrataClient:
     def __init__(self, url: str = DEFAULT_URL, *, token: str | None, timeout: float = 600) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=url.rstrip("/") + "/v1", headers=headers, timeout=timeout)
+        self.base_url = url.rstrip("/") + "/v1"
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        # Downloads go through urllib3: httpx reads a response 64 KiB at a time (httpcore's
+        # fixed read size), which held a loopback download to about a third of the server's
+        # rate; urllib3 reads what the caller asks for (BENCHMARKS.md, "Downloads over the API").
+        self._downloads = urllib3.PoolManager(
+            headers=headers, timeout=urllib3.Timeout(total=None, connect=timeout, read=timeout),
+            retries=False,
+        )  # fmt: skip
 
     def close(self) -> None:
         self.http.close()
+        self._downloads.clear()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.http.request(method, path, **kwargs)
@@ -108,34 +119,45 @@ class StrataClient:
         progress: Callable[[int, int | None], None] | None = None,
     ) -> Path:
         """Stream a file to `dest` (never held in memory whole), written next to it first and
-        renamed into place once whole: a failed download leaves `dest` as it was.
+        renamed into place once whole: a failed or short download leaves `dest` as it was.
 
         `progress(done, total)` is called after every chunk with the bytes written so far and the
-        announced length (None when the server sent none)."""
+        announced length (None when the server sent none). A response shorter than its announced
+        length raises `urllib3.exceptions.ProtocolError`."""
         dest = Path(dest)
         part = dest.with_name(f".{dest.name}.part")
-        with self.http.stream("GET", path, params=params) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise ApiError(response.status_code, _problem(response))
+        response = self._downloads.request(
+            "GET", self.base_url + path, fields=params, preload_content=False
+        )
+        try:
+            if response.status >= 400:
+                raise ApiError(response.status, _problem_of(response.data, response.reason))
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None and length.isdigit() else None
+            done = 0
             try:
                 with part.open("wb") as out:
-                    for chunk in response.iter_bytes():
+                    for chunk in response.stream(DOWNLOAD_CHUNK):
                         out.write(chunk)
+                        done += len(chunk)
                         if progress is not None:
-                            progress(response.num_bytes_downloaded, total)
+                            progress(done, total)
                 part.replace(dest)
             except BaseException:
                 part.unlink(missing_ok=True)
                 raise
+        finally:
+            response.release_conn()
         return dest
 
 
 def _problem(response: httpx.Response) -> dict[str, Any]:
+    return _problem_of(response.content, response.reason_phrase)
+
+
+def _problem_of(content: bytes, reason: str | None) -> dict[str, Any]:
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
-        return {"detail": response.text[:500] or response.reason_phrase}
+        return {"detail": content.decode(errors="replace")[:500] or reason}
     return body if isinstance(body, dict) else {"detail": str(body)}

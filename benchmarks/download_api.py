@@ -15,9 +15,10 @@ Per size, a stream is created whose snapshot v0 is a tree of `config.json` and o
 - warm: the server already holds its verified copy and only sends the archive;
 - each of these for every `--formats` entry (the server ignores a format it does not know).
 
-The client side is httpx streaming into a file, as `strata adapters download` does, with no
-progress bar. Prints MB/s of the weights' size, the ratio to raw, and the server's resident memory
-(its peak, from /proc) before and after the run. Not a test.
+The client side is `StrataClient.download`, what `strata adapters download` runs (without its
+progress bar). Prints MB/s of the weights' size, the ratio to raw (medians), the CPU seconds each
+process used per download (medians, from /proc: on a shared 2-core machine they vary less than
+the times), and the API server's resident memory (its peak) before and after the run. Not a test.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from artifact_throughput import MB, free_port, start_moto
 from minio import Minio
 from safetensors.numpy import save_file
 
+from api.client import StrataClient
 from registry.artifacts import put_tree
 from registry.instance import open_instance
 from registry.settings import StrataSettings
@@ -90,18 +93,19 @@ def memory_mib(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def fetch(http: httpx.Client, path: str, params: dict[str, str], dest: Path) -> None:
-    with http.stream("GET", path, params=params) as response:
-        response.raise_for_status()
-        with dest.open("wb") as out:
-            for chunk in response.iter_bytes():
-                out.write(chunk)
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def timed(fn: Callable[[], Any]) -> float:
+def timed(fn: Callable[[], Any], pids: dict[str, int]) -> tuple[float, dict[str, float]]:
+    """Wall seconds of `fn()`, and the CPU seconds each process used meanwhile."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     start = time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return wall, {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
 
 
 def main() -> None:
@@ -137,47 +141,56 @@ def main() -> None:
             streams[size_mb] = (digest, weights.stat().st_size)
         inst.close()
         server = start_server(env, api_port)
-        http = httpx.Client(base_url=f"http://127.0.0.1:{api_port}/v1", timeout=600,
-                            headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        strata = StrataClient(f"http://127.0.0.1:{api_port}", token=token)
         before = memory_mib(server.pid)
+        pids = {"s3": moto.pid, "api": server.pid, "client": os.getpid()}
         dest = Path(tmp) / "down"
         try:
             for size_mb, (digest, size) in streams.items():
                 path = f"/streams/s{size_mb}/snapshots/0/download"
                 cached = data_dir / "cache" / "trees" / digest
 
-                def cold(fmt: str, path: str = path, cached: Path = cached) -> None:
+                def forget(cached: Path = cached) -> None:  # untimed, before a cold download
                     shutil.rmtree(cached, ignore_errors=True)
-                    fetch(http, path, {"format": fmt}, dest)
 
-                ops: list[tuple[str, Callable[[], Any]]] = [
-                    ("raw", lambda s=size_mb: client.fget_object(RAW_BUCKET, f"{s}.safetensors",
-                                                                 str(dest))),
+                # (name, untimed preparation, the timed download)
+                ops: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
+                    ("raw", lambda: None,
+                     lambda s=size_mb: client.fget_object(RAW_BUCKET, f"{s}.safetensors",
+                                                          str(dest))),
                 ]  # fmt: skip
                 for fmt in formats:
-                    ops.append((f"{fmt} cold", lambda f=fmt: cold(f)))
-                    ops.append((f"{fmt} warm", lambda f=fmt, p=path: fetch(http, p, {"format": f},
-                                                                           dest)))  # fmt: skip
-                fetch(http, path, {"format": formats[0]}, dest)  # a first, untimed request
+                    download = partial(strata.download, f"{path}?format={fmt}", dest)
+                    ops.append((f"{fmt} cold", forget, download))
+                    ops.append((f"{fmt} warm", lambda: None, download))
+                strata.download(f"{path}?format={formats[0]}", dest)  # a first, untimed request
                 times: dict[str, list[float]] = {}
+                cpu: dict[str, dict[str, list[float]]] = {}
                 for round_ in range(args.repeats):
                     order = ops if round_ % 2 == 0 else ops[::-1]
-                    for name, fn in order:
-                        times.setdefault(name, []).append(timed(fn))
+                    for name, prepare, fn in order:
+                        prepare()
+                        wall, used = timed(fn, pids)
+                        times.setdefault(name, []).append(wall)
+                        for proc, seconds in used.items():
+                            cpu.setdefault(name, {}).setdefault(proc, []).append(seconds)
                 raw = statistics.median(times["raw"])
                 for name, runs in times.items():
                     median = statistics.median(runs)
-                    rows.append((size_mb, name, size / MB / median, raw / median))
+                    per_proc = {p: statistics.median(v) for p, v in cpu[name].items()}
+                    rows.append((size_mb, name, size / MB / median, raw / median, per_proc))
             after = memory_mib(server.pid)
         finally:
-            http.close()
+            strata.close()
             server.terminate()
             server.wait(timeout=30)
             moto.terminate()
             moto.wait(timeout=10)
-    print("\n| size | path | MB/s | / raw |\n|---|---|---|---|")
-    for size_mb, name, mbs, ratio in rows:
-        print(f"| {size_mb} MB | {name} | {mbs:.0f} | {ratio:.2f}x |")
+    print("\n| size | path | MB/s | / raw | CPU s: S3 server | API server | client |")
+    print("|---|---|---|---|---|---|---|")
+    for size_mb, name, mbs, ratio, used in rows:
+        print(f"| {size_mb} MB | {name} | {mbs:.0f} | {ratio:.2f}x | {used['s3']:.2f} | "
+              f"{used['api']:.2f} | {used['client']:.2f} |")  # fmt: skip
     print(f"\nserver memory: {before[0]:.0f} MiB resident at the start (peak {before[1]:.0f}), "
           f"{after[0]:.0f} MiB at the end (peak {after[1]:.0f})")  # fmt: skip
 
