@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--formats", default="tar,tar.gz")
     parser.add_argument("--redis-db", type=int, default=15)
+    parser.add_argument("--dest-dir", type=Path,
+                        help="where the downloads go (default: the temporary folder; /dev/shm "
+                        "keeps the disk's write-back out of the client's time)")  # fmt: skip
     args = parser.parse_args()
     formats = args.formats.split(",")
     moto_port, api_port = free_port(), free_port()
@@ -144,7 +147,7 @@ def main() -> None:
         strata = StrataClient(f"http://127.0.0.1:{api_port}", token=token)
         before = memory_mib(server.pid)
         pids = {"s3": moto.pid, "api": server.pid, "client": os.getpid()}
-        dest = Path(tmp) / "down"
+        dest = (args.dest_dir or Path(tmp)) / f"strata-download-{os.getpid()}"
         try:
             for size_mb, (digest, size) in streams.items():
                 path = f"/streams/s{size_mb}/snapshots/0/download"
@@ -186,6 +189,7 @@ def main() -> None:
             server.wait(timeout=30)
             moto.terminate()
             moto.wait(timeout=10)
+            dest.unlink(missing_ok=True)
     print("\n| size | path | MB/s | / raw | CPU s: S3 server | API server | client |")
     print("|---|---|---|---|---|---|---|")
     for size_mb, name, mbs, ratio, used in rows:

@@ -24,12 +24,12 @@ import queue
 import tarfile
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from registry.artifacts import get_tree, read_manifest
+from registry.artifacts import TreeManifest, get_tree, read_manifest
 from registry.errors import IntegrityError, InvalidValue
 from registry.instance import Instance
 from workers.models import tree_cache_path
@@ -82,7 +82,7 @@ class TreeArchive:
         """The archive's exact length in bytes; None for `tar.gz` (known only once compressed)."""
         return _tar_size(self.members) if self.format == "tar" else None
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self) -> Generator[bytes]:
         tar = _tar_chunks(self.members, self.content)
         return tar if self.format == "tar" else _gzip(tar)
 
@@ -101,9 +101,9 @@ def tree_archive(
                  for p in copy.rglob("*") if p.is_file()}  # fmt: skip
         content = _Copy(copy)
     else:
-        files = read_manifest(inst.artifacts, digest)["files"]
-        sizes = {rel: entry["size"] for rel, entry in files.items()}
-        content = _Fetch(inst, digest, copy)
+        manifest = read_manifest(inst.artifacts, digest)
+        sizes = {rel: entry["size"] for rel, entry in manifest["files"].items()}
+        content = _Fetch(inst, digest, manifest, copy)
     return TreeArchive(name, format, _members(name, sizes, mtime=mtime), content)
 
 
@@ -144,7 +144,7 @@ def _tar_size(members: tuple[_Member, ...]) -> int:
     return body + -body % tarfile.RECORDSIZE  # padded to whole records, as tarfile writes it
 
 
-def _tar_chunks(members: tuple[_Member, ...], content: _Content) -> Iterator[bytes]:
+def _tar_chunks(members: tuple[_Member, ...], content: _Content) -> Generator[bytes]:
     sent = 0
     try:
         for member in members:
@@ -164,7 +164,7 @@ def _tar_chunks(members: tuple[_Member, ...], content: _Content) -> Iterator[byt
         content.close()
 
 
-def _gzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
+def _gzip(chunks: Iterator[bytes]) -> Generator[bytes]:
     deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # wbits 31: the gzip container
     for chunk in chunks:
         if out := deflate.compress(chunk):
@@ -208,17 +208,18 @@ class _Fetch:
     """The tree fetched into the local cache (`get_tree`) on a thread, its bytes handed over
     through a bounded queue as they are written. The thread starts at the first read."""
 
-    def __init__(self, inst: Instance, digest: str, dest: Path) -> None:
+    def __init__(self, inst: Instance, digest: str, manifest: TreeManifest, dest: Path) -> None:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=QUEUED_CHUNKS)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fetch, args=(inst, digest, dest),
+        self._thread = threading.Thread(target=self._fetch, args=(inst, digest, manifest, dest),
                                         name=f"fetch-{digest[:12]}", daemon=True)  # fmt: skip
         self._copy: _Copy | None = None  # when another process put the copy in place first
         self._verified = False
 
-    def _fetch(self, inst: Instance, digest: str, dest: Path) -> None:
+    def _fetch(self, inst: Instance, digest: str, manifest: TreeManifest, dest: Path) -> None:
         try:
-            get_tree(inst.artifacts, digest, dest, tee=lambda rel, chunk: self._put((rel, chunk)),
+            get_tree(inst.artifacts, digest, dest, manifest=manifest,
+                     tee=lambda rel, chunk: self._put((rel, chunk)),
                      on_verified=lambda: self._put(_VERIFIED))  # fmt: skip
             self._put(_FETCHED)
         except _Cancelled:

@@ -149,6 +149,7 @@ def get_tree(
     digest: str,
     dest: Path,
     *,
+    manifest: TreeManifest | None = None,
     tee: Callable[[str, bytes], None] | None = None,
     on_verified: Callable[[], None] | None = None,
 ) -> Path:
@@ -161,9 +162,11 @@ def get_tree(
     For a caller that passes the content on while it arrives (a download served from the store):
     ``tee(path, chunk)`` gets each file's bytes as they are written, before their digest is
     checked, and ``on_verified()`` is called once every file matched its digest and was
-    validated, before the copy is made durable.
+    validated, before the copy is made durable. ``manifest`` is the tree's manifest when the
+    caller has already read it (`read_manifest`): it saves reading it again.
     """
-    manifest = read_manifest(store, digest)
+    if manifest is None:
+        manifest = read_manifest(store, digest)
     dest = Path(dest)
     if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
         raise InvalidValue(f"{dest} must not exist or be an empty directory", field="dest")

@@ -107,6 +107,34 @@ def test_peft_adapter_round_trip(
     assert put_tree(artifact_store, saved_adapter.directory) == digest  # deterministic
 
 
+def test_get_tree_hands_each_file_on_in_path_order_then_says_verified_before_it_is_durable(
+    artifact_store: ArtifactStore, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    (src / "b").mkdir(parents=True)
+    files = {"z.json": b'{"z": 1}', "b/a.txt": os.urandom(3 * 2**20 + 5), "a.md": b""}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    digest = put_tree(artifact_store, src)
+    dest = tmp_path / "dest"
+    events: list[tuple[str, bytes]] = []
+
+    def verified() -> None:
+        assert not dest.exists()  # told before the copy is durable and in place
+        events.append(("verified", b""))
+
+    get_tree(artifact_store, digest, dest, manifest=read_manifest(artifact_store, digest),
+             tee=lambda rel, chunk: events.append((rel, chunk)), on_verified=verified)  # fmt: skip
+    assert events[-1] == ("verified", b"")
+    order = [rel for rel, _ in events[:-1]]
+    assert order == sorted(order) and set(order) == {"b/a.txt", "z.json"}  # "a.md" has no bytes
+    received: dict[str, bytes] = {}
+    for rel, chunk in events[:-1]:
+        received[rel] = received.get(rel, b"") + chunk
+    assert received == {rel: data for rel, data in files.items() if data}
+    assert all((dest / rel).read_bytes() == data for rel, data in files.items())
+
+
 def test_nested_tree_round_trip_and_canonical_manifest(
     artifact_store: ArtifactStore, tmp_path: Path
 ) -> None:
