@@ -3,10 +3,13 @@ archive, set and delete aliases. Snapshots: list, get, download."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Generator
 from datetime import datetime
 from typing import Annotated
 from urllib.parse import quote
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
@@ -166,4 +169,18 @@ def _archive_response(
     headers = {"Content-Disposition": disposition}
     if archive.size is not None:
         headers["Content-Length"] = str(archive.size)
-    return StreamingResponse(archive.chunks(), media_type=archive.media_type, headers=headers)
+    return StreamingResponse(
+        _on_threads(archive.chunks()), media_type=archive.media_type, headers=headers
+    )
+
+
+async def _on_threads(chunks: Generator[bytes]) -> AsyncIterator[bytes]:
+    """Each chunk produced on the threadpool, and the generator closed there, also when the
+    client goes away: StreamingResponse would leave a plain iterator to the garbage collector,
+    which may close it on the event loop, and closing stops and waits for a fetch."""
+    try:
+        while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(chunks.close)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+import os
 import tarfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import urllib3
 
 from api.app import create_app
 from api.client import ApiError, StrataClient
-from registry.artifacts import ArtifactStore, read_manifest
+from registry.artifacts import ArtifactStore, put_tree, read_manifest
 from registry.entities import Snapshot
 from registry.instance import Instance
 from tests.api.conftest import SETTINGS, Recorder
@@ -91,3 +94,36 @@ def test_a_corrupt_blob_cuts_the_download_short_and_the_destination_is_kept(
     assert dest.read_bytes() == b"an earlier download"
     assert sorted(p.name for p in dest.parent.iterdir()) == ["s1.tar"]  # no partial file
     assert not tree_cache_path(inst, snapshot.artifact_digest).exists()
+
+
+def test_a_client_that_goes_away_stops_the_fetch_and_leaves_no_copy(
+    instance: Instance, tmp_path: Path
+) -> None:
+    inst = dataclasses.replace(instance, settings=SETTINGS)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.txt").write_bytes(os.urandom(64 * 2**20))  # far more than the queue and sockets
+    digest = put_tree(inst.artifacts, src)
+    inst.registry.streams.create(name="big", base_source={"kind": "test"}, method="inc-lora",
+                                 hyperparams={}, base_digest=digest)  # fmt: skip
+    _, token = inst.registry.tokens.create(name="reader", scopes=["read"])
+    cache = inst.cache_dir / "trees"
+    with serve(create_app(inst, Recorder())) as url:
+        pool = urllib3.PoolManager(headers={"Authorization": f"Bearer {token}"})
+        response = pool.request("GET", f"{url}/v1/streams/big/snapshots/0/download",
+                                preload_content=False)  # fmt: skip
+        assert response.status == 200
+        assert len(response.read(2**20)) == 2**20  # the fetch is under way
+        assert _fetching()
+        response.close()  # the client goes away
+        pool.clear()
+        deadline = time.monotonic() + 20
+        while _fetching() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not _fetching()
+    assert not (cache / digest).exists()
+    assert [p.name for p in cache.iterdir()] == []  # no staging folder left either
+
+
+def _fetching() -> bool:
+    return any(t.name.startswith("fetch-") for t in threading.enumerate())
