@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -133,6 +136,41 @@ def test_get_tree_hands_each_file_on_in_path_order_then_says_verified_before_it_
         received[rel] = received.get(rel, b"") + chunk
     assert received == {rel: data for rel, data in files.items() if data}
     assert all((dest / rel).read_bytes() == data for rel, data in files.items())
+
+
+def test_get_tree_fetches_several_files_at_once_unless_they_are_read_in_order(
+    artifact_store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"f{i:02}.txt").write_bytes(os.urandom(1000 + i))
+    digest = put_tree(artifact_store, src)
+    running, most = [0], [0]
+    lock = threading.Lock()
+    get_file = artifact_store.get_file
+
+    def counted(*args: Any, **kwargs: Any) -> Path:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.02)
+            return get_file(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(artifact_store, "get_file", counted)
+    get_tree(artifact_store, digest, tmp_path / "at-once")
+    assert most[0] == trees.FETCH_THREADS > 1
+    most[0] = 0
+    get_tree(artifact_store, digest, tmp_path / "in-order", tee=lambda rel, chunk: None)
+    assert most[0] == 1
+    for name in ("at-once", "in-order"):
+        assert {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} == {
+            p.name: p.read_bytes() for p in src.iterdir()
+        }
 
 
 def test_nested_tree_round_trip_and_canonical_manifest(
