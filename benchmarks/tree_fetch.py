@@ -7,8 +7,9 @@ and a snapshot is stored one tensor per file, so that a consolidation rewrites o
 it changes. The tree here has SmolLM2-135M's layout in fp16: 30 layers of 9 tensors plus the
 embedding and the final norm (272 files, 258 MiB, from 1 KiB norms to a 54 MiB embedding),
 random values. It is stored once in moto's S3 server (in a child process), then fetched with
-`get_tree` into a fresh folder, `FETCH_THREADS` files at a time for each `--threads` value, in
-turn within each round. The raw side is the `minio` client's `fget_object` of every file, one after
+`get_tree` into a fresh folder, `FETCH_THREADS` files at a time for each `--threads` value, with
+and without a `tee` (a cold download passes every file's bytes on in path order), in turn within
+each round. The raw side is the `minio` client's `fget_object` of every file, one after
 another. Prints the median seconds and MB/s of each. Not a test.
 """
 
@@ -19,6 +20,8 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -89,14 +92,15 @@ def main() -> None:
                 for rel, entry in files.items():
                     client.fget_object(store.bucket, blob_key(entry["digest"]), str(dest / rel))
 
-            def strata(threads: int, dest: Path) -> None:
+            def strata(threads: int, dest: Path, *, tee: bool) -> None:
                 trees.FETCH_THREADS = threads
-                trees.get_tree(store, digest, dest)
+                trees.get_tree(store, digest, dest, tee=(lambda rel, chunk: None) if tee else None)
 
-            runs = [("raw, one file at a time", raw)] + [
-                (f"get_tree, {n} at a time", lambda dest, n=n: strata(n, dest))
-                for n in args.threads
-            ]  # fmt: skip
+            runs: list[tuple[str, Callable[[Path], None]]] = [("raw, one file at a time", raw)]
+            for n in args.threads:
+                runs.append((f"get_tree, {n} at a time", partial(strata, n, tee=False)))
+                runs.append((f"get_tree with a tee (a cold download), {n} at a time",
+                             partial(strata, n, tee=True)))  # fmt: skip
             for round_ in range(args.repeats):
                 for name, fn in runs if round_ % 2 == 0 else runs[::-1]:
                     dest = Path(tmp) / "dest"

@@ -25,15 +25,15 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, TypedDict
 
-from registry.artifacts.base import ArtifactStore, check_digest, fsync_dir
+from registry.artifacts.base import CHUNK_SIZE, ArtifactStore, check_digest, fsync_dir
 from registry.artifacts.weights import validate_safetensors
 from registry.errors import IntegrityError, InvalidValue, UnsafeArtifact
 
 logger = logging.getLogger(__name__)
 
 FETCH_THREADS = 4
-"""Files of a tree fetched at once when nothing reads them in order: a snapshot stored per
-tensor is hundreds of files, and fetched one at a time each waits on its own round trip."""
+"""Files of a tree fetched at once: a snapshot stored per tensor is hundreds of files, and
+fetched one at a time each waits on its own round trip."""
 
 TREE_KIND = "strata.tree/v1"
 ALLOWED_SUFFIXES = frozenset({".json", ".safetensors", ".txt", ".model", ".jinja", ".md"})
@@ -165,9 +165,10 @@ def get_tree(
     the whole tree or is left untouched. Files come in the order of their paths.
 
     For a caller that passes the content on while it arrives (a download served from the store):
-    ``tee(path, chunk)`` gets each file's bytes as they are written, before their digest is
-    checked, and ``on_verified()`` is called once every file matched its digest and was
-    validated, before the copy is made durable. ``manifest`` is the tree's manifest when the
+    ``tee(path, chunk)`` gets every file's bytes in path order, those of a file fetched while
+    it is its turn as they are written (before their digest is checked), and ``on_verified()``
+    is called once every file matched its digest and was validated, before the copy is made
+    durable. ``manifest`` is the tree's manifest when the
     caller has already read it (`read_manifest`): it saves reading it again.
     """
     if manifest is None:
@@ -179,12 +180,14 @@ def get_tree(
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
     files = sorted(manifest["files"].items())
     try:
-        if tee is None and FETCH_THREADS > 1 and len(files) > 1:
-            _fetch_at_once(store, files, staging)
-        else:
+        if FETCH_THREADS <= 1 or len(files) == 1:
             for rel, entry in files:
                 _fetch_file(store, rel, entry, staging,
                             tee=None if tee is None else partial(tee, rel))  # fmt: skip
+        elif tee is None:
+            _fetch_at_once(store, files, staging)
+        else:
+            _fetch_in_order(store, files, staging, tee)
         if on_verified is not None:
             on_verified()
         _sync_tree(staging)
@@ -222,6 +225,31 @@ def _fetch_at_once(store: ArtifactStore, files: list[tuple[str, TreeFile]], stag
         try:
             for future in futures:
                 future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _fetch_in_order(
+    store: ArtifactStore,
+    files: list[tuple[str, TreeFile]],
+    staging: Path,
+    tee: Callable[[str, bytes], None],
+) -> None:
+    """Each file's bytes to `tee` in path order, while `FETCH_THREADS - 1` threads fetch the
+    files after it. A file already fetched (and verified) is read back from `staging`; one that
+    no thread has begun is fetched here, its bytes passed on as they arrive."""
+    with ThreadPoolExecutor(FETCH_THREADS - 1, thread_name_prefix="get-tree") as pool:
+        ahead = [pool.submit(_fetch_file, store, rel, entry, staging) for rel, entry in files[1:]]
+        try:
+            for i, (rel, entry) in enumerate(files):
+                if i == 0 or ahead[i - 1].cancel():
+                    _fetch_file(store, rel, entry, staging, tee=partial(tee, rel))
+                    continue
+                ahead[i - 1].result()
+                with staging.joinpath(*rel.split("/")).open("rb") as fetched:
+                    while chunk := fetched.read(CHUNK_SIZE):
+                        tee(rel, chunk)
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise

@@ -138,7 +138,7 @@ def test_get_tree_hands_each_file_on_in_path_order_then_says_verified_before_it_
     assert all((dest / rel).read_bytes() == data for rel, data in files.items())
 
 
-def test_get_tree_fetches_several_files_at_once_unless_they_are_read_in_order(
+def test_get_tree_fetches_several_files_at_once_and_still_hands_them_on_in_order(
     artifact_store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src = tmp_path / "src"
@@ -165,9 +165,17 @@ def test_get_tree_fetches_several_files_at_once_unless_they_are_read_in_order(
     get_tree(artifact_store, digest, tmp_path / "at-once")
     assert most[0] == trees.FETCH_THREADS > 1
     most[0] = 0
-    get_tree(artifact_store, digest, tmp_path / "in-order", tee=lambda rel, chunk: None)
+    seen: list[tuple[str, bytes]] = []
+    get_tree(artifact_store, digest, tmp_path / "in-order",
+             tee=lambda rel, chunk: seen.append((rel, chunk)))  # fmt: skip
+    assert most[0] > 1  # the files after the one passed on are fetched meanwhile
+    assert [rel for rel, _ in seen] == sorted(p.name for p in src.iterdir())  # one chunk each
+    assert all(chunk == (src / rel).read_bytes() for rel, chunk in seen)
+    monkeypatch.setattr(trees, "FETCH_THREADS", 1)
+    most[0] = 0
+    get_tree(artifact_store, digest, tmp_path / "one-by-one")
     assert most[0] == 1
-    for name in ("at-once", "in-order"):
+    for name in ("at-once", "in-order", "one-by-one"):
         assert {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} == {
             p.name: p.read_bytes() for p in src.iterdir()
         }

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import registry.artifacts.trees as trees
 from registry.artifacts import ArtifactStore, put_tree, read_manifest
 from registry.errors import IntegrityError
 from registry.instance import Instance
@@ -125,9 +126,15 @@ def test_a_long_name_and_an_archive_of_many_files_keep_their_length(
     )
 
 
+@pytest.mark.parametrize("fetch_threads", [1, 4])  # 1: the damaged file is sent as it arrives
 def test_a_corrupt_blob_cuts_the_archive_short_of_its_end_and_leaves_no_copy(
-    instance: Instance, tmp_path: Path, corrupt_blob: Callable[[ArtifactStore, str, bytes], None]
+    instance: Instance,
+    tmp_path: Path,
+    corrupt_blob: Callable[[ArtifactStore, str, bytes], None],
+    monkeypatch: pytest.MonkeyPatch,
+    fetch_threads: int,
 ) -> None:
+    monkeypatch.setattr(trees, "FETCH_THREADS", fetch_threads)
     digest, files = _stored(instance, tmp_path)
     large = read_manifest(instance.artifacts, digest)["files"]["weights/large.txt"]["digest"]
     data = bytearray(files["weights/large.txt"])
