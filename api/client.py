@@ -127,7 +127,7 @@ class StrataClient:
         dest = Path(dest)
         part = dest.with_name(f".{dest.name}.part")
         response = self._downloads.request(
-            "GET", self.base_url + path, fields=params, preload_content=False
+            "GET", f"{self.base_url}/{path.lstrip('/')}", fields=params, preload_content=False
         )
         try:
             if response.status >= 400:

@@ -201,7 +201,6 @@ class _Cancelled(Exception):
 
 
 _VERIFIED = object()
-_FETCHED = object()
 
 
 class _Fetch:
@@ -221,7 +220,6 @@ class _Fetch:
             get_tree(inst.artifacts, digest, dest, manifest=manifest,
                      tee=lambda rel, chunk: self._put((rel, chunk)),
                      on_verified=lambda: self._put(_VERIFIED))  # fmt: skip
-            self._put(_FETCHED)
         except _Cancelled:
             pass
         except InvalidValue as exc:
@@ -230,7 +228,8 @@ class _Fetch:
             else:  # a worker or another request put the copy in place meanwhile
                 logger.info("tree %s was fetched meanwhile; reading that copy", digest)
                 self._offer(dest)
-        except BaseException as exc:
+        except BaseException as exc:  # raised in the response, unless it had all it needed
+            logger.warning("fetching tree %s into %s failed: %s", digest, dest, exc)
             self._offer(exc)
 
     def _put(self, item: object) -> None:

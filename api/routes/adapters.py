@@ -176,8 +176,8 @@ def _archive_response(
 
 async def _on_threads(chunks: Generator[bytes]) -> AsyncIterator[bytes]:
     """Each chunk produced on the threadpool, and the generator closed there, also when the
-    client goes away: StreamingResponse would leave a plain iterator to the garbage collector,
-    which may close it on the event loop, and closing stops and waits for a fetch."""
+    client goes away. StreamingResponse does not close a plain iterator then, and a fetch under
+    way would wait for its reader forever (`test_a_client_that_goes_away_stops_the_fetch...`)."""
     try:
         while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
             yield chunk

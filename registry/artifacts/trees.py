@@ -168,8 +168,8 @@ def get_tree(
     ``tee(path, chunk)`` gets every file's bytes in path order, those of a file fetched while
     it is its turn as they are written (before their digest is checked), and ``on_verified()``
     is called once every file matched its digest and was validated, before the copy is made
-    durable. ``manifest`` is the tree's manifest when the
-    caller has already read it (`read_manifest`): it saves reading it again.
+    durable. ``manifest``, when the caller has already read it (`read_manifest`), saves reading
+    it again.
     """
     if manifest is None:
         manifest = read_manifest(store, digest)
