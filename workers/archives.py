@@ -284,5 +284,6 @@ class _Fetch:
             self._stop.set()
         while self._thread.is_alive():
             with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=0.1)  # lets a pending put through
-        self._thread.join()
+                while True:  # lets a pending put through
+                    self._queue.get_nowait()
+            self._thread.join(timeout=0.05)  # returns as soon as the thread ends
