@@ -1,5 +1,5 @@
-"""Snapshot and adapter downloads over real HTTP (uvicorn on loopback), through the client the
-CLI uses: whole and announced, or cut short and left behind."""
+"""Snapshot downloads (adapters share their code) over real HTTP (uvicorn on loopback), through
+the client the CLI uses: whole and announced, or cut short and left behind."""
 
 from __future__ import annotations
 
