@@ -1,6 +1,6 @@
 """Downloading a snapshot over the REST API against the raw `minio` client fetching its weights.
 
-    .venv/bin/python benchmarks/download_api.py --sizes-mb 1,100 --repeats 5
+    .venv/bin/python benchmarks/download_api.py --sizes-mb 1,100 --repeats 7 --dest-dir /dev/shm
 
 What a user runs to get a model out of Strata: `GET /v1/streams/{s}/snapshots/0/download` from
 a real API server (uvicorn, in a child process), written to a file by an HTTP client as the CLI
@@ -10,10 +10,12 @@ process). The raw side is `fget_object` of the same weights file from the same S
 Per size, a stream is created whose snapshot v0 is a tree of `config.json` and one
 `model.safetensors` of that size (random fp32 values). Per round, in alternating order:
 - raw: `fget_object` of the weights;
-- cold: the server's local copy of the tree is deleted first, so the request fetches it from S3
-  (streamed, hashed, fsynced) and then sends the archive;
+- cold: the server's local copy of the tree is deleted first (untimed), so the request fetches
+  it from S3 into a new copy while it sends the archive;
 - warm: the server already holds its verified copy and only sends the archive;
-- each of these for every `--formats` entry (the server ignores a format it does not know).
+- each of these for every `--formats` entry (a server older than 2026-11-23 ignores the format
+  and sends a `.tar.gz` it first writes to a temporary file: run it from an older checkout for
+  the "before" figures).
 
 The client side is `StrataClient.download`, what `strata adapters download` runs (without its
 progress bar). Prints MB/s of the weights' size, the ratio to raw (medians), the CPU seconds each
