@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from registry.artifacts import TreeManifest, get_tree, read_manifest
+from registry.artifacts.base import CHUNK_SIZE
 from registry.errors import IntegrityError, InvalidValue
 from registry.instance import Instance
 from workers.models import tree_cache_path
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 ArchiveFormat = Literal["tar", "tar.gz"]
 ARCHIVE_FORMATS: tuple[ArchiveFormat, ...] = ("tar", "tar.gz")
-CHUNK_SIZE = 1024 * 1024
 GZIP_LEVEL = 6  # gzip's own default
 QUEUED_CHUNKS = 16  # between the fetching thread and the response: at most ~16 MiB in memory
 _MEDIA_TYPES = {"tar": "application/x-tar", "tar.gz": "application/gzip"}
@@ -138,28 +138,32 @@ def _padding(size: int) -> int:
     return -size % tarfile.BLOCKSIZE
 
 
+def _body_size(members: tuple[_Member, ...]) -> int:
+    return sum(len(m.header) + m.size + _padding(m.size) for m in members)
+
+
+def _end_size(body: int) -> int:
+    """The end-of-archive marker, padded to whole records as tarfile writes it."""
+    end = 2 * tarfile.BLOCKSIZE
+    return end + -(body + end) % tarfile.RECORDSIZE
+
+
 def _tar_size(members: tuple[_Member, ...]) -> int:
-    body = sum(len(m.header) + m.size + _padding(m.size) for m in members)
-    body += 2 * tarfile.BLOCKSIZE  # the end-of-archive marker
-    return body + -body % tarfile.RECORDSIZE  # padded to whole records, as tarfile writes it
+    body = _body_size(members)
+    return body + _end_size(body)
 
 
 def _tar_chunks(members: tuple[_Member, ...], content: _Content) -> Generator[bytes]:
-    sent = 0
     try:
         for member in members:
             yield member.header
-            sent += len(member.header)
             if member.rel is None:
                 continue
             yield from content.read(member.rel, member.size)
-            pad = _padding(member.size)
-            if pad:
+            if pad := _padding(member.size):
                 yield bytes(pad)
-            sent += member.size + pad
         content.verified()  # only then the end, without which the archive is not whole
-        end = 2 * tarfile.BLOCKSIZE
-        yield bytes(end + -(sent + end) % tarfile.RECORDSIZE)
+        yield bytes(_end_size(_body_size(members)))
     finally:
         content.close()
 

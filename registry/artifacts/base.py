@@ -44,12 +44,15 @@ def hash_file(path: Path) -> tuple[str, int]:
     return sha.hexdigest(), size
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new entry in ``directory`` durable (POSIX; a no-op elsewhere)."""
+def fsync_path(path: Path) -> None:
+    """Make a file's content, or a directory's entries (a rename, a new file), durable (POSIX;
+    a no-op where a directory cannot be opened, as on Windows)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if Path(path).is_dir():  # e.g. Windows cannot open directories
+            return
+        raise
     try:
         os.fsync(fd)
     finally:
@@ -135,7 +138,7 @@ class ArtifactStore(ABC):
             tmp.unlink(missing_ok=True)
             raise
         if durable:
-            fsync_dir(dest.parent)
+            fsync_path(dest.parent)
         return dest
 
     def exists(self, digest: str) -> bool:

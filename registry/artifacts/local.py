@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from registry.artifacts.base import CHUNK_SIZE, ArtifactStore, blob_not_found, fsync_dir
+from registry.artifacts.base import CHUNK_SIZE, ArtifactStore, blob_not_found, fsync_path
 from registry.errors import IntegrityError
 
 logger = logging.getLogger(__name__)
@@ -89,4 +89,4 @@ class LocalStore(ArtifactStore):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        fsync_dir(target.parent)
+        fsync_path(target.parent)

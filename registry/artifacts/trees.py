@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, TypedDict
 
-from registry.artifacts.base import CHUNK_SIZE, ArtifactStore, check_digest, fsync_dir
+from registry.artifacts.base import CHUNK_SIZE, ArtifactStore, check_digest, fsync_path
 from registry.artifacts.weights import validate_safetensors
 from registry.errors import IntegrityError, InvalidValue, UnsafeArtifact
 
@@ -196,7 +196,7 @@ def get_tree(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    fsync_dir(dest.parent)
+    fsync_path(dest.parent)
     logger.info("fetched tree %s into %s (%d files)", digest, dest, len(manifest["files"]))
     return dest
 
@@ -261,14 +261,10 @@ def _sync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_dir():
             folders.append(path)
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        else:
+            fsync_path(path)
     for folder in reversed(folders):
-        fsync_dir(folder)
+        fsync_path(folder)
 
 
 def _rename_into_place(staging: Path, dest: Path) -> None:

@@ -17,9 +17,10 @@ import pytest
 
 import registry.artifacts.trees as trees
 from registry.artifacts import ArtifactStore, put_tree, read_manifest
+from registry.artifacts.base import CHUNK_SIZE
 from registry.errors import IntegrityError
 from registry.instance import Instance
-from workers.archives import CHUNK_SIZE, QUEUED_CHUNKS, tree_archive
+from workers.archives import QUEUED_CHUNKS, tree_archive
 from workers.models import fetch_tree, tree_cache_path
 
 
