@@ -23,6 +23,11 @@ and prints p50/p99 in ms and the PostgreSQL plans (EXPLAIN ANALYZE) of the queri
 `--heap server` first imports what an API process imports, and `--heap server-frozen` also
 freezes it as `strata api` does: the walks then run on a server process's heap.
 
+`--floor` also times, side by side with the store's walk, what any implementation must at least
+do for the two whole-chain walks, on one raw psycopg connection with prepared statements: the
+recursive query alone, and reading the answer without any walk (the edges and every node's label
+columns by primary key, what even a design that had stored each node's whole ancestry would read).
+
 `--against REV` also times the two whole-chain walks with `registry/store/lineage.py` as it was
 at git revision REV, alternating the two versions sample by sample in this one process, and
 prints both and their ratio: a before/after measured side by side.
@@ -44,6 +49,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +59,7 @@ from registry.db import migrate
 from registry.entities import NodeKind, NodeRef
 from registry.store import SqlRegistry, open_registry
 from registry.store._db import Database
-from registry.store.lineage import ANCESTORS
+from registry.store.lineage import ANCESTORS, DESCENDANTS
 from registry.tables import (
     AdapterVersionRow,
     DatasetRow,
@@ -185,7 +191,10 @@ def populate(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
             conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {last})"))
         conn.execute(text("UPDATE snapshot_aliases SET snapshot_id = :s WHERE stream_id = :c"),
                      {"s": snapshot, "c": chain})  # fmt: skip
-        conn.execute(text("ANALYZE"))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        # As autovacuum would in time: without the visibility map, an index-only scan reads
+        # every row's table page too.
+        conn.execute(text("VACUUM ANALYZE"))
     return {"streams": streams, "chain_first": first, "chain_last": snapshot,
             "seconds": time.perf_counter() - started}  # fmt: skip
 
@@ -234,6 +243,83 @@ def side_by_side(before: Any, after: Any, node: NodeRef, *, up: bool,
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+_LABELS = {  # the columns `registry/store/lineage.py` reads for each kind's labels
+    "snapshot": [
+        "SELECT s.id, s.version, st.name FROM snapshots s JOIN streams st ON st.id = s.stream_id"
+        " WHERE s.id = ANY(%s)",
+        "SELECT snapshot_id FROM snapshot_aliases WHERE alias = 'current'"
+        " AND snapshot_id = ANY(%s)",
+    ],
+    "adapter": [
+        "SELECT a.id, a.version, a.method, a.status, t.name FROM adapter_versions a"
+        " JOIN tasks t ON t.id = a.task_id WHERE a.id = ANY(%s)"
+    ],
+    "dataset": ["SELECT id, digest, num_train FROM datasets WHERE id = ANY(%s)"],
+    "job": ["SELECT id, kind, state FROM jobs WHERE id = ANY(%s)"],
+}
+
+
+def floors(url: str, node: NodeRef, *, up: bool) -> dict[str, Callable[[], Any]]:
+    """The least any implementation of a walk from `node` does, on one raw connection.
+
+    - `query`: the store's recursive query alone, its rows fetched as tuples;
+    - `answer`: no walk: the walk's edges (by primary key) and every node's label columns, one
+      statement per kind: what is left even where each node's ancestry had been stored.
+    """
+    import psycopg
+
+    conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"),
+                           autocommit=True)  # fmt: skip
+    walk = (ANCESTORS if up else DESCENDANTS).text.replace(":kind", "%(kind)s")
+    walk = walk.replace(":id", "%(id)s").replace(  # the outer query: also the edges' keys
+        "SELECT e.child_kind, e.child_id, e.parent_kind",
+        "SELECT e.id, e.child_kind, e.child_id, e.parent_kind",
+    )
+    params = {"kind": node.kind.value, "id": node.id}
+    rows = conn.execute(walk, params).fetchall()
+    edges = [row[0] for row in rows]
+    ids: dict[str, set[int]] = {node.kind.value: {node.id}}
+    for _edge, child_kind, child_id, parent_kind, parent_id, _relation in rows:
+        ids.setdefault(child_kind, set()).add(child_id)
+        ids.setdefault(parent_kind, set()).add(parent_id)
+    by_kind = {kind: sorted(found) for kind, found in ids.items()}
+
+    def query() -> Any:
+        return conn.execute(walk, params, prepare=True).fetchall()
+
+    def answer() -> Any:
+        read = [conn.execute("SELECT child_kind, child_id, parent_kind, parent_id, relation "
+                             "FROM lineage_edges WHERE id = ANY(%s)", (edges,),
+                             prepare=True).fetchall()]  # fmt: skip
+        for kind, found in by_kind.items():
+            for sql in _LABELS[kind]:
+                read.append(conn.execute(sql, (found,), prepare=True).fetchall())
+        return read
+
+    return {"query": query, "answer": answer}
+
+
+def against_floors(walk: Callable[[], Any], floor: dict[str, Callable[[], Any]],
+                   samples: int) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """p50 and p99 in ms of the store's walk and of each floor, taken in turn sample by sample
+    (the order rotating, so that none always runs right after the same one)."""
+    fns = {"store": walk, **floor}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for fn in fns.values():
+        fn()
+    for n in range(samples):
+        for name in names[n % len(names) :] + names[: n % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(1000 * (time.perf_counter() - start))
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = (statistics.median(ts), ts[min(len(ts) - 1, int(0.99 * len(ts)))])
+    return out
+
+
 def explain(engine: Engine, sql: str, params: dict[str, Any]) -> Iterator[str]:
     with engine.connect() as conn:
         for (line,) in conn.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql), params):
@@ -275,6 +361,11 @@ def main() -> None:
     parser.add_argument("--reset", action="store_true", help="drop and re-create the schema")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--against", metavar="REV", help="time the walks against lineage.py at REV")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="time the whole-chain walks against the least any walk must do",
+    )
     parser.add_argument("--heap", choices=["bare", "server", "server-frozen"], default="bare",
                         help="first import what an API process imports (server), and freeze it "
                         "as `strata api` does (server-frozen)")  # fmt: skip
@@ -340,6 +431,20 @@ def main() -> None:
             old, new = side_by_side(before, lineage, NodeRef(NodeKind.SNAPSHOT, node), up=up,
                                     samples=args.samples)  # fmt: skip
             print(f"| {name} | {old:.1f} | {new:.1f} | {new / old:.2f}x |")
+    if args.floor:
+        print(
+            "\n| walk | store p50 / p99 (ms) | recursive query alone | the answer's rows, no walk |"
+        )
+        print("|---|---|---|---|")
+        for name, node, up in [
+            ("ancestors of the chain's newest snapshot", last, True),
+            ("descendants of the chain's first snapshot", first, False),
+        ]:
+            ref_ = NodeRef(NodeKind.SNAPSHOT, node)
+            walk = partial(lineage.ancestors if up else lineage.descendants, ref_)
+            got = against_floors(walk, floors(args.url, ref_, up=up), args.samples)
+            print(f"| {name} | " + " | ".join(f"{p50:.1f} / {p99:.1f}" for p50, p99 in
+                                              got.values()) + " |")  # fmt: skip
     print("\nPlan of the ancestors walk (chain's newest snapshot):")
     for line in explain(engine, ANCESTORS.text, {"kind": "snapshot", "id": last}):
         print("   ", line)
