@@ -17,6 +17,11 @@ Per size, a stream is created whose snapshot v0 is a tree of `config.json` and o
   and sends a `.tar.gz` it first writes to a temporary file: run it from an older checkout for
   the "before" figures).
 
+`--floor` also downloads the raw weights through `download_floor.py`, a server in its own
+process that only passes the S3 object's bytes on (no token, database, digest check, local copy
+or archive): the least a download served through one more hop can cost here. Its CPU seconds
+are shown in the API server's column.
+
 The client side is `StrataClient.download`, what `strata adapters download` runs (without its
 progress bar). Prints MB/s of the weights' size, the ratio to raw (medians), the CPU seconds each
 process used per download (medians, from /proc: on a shared 2-core machine they vary less than
@@ -70,10 +75,10 @@ def server_env(data_dir: Path, endpoint: str, args: argparse.Namespace) -> dict[
             "STRATA_BROKER_URL": f"redis://127.0.0.1:6379/{args.redis_db}"}  # fmt: skip
 
 
-def start_server(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "uvicorn", "--factory", "api.asgi:service_app",
-               "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning", "--no-access-log"]  # fmt: skip
+def start_server(env: dict[str, str], port: int, *, app: str = "api.asgi:service_app",
+                 extra: tuple[str, ...] = ("--factory",)) -> subprocess.Popen[bytes]:  # fmt: skip
+    command = [sys.executable, "-m", "uvicorn", *extra, app, "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
     proc = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -116,6 +121,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--formats", default="tar,tar.gz")
     parser.add_argument("--redis-db", type=int, default=15)
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also download through download_floor.py, a bare S3 pass-through",
+    )
     parser.add_argument("--dest-dir", type=Path,
                         help="where the downloads go (default: the temporary folder; /dev/shm "
                         "keeps the disk's write-back out of the client's time)")  # fmt: skip
@@ -149,6 +159,15 @@ def main() -> None:
         strata = StrataClient(f"http://127.0.0.1:{api_port}", token=token)
         before = memory_mib(server.pid)
         pids = {"s3": moto.pid, "api": server.pid, "client": os.getpid()}
+        floor, floor_client = None, None
+        if args.floor:
+            floor_port = free_port()
+            floor = start_server({**os.environ, "FLOOR_S3_ENDPOINT": endpoint,
+                                  "FLOOR_S3_BUCKET": RAW_BUCKET}, floor_port,
+                                 app="download_floor:app",
+                                 extra=("--app-dir", str(Path(__file__).parent)))  # fmt: skip
+            floor_client = StrataClient(f"http://127.0.0.1:{floor_port}", token=token)
+            pids["floor"] = floor.pid
         dest = (args.dest_dir or Path(tmp)) / f"strata-download-{os.getpid()}"
         try:
             for size_mb, (digest, size) in streams.items():
@@ -164,6 +183,10 @@ def main() -> None:
                      lambda s=size_mb: client.fget_object(RAW_BUCKET, f"{s}.safetensors",
                                                           str(dest))),
                 ]  # fmt: skip
+                if floor_client is not None:
+                    ops.append(("floor (bare pass-through)", lambda: None,
+                                partial(floor_client.download, f"/raw/{size_mb}.safetensors",
+                                        dest)))  # fmt: skip
                 for fmt in formats:
                     download = partial(strata.download, f"{path}?format={fmt}", dest)
                     ops.append((f"{fmt} cold", forget, download))
@@ -189,14 +212,19 @@ def main() -> None:
             strata.close()
             server.terminate()
             server.wait(timeout=30)
+            if floor is not None and floor_client is not None:
+                floor_client.close()
+                floor.terminate()
+                floor.wait(timeout=30)
             moto.terminate()
             moto.wait(timeout=10)
             dest.unlink(missing_ok=True)
     print("\n| size | path | MB/s | / raw | CPU s: S3 server | API server | client |")
     print("|---|---|---|---|---|---|---|")
     for size_mb, name, mbs, ratio, used in rows:
+        server_cpu = used["floor" if name.startswith("floor") else "api"]
         print(f"| {size_mb} MB | {name} | {mbs:.0f} | {ratio:.2f}x | {used['s3']:.2f} | "
-              f"{used['api']:.2f} | {used['client']:.2f} |")  # fmt: skip
+              f"{server_cpu:.2f} | {used['client']:.2f} |")  # fmt: skip
     print(f"\nserver memory: {before[0]:.0f} MiB resident at the start (peak {before[1]:.0f}), "
           f"{after[0]:.0f} MiB at the end (peak {after[1]:.0f})")  # fmt: skip
 
