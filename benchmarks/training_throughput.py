@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/training_throughput.py --model smollm2 \
         --cl-data ../shared/data/cl_benchmark --task amazon --max-length 256 --threads 2
 
-1. Peak: the best FLOP/s of square fp32 matmuls (torch.mm, sizes --peak-sizes) on --threads.
+1. Peak: the best FLOP/s of square matmuls (torch.mm, sizes --peak-sizes) on --device, in the
+   arithmetic of --precision (fp32, or bf16), on --threads when on the CPU.
 2. Training: `continual.training.train` of a fresh LoRA adapter (rank --rank on all seven
    projections) on --task's examples, with and without `group_by_length`, the two alternating
    over --repeats rounds (the best round of each counts). Steps after --warmup-steps are timed.
@@ -15,7 +16,12 @@
    backward; the vocabulary projection 2 + 2 per weight per completion token (the loss computes
    vocabulary logits only there). Padding is not useful work and is not counted.
 
-MFU = useful FLOP/s / peak FLOP/s. Not a test: it prints a table.
+MFU = useful FLOP/s / peak FLOP/s. Not a test: it prints a table. On a GPU:
+
+    .venv/bin/python benchmarks/training_throughput.py --model smollm2 --device cuda \
+        --precision bf16 --batch-size 32 --peak-sizes 4096,8192 --cl-data ...
+
+(a step's time ends with the loss read back to the host, so GPU work is waited for).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from common import ints, start
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.batching import Encoded, encode_pair, pad_id_of
-from continual.config import LoraHyperparams
+from continual.config import PRECISIONS, LoraHyperparams
 from continual.data import Example, load_cl_benchmark, synthetic_tasks
 from continual.models import build_tiny_llama
 from continual.strategies import lora_config
@@ -51,17 +57,26 @@ def load_model(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return load_source({"kind": "smollm2"})
 
 
-def matmul_peak(sizes: Sequence[int], *, seconds: float = 1.0) -> tuple[float, int]:
-    """Best fp32 FLOP/s of an n x n by n x n matmul over `sizes`, and the n that reached it."""
+def matmul_peak(
+    sizes: Sequence[int], *, device: torch.device, dtype: torch.dtype, seconds: float = 1.0
+) -> tuple[float, int]:
+    """Best FLOP/s of an n x n by n x n matmul over `sizes`, and the n that reached it."""
     best, best_n = 0.0, 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        out = torch.empty(n, n)
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out = torch.empty(n, n, device=device, dtype=dtype)
         torch.mm(a, b, out=out)  # warm up
+        sync()
         runs, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
             torch.mm(a, b, out=out)
             runs += 1
+            if runs % 8 == 0:
+                sync()
+        sync()
+        elapsed = time.perf_counter() - start
         rate = 2 * n**3 * runs / elapsed
         logger.info("matmul %d: %.1f GFLOP/s", n, rate / 1e9)
         if rate > best:
@@ -146,9 +161,12 @@ def measure(
 
 
 def run(args: argparse.Namespace) -> None:
-    peak, peak_n = matmul_peak(args.peak_sizes)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak, peak_n = matmul_peak(args.peak_sizes, device=device, dtype=dtype)
     base, tokenizer = load_model(args.model)
     base.requires_grad_(False)
+    base.to(device)  # type: ignore[arg-type]  # in place; HF's typing
     if args.cl_data is not None:
         task = load_cl_benchmark(args.cl_data, args.task, train_limit=args.examples, seed=0)
         examples = list(task.train)
@@ -165,6 +183,7 @@ def run(args: argparse.Namespace) -> None:
                 max_steps=steps,
                 learning_rate=1e-4,
                 group_by_length=group,
+                precision=args.precision,
             )
             got = measure(base, tokenizer, examples, hyper, warmup_steps=args.warmup_steps)
             logger.info(
@@ -173,8 +192,8 @@ def run(args: argparse.Namespace) -> None:
             )  # fmt: skip
             if group not in results or got["seconds"] < results[group]["seconds"]:
                 results[group] = got
-    threads = torch.get_num_threads()
-    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (fp32, n={peak_n}, {threads} threads)")
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s ({args.precision}, n={peak_n}, {where})")
     print("| batching | useful tokens/s | padding | useful GFLOP/s | MFU | median step |")
     print("|---|---|---|---|---|---|")
     for group in (False, True):
@@ -202,6 +221,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best one counts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="the training steps' arithmetic (LoraHyperparams.precision); the "
+                        "peak is measured in it too")  # fmt: skip
     parser.add_argument("--peak-sizes", type=ints, default=[512, 1024, 2048])
     return parser.parse_args(argv)
 

@@ -2,7 +2,8 @@
 
 A checkpoint holds the trainable parameters, the buffers that training accumulates into (marked
 with `mark_train_state`, e.g. AM-LoRA's task statistics), the optimizer and LR-scheduler state,
-the CPU RNG state (dropout), the losses so far and the step. On disk it is two files, neither
+the RNG state (dropout: the CPU generator's, and the GPU's when the model trains on one), the
+losses so far and the step. On disk it is two files, neither
 pickled: `train_state.safetensors` (every tensor) and `train_state.json` (the rest), so a
 checkpoint is stored and verified like any other artifact tree.
 """
@@ -53,6 +54,7 @@ class TrainState:
     losses: tuple[float, ...]
     tokens: int
     buffers: dict[str, Tensor] = field(default_factory=dict)  # marked buffers by name
+    cuda_rng: Tensor | None = None  # the model's CUDA device's generator state, if it is on one
 
 
 def capture(
@@ -75,7 +77,9 @@ def capture(
         losses=tuple(losses),
         tokens=tokens,
         buffers={n: b.detach().clone() for n, b in train_state_buffers(model).items()},
-    )
+        cuda_rng=torch.cuda.get_rng_state(device) if (device := _device(model)).type == "cuda"
+        else None,
+    )  # fmt: skip
 
 
 def restore(
@@ -118,6 +122,12 @@ def restore(
     except (KeyError, ValueError, RuntimeError) as exc:
         raise InvalidCheckpoint(f"optimizer or scheduler state does not fit: {exc}") from exc
     torch.set_rng_state(state.rng)
+    if state.cuda_rng is not None and (device := _device(model)).type == "cuda":
+        torch.cuda.set_rng_state(state.cuda_rng, device)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def save_train_state(state: TrainState, directory: Path) -> None:
@@ -127,6 +137,8 @@ def save_train_state(state: TrainState, directory: Path) -> None:
     tensors: dict[str, Tensor] = {f"param/{n}": t.contiguous() for n, t in state.params.items()}
     tensors.update({f"buffer/{n}": t.contiguous() for n, t in state.buffers.items()})
     tensors["rng"] = state.rng
+    if state.cuda_rng is not None:
+        tensors["cuda_rng"] = state.cuda_rng
     optim_state: dict[str, dict[str, Any]] = {}
     for index, entries in state.optimizer.get("state", {}).items():
         plain: dict[str, Any] = {}
@@ -184,6 +196,7 @@ def load_train_state(directory: Path) -> TrainState:
         losses=tuple(float(v) for v in meta["losses"]),
         tokens=int(meta["tokens"]),
         buffers=buffers,
+        cuda_rng=tensors.get("cuda_rng"),
     )
 
 

@@ -20,6 +20,8 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "down_proj",
 )
 
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class LoraHyperparams:
@@ -69,6 +71,15 @@ class LoraHyperparams:
         },
     )
 
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "Arithmetic of a training step: 'fp32', or 'bf16' mixed precision (autocast: "
+            "matmuls in bfloat16, while weights, LoRA factors, gradients and optimiser state stay "
+            "fp32). bf16 is what GPUs are fast at; on a CPU without bf16 units it is slower."
+        },
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -93,6 +104,11 @@ class LoraHyperparams:
             raise InvalidHyperparameter(
                 field="group_by_length",
                 reason=f"must be true or false, got {self.group_by_length!r}",
+            )
+        if self.precision not in PRECISIONS:
+            raise InvalidHyperparameter(
+                field="precision",
+                reason=f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
             )
 
     @classmethod

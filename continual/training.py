@@ -8,10 +8,12 @@ learning rate.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -233,7 +235,9 @@ class _Loop:
         save(state)
 
     def _step(self, batch: Batch) -> float:
-        loss = completion_loss(self.model, batch)  # vocabulary logits at completions only
+        with autocast(self.hyper.precision, batch.input_ids.device):
+            loss = completion_loss(self.model, batch)  # vocabulary logits at completions only
+        # a strategy's own term (O-LoRA's orthogonality penalty) is small and cheap: full fp32
         extra = self.extra_loss(self.model) if self.extra_loss is not None else None
         if extra is not None:
             loss = loss + extra
@@ -256,6 +260,15 @@ class _Loop:
             eta_s=elapsed / done * (self.steps - step),
             learning_rate=lr,
         )
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[object]:
+    """The forward pass's arithmetic for `precision` (`LoraHyperparams.precision`) on `device`:
+    'bf16' runs matmuls in bfloat16 under torch's autocast (weights, gradients and the
+    optimiser's state stay fp32; the loss's softmax runs in fp32), 'fp32' changes nothing."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def set_lr_scale(param: nn.Parameter, scale: float) -> None:

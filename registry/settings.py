@@ -60,6 +60,9 @@ class StrataSettings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     checkpoint_every: int = Field(default=50, ge=1)
     scheduler_tick_s: float = Field(default=5.0, gt=0)
+    # Where a worker runs models (training, evaluation, consolidation, predictions): "cpu",
+    # "cuda" or "cuda:N", or "auto" for the first CUDA GPU when torch sees one, else the CPU.
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     # API: uploads larger than `max_upload_bytes` are refused while they stream in; a dataset
     # may hold at most `max_examples` examples and lines of at most `max_line_bytes`; a gzip
     # upload may expand to at most `max_expanded_bytes`.

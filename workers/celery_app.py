@@ -16,13 +16,15 @@ from __future__ import annotations
 import logging
 from functools import cache
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue
 
 from registry.entities import Job
+from registry.errors import InvalidValue
 from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
 from workers.execution import DEFAULT_QUEUE, TRAIN_QUEUE, execute, queue_for, worker_id
+from workers.models import model_device
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,16 @@ def make_celery(settings: StrataSettings) -> Celery:
 
 
 app = make_celery(StrataSettings())
+
+
+@signals.worker_init.connect
+def _announce_device(**_: object) -> None:
+    """Say at start where this worker runs models, or that the GPU it was told to use is not
+    there (every job it takes would then fail with that error)."""
+    try:
+        log.info("models run on %s", model_device(StrataSettings().device))
+    except InvalidValue as exc:
+        log.error("STRATA_DEVICE: %s; every job that loads a model will fail", exc.reason)
 
 
 @cache

@@ -175,8 +175,10 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
         )  # fmt: skip
         version = reg.adapters.mark_ready(version.id, artifact_digest=digest, metrics=metrics)
         reporter.event(f"published adapter {plan.task.name} v{version.version}", metrics=metrics)
+        del model  # with `base`, which it wraps: one model at a time on the device
     reporter.progress(TRAIN_SPAN[1])
 
+    del base
     fresh, _ = load_snapshot(inst, plan.snapshot)  # the published artifacts, not the trained model
     adapter_dir = fetch_tree(inst, version.artifact_digest or "")
     state = strategy.inference_model(fresh, history=[*history_dirs, adapter_dir])
@@ -212,7 +214,8 @@ def _fit(
         f"training {plan.task.name} with {plan.setup.method} on snapshot "
         f"v{plan.snapshot.version} ({len(plan.history)} earlier adapters"
         f"{', the memory of the tasks folded into the snapshot' if memory else ''}, "
-        f"{len(data.train)} examples)",
+        f"{len(data.train)} examples) on {next(model.parameters()).device}, "
+        f"{plan.setup.hyper.precision}",
         metrics={"hyperparams": plan.setup.record()},
     )
     callbacks = reporter.training_callbacks(span=TRAIN_SPAN)

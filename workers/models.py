@@ -195,12 +195,38 @@ def fetch_tree(inst: Instance, digest: str) -> Path:
 def load_snapshot(
     inst: Instance, snapshot: Snapshot
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The snapshot's model, frozen, on this worker's device (`model_device`), and tokenizer."""
+    device = model_device(inst.settings.device)
     try:
         model, tokenizer = load_causal_lm(fetch_tree(inst, snapshot.artifact_digest))
     except MissingWeights as exc:
         raise InvalidWeights(f"snapshot v{snapshot.version}: {exc}", field="snapshot") from exc
     model.requires_grad_(False)
+    model.to(device)  # type: ignore[arg-type]  # in place; HF's typing
     return model, tokenizer
+
+
+def model_device(name: str) -> torch.device:
+    """The device a `device` setting names ("auto", "cpu", "cuda", "cuda:N"), checked against
+    what this process sees: "auto" is the first CUDA GPU when there is one, else the CPU.
+    InvalidValue (field "device") for a GPU that is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InvalidValue(f"not a device: {name!r}", field="device") from exc
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise InvalidValue(f"must be auto, cpu, cuda or cuda:N, got {name!r}", field="device")
+    if not torch.cuda.is_available():
+        raise InvalidValue(f"{name}: this process sees no CUDA GPU", field="device")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidValue(
+            f"{name}: this process sees {torch.cuda.device_count()} CUDA GPU(s)", field="device"
+        )
+    return device
 
 
 def memory_dirs(inst: Instance, snapshot: Snapshot, method: str) -> list[Path]:

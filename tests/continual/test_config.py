@@ -48,6 +48,8 @@ def test_defaults_are_valid_and_round_trip_through_json() -> None:
         ("grad_clip", 0.0),
         ("group_by_length", 1),
         ("group_by_length", "yes"),
+        ("precision", "fp16"),
+        ("precision", ["bf16"]),
     ],
 )
 def test_invalid_field_is_named(field: str, value: Any) -> None:

@@ -127,6 +127,31 @@ def test_training_is_deterministic(make_base: MakeBase, tokenizer: PreTrainedTok
         assert torch.equal(value, runs[1][1][key]), key
 
 
+def test_bf16_precision_trains_under_autocast_and_keeps_the_weights_fp32(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    task = synthetic_tasks(seed=0)[1]
+    assert task.labels is not None
+    results = {}
+    for precision in ("fp32", "bf16"):
+        hyper = LoraHyperparams(max_steps=60, precision=precision)
+        model = _lora(make_base(), hyper)
+        seen: set[torch.dtype] = set()
+        q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+        hook = q_proj.register_forward_hook(lambda _m, _i, out, seen=seen: seen.add(out.dtype))
+        result = train(model, tokenizer, task.train, hyper)
+        hook.remove()
+        assert seen == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(p.dtype == torch.float32 for p in trainable)
+        assert all(math.isfinite(loss) for loss in result.losses)
+        results[precision] = (result, model)
+    bf16, model = results["bf16"]
+    assert bf16.final_loss < bf16.losses[0] / 2  # it learns
+    assert bf16.losses != results["fp32"][0].losses  # in other arithmetic
+    assert rank_classification(model, tokenizer, task.test, task.labels).accuracy > 0.8
+
+
 def test_extra_loss_is_added(make_base: MakeBase, tokenizer: PreTrainedTokenizerFast) -> None:
     hyper = LoraHyperparams(max_steps=3, batch_size=2)
     plain = train(_lora(make_base(), hyper), tokenizer, EXAMPLES, hyper)

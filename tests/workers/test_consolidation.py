@@ -113,6 +113,7 @@ def test_two_consolidations_fold_exactly_share_tensors_trace_lineage_and_roll_ba
     assert vc.base_snapshot_id == v1.id and vc.depends_on == ()
     messages = [e.message for e in reg.jobs.events(c.id, limit=1000)]
     assert any("0 earlier adapters, the memory of the tasks folded" in m for m in messages)
+    assert any(m.endswith(" examples) on cpu, fp32") for m in messages)  # device, arithmetic
     second = _consolidate(inst, stream.id)
     assert second.state is JobState.SUCCEEDED, second.error
     v2 = reg.streams.current_snapshot(stream.id)
