@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, any_, bindparam, select, text
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Integer,
+    Select,
+    String,
+    any_,
+    bindparam,
+    cast,
+    false,
+    literal,
+    null,
+    select,
+    text,
+    union_all,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
@@ -20,7 +37,6 @@ from registry.errors import InvalidValue, NotFound
 from registry.store._db import Database
 from registry.tables import (
     AdapterVersionRow,
-    Base,
     DatasetRow,
     JobRow,
     SnapshotAliasRow,
@@ -57,13 +73,6 @@ DESCENDANTS = text(_WALK.format(near="parent", far="child"))
 _KINDS = {kind.value: kind for kind in NodeKind}
 _RELATIONS = {relation.value: relation for relation in Relation}
 
-_TABLES: dict[NodeKind, type[Base]] = {
-    NodeKind.SNAPSHOT: SnapshotRow,
-    NodeKind.ADAPTER: AdapterVersionRow,
-    NodeKind.DATASET: DatasetRow,
-    NodeKind.JOB: JobRow,
-}
-
 
 class SqlLineageStore:
     def __init__(self, db: Database) -> None:
@@ -80,22 +89,23 @@ class SqlLineageStore:
     def _walk(self, node: NodeRef, *, max_depth: int, ancestors: bool) -> LineageGraph:
         if not 1 <= max_depth <= MAX_DEPTH:
             raise InvalidValue(f"must be between 1 and {MAX_DEPTH}", field="max_depth")
+        root = (node.kind.value, node.id)
         with self._db.tx() as s:
-            if s.get(_TABLES[node.kind], node.id) is None:
-                raise NotFound(f"{node.kind.value} {node.id} not found", field="node")
             result = s.execute(
                 ANCESTORS if ancestors else DESCENDANTS, {"kind": node.kind.value, "id": node.id}
             )
             rows: list[Row] = [(ck, int(ci), pk, int(pi), rel) for ck, ci, pk, pi, rel in result]
-            depths, kept = _depths((node.kind.value, node.id), rows, max_depth=max_depth,
-                                   ancestors=ancestors)  # fmt: skip
-            refs = {key: NodeRef(_KINDS[key[0]], key[1]) for key in depths}
-            kept.sort()
-            edges = [
-                LineageEdge(child=refs[ck, ci], parent=refs[pk, pi], relation=_RELATIONS[rel])
-                for ck, ci, pk, pi, rel in kept
-            ]
-            nodes = _describe(s, {refs[key]: depth for key, depth in depths.items()})
+            depths, kept = _depths(root, rows, max_depth=max_depth, ancestors=ancestors)
+            described = _describe(s, depths)
+        if root not in described:  # (a node that exists has a label)
+            raise NotFound(f"{node.kind.value} {node.id} not found", field="node")
+        kept.sort()
+        edges = [
+            LineageEdge(child=described[ck, ci].ref, parent=described[pk, pi].ref,
+                        relation=_RELATIONS[rel])
+            for ck, ci, pk, pi, rel in kept
+        ]  # fmt: skip
+        nodes = [found.node for found in described.values()]
         return LineageGraph(
             root=node,
             direction="ancestors" if ancestors else "descendants",
@@ -134,16 +144,27 @@ def _depths(
     return depths, kept
 
 
-def _describe(s: Session, depths: dict[NodeRef, int]) -> list[LineageNode]:
-    """Attach a human label and a few attributes to every node, one query per kind."""
-    by_kind: dict[NodeKind, list[int]] = {}
-    for ref_ in depths:
-        by_kind.setdefault(ref_.kind, []).append(ref_.id)
-    nodes = []
-    for kind, ids in by_kind.items():
-        for id_, label, attrs in _labels(s, kind, ids):
-            nodes.append(LineageNode(kind, id_, depths[NodeRef(kind, id_)], label, attrs))
-    return nodes
+@dataclass(frozen=True)
+class _Described:
+    ref: NodeRef
+    node: LineageNode
+
+
+def _describe(s: Session, depths: dict[Key, int]) -> dict[Key, _Described]:
+    """Every node of `depths` that exists, with a human label and a few attributes: one query
+    for all kinds (a UNION of one SELECT per kind present)."""
+    by_kind: dict[str, list[int]] = {}
+    for kind, id_ in depths:
+        by_kind.setdefault(kind, []).append(id_)
+    parts = [_LABEL_ROWS[kind](s, ids) for kind, ids in sorted(by_kind.items())]
+    described = {}
+    for kind, id_, number, text1, text2, text3, flag in s.execute(union_all(*parts)):
+        ref_ = NodeRef(_KINDS[kind], id_)
+        label, attrs = _LABELS[kind](number, text1, text2, text3, bool(flag), id_)
+        described[kind, id_] = _Described(
+            ref_, LineageNode(ref_.kind, id_, depths[kind, id_], label, attrs)
+        )
+    return described
 
 
 def _in(s: Session, column: Any, ids: list[int]) -> ColumnElement[bool]:
@@ -154,63 +175,89 @@ def _in(s: Session, column: Any, ids: list[int]) -> ColumnElement[bool]:
     return column.in_(ids)
 
 
-def _labels(s: Session, kind: NodeKind, ids: list[int]) -> list[tuple[int, str, dict[str, Any]]]:
-    """Only the columns a label needs (plain rows, not ORM objects: a deep graph has thousands)."""
-    if kind is NodeKind.SNAPSHOT:
-        snaps = s.execute(
-            select(SnapshotRow.id, SnapshotRow.version, StreamRow.name)
-            .join(StreamRow, StreamRow.id == SnapshotRow.stream_id)
-            .where(_in(s, SnapshotRow.id, ids))
-        ).all()
-        current = set(
-            s.scalars(
-                select(SnapshotAliasRow.snapshot_id).where(
-                    SnapshotAliasRow.alias == "current", _in(s, SnapshotAliasRow.snapshot_id, ids)
-                )
-            )
+# Each kind's label columns in one shape, so that the kinds' SELECTs form one UNION:
+# (kind, id, a number, three texts, a flag).
+_LabelRows = Select[str, int, int, str, str, str, bool]
+_NO_NUMBER = cast(null(), Integer)
+_NO_TEXT = cast(null(), String)
+
+
+def _snapshot_rows(s: Session, ids: list[int]) -> _LabelRows:
+    current = select(SnapshotAliasRow.snapshot_id).where(SnapshotAliasRow.alias == "current")
+    return (
+        select(
+            literal("snapshot"),
+            SnapshotRow.id,
+            SnapshotRow.version,
+            StreamRow.name,
+            _NO_TEXT,
+            _NO_TEXT,
+            SnapshotRow.id.in_(current),
         )
-        return [
-            (
-                id_,
-                f"{name} snapshot v{version}" + (" (current)" if id_ in current else ""),
-                {"stream": name, "version": version, "current": id_ in current},
-            )
-            for id_, version, name in snaps
-        ]
-    if kind is NodeKind.ADAPTER:
-        adapters = s.execute(
-            select(
-                AdapterVersionRow.id,
-                AdapterVersionRow.version,
-                AdapterVersionRow.method,
-                AdapterVersionRow.status,
-                TaskRow.name,
-            )
-            .join(TaskRow, TaskRow.id == AdapterVersionRow.task_id)
-            .where(_in(s, AdapterVersionRow.id, ids))
-        ).all()
-        return [
-            (
-                id_,
-                f"adapter {task} v{version} ({method}, {status})",
-                {"task": task, "version": version, "method": method, "status": status},
-            )
-            for id_, version, method, status, task in adapters
-        ]
-    if kind is NodeKind.DATASET:
-        datasets = s.execute(
-            select(DatasetRow.id, DatasetRow.digest, DatasetRow.num_train).where(
-                _in(s, DatasetRow.id, ids)
-            )
-        ).all()
-        return [
-            (id_, f"dataset {digest[:12]}", {"digest": digest, "num_train": num_train})
-            for id_, digest, num_train in datasets
-        ]
-    jobs = s.execute(
-        select(JobRow.id, JobRow.kind, JobRow.state).where(_in(s, JobRow.id, ids))
-    ).all()
-    return [
-        (id_, f"{job_kind} job #{id_} ({state})", {"kind": job_kind, "state": state})
-        for id_, job_kind, state in jobs
-    ]
+        .join(StreamRow, StreamRow.id == SnapshotRow.stream_id)
+        .where(_in(s, SnapshotRow.id, ids))
+    )
+
+
+def _adapter_rows(s: Session, ids: list[int]) -> _LabelRows:
+    return (
+        select(
+            literal("adapter"),
+            AdapterVersionRow.id,
+            AdapterVersionRow.version,
+            TaskRow.name,
+            AdapterVersionRow.method,
+            AdapterVersionRow.status,
+            false(),
+        )
+        .join(TaskRow, TaskRow.id == AdapterVersionRow.task_id)
+        .where(_in(s, AdapterVersionRow.id, ids))
+    )
+
+
+def _dataset_rows(s: Session, ids: list[int]) -> _LabelRows:
+    return select(literal("dataset"), DatasetRow.id, DatasetRow.num_train, DatasetRow.digest,
+                  _NO_TEXT, _NO_TEXT, false()).where(_in(s, DatasetRow.id, ids))  # fmt: skip
+
+
+def _job_rows(s: Session, ids: list[int]) -> _LabelRows:
+    return select(literal("job"), JobRow.id, _NO_NUMBER, JobRow.kind, JobRow.state, _NO_TEXT,
+                  false()).where(_in(s, JobRow.id, ids))  # fmt: skip
+
+
+_LABEL_ROWS: dict[str, Callable[[Session, list[int]], _LabelRows]] = {
+    "snapshot": _snapshot_rows,
+    "adapter": _adapter_rows,
+    "dataset": _dataset_rows,
+    "job": _job_rows,
+}
+
+Label = tuple[str, dict[str, Any]]
+
+
+def _snapshot_label(
+    version: int, stream: str, _t2: Any, _t3: Any, current: bool, _id: int
+) -> Label:
+    return (f"{stream} snapshot v{version}" + (" (current)" if current else ""),
+            {"stream": stream, "version": version, "current": current})  # fmt: skip
+
+
+def _adapter_label(version: int, task: str, method: str, status: str, _f: bool, _id: int) -> Label:
+    return (f"adapter {task} v{version} ({method}, {status})",
+            {"task": task, "version": version, "method": method, "status": status})  # fmt: skip
+
+
+def _dataset_label(num_train: int, digest: str, _t2: Any, _t3: Any, _f: bool, _id: int) -> Label:
+    return f"dataset {digest[:12]}", {"digest": digest, "num_train": num_train}
+
+
+def _job_label(_n: Any, job_kind: str, state: str, _t3: Any, _f: bool, id_: int) -> Label:
+    return f"{job_kind} job #{id_} ({state})", {"kind": job_kind, "state": state}
+
+
+_LABELS: dict[str, Callable[..., Label]] = {
+    "snapshot": _snapshot_label,
+    "adapter": _adapter_label,
+    "dataset": _dataset_label,
+    "job": _job_label,
+}

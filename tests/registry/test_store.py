@@ -299,6 +299,66 @@ def test_lineage_ancestors_and_descendants(registry: SqlRegistry) -> None:
         registry.lineage.descendants(NodeRef(NodeKind.ADAPTER, va.id), max_depth=0)
 
 
+def test_a_lineage_walk_takes_the_same_statements_for_any_graph_and_labels_every_kind(
+    registry: SqlRegistry,
+) -> None:
+    stream_id, v0 = _stream(registry)
+    lone = _dataset(registry, D3)  # no edge leads to or from it
+    _ta, ja, va = _trained(registry, stream_id, v0, "a")
+    _tb, jb, vb = _trained(registry, stream_id, v0, "b", deps=[va.id])
+    v1 = registry.streams.add_snapshot(
+        stream_id=stream_id, artifact_digest=D1, source={}, parent_id=v0,
+        folded_adapter_ids=[va.id, vb.id],
+    )  # fmt: skip
+    statements: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        if not statement.lstrip().upper().startswith(("BEGIN", "COMMIT", "SELECT 1")):
+            statements.append(statement)
+
+    event.listen(registry.engine, "before_cursor_execute", count)
+    try:
+        sizes = {}
+        for name, node in [("whole", NodeRef(NodeKind.SNAPSHOT, v1.id)),
+                           ("one edge", NodeRef(NodeKind.JOB, ja.id))]:  # fmt: skip
+            statements.clear()
+            graph = registry.lineage.ancestors(node)
+            sizes[name] = (len(statements), len(graph.nodes))
+        statements.clear()
+        alone = registry.lineage.descendants(NodeRef(NodeKind.DATASET, lone))
+        sizes["alone"] = (len(statements), len(alone.nodes))
+    finally:
+        event.remove(registry.engine, "before_cursor_execute", count)
+    # the walk, then every node's label in one statement, whatever the graph
+    assert sizes == {"whole": (2, 7), "one edge": (2, 2), "alone": (2, 1)}, sizes  # 1 dataset
+    assert [(n.kind, n.id, n.depth) for n in alone.nodes] == [(NodeKind.DATASET, lone, 0)]
+    labels = {(n.kind, n.id): (n.label, n.attributes) for n in graph.nodes}  # ja's ancestors
+    assert set(labels) == {(NodeKind.JOB, ja.id), (NodeKind.DATASET, va.dataset_id)}
+    whole = registry.lineage.ancestors(NodeRef(NodeKind.SNAPSHOT, v1.id))
+    labels = {(n.kind, n.id): (n.label, n.attributes) for n in whole.nodes}
+    assert labels[NodeKind.SNAPSHOT, v1.id] == (
+        "s1 snapshot v1 (current)",
+        {"stream": "s1", "version": 1, "current": True},
+    )
+    assert labels[NodeKind.SNAPSHOT, v0] == (
+        "s1 snapshot v0",
+        {"stream": "s1", "version": 0, "current": False},
+    )
+    assert labels[NodeKind.ADAPTER, vb.id] == (
+        "adapter b v1 (seq-lora, ready)",
+        {"task": "b", "version": 1, "method": "seq-lora", "status": "ready"},
+    )
+    assert labels[NodeKind.DATASET, va.dataset_id] == (
+        f"dataset {D2[:12]}",
+        {"digest": D2, "num_train": 10},
+    )
+    assert labels[NodeKind.JOB, jb.id] == (
+        f"train job #{jb.id} (queued)", {"kind": "train", "state": "queued"})  # fmt: skip
+    with pytest.raises(NotFound) as missing:
+        registry.lineage.ancestors(NodeRef(NodeKind.JOB, jb.id + 100))
+    assert missing.value.field == "node"
+
+
 def test_stream_state_is_newest_ready_per_task_in_order(registry: SqlRegistry) -> None:
     stream_id, v0 = _stream(registry)
     _, _, va = _trained(registry, stream_id, v0, "a")
