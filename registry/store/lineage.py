@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -96,20 +95,19 @@ class SqlLineageStore:
             )
             rows: list[Row] = [(ck, int(ci), pk, int(pi), rel) for ck, ci, pk, pi, rel in result]
             depths, kept = _depths(root, rows, max_depth=max_depth, ancestors=ancestors)
-            described = _describe(s, depths)
-        if root not in described:  # (a node that exists has a label)
+            refs = {key: NodeRef(_KINDS[key[0]], key[1]) for key in depths}
+            nodes = _describe(s, depths)
+        if root not in nodes:  # (a node that exists has a label)
             raise NotFound(f"{node.kind.value} {node.id} not found", field="node")
         kept.sort()
         edges = [
-            LineageEdge(child=described[ck, ci].ref, parent=described[pk, pi].ref,
-                        relation=_RELATIONS[rel])
+            LineageEdge(child=refs[ck, ci], parent=refs[pk, pi], relation=_RELATIONS[rel])
             for ck, ci, pk, pi, rel in kept
-        ]  # fmt: skip
-        nodes = [found.node for found in described.values()]
+        ]
         return LineageGraph(
             root=node,
             direction="ancestors" if ancestors else "descendants",
-            nodes=tuple(sorted(nodes, key=lambda n: (n.depth, n.kind.value, n.id))),
+            nodes=tuple(sorted(nodes.values(), key=lambda n: (n.depth, n.kind.value, n.id))),
             edges=tuple(edges),
         )
 
@@ -144,27 +142,18 @@ def _depths(
     return depths, kept
 
 
-@dataclass(frozen=True)
-class _Described:
-    ref: NodeRef
-    node: LineageNode
-
-
-def _describe(s: Session, depths: dict[Key, int]) -> dict[Key, _Described]:
+def _describe(s: Session, depths: dict[Key, int]) -> dict[Key, LineageNode]:
     """Every node of `depths` that exists, with a human label and a few attributes: one query
     for all kinds (a UNION of one SELECT per kind present)."""
     by_kind: dict[str, list[int]] = {}
     for kind, id_ in depths:
         by_kind.setdefault(kind, []).append(id_)
     parts = [_LABEL_ROWS[kind](s, ids) for kind, ids in sorted(by_kind.items())]
-    described = {}
+    nodes = {}
     for kind, id_, number, text1, text2, text3, flag in s.execute(union_all(*parts)):
-        ref_ = NodeRef(_KINDS[kind], id_)
         label, attrs = _LABELS[kind](number, text1, text2, text3, bool(flag), id_)
-        described[kind, id_] = _Described(
-            ref_, LineageNode(ref_.kind, id_, depths[kind, id_], label, attrs)
-        )
-    return described
+        nodes[kind, id_] = LineageNode(_KINDS[kind], id_, depths[kind, id_], label, attrs)
+    return nodes
 
 
 def _in(s: Session, column: Any, ids: list[int]) -> ColumnElement[bool]:
