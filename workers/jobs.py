@@ -175,7 +175,7 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
         )  # fmt: skip
         version = reg.adapters.mark_ready(version.id, artifact_digest=digest, metrics=metrics)
         reporter.event(f"published adapter {plan.task.name} v{version.version}", metrics=metrics)
-        del model  # with `base`, which it wraps: one model at a time on the device
+        del model  # and `base` below, which it wraps: free the device before the next load
     reporter.progress(TRAIN_SPAN[1])
 
     del base
