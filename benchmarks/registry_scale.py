@@ -250,7 +250,7 @@ def side_by_side(before: Any, after: Any, nodes: Callable[[], NodeRef], *, up: b
     return out[0], out[1]
 
 
-_LABELS = {  # the columns `registry/store/lineage.py` reads for each kind's labels
+_LABELS = {  # the label columns `registry/store/lineage.py` reads (there in one UNION)
     "snapshot": [
         "SELECT s.id, s.version, st.name FROM snapshots s JOIN streams st ON st.id = s.stream_id"
         " WHERE s.id = ANY(%s)",
