@@ -8,7 +8,17 @@ import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
-from registry.entities import AdapterStatus, JobKind, JobState, NodeKind, NodeRef, Relation
+from registry.entities import (
+    AdapterStatus,
+    AdapterVersion,
+    Job,
+    JobKind,
+    JobState,
+    NodeKind,
+    NodeRef,
+    Relation,
+    Snapshot,
+)
 from registry.errors import AlreadyExists, Conflict, InvalidReference, InvalidValue, NotFound
 from registry.store import SqlRegistry
 from registry.tables import JobRow, LineageEdgeRow, TaskRow
@@ -256,7 +266,11 @@ def test_evaluation_matrix_keeps_newest_cell(registry: SqlRegistry) -> None:
         )  # fmt: skip
 
 
-def test_lineage_ancestors_and_descendants(registry: SqlRegistry) -> None:
+def _two_tasks_then_a_fold(
+    registry: SqlRegistry,
+) -> tuple[int, Job, AdapterVersion, Job, AdapterVersion, Snapshot]:
+    """Tasks a and b trained on v0 (b depending on a), then v1 folding both; returns v0's id,
+    the jobs and versions of a and b, and v1."""
     stream_id, v0 = _stream(registry)
     _ta, ja, va = _trained(registry, stream_id, v0, "a")
     _tb, jb, vb = _trained(registry, stream_id, v0, "b", deps=[va.id])
@@ -264,6 +278,11 @@ def test_lineage_ancestors_and_descendants(registry: SqlRegistry) -> None:
         stream_id=stream_id, artifact_digest=D2, source={}, parent_id=v0,
         folded_adapter_ids=[va.id, vb.id],
     )  # fmt: skip
+    return v0, ja, va, jb, vb, v1
+
+
+def test_lineage_ancestors_and_descendants(registry: SqlRegistry) -> None:
+    v0, ja, va, jb, vb, v1 = _two_tasks_then_a_fold(registry)
     assert v1.folded_adapter_ids == (va.id, vb.id)
 
     up = registry.lineage.ancestors(NodeRef(NodeKind.ADAPTER, vb.id))
@@ -302,14 +321,8 @@ def test_lineage_ancestors_and_descendants(registry: SqlRegistry) -> None:
 def test_a_lineage_walk_takes_the_same_statements_for_any_graph_and_labels_every_kind(
     registry: SqlRegistry,
 ) -> None:
-    stream_id, v0 = _stream(registry)
+    v0, ja, va, jb, vb, v1 = _two_tasks_then_a_fold(registry)
     lone = _dataset(registry, D3)  # no edge leads to or from it
-    _ta, ja, va = _trained(registry, stream_id, v0, "a")
-    _tb, jb, vb = _trained(registry, stream_id, v0, "b", deps=[va.id])
-    v1 = registry.streams.add_snapshot(
-        stream_id=stream_id, artifact_digest=D1, source={}, parent_id=v0,
-        folded_adapter_ids=[va.id, vb.id],
-    )  # fmt: skip
     statements: list[str] = []
 
     def count(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
