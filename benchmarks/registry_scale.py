@@ -207,9 +207,13 @@ def timed(fn: Callable[[], Any], samples: int) -> tuple[float, float, Any]:
         start = time.perf_counter()
         result = fn()
         times.append(1000 * (time.perf_counter() - start))
-    times.sort()
-    p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
-    return statistics.median(times), p99, result
+    return *p50_p99(times), result
+
+
+def p50_p99(times: list[float]) -> tuple[float, float]:
+    """The median and the 99th percentile (the sample below which 99% fall) of `times`."""
+    ordered = sorted(times)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
 def lineage_at(revision: str, registry: SqlRegistry) -> Any:
@@ -243,11 +247,7 @@ def side_by_side(before: Any, after: Any, nodes: Callable[[], NodeRef], *, up: b
             graphs[k] = walks[k](node)
             times[k].append(1000 * (time.perf_counter() - start))
         assert graphs[0] == graphs[1], f"the two versions disagree on {node}"
-    out = []
-    for ts in times:
-        ts.sort()
-        out.append((statistics.median(ts), ts[min(len(ts) - 1, int(0.99 * len(ts)))]))
-    return out[0], out[1]
+    return p50_p99(times[0]), p50_p99(times[1])
 
 
 _LABELS = {  # the label columns `registry/store/lineage.py` reads (there in one UNION)
@@ -320,11 +320,7 @@ def against_floors(walk: Callable[[], Any], floor: dict[str, Callable[[], Any]],
             start = time.perf_counter()
             fns[name]()
             times[name].append(1000 * (time.perf_counter() - start))
-    out = {}
-    for name, ts in times.items():
-        ts.sort()
-        out[name] = (statistics.median(ts), ts[min(len(ts) - 1, int(0.99 * len(ts)))])
-    return out
+    return {name: p50_p99(ts) for name, ts in times.items()}
 
 
 def explain(engine: Engine, sql: str, params: dict[str, Any]) -> Iterator[str]:
