@@ -41,7 +41,7 @@ ArchiveFormat = Literal["tar", "tar.gz"]
 ARCHIVE_FORMATS: tuple[ArchiveFormat, ...] = ("tar", "tar.gz")
 GZIP_LEVEL = 6  # gzip's own default
 QUEUED_CHUNKS = 16  # between the fetching thread and the response: at most ~16 MiB in memory
-_MEDIA_TYPES = {"tar": "application/x-tar", "tar.gz": "application/gzip"}
+MEDIA_TYPES: dict[ArchiveFormat, str] = {"tar": "application/x-tar", "tar.gz": "application/gzip"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class TreeArchive:
 
     @property
     def media_type(self) -> str:
-        return _MEDIA_TYPES[self.format]
+        return MEDIA_TYPES[self.format]
 
     @property
     def size(self) -> int | None:

@@ -24,7 +24,7 @@ from api.schemas import (
 from registry.entities import AdapterVersion, Snapshot, Stream
 from registry.errors import Conflict
 from registry.instance import Instance
-from workers.archives import ArchiveFormat, tree_archive
+from workers.archives import MEDIA_TYPES, ArchiveFormat, tree_archive
 
 router = APIRouter(tags=["adapters"])
 
@@ -34,7 +34,7 @@ FormatQuery = Annotated[
           "barely compress, and compressing limits the download to about 20 MB/s)"),
 ]  # fmt: skip
 _ARCHIVE_RESPONSES: dict[int | str, dict[str, object]] = {
-    200: {"content": {"application/x-tar": {}, "application/gzip": {}}}
+    200: {"content": {media_type: {} for media_type in MEDIA_TYPES.values()}}
 }
 
 
