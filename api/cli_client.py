@@ -21,6 +21,7 @@ from registry.entities import (
     LineageEdge,
     LineageGraph,
     LineageNode,
+    MeasuredState,
     NodeKind,
     NodeRef,
     Relation,
@@ -279,11 +280,21 @@ def graph_of(body: dict[str, Any]) -> LineageGraph:
 
 def evaluations(c: StrataClient, a: argparse.Namespace) -> int:
     body = c.request("GET", f"/streams/{a.stream}/evaluations")
+    states = tuple(
+        MeasuredState(
+            after_position=st["after_position"], snapshot_version=st["snapshot_version"],
+            snapshot_id=-1, adapters=tuple(st["adapters"]), adapter_ids=(), kind=st["kind"],
+            job_id=st["job_id"], values=tuple(st["values"]), in_lineage=st["in_lineage"],
+            measured_at=st["measured_at"],
+        )
+        for st in body.get("states", [])
+    )  # fmt: skip
     matrix = EvaluationMatrix(
         task_names=tuple(body["task_names"]),
         values=tuple(tuple(r) for r in body["values"]),
         baseline=tuple(body["baseline"]),
         metric=body["metric"],
+        states=states,
     )
     print(matrix_report(matrix))
     return 0

@@ -49,8 +49,15 @@ def accuracy_matrix(matrix: EvaluationMatrix) -> AccuracyMatrix:
 
 
 def matrix_report(matrix: EvaluationMatrix) -> str:
-    """The accuracy matrix of the tasks learned so far, then the summary metrics."""
+    """The accuracy matrix of the tasks learned so far and the summary metrics, then every
+    measured state with what it measured (`*`: in the current lineage)."""
     if not matrix.values:
         return "no evaluations yet"
     names = list(matrix.task_names[: len(matrix.values)])
-    return accuracy_matrix(matrix).format_table(names)
+    lines = [accuracy_matrix(matrix).format_table(names), "", "measured states:"]
+    for st in matrix.states:
+        cells = " ".join("-" if v is None else f"{v:.3f}" for v in st.values)
+        where = "base" if st.after_position < 0 else f"after {matrix.task_names[st.after_position]}"
+        mark = "*" if st.in_lineage else " "
+        lines.append(f"{mark} {st.kind:<11} {where:<20} {st.label:<40} {cells}")
+    return "\n".join(lines)

@@ -214,10 +214,28 @@ class LineageGraphPublic(BaseModel):
     edges: list[LineageEdgePublic]
 
 
+class MeasuredStatePublic(BaseModel):
+    after_position: int = Field(description="The newest task this state has learned (-1: base).")
+    state: str = Field(description='The state, as "v<snapshot> + task@vN, ..."')
+    snapshot_version: int
+    adapters: list[str] = Field(description="task@version of every adapter applied")
+    kind: str = Field(description="base, train, retrain, consolidate or evaluate")
+    job_id: int | None
+    values: list[float | None] = Field(description="Each task measured on this state.")
+    in_lineage: bool = Field(description="The stream's current state descends from this one.")
+    measured_at: datetime
+
+
 class EvaluationsPublic(BaseModel):
     metric: str
     task_names: list[str]
-    values: list[list[float | None]] = Field(description="values[t][i]: task i after task t")
+    values: list[list[float | None]] = Field(
+        description="values[t][i]: task i in the current lineage's state that learned task t "
+        "(the last row: the lineage's newest state)"
+    )
+    states: list[MeasuredStatePublic] = Field(
+        description="Every measured state, in the order first measured; nothing is overwritten."
+    )
     baseline: list[float | None] = Field(description="each task on the untrained base")
     average_accuracy: float | None
     backward_transfer: float | None

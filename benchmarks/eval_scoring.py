@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from continual.batching import encode_pair, pad_batch, pad_id_of
-from continual.data import Example, format_completion, load_cl_benchmark
+from continual.data import Example, PromptFormat, load_cl_benchmark
 from continual.evaluation import label_scores
 from workers.bench import model_source
 from workers.models import load_source
@@ -35,8 +35,8 @@ def naive(
         for ex in examples:
             row = []
             for label in labels:
-                enc = encode_pair(tok, prompt=ex.prompt, completion=format_completion(label),
-                                  add_eos=False)  # fmt: skip
+                completion = PromptFormat().render_completion(label)
+                enc = encode_pair(tok, prompt=ex.prompt, completion=completion, add_eos=False)
                 batch = pad_batch([enc], pad_id=pad_id_of(tok))
                 logits = model(input_ids=batch.input_ids).logits
                 logp = logits[0, :-1].float().log_softmax(-1)

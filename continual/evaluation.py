@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from continual.batching import Encoded, encode_pair, pad_batch, pad_id_of, sequence_log_probs
-from continual.data import Example, format_completion, label_of
+from continual.data import Example, PromptFormat, label_of
 from continual.prefix_scoring import prefix_label_scores, supports_prefix_cache
 
 
@@ -53,8 +53,10 @@ def label_scores(
     max_length: int | None = None,
     shared_prefix: bool = True,
     on_scored: Callable[[int], None] | None = None,
+    fmt: PromptFormat | None = None,
 ) -> Tensor:
-    """Mean per-token log-likelihood of `" label"` given each prompt: (E, L) on the CPU.
+    """Mean per-token log-likelihood of each label's completion, as `fmt` renders it (by
+    default `" label"`), given each prompt: (E, L) on the CPU.
 
     With `shared_prefix` (and a model with a KV cache) each prompt runs once and only the label
     tokens run per label (`continual.prefix_scoring`). Otherwise all labels of an example share
@@ -63,8 +65,8 @@ def label_scores(
     """
     if not labels:
         raise ValueError("label_scores needs at least one label")
+    completions = [(fmt or PromptFormat()).render_completion(label) for label in labels]
     if shared_prefix and supports_prefix_cache(model):
-        completions = [format_completion(label) for label in labels]
         scores = []
         with evaluating(model):
             for ex in examples:
@@ -77,7 +79,6 @@ def label_scores(
                     on_scored(1)
         return torch.stack(scores) if scores else torch.empty(0, len(labels))  # (E, L)
     per_pass = max(1, batch_size // len(labels))  # examples per forward pass
-    completions = [format_completion(label) for label in labels]
     budgets = _label_budgets(tokenizer, completions, max_length=max_length)
     rows: list[Tensor] = []
     for begin in range(0, len(examples), per_pass):
@@ -104,12 +105,13 @@ def rank_classification(
     max_length: int | None = None,
     shared_prefix: bool = True,
     on_scored: Callable[[int], None] | None = None,
+    fmt: PromptFormat | None = None,
 ) -> EvalResult:
     """Predict the label with the highest `label_scores`; accuracy against each example's own
-    completion (`" label"`)."""
+    label (its completion without the template's whitespace)."""
     scores = label_scores(
         model, tokenizer, examples, labels, batch_size=batch_size, max_length=max_length,
-        shared_prefix=shared_prefix, on_scored=on_scored,
+        shared_prefix=shared_prefix, on_scored=on_scored, fmt=fmt,
     )  # (E, L)  # fmt: skip
     predictions = [labels[i] for i in scores.argmax(dim=1).tolist()]
     correct = sum(pred == label_of(ex) for pred, ex in zip(predictions, examples, strict=True))

@@ -57,8 +57,9 @@ def evaluate_task(
     check_metric(metric)
     if metric == "rank" and task.labels is not None:
         return rank_classification(
-            model, tokenizer, task.test, task.labels, max_length=max_length, on_scored=on_scored
-        ).accuracy
+            model, tokenizer, task.test, task.labels, max_length=max_length, on_scored=on_scored,
+            fmt=task.prompt_format,
+        ).accuracy  # fmt: skip
     return exact_match(model, tokenizer, task.test, on_scored=on_scored).accuracy
 
 

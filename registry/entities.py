@@ -101,6 +101,10 @@ class Dataset:
     labels: tuple[str, ...] | None
     size_bytes: int
     created_at: datetime
+    # how the task renders its input text and labels (`continual.data.PromptFormat`); None for a
+    # dataset registered before formats were recorded (its blob holds or implies them)
+    prompt_template: str | None = None
+    completion_template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -233,11 +237,44 @@ class Evaluation:
     value: float
     num_examples: int
     created_at: datetime
+    adapter_ids: tuple[int, ...] = ()  # every adapter version of the measured state
+
+
+@dataclass(frozen=True)
+class MeasuredState:
+    """One model state of a stream and every task measured on it: a row of the record.
+
+    A state is a snapshot and the adapter versions applied on it; `after_position` is the newest
+    task it has learned (-1: the untrained base). `kind` is the kind of the job that first
+    measured it (train, retrain, consolidate, evaluate; "base" for the untrained base row).
+    `in_lineage`: the stream's current state descends from this one (its snapshot is the current
+    snapshot or an ancestor, and each of its adapters is still applied or was folded since)."""
+
+    after_position: int
+    snapshot_id: int
+    snapshot_version: int
+    adapters: tuple[str, ...]  # "task@vN", in task order
+    adapter_ids: tuple[int, ...]
+    kind: str
+    job_id: int | None
+    values: tuple[float | None, ...]  # one per task of the stream
+    in_lineage: bool
+    measured_at: datetime
+
+    @property
+    def label(self) -> str:
+        """The state as a user names it: "v0 + sentiment@v1, topic@v1"."""
+        return f"v{self.snapshot_version}" + (
+            f" + {', '.join(self.adapters)}" if self.adapters else ""
+        )
 
 
 @dataclass(frozen=True)
 class EvaluationMatrix:
-    """The stream's accuracy matrix: values[t][i] = metric of task i after learning task t.
+    """The stream's accuracy matrix over its current lineage: values[t][i] = metric of task i
+    in the state that learned task t (for the newest t: the newest state of the lineage, after
+    any consolidation or retrain since), and `states`, every measured state in the order first
+    measured, nothing overwritten.
 
     `baseline[i]` is task i measured on the untrained base snapshot (None where not measured).
     """
@@ -246,6 +283,7 @@ class EvaluationMatrix:
     values: tuple[tuple[float | None, ...], ...]
     baseline: tuple[float | None, ...]
     metric: str
+    states: tuple[MeasuredState, ...] = ()
 
 
 @dataclass(frozen=True)

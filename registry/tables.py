@@ -98,6 +98,8 @@ class DatasetRow(Base):
     num_test: Mapped[int] = mapped_column(Integer)
     labels: Mapped[list[Any] | None] = mapped_column(JSON)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    prompt_template: Mapped[str | None] = mapped_column(Text)  # NULL: written before 0003
+    completion_template: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -245,6 +247,8 @@ class EvaluationRow(Base):
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
     snapshot_id: Mapped[int] = mapped_column(ForeignKey("snapshots.id"))
     adapter_version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))
+    # every adapter version of the measured state, oldest task first (NULL: before 0003)
+    adapter_ids: Mapped[list[Any] | None] = mapped_column(JSON)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
     metric: Mapped[str] = mapped_column(String(32))
     value: Mapped[float] = mapped_column(Float)

@@ -10,10 +10,11 @@ from typing import Any
 
 from continual.data import (
     Example,
+    PromptFormat,
     TaskData,
-    classification_instruction,
+    cl_format,
+    completion_template_of,
     from_jsonl,
-    label_of,
     parse_cl_records,
     parse_jsonl,
     to_jsonl,
@@ -34,6 +35,8 @@ def store_dataset(inst: Instance, data: TaskData, *, format: str) -> Dataset:
         num_test=len(data.test),
         size_bytes=len(blob),
         labels=data.labels,
+        prompt_template=data.prompt_format.prompt,
+        completion_template=data.prompt_format.completion,
     )
 
 
@@ -69,18 +72,28 @@ def parse_upload(
     `{sentence, label}` (with `labels`). Errors name the file (field) and the line or record.
 
     Without a test file, a seeded `holdout` fraction of the training examples (default 10%)
-    becomes the test split, so every task can be evaluated after every step."""
+    becomes the test split, so every task can be evaluated after every step.
+
+    The task's prompt format: a CL_Benchmark task's prompts are its instruction template (which
+    lists the labels) around each sentence, its completions `" label"`; a JSONL task's prompts
+    are its own (`{text}`), and a labelled one's completions keep the whitespace they are
+    written with, which must be the same on every line."""
     if format not in UPLOAD_FORMATS:
         raise InvalidDataset(field="format", reason=f"must be one of {list(UPLOAD_FORMATS)}")
     if labels is not None:
         _check_labels(labels)
     if format == "cl_benchmark" and labels is None:
         raise InvalidDataset(field="labels", reason="a cl_benchmark dataset needs labels")
-    train_examples = _parse_file("train", train, format=format, labels=labels, limits=limits)
+    fmt = cl_format(labels) if format == "cl_benchmark" and labels else PromptFormat()
+    train_examples, fmt = _parse_file(
+        "train", train, format=format, labels=labels, limits=limits, fmt=fmt, first=True
+    )
     if test is not None:
         if holdout is not None:
             raise InvalidDataset(field="holdout", reason="give a test file or a holdout, not both")
-        test_examples = _parse_file("test", test, format=format, labels=labels, limits=limits)
+        test_examples, _ = _parse_file(
+            "test", test, format=format, labels=labels, limits=limits, fmt=fmt, first=False
+        )
     else:
         fraction = DEFAULT_HOLDOUT if holdout is None else holdout
         if not 0 < fraction <= 0.5:
@@ -93,7 +106,7 @@ def parse_upload(
     if len(train_examples) + len(test_examples) > limits.max_examples:
         raise InvalidDataset(field="train", reason=f"more than {limits.max_examples} examples")
     return TaskData(name=name, train=tuple(train_examples), test=tuple(test_examples),
-                    labels=tuple(labels) if labels else None)  # fmt: skip
+                    labels=tuple(labels) if labels else None, prompt_format=fmt)  # fmt: skip
 
 
 def _check_labels(labels: object) -> None:
@@ -106,8 +119,17 @@ def _check_labels(labels: object) -> None:
 
 
 def _parse_file(
-    field: str, data: bytes, *, format: str, labels: list[str] | None, limits: UploadLimits
-) -> list[Example]:
+    field: str,
+    data: bytes,
+    *,
+    format: str,
+    labels: list[str] | None,
+    limits: UploadLimits,
+    fmt: PromptFormat,
+    first: bool,
+) -> tuple[list[Example], PromptFormat]:
+    """The file's examples, and `fmt` with the completion template a labelled JSONL file is
+    written in (`first`: the file that sets it; the others must match it)."""
     if data.startswith(GZIP_MAGIC):
         data = _gunzip(field, data, limit=limits.max_expanded_bytes)
     if not data.strip():
@@ -130,20 +152,35 @@ def _parse_file(
             records = _json_list(text, field=field)
             if len(records) > limits.max_examples:
                 raise InvalidDataset(field=field, reason=f"more than {limits.max_examples} records")
-            examples = parse_cl_records(
-                records, labels, instruction=classification_instruction(labels)
-            )
+            examples = parse_cl_records(records, labels, fmt=fmt)
     except InvalidDataset as exc:  # name the file as well as the record's field
         inner = "" if exc.field in ("json", "record", "data", "records") else f".{exc.field}"
         raise InvalidDataset(field=field + inner, reason=exc.reason, line=exc.line) from exc
     if labels is not None and format == "jsonl":
-        known = set(labels)
-        numbers = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-        for number, example in zip(numbers, examples, strict=True):
-            if label_of(example) not in known:
-                reason = f"completion {example.completion!r} is not one of the labels"
-                raise InvalidDataset(field=f"{field}.completion", reason=reason, line=number)
-    return examples
+        fmt = _jsonl_completions(field, text, examples, labels, fmt=fmt, first=first)
+    return examples, fmt
+
+
+def _jsonl_completions(
+    field: str,
+    text: str,
+    examples: list[Example],
+    labels: list[str],
+    *,
+    fmt: PromptFormat,
+    first: bool,
+) -> PromptFormat:
+    """`fmt` with the completion template the file's completions are written in (the first
+    file's, which every later file must match); errors name the file's line."""
+    numbers = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    try:
+        template = completion_template_of(
+            examples, labels, expected=None if first else fmt.completion
+        )
+    except InvalidDataset as exc:
+        number = numbers[(exc.line or 1) - 1]
+        raise InvalidDataset(field=f"{field}.completion", reason=exc.reason, line=number) from exc
+    return PromptFormat(prompt=fmt.prompt, completion=template)
 
 
 def _gunzip(field: str, data: bytes, *, limit: int) -> bytes:

@@ -39,7 +39,7 @@ def score_task(
     examples = data.test[:limit]
     if data.labels:
         res = rank_classification(model, tokenizer, examples, data.labels, batch_size=batch_size,
-                                  max_length=max_length)  # fmt: skip
+                                  max_length=max_length, fmt=data.prompt_format)  # fmt: skip
         return "accuracy", res.accuracy, res.n
     loss = language_model_loss(model, tokenizer, examples, batch_size=batch_size,
                                max_length=max_length)  # fmt: skip
@@ -57,10 +57,13 @@ def evaluate_row(
     snapshot_id: int,
     adapter_version_id: int | None,
     limit: int,
+    adapter_ids: Sequence[int] | None = None,
     batch_size: int = 64,
     max_length: int | None = None,
 ) -> list[TaskScore]:
-    """Score `model` on each task's test split and record the cells (after_position, task)."""
+    """Score `model` on each task's test split and record the cells of the state it is:
+    `snapshot_id` and `adapter_ids` (by default `adapter_version_id` and what it depends on),
+    which has learned the task at `after_position`."""
     scores = []
     for task, data in tasks:
         if not data.test:
@@ -74,6 +77,7 @@ def evaluate_row(
             task_id=task.id,
             snapshot_id=snapshot_id,
             adapter_version_id=adapter_version_id,
+            adapter_ids=adapter_ids,
             job_id=reporter.job_id,
             metric=metric,
             value=value,

@@ -292,5 +292,5 @@ def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     evaluate_row(
         inst, reporter, state, tokenizer, datasets, after_position=position,
         snapshot_id=snapshot.id, adapter_version_id=newest.id, limit=limit,
-        max_length=method.hyper.max_length,
+        adapter_ids=[v.id for v in adapters], max_length=method.hyper.max_length,
     )  # fmt: skip

@@ -25,8 +25,10 @@ def evaluations(
         Literal["accuracy", "loss"], Query(description="loss: the free-form tasks' matrix")
     ] = "accuracy",
 ) -> object:
-    """R[t][i] (task i after learning task t) with average accuracy (ACC), backward transfer
-    (BWT), forward transfer (FWT) and forgetting over the tasks learned so far (classification
+    """R[t][i] (task i in the state that learned task t, over the stream's current lineage;
+    the last row is the lineage's newest state) with average accuracy (ACC), backward transfer
+    (BWT), forward transfer (FWT) and forgetting over the tasks learned so far, and every
+    measured state (classification
     tasks are scored by accuracy, free-form ones by completion loss, without the summary)."""
     matrix = inst.registry.evaluations.matrix(stream.id, metric=metric)
     summary: dict[str, float | None] = dict.fromkeys(SUMMARY)
@@ -42,6 +44,20 @@ def evaluations(
         "task_names": list(matrix.task_names),
         "values": [list(row) for row in matrix.values],
         "baseline": list(matrix.baseline),
+        "states": [
+            {
+                "after_position": st.after_position,
+                "state": st.label,
+                "snapshot_version": st.snapshot_version,
+                "adapters": list(st.adapters),
+                "kind": st.kind,
+                "job_id": st.job_id,
+                "values": list(st.values),
+                "in_lineage": st.in_lineage,
+                "measured_at": st.measured_at,
+            }
+            for st in matrix.states
+        ],
         **summary,
     }
 

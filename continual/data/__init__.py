@@ -1,6 +1,7 @@
 """Task data: examples, the prompt template, readers, the canonical JSONL form, synthetic tasks."""
 
 from continual.data.cl_benchmark import (
+    cl_format,
     classification_instruction,
     load_cl_benchmark,
     parse_cl_records,
@@ -8,9 +9,11 @@ from continual.data.cl_benchmark import (
 from continual.data.examples import (
     PROMPT_TEMPLATE,
     Example,
+    PromptFormat,
     TaskData,
-    format_completion,
+    completion_template_of,
     format_prompt,
+    instruction_format,
     label_of,
 )
 from continual.data.jsonl import from_jsonl, parse_jsonl, to_jsonl
@@ -19,11 +22,14 @@ from continual.data.synthetic import synthetic_corpus, synthetic_tasks
 __all__ = [
     "PROMPT_TEMPLATE",
     "Example",
+    "PromptFormat",
     "TaskData",
+    "cl_format",
     "classification_instruction",
-    "format_completion",
+    "completion_template_of",
     "format_prompt",
     "from_jsonl",
+    "instruction_format",
     "label_of",
     "load_cl_benchmark",
     "parse_cl_records",

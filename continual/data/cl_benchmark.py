@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from continual.data.examples import Example, TaskData, format_completion, format_prompt
+from continual.data.examples import Example, PromptFormat, TaskData, instruction_format
 from continual.errors import InvalidDataset
 
 logger = logging.getLogger(__name__)
@@ -20,8 +20,14 @@ def classification_instruction(labels: Sequence[str]) -> str:
     return "Classify the text. Options: " + ", ".join(labels) + "."
 
 
-def parse_cl_records(records: list[Any], labels: list[str], *, instruction: str) -> list[Example]:
-    """Turn `[{"sentence", "label"}, ...]` into examples; errors name the 1-based record."""
+def cl_format(labels: Sequence[str]) -> PromptFormat:
+    """The prompt format of a CL_Benchmark task: its instruction lists the options in order."""
+    return instruction_format(classification_instruction(labels))
+
+
+def parse_cl_records(records: list[Any], labels: list[str], *, fmt: PromptFormat) -> list[Example]:
+    """Turn `[{"sentence", "label"}, ...]` into examples rendered by `fmt`; errors name the
+    1-based record."""
     if not isinstance(records, list):
         raise InvalidDataset(field="records", reason="must be a JSON list of objects")
     known = set(labels)
@@ -37,8 +43,7 @@ def parse_cl_records(records: list[Any], labels: list[str], *, instruction: str)
         if record["label"] not in known:
             reason = f"{record['label']!r} is not one of labels.json"
             raise InvalidDataset(field="label", reason=reason, line=number)
-        prompt = format_prompt(instruction=instruction, text=record["sentence"])
-        examples.append(Example(prompt=prompt, completion=format_completion(record["label"])))
+        examples.append(fmt.example(text=record["sentence"], label=record["label"]))
     return examples
 
 
@@ -53,11 +58,11 @@ def load_cl_benchmark(
     """Load one task; `*_limit` keep a seeded random subset (in a random order)."""
     folder = Path(directory) / task
     labels = _read_labels(folder / "labels.json")
-    instruction = classification_instruction(labels)
+    fmt = cl_format(labels)
     splits: dict[str, tuple[Example, ...]] = {}
     for offset, (split, limit) in enumerate((("train", train_limit), ("test", test_limit))):
         records = _read_json(folder / f"{split}.json", field=split)
-        examples = parse_cl_records(records, labels, instruction=instruction)
+        examples = parse_cl_records(records, labels, fmt=fmt)
         splits[split] = tuple(_subsample(examples, limit=limit, seed=seed + offset))
     logger.info(
         "loaded %s: %d train, %d test, %d labels",
@@ -66,7 +71,10 @@ def load_cl_benchmark(
         len(splits["test"]),
         len(labels),
     )
-    return TaskData(name=task, train=splits["train"], test=splits["test"], labels=tuple(labels))
+    return TaskData(
+        name=task, train=splits["train"], test=splits["test"], labels=tuple(labels),
+        prompt_format=fmt,
+    )  # fmt: skip
 
 
 def _read_json(path: Path, *, field: str) -> Any:

@@ -1,15 +1,19 @@
 """JSON Lines: user uploads (`{"prompt", "completion"}`) and the canonical task serialisation.
 
 `to_jsonl` is canonical (sorted keys, ASCII escapes, no spaces, one object per line, `\\n` after
-every line) so equal tasks give equal bytes: the registry hashes them as the dataset digest.
+every line) so equal tasks give equal bytes: the registry hashes them as the dataset digest. Its
+header records the task's prompt format (`prompt_template`, `completion_template`); a header
+written before they were recorded reads as the bare `{text}` prompt and the completion template
+its examples are written in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
-from continual.data.examples import Example, TaskData
+from continual.data.examples import Example, PromptFormat, TaskData, completion_template_of
 from continual.errors import InvalidDataset
 
 FORMAT = "strata-task/1"
@@ -32,8 +36,8 @@ def parse_jsonl(text: str) -> list[Example]:
 
 def to_jsonl(task: TaskData) -> bytes:
     """Canonical bytes: a header line (format, name, labels), then train then test examples."""
-    header = {"format": FORMAT, "labels": list(task.labels) if task.labels else None}
-    header["name"] = task.name
+    labels = list(task.labels) if task.labels else None
+    header = {"format": FORMAT, "labels": labels, "name": task.name, **task.prompt_format.to_dict()}
     lines = [_dump(header)]
     for split in _SPLITS:
         for example in getattr(task, split):
@@ -52,7 +56,7 @@ def from_jsonl(data: bytes) -> TaskData:
     if not lines:
         raise InvalidDataset(field="data", reason="empty input")
     header = _load_line(lines[0], number=1)
-    _check_keys(header, required=("format", "labels", "name"), number=1)
+    _check_keys(header, required=("format", "labels", "name"), optional=_TEMPLATES, number=1)
     if header["format"] != FORMAT:
         raise InvalidDataset(field="format", reason=f"expected {FORMAT!r}", line=1)
     labels = _parse_labels(header["labels"])
@@ -64,12 +68,33 @@ def from_jsonl(data: bytes) -> TaskData:
             raise InvalidDataset(field="split", reason="must be 'train' or 'test'", line=number)
         example = Example(prompt=record["prompt"], completion=record["completion"])
         splits[record["split"]].append(example)
+    fmt = _header_format(header, labels=labels, examples=[*splits["train"], *splits["test"]])
     return TaskData(
         name=header["name"],
         train=tuple(splits["train"]),
         test=tuple(splits["test"]),
         labels=labels,
+        prompt_format=fmt,
     )
+
+
+_TEMPLATES = ("prompt_template", "completion_template")
+
+
+def _header_format(
+    header: dict[str, Any], *, labels: tuple[str, ...] | None, examples: list[Example]
+) -> PromptFormat:
+    if "completion_template" in header:
+        completion = header["completion_template"]
+    else:  # written before the format was recorded: the one its examples use, if they agree
+        completion = PromptFormat().completion  # (else what such tasks were scored with)
+        if labels:
+            with contextlib.suppress(InvalidDataset):
+                completion = completion_template_of(examples, labels)
+    try:
+        return PromptFormat(prompt=header.get("prompt_template", "{text}"), completion=completion)
+    except InvalidDataset as exc:
+        raise InvalidDataset(field=exc.field, reason=exc.reason, line=1) from exc
 
 
 def _dump(record: dict[str, Any]) -> str:
@@ -90,16 +115,19 @@ def _check_keys(
     record: dict[str, Any],
     *,
     required: tuple[str, ...],
+    optional: tuple[str, ...] = (),
     number: int,
 ) -> None:
-    """Exactly the required keys, each a string (except `labels`), in any order."""
+    """The required keys and no others but `optional` ones, each a string (except `labels`),
+    in any order."""
     for key in required:
         if key not in record:
             raise InvalidDataset(field=key, reason="missing", line=number)
+    for key in (*required, *(k for k in optional if k in record)):
         if key != "labels" and not isinstance(record[key], str):
             raise InvalidDataset(field=key, reason="must be a string", line=number)
     for key in record:
-        if key not in required:
+        if key not in required and key not in optional:
             raise InvalidDataset(field=str(key), reason="unknown field", line=number)
 
 

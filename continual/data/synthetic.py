@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from continual.data.examples import Example, TaskData, format_completion, format_prompt
+from continual.data.examples import Example, TaskData, instruction_format
 
 FILLER: tuple[str, ...] = (
     "the", "a", "this", "that", "my", "our", "one", "some", "today", "yesterday",
@@ -85,7 +85,10 @@ def _make_task(spec: _TaskSpec, *, seed: int, train_size: int, test_size: int) -
     labels = tuple(spec.cues)
     train = _sample(spec, rng=rng, size=train_size, avoid=set())
     test = _sample(spec, rng=rng, size=test_size, avoid={e.prompt for e in train})
-    return TaskData(name=spec.name, train=tuple(train), test=tuple(test), labels=labels)
+    return TaskData(
+        name=spec.name, train=tuple(train), test=tuple(test), labels=labels,
+        prompt_format=instruction_format(spec.instruction),
+    )  # fmt: skip
 
 
 def _sample(spec: _TaskSpec, *, rng: random.Random, size: int, avoid: set[str]) -> list[Example]:
@@ -93,14 +96,15 @@ def _sample(spec: _TaskSpec, *, rng: random.Random, size: int, avoid: set[str]) 
     labels = list(spec.cues)
     examples: list[Example] = []
     seen = set(avoid)
+    fmt = instruction_format(spec.instruction)
     for index in range(size):
         label = labels[index % len(labels)]
         for _attempt in range(20):  # redraw a few times to keep prompts unique
-            prompt = format_prompt(instruction=spec.instruction, text=_text(spec, label, rng))
-            if prompt not in seen:
+            example = fmt.example(text=_text(spec, label, rng), label=label)
+            if example.prompt not in seen:
                 break
-        seen.add(prompt)
-        examples.append(Example(prompt=prompt, completion=format_completion(label)))
+        seen.add(example.prompt)
+        examples.append(example)
     rng.shuffle(examples)
     return examples
 

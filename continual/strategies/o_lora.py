@@ -74,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 HISTORY_ADAPTER = "history"  # the folded earlier adapters
 LAMBDA2_NORMS = ("params", "update")  # what lambda2 weighs: the paper's, or the weight change
+LAMBDA1_NORMS = ("sum", "mean")  # the overlap summed (the paper's), or per layer and earlier rank
 
 
 @dataclass
@@ -83,12 +84,19 @@ class _PenaltyGroup:
     old: Tensor  # (L, r_old, d_in): the frozen history's A matrices, unscaled, detached
     new: tuple[Tensor, ...]  # L new A matrices (parameters), each (r, d_in)
 
-    def l1_overlap(self) -> Tensor:
+    def l1_overlap(self, *, per_earlier_rank: bool = False) -> Tensor:
+        """Sum over the group's layers of ||A_old A_new^T||_1, each divided by its r_old rows
+        when `per_earlier_rank`."""
         new = torch.stack(self.new)  # (L, r, d_in)
         if self.old.device != new.device or self.old.dtype != new.dtype:  # model moved
             self.old = self.old.to(device=new.device, dtype=new.dtype)
         products = torch.bmm(self.old, new.transpose(1, 2))  # (L, r_old, r)
-        return products.abs().sum()
+        total = products.abs().sum()
+        return total / self.old.shape[1] if per_earlier_rank else total
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.new)
 
 
 @dataclass
@@ -115,6 +123,16 @@ class _Prepared:
     groups: tuple[_PenaltyGroup, ...]
     new_params: tuple[nn.Parameter, ...]  # every matrix of the new adapter, for the L2 term
     updates: tuple[_UpdateGroup, ...]  # the new adapter's layers, for lambda2_norm="update"
+
+
+def overlap_penalty(groups: Sequence[_PenaltyGroup], *, norm: str) -> Tensor:
+    """The overlap term before lambda1: `sum` adds ||A_old A_new^T||_1 over every layer (the
+    paper's), `mean` averages over layers the overlap per earlier rank, ||A_old A_new^T||_1 /
+    r_old (see the module docstring)."""
+    if norm == "sum":
+        return torch.stack([g.l1_overlap() for g in groups]).sum()
+    per_layer = torch.stack([g.l1_overlap(per_earlier_rank=True) for g in groups]).sum()
+    return per_layer / sum(g.num_layers for g in groups)
 
 
 def fold_adapters(model: PeftModel, names: Sequence[str], *, into: str = HISTORY_ADAPTER) -> str:
@@ -266,6 +284,7 @@ class OLora:
         lambda2: float = 0.0,
         orthogonal_init: bool = False,
         lambda2_norm: str = "params",
+        lambda1_norm: str = "sum",
     ) -> None:
         for field, value in (("lambda1", lambda1), ("lambda2", lambda2)):
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -278,7 +297,11 @@ class OLora:
         if lambda2_norm not in LAMBDA2_NORMS:
             reason = f"must be one of {', '.join(LAMBDA2_NORMS)}, got {lambda2_norm!r}"
             raise InvalidHyperparameter(field="lambda2_norm", reason=reason)
+        if lambda1_norm not in LAMBDA1_NORMS:
+            reason = f"must be one of {', '.join(LAMBDA1_NORMS)}, got {lambda1_norm!r}"
+            raise InvalidHyperparameter(field="lambda1_norm", reason=reason)
         self.lambda1 = float(lambda1)
+        self.lambda1_norm = lambda1_norm
         self.lambda2 = float(lambda2)
         self.lambda2_norm = lambda2_norm
         self.orthogonal_init = orthogonal_init
@@ -319,8 +342,7 @@ class OLora:
             raise ValueError("o-lora extra_loss needs the model this strategy prepared last")
         terms: list[Tensor] = []
         if self.lambda1 > 0 and prepared.groups:
-            overlap = torch.stack([g.l1_overlap() for g in prepared.groups]).sum()
-            terms.append(self.lambda1 * overlap)
+            terms.append(self.lambda1 * overlap_penalty(prepared.groups, norm=self.lambda1_norm))
         if self.lambda2 > 0 and self.lambda2_norm == "update":
             norms = torch.cat([g.update_norms() for g in prepared.updates])
             terms.append(self.lambda2 * norms.sum())

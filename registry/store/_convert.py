@@ -80,6 +80,8 @@ def dataset(row: DatasetRow) -> Dataset:
         labels=tuple(row.labels) if row.labels is not None else None,
         size_bytes=row.size_bytes,
         created_at=aware(row.created_at),
+        prompt_template=row.prompt_template,
+        completion_template=row.completion_template,
     )
 
 

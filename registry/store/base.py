@@ -70,6 +70,8 @@ class TaskStore(Protocol):
         num_test: int,
         size_bytes: int,
         labels: Sequence[str] | None = None,
+        prompt_template: str | None = None,
+        completion_template: str | None = None,
     ) -> Dataset: ...
     def get_dataset(self, digest: str) -> Dataset: ...
     def get_dataset_by_id(self, dataset_id: int) -> Dataset: ...
@@ -171,6 +173,7 @@ class EvaluationStore(Protocol):
         value: float,
         num_examples: int,
         adapter_version_id: int | None = None,
+        adapter_ids: Sequence[int] | None = None,
         job_id: int | None = None,
     ) -> Evaluation: ...
     def matrix(self, stream_id: int, *, metric: str = "accuracy") -> EvaluationMatrix: ...

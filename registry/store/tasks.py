@@ -31,8 +31,11 @@ class SqlTaskStore:
         num_test: int,
         size_bytes: int,
         labels: Sequence[str] | None = None,
+        prompt_template: str | None = None,
+        completion_template: str | None = None,
     ) -> Dataset:
-        """Register a dataset whose blob is already stored; the same digest is the same dataset."""
+        """Register a dataset whose blob is already stored; the same digest is the same dataset
+        (its blob holds its prompt format, so the templates given are the blob's)."""
         check_digest(digest)
         if num_train < 1:
             raise InvalidValue("a dataset needs at least one training example", field="num_train")
@@ -47,6 +50,8 @@ class SqlTaskStore:
                     num_test=num_test,
                     size_bytes=size_bytes,
                     labels=list(labels) if labels is not None else None,
+                    prompt_template=prompt_template,
+                    completion_template=completion_template,
                 )
                 s.add(row)
                 s.flush()

@@ -7,7 +7,10 @@ import pytest
 
 from continual.data import (
     Example,
+    PromptFormat,
     TaskData,
+    cl_format,
+    completion_template_of,
     format_prompt,
     from_jsonl,
     load_cl_benchmark,
@@ -83,16 +86,85 @@ def test_jsonl_is_canonical() -> None:
     data = to_jsonl(_task())
     lines = data.decode("ascii").split("\n")
     assert lines[-1] == "" and len(lines) == 5  # header + 3 examples + trailing newline
-    assert lines[0] == '{"format":"strata-task/1","labels":["yes","no"],"name":"demo"}'
+    assert lines[0] == (
+        '{"completion_template":" {label}","format":"strata-task/1","labels":["yes","no"],'
+        '"name":"demo","prompt_template":"{text}"}'
+    )
     assert lines[1] == '{"completion":" yes","prompt":"Q: \\u00e9?\\nAnswer:","split":"train"}'
     assert json.loads(lines[3])["split"] == "test"
     assert to_jsonl(_task()) == data
+
+
+def test_a_header_written_before_templates_reads_the_template_its_examples_use() -> None:
+    header = b'{"format":"strata-task/1","labels":["yes","no"],"name":"x"}\n'
+    example = b'{"completion":"%s","prompt":"Q","split":"train"}\n'
+    bare = from_jsonl(header + example % b"yes" + example % b"no")
+    assert bare.prompt_format == PromptFormat(prompt="{text}", completion="{label}")
+    spaced = from_jsonl(header + example % b" yes")
+    assert spaced.prompt_format == PromptFormat()
+    # examples that disagree were scored with " label" before: they still load, as then
+    mixed = from_jsonl(header + example % b" yes" + example % b"no")
+    assert mixed.prompt_format == PromptFormat() and len(mixed.train) == 2
+
+
+def test_prompt_format_renders_prompts_and_completions() -> None:
+    fmt = cl_format(["World", "Sports"])
+    assert fmt.render_prompt("  Goal! ") == (
+        "Classify the text. Options: World, Sports.\nInput: Goal!\nAnswer:"
+    )
+    assert fmt.render_completion("Sports") == " Sports"
+    assert PromptFormat().render_prompt(" as written ") == " as written "  # bare {text}
+    assert PromptFormat(completion="{label}\n").render_completion(" yes ") == "yes\n"
+    # braces in the text are text, not placeholders
+    assert fmt.render_prompt("{label} {text}").endswith("Input: {label} {text}\nAnswer:")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "field"),
+    [
+        ("no placeholder", " {label}", "prompt_template"),
+        ("{text} and {text}", " {label}", "prompt_template"),
+        ("{text}", "label", "completion_template"),
+        ("{text}", "A: {label}", "completion_template"),
+    ],
+)
+def test_prompt_format_refuses_bad_templates(prompt: str, completion: str, field: str) -> None:
+    with pytest.raises(InvalidDataset) as info:
+        PromptFormat(prompt=prompt, completion=completion)
+    assert info.value.field == field
+
+
+def test_completion_template_is_the_whitespace_the_labels_are_written_with() -> None:
+    labels = ["yes", "no"]
+    assert completion_template_of([Example("q", "yes"), Example("q", "no")], labels) == "{label}"
+    assert completion_template_of([Example("q", " no\n")], labels) == " {label}\n"
+    with pytest.raises(InvalidDataset) as info:
+        completion_template_of([Example("q", "yes"), Example("q", " no")], labels)
+    assert (info.value.field, info.value.line) == ("completion", 2)
+    assert "'{label}'" in info.value.reason and "' {label}'" in info.value.reason
+    with pytest.raises(InvalidDataset) as info:
+        completion_template_of([Example("q", "no")], labels, expected=" {label}")
+    assert info.value.line == 1 and "the training examples" in info.value.reason
+    with pytest.raises(InvalidDataset) as info:
+        completion_template_of([Example("q", "maybe")], labels)
+    assert info.value.field == "completion" and "not one of the labels" in info.value.reason
 
 
 @pytest.mark.parametrize(
     ("data", "field", "line"),
     [
         (b'{"format":"other/1","labels":null,"name":"x"}\n', "format", 1),
+        (
+            b'{"completion_template":"A {label}","format":"strata-task/1","labels":null,'
+            b'"name":"x"}\n',
+            "completion_template",
+            1,
+        ),
+        (
+            b'{"format":"strata-task/1","labels":null,"name":"x","prompt_template":3}\n',
+            "prompt_template",
+            1,
+        ),
         (b'{"format":"strata-task/1","name":"x"}\n', "labels", 1),
         (b'{"format":"strata-task/1","labels":[1],"name":"x"}\n', "labels", 1),
         (
@@ -172,9 +244,8 @@ def test_load_cl_benchmark_missing_file(tmp_path: Path) -> None:
 
 
 def test_parse_cl_records_is_reusable() -> None:
-    examples = parse_cl_records(
-        [{"sentence": "x", "label": "b"}], ["a", "b"], instruction="Pick a or b."
-    )
+    fmt = PromptFormat(prompt="Pick a or b.\nInput: {text}\nAnswer:")
+    examples = parse_cl_records([{"sentence": " x ", "label": "b"}], ["a", "b"], fmt=fmt)
     assert examples == [Example("Pick a or b.\nInput: x\nAnswer:", " b")]
 
 

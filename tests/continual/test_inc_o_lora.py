@@ -180,6 +180,31 @@ def test_o_lora_penalty_matches_reference_and_reaches_only_the_new_adapter(
     )
 
 
+def test_o_lora_mean_norm_averages_the_overlap_over_layers_per_earlier_rank(
+    make_base: MakeBase, history: list[Path]
+) -> None:
+    summed = OLora(lambda1=0.5)
+    model = summed.prepare(make_base(), history=history, hyper=HYPER)
+    raw = summed.extra_loss(model)
+    mean = OLora(lambda1=0.5, lambda1_norm="mean")
+    model = mean.prepare(make_base(), history=history, hyper=HYPER)
+    states = [load_file(adapter / "adapter_model.safetensors") for adapter in history]
+    per_layer = []
+    for name, param in model.named_parameters():
+        if ".lora_A.task2." in name:
+            key = name.replace(".task2.", ".")
+            old = torch.cat([state[key].double() for state in states])  # (r_old, d_in)
+            per_layer.append((old @ param.detach().double().T).abs().sum() / old.shape[0])
+    extra = mean.extra_loss(model)
+    assert extra is not None and raw is not None
+    expected = 0.5 * torch.stack(per_layer).mean()
+    torch.testing.assert_close(extra.double(), expected, rtol=1e-5, atol=0)
+    assert float(raw) > 10 * float(extra)  # same adapters (same seeds), far smaller term
+    with pytest.raises(InvalidHyperparameter) as info:
+        OLora(lambda1_norm="max")
+    assert info.value.field == "lambda1_norm" and "sum, mean" in info.value.reason
+
+
 def _new_matrices(model: PeftModel, name: str) -> list[tuple[torch.nn.Parameter, ...]]:
     """(A, B) of adapter `name` in every LoRA layer, with the layer's scaling."""
     return [

@@ -1,0 +1,106 @@
+"""A task's prompt format: the tokens a labelled task is trained on are the tokens it is scored
+and queried on, on SmolLM2's own tokenizer, whichever way a user writes the labels."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from continual.batching import encode_pair
+from continual.data import label_of
+from continual.errors import InvalidDataset
+from continual.evaluation import label_scores
+from continual.models import build_tiny_llama
+from workers.datasets import UploadLimits, parse_upload
+from workers.models import smollm2_gguf
+
+LIMITS = UploadLimits(max_examples=1000, max_line_bytes=10_000)
+LABELS = ["positive", "negative"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer() -> PreTrainedTokenizerBase:
+    gguf = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _jsonl(rows: list[tuple[str, str]]) -> bytes:
+    return "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows).encode()
+
+
+def _upload(completion: str, **kwargs: Any) -> Any:
+    rows = [(f"Review {i}: it was {'great' if i % 2 else 'bad'}. Sentiment:",
+             completion.format(label=LABELS[i % 2])) for i in range(8)]  # fmt: skip
+    defaults: dict[str, Any] = {"test": None, "holdout": 0.25, "labels": LABELS}
+    return parse_upload(name="reviews", format="jsonl", train=_jsonl(rows), limits=LIMITS,
+                        **{**defaults, **kwargs})  # fmt: skip
+
+
+def _scored_ids(model: Any, tokenizer: Any, data: Any) -> list[list[int]]:
+    """The token ids `label_scores` runs through the decoder for the first test example, one
+    row per label."""
+    seen: list[torch.Tensor] = []
+
+    def spy(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        seen.extend(row[m.bool()] for row, m in zip(ids, mask, strict=True))
+
+    handle = model.get_decoder().register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        label_scores(model, tokenizer, data.test[:1], list(data.labels), shared_prefix=False,
+                     fmt=data.prompt_format)  # fmt: skip
+    finally:
+        handle.remove()
+    return [row.tolist() for row in seen]
+
+
+@pytest.mark.parametrize("written", ["{label}", " {label}"])
+def test_a_labelled_task_is_scored_on_the_tokens_it_is_trained_on(
+    smollm2_tokenizer: PreTrainedTokenizerBase, written: str
+) -> None:
+    tok = smollm2_tokenizer
+    data = _upload(written)
+    assert data.prompt_format.completion == written
+    # the two ways of writing a label are different SmolLM2 tokens: the test can tell them apart
+    assert tok.encode("positive", add_special_tokens=False) != tok.encode(
+        " positive", add_special_tokens=False
+    )
+    model = build_tiny_llama(seed=0, tokenizer=tok)[0]
+    example = data.test[0]
+    trained = encode_pair(tok, prompt=example.prompt, completion=example.completion, add_eos=True)
+    assert trained.ids[-1] == tok.eos_token_id
+    rows = _scored_ids(model, tok, data)
+    gold = list(data.labels).index(label_of(example))
+    assert rows[gold] == list(trained.ids[:-1])  # the trained tokens, but the end of sequence
+    for label, row in zip(data.labels, rows, strict=True):
+        scored = row[trained.prompt_len :]
+        assert scored == tok.encode(written.format(label=label), add_special_tokens=False)
+
+
+def test_labels_written_two_ways_are_refused_with_the_line() -> None:
+    rows = [("a", "positive"), ("b", " negative")]
+    with pytest.raises(InvalidDataset) as info:
+        parse_upload(name="x", format="jsonl", train=_jsonl(rows), test=None, labels=LABELS,
+                     holdout=None, limits=LIMITS)  # fmt: skip
+    assert (info.value.field, info.value.line) == ("train.completion", 2)
+    test = _jsonl([("c", " positive")])
+    with pytest.raises(InvalidDataset) as info:
+        _upload("{label}", test=test, holdout=None)
+    assert (info.value.field, info.value.line) == ("test.completion", 1)
+    assert "the training examples" in info.value.reason
+
+
+def test_a_cl_benchmark_upload_records_its_template() -> None:
+    records = [{"sentence": f" text {i} ", "label": LABELS[i % 2]} for i in range(4)]
+    data = parse_upload(name="cl", format="cl_benchmark", train=json.dumps(records).encode(),
+                        test=None, labels=LABELS, holdout=0.25, limits=LIMITS)  # fmt: skip
+    fmt = data.prompt_format
+    assert fmt.prompt == "Classify the text. Options: positive, negative.\nInput: {text}\nAnswer:"
+    assert fmt.completion == " {label}"
+    for example in (*data.train, *data.test):
+        text = example.prompt.split("Input: ")[1].split("\nAnswer:")[0]
+        assert fmt.example(text=text, label=label_of(example)) == example
