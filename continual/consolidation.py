@@ -11,8 +11,7 @@ consolidation), and keep O-LoRA's memory of the folded tasks.
   puts it first in the history of every later task, so its penalty keeps new adapters
   orthogonal to tasks already folded into the base, exactly as to unfolded earlier adapters.
 
-Input-dependent mixing (AM-LoRA) has no exact fold: consolidating such a stream is refused by
-the caller.
+`continual.fold` consolidates a whole stream state with these (and AM-LoRA's gated fold).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from continual.strategies.common import ADAPTER_WEIGHTS
+from continual.strategies.common import ADAPTER_WEIGHTS, MEMORY_MARK
 
 logger = logging.getLogger(__name__)
 
@@ -115,27 +114,47 @@ def folded_subspace(
     tolerance: float = 1e-6,
 ) -> Subspace:
     """Per layer, an orthonormal basis (k, d_in), k <= max_rank, of the row space of the active
-    adapters' A matrices together with the `previous` basis: SVD of the stacked rows, keeping
-    the strongest directions whose singular value exceeds `tolerance` x the largest."""
+    adapters' A matrices together with the `previous` basis (see `subspace_of`)."""
+    rows: dict[str, list[Tensor]] = {}
+    out_features: dict[str, int] = {}
+    for path, (layer, active) in _active_lora_linears(model).items():
+        rows[path] = [_lora_weights(layer, name)[0] for name in active]  # (r_i, d_in) each
+        out_features[path] = int(_base_weight(layer).shape[0])
+    return subspace_of(
+        rows, out_features=out_features, previous=previous, max_rank=max_rank, tolerance=tolerance
+    )
+
+
+@torch.no_grad()
+def subspace_of(
+    rows: dict[str, list[Tensor]],
+    *,
+    out_features: dict[str, int],
+    previous: Subspace | None = None,
+    max_rank: int = DEFAULT_MEMORY_RANK,
+    tolerance: float = 1e-6,
+) -> Subspace:
+    """Per layer (module path), an orthonormal basis (k, d_in), k <= max_rank, of the row space
+    of the given A matrices (each (r_i, d_in)) together with the `previous` basis: SVD of the
+    stacked rows, keeping the strongest directions whose singular value exceeds `tolerance` x
+    the largest."""
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
     basis: dict[str, Tensor] = {}
-    out_features: dict[str, int] = {}
     norms: list[Tensor] = []
-    for path, (layer, active) in _active_lora_linears(model).items():
-        rows = [_lora_weights(layer, name)[0].detach().double() for name in active]  # (r_i, d_in)
-        norms += [r.norm(dim=1) for r in rows]
+    for path, matrices in rows.items():
+        current = [m.detach().double() for m in matrices]
+        norms += [r.norm(dim=1) for r in current]
         if previous is not None and path in previous.basis:
-            rows.append(previous.basis[path].double() * _row_scale(rows))
-        stacked = torch.cat(rows)  # (R, d_in)
+            current.append(previous.basis[path].double() * _row_scale(current))
+        stacked = torch.cat(current)  # (R, d_in)
         _, singular, vh = torch.linalg.svd(stacked, full_matrices=False)  # vh: (R, d_in)
         keep = int((singular > tolerance * singular[0]).sum())
         basis[path] = vh[: min(keep, max_rank)].float().contiguous()
-        out_features[path] = int(_base_weight(layer).shape[0])
     if not basis:
         raise ValueError("the model has no active adapters")
     scale = float(torch.cat(norms).square().mean().sqrt())
-    return Subspace(basis=basis, out_features=out_features, scale=scale)
+    return Subspace(basis=basis, out_features=dict(out_features), scale=scale)
 
 
 def _row_scale(rows: list[Tensor]) -> float:
@@ -163,7 +182,7 @@ def save_memory_adapter(subspace: Subspace, out_dir: Path) -> None:
         inference_mode=True,
     )
     config.save_pretrained(str(out_dir))
-    metadata = {"format": "pt", "strata": "olora-memory", "scale": repr(subspace.scale)}
+    metadata = {"format": "pt", "strata": MEMORY_MARK, "scale": repr(subspace.scale)}
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata=metadata)
 
 
@@ -172,7 +191,7 @@ def load_memory_adapter(adapter_dir: Path) -> Subspace:
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        if metadata.get("strata") != "olora-memory":
+        if metadata.get("strata") != MEMORY_MARK:
             raise ValueError(f"{adapter_dir} is not an O-LoRA memory adapter")
         scale = float(metadata["scale"])
         tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118

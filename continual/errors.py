@@ -51,3 +51,19 @@ class MissingWeights(ValueError):
         super().__init__(f"{path} lacks weights the model needs: {shown}")
         self.path = path
         self.keys = keys
+
+
+class ConsolidationRegressed(Exception):
+    """A fold that is not exact (AM-LoRA's) lost more than `max_drop` accuracy points on some
+    task; `table` has every task's accuracy before and after. Nothing is published."""
+
+    code = "consolidation_regressed"
+
+    def __init__(self, *, table: str, max_drop: float, tasks: list[str]) -> None:
+        super().__init__(
+            f"folding would drop {', '.join(tasks)} by more than {max_drop:g} points "
+            f"(max_drop); nothing was published:\n{table}"
+        )
+        self.table = table
+        self.max_drop = max_drop
+        self.tasks = tasks

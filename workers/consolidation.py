@@ -1,19 +1,23 @@
 """Consolidation jobs: fold a stream's adapters into a new base snapshot and move the stream
-onto it, after checking that nothing changed.
+onto it, after checking what the fold changed.
 
-1. The stream's current state (its snapshot and newest adapters) is built as for inference.
-2. Its logits on a sample of every task's test prompts are the reference.
-3. The adapters are folded into the base weights in fp32 (`continual.consolidation`).
-4. The folded model alone must reproduce the reference within `FOLD_ATOL` (fp32 weights) or
-   `FOLD_ATOL_HALF` (16-bit weights, which round once when cast back); otherwise the job fails
-   and the stream stays on its old snapshot.
-5. The new snapshot is stored tensor by tensor (only the changed tensors are new blobs), with
-   O-LoRA's memory of the folded tasks' subspace, then registered as the stream's current
-   snapshot with lineage edges to its parent, the folded adapters and this job; every task is
-   re-evaluated on it.
-
-AM-LoRA streams are refused: their per-token mixture of adapters is input-dependent and has no
-exact fold into one weight matrix (folding the sum would change what the model computes).
+1. The stream's current state (its snapshot and the adapters on it) is built as for inference.
+2. The state is folded into the base weights (`continual.fold.fold_state`, the code `strata
+   bench --consolidate-after` runs too):
+   - seq-lora, inc-lora and o-lora fold exactly: the folded model alone must reproduce the
+     adapted model's logits on a few sequences of every adapter's task within `FOLD_ATOL` (fp32
+     weights) or `FOLD_ATOL_HALF` (16-bit weights, which round once when cast back);
+   - am-lora's per-token mixture has no exact fold: every task is measured on the routed state
+     first, and the fold is published only if no task's accuracy on the folded state drops by
+     more than `max_drop` points (the job's parameter, else the stream's consolidation policy,
+     else `DEFAULT_MAX_DROP`). Otherwise the job fails with `consolidation_regressed` and the
+     per-task table of routed and folded accuracy; nothing is stored.
+   Either way the stream stays on its old snapshot when the check fails.
+3. The new snapshot is stored tensor by tensor (only the changed tensors are new blobs), with
+   the memory of the folded tasks (o-lora: their input subspace; am-lora: that and the task
+   router's statistics, so later tasks route the folded tasks' inputs to the snapshot itself),
+   then registered as the stream's current snapshot with lineage edges to its parent, the
+   folded adapters and this job; every task's score on it is recorded as a new state.
 """
 
 from __future__ import annotations
@@ -25,25 +29,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 
 from continual.batching import encode_pair
-from continual.consolidation import (
-    MEMORY_DIR,
-    Subspace,
-    fold_into_base,
-    folded_subspace,
-    folded_weight_names,
-    load_memory_adapter,
-    save_memory_adapter,
-)
 from continual.data import TaskData
+from continual.fold import (
+    FOLDABLE,
+    GATED_METHODS,
+    Fold,
+    TaskCheck,
+    check_drops,
+    drop_table,
+    fold_state,
+)
 from registry.artifacts import read_manifest
 from registry.entities import AdapterVersion, Job, JobKind, Snapshot, Stream, Task
 from registry.errors import Conflict, InvalidValue
 from registry.instance import Instance
 from workers.datasets import load_dataset
-from workers.evaluation import evaluate_row
+from workers.evaluation import TaskScore, record_row, score_row
 from workers.jobs import DEFAULT_EVAL_LIMIT, recorded_setup
 from workers.models import fetch_tree, load_snapshot, memory_dirs, store_derived
 from workers.reporting import JobReporter
@@ -52,31 +55,46 @@ log = logging.getLogger(__name__)
 
 FOLD_ATOL = 1e-3  # fp32: summing B A into W reorders float additions, nothing more
 FOLD_ATOL_HALF = 5e-2  # bf16 / fp16 weights round to ~3 significant digits when cast back
-VERIFY_PROMPTS_PER_TASK = 4
-FOLDABLE = ("seq-lora", "inc-lora", "o-lora")
+PROBES_PER_TASK = 16  # sequences of each adapter's task: the exact check, am-lora's mean gates
+DEFAULT_MAX_DROP = 2.0  # accuracy points a task may lose to a fold that is not exact
 POLICY = {
     "every_tasks": "fold once this many adapters sit on the current snapshot",
     "max_adapters": "fold when more adapters than this sit on the current snapshot",
     "max_rank": "fold when their ranks add up to more than this",
 }
+GATE = {"max_drop": "accuracy points any task may lose to a fold that is not exact (am-lora)"}
+__all__ = ["FOLDABLE", "check_policy", "consolidate", "due", "queue_if_due"]
 
 
-def check_policy(policy: object, *, method: str) -> dict[str, int]:
-    """A stream's consolidation policy: positive integers for any of `POLICY`'s keys."""
+def check_policy(policy: object, *, method: str) -> dict[str, Any]:
+    """A stream's consolidation policy: positive integers for any of `POLICY`'s keys (when to
+    fold), and `max_drop`, a number >= 0 (how much a fold may cost)."""
     if not isinstance(policy, dict):
         raise InvalidValue("must be an object", field="consolidation")
-    out: dict[str, int] = {}
+    out: dict[str, Any] = {}
     for key, value in policy.items():
-        if key not in POLICY:
-            raise InvalidValue(f"unknown policy key (known: {sorted(POLICY)})", field=key)
+        if key not in POLICY and key not in GATE:
+            raise InvalidValue(f"unknown policy key (known: {sorted({**POLICY, **GATE})})",
+                               field=key)  # fmt: skip
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidValue(f"must be a positive integer, got {value!r}", field=key)
-        out[key] = value
-    if out and method not in FOLDABLE:
+        out[key] = check_max_drop(value) if key in GATE else _positive_int(value, field=key)
+    if set(out) & set(POLICY) and method not in FOLDABLE:
         raise InvalidValue(f"{method} streams cannot be consolidated", field="consolidation")
     return out
+
+
+def check_max_drop(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+        raise InvalidValue(f"must be a number of points in [0, 100], got {value!r}",
+                           field="max_drop")  # fmt: skip
+    return float(value)
+
+
+def _positive_int(value: object, *, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidValue(f"must be a positive integer, got {value!r}", field=field)
+    return value
 
 
 def due(inst: Instance, stream: Stream) -> str | None:
@@ -120,24 +138,25 @@ def queue_if_due(inst: Instance, stream_id: int, *, after_job: int) -> Job | Non
 def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:
     reg = inst.registry
     assert job.stream_id is not None
+    stream = reg.streams.get_by_id(job.stream_id)
     snapshot = reg.streams.current_snapshot(job.stream_id)
     adapters = reg.adapters.stream_state(stream_id=job.stream_id, snapshot_id=snapshot.id)
     if not adapters:
         raise Conflict(f"no adapters on snapshot v{snapshot.version} to fold", field="stream")
     method = adapters[-1].method
     if method not in FOLDABLE:
-        raise InvalidValue(
-            f"{method} streams cannot be consolidated: its input-dependent mixture of adapters "
-            "has no exact fold into the base weights", field="method",
-        )  # fmt: skip
+        raise InvalidValue(f"{method} streams cannot be consolidated", field="method")
+    max_drop = check_max_drop(
+        job.params.get("max_drop", stream.consolidation.get("max_drop", DEFAULT_MAX_DROP))
+    )
     tasks = reg.tasks.list_tasks(job.stream_id)
     datasets = [(t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id))) for t in tasks]
     reporter.event(f"folding {len(adapters)} {method} adapters into snapshot v{snapshot.version}")
-    folded, tokenizer, changed, subspace = _fold_verified(
-        inst, reporter, snapshot, adapters, datasets
+    fold, scores = _fold_checked(
+        inst, job, reporter, snapshot, adapters, datasets, max_drop=max_drop
     )
     started = time.perf_counter()
-    digest, sizes = _store(inst, folded, changed, subspace, parent=snapshot)
+    digest, sizes = _store(inst, fold, parent=snapshot)
     stored: dict[str, float] = {**sizes, "seconds_store": round(time.perf_counter() - started, 3)}
     new = reg.streams.add_snapshot(
         stream_id=job.stream_id, artifact_digest=digest, parent_id=snapshot.id,
@@ -146,49 +165,61 @@ def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:
                 "folded": [f"{v.task_name}@v{v.version}" for v in adapters]},
     )  # fmt: skip
     reporter.event(f"stream on snapshot v{new.version}", metrics=stored)
-    reporter.progress(0.8)
+    reporter.progress(0.9)
     after = max(t.position for t in tasks if t.id in {v.task_id for v in adapters})
-    setup = recorded_setup(adapters[-1])
-    state = setup.strategy().inference_model(folded, history=memory_dirs(inst, new, method))
-    limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
-    # prompts cut where training cut them, as the training jobs' own evaluations do
-    evaluate_row(inst, reporter, state, tokenizer, datasets, after_position=after,
-                 snapshot_id=new.id, adapter_version_id=None, limit=limit,
-                 max_length=setup.hyper.max_length)  # fmt: skip
+    record_row(inst, reporter, scores, after_position=after, snapshot_id=new.id,
+               adapter_version_id=None)  # fmt: skip
 
 
-def _fold_verified(
+def _fold_checked(
     inst: Instance,
+    job: Job,
     reporter: JobReporter,
     snapshot: Snapshot,
     adapters: list[AdapterVersion],
     datasets: list[tuple[Task, TaskData]],
-) -> tuple[Any, Any, list[str], Subspace | None]:
-    """The folded model (its logits checked against the adapted model's), its tokenizer, the
-    names of the weights the fold changed and, for O-LoRA, the subspace of every task now in
-    the base."""
+    *,
+    max_drop: float,
+) -> tuple[Fold, list[TaskScore]]:
+    """The fold (checked: exact within tolerance, or no task past `max_drop`) and every task's
+    score on the folded model."""
     method = adapters[-1].method
+    setup = recorded_setup(adapters[-1])
+    limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
+    # prompts cut where training cut them, as the training jobs' own evaluations do
+    cut = setup.hyper.max_length
     clock = _Clock()
-    memory = memory_dirs(inst, snapshot, method)
-    dirs = memory + [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
+    dirs = memory_dirs(inst, snapshot, method)
+    dirs += [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
     base, tokenizer = load_snapshot(inst, snapshot)
-    state = recorded_setup(adapters[-1]).strategy().inference_model(base, history=dirs)
-    if not isinstance(state, PeftModel):
-        raise InvalidValue(f"{method} does not build a PEFT model to fold", field="method")
+    state = setup.strategy().inference_model(base, history=dirs)
     clock.lap("seconds_load")
-    prompts = _verification_inputs(tokenizer, [d for _, d in datasets])
-    reference = _logits(state, prompts)
-    clock.lap("seconds_verify")
-    previous = load_memory_adapter(memory[0]) if memory else None
-    subspace = folded_subspace(state, previous=previous) if method == "o-lora" else None
-    changed = folded_weight_names(state)
-    folded = fold_into_base(state)
+    before = None
+    if method in GATED_METHODS:
+        reporter.event("measuring every task on the routed state before the fold")
+        before = score_row(state, tokenizer, datasets, limit=limit, max_length=cut)
+        clock.lap("seconds_evaluate")
+    reporter.progress(0.3)
+    data = {task.id: d for task, d in datasets}
+    probes = [_probes(tokenizer, data[v.task_id], max_length=cut) for v in adapters]
+    fold = fold_state(state, method=method, history=dirs, probes=probes)
     clock.lap("seconds_fold")
-    gap = max(
-        float((a - b).abs().max()) for a, b in zip(reference, _logits(folded, prompts), strict=True)
-    )
-    clock.lap("seconds_verify")
-    tolerance = FOLD_ATOL if next(folded.parameters()).dtype == torch.float32 else FOLD_ATOL_HALF
+    if fold.exact:
+        _check_exact(reporter, fold.max_logit_diff, fold.model, snapshot, clock)
+    reporter.progress(0.5)
+    scores = score_row(fold.model, tokenizer, datasets, limit=limit, max_length=cut)
+    clock.lap("seconds_evaluate")
+    if before is not None:
+        _check_drops(reporter, before, scores, fold.mean_gates, adapters, max_drop=max_drop,
+                     laps=clock.laps)  # fmt: skip
+    return fold, scores
+
+
+def _check_exact(
+    reporter: JobReporter, gap: float | None, model: Any, snapshot: Snapshot, clock: Any
+) -> None:
+    gap = 0.0 if gap is None else gap
+    tolerance = FOLD_ATOL if next(model.parameters()).dtype == torch.float32 else FOLD_ATOL_HALF
     reporter.event(f"max |logit difference| after folding: {gap:.2e} (tolerance {tolerance:g})",
                    metrics={"fold_max_abs_logit_diff": gap, "tolerance": tolerance,
                             **clock.laps})  # fmt: skip
@@ -196,7 +227,31 @@ def _fold_verified(
         raise Conflict(f"the folded model differs from the adapted one by {gap:.3g} "
                        f"(> {tolerance:g}); the stream stays on snapshot v{snapshot.version}",
                        field="fold")  # fmt: skip
-    return folded, tokenizer, changed, subspace
+
+
+def _check_drops(
+    reporter: JobReporter,
+    before: list[TaskScore],
+    after: list[TaskScore],
+    gates: tuple[float, ...] | None,
+    adapters: list[AdapterVersion],
+    *,
+    max_drop: float,
+    laps: dict[str, float],
+) -> None:
+    """Report routed against folded accuracy per task; raise ConsolidationRegressed when a
+    task drops more than `max_drop` points."""
+    routed = {s.task.id: s.value for s in before if s.metric == "accuracy"}
+    checks = [TaskCheck(task=s.task.name, before=routed.get(s.task.id), after=s.value)
+              for s in after if s.metric == "accuracy"]  # fmt: skip
+    metrics: dict[str, float] = {**laps, "max_drop": max_drop}
+    for check in checks:
+        metrics[f"routed.{check.task}"] = check.before if check.before is not None else -1.0
+        metrics[f"folded.{check.task}"] = check.after
+    for version, gate in zip(adapters, gates or (), strict=False):
+        metrics[f"mean_gate.{version.task_name}"] = gate
+    reporter.event("routed vs folded accuracy per task:\n" + drop_table(checks), metrics=metrics)
+    check_drops(checks, max_drop=max_drop)
 
 
 class _Clock:
@@ -212,41 +267,24 @@ class _Clock:
         self._last = now
 
 
-def _verification_inputs(tokenizer: Any, datasets: list[Any]) -> list[torch.Tensor]:
-    """A few test prompts of every task (training prompts when a task has no test split)."""
-    prompts = []
-    for data in datasets:
-        examples = (data.test or data.train)[:VERIFY_PROMPTS_PER_TASK]
-        for ex in examples:
-            ids = encode_pair(tokenizer, prompt=ex.prompt, completion=ex.completion,
-                              add_eos=False, max_length=256).ids  # fmt: skip
-            prompts.append(torch.tensor([ids]))
-    return prompts
+def _probes(tokenizer: Any, data: TaskData, *, max_length: int) -> list[torch.Tensor]:
+    """A few training sequences of a task (prompt and completion, cut as training cut them;
+    test examples when it has no training split), each (1, T)."""
+    probes = []
+    for ex in (data.train or data.test)[:PROBES_PER_TASK]:
+        ids = encode_pair(tokenizer, prompt=ex.prompt, completion=ex.completion,
+                          add_eos=False, max_length=max_length).ids  # fmt: skip
+        probes.append(torch.tensor([ids]))
+    return probes
 
 
-def _logits(model: Any, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return [model(input_ids=p.to(device)).logits.float().cpu() for p in prompts]
-
-
-def _store(
-    inst: Instance,
-    model: Any,
-    changed: list[str],
-    subspace: Subspace | None,
-    *,
-    parent: Snapshot,
-) -> tuple[str, dict[str, int]]:
-    """Store the folded model (and O-LoRA's memory); returns its digest and byte counts. Only
-    the weights the fold changed are written: the rest is the parent snapshot's, as stored."""
-    extra = None
+def _store(inst: Instance, fold: Fold, *, parent: Snapshot) -> tuple[str, dict[str, int]]:
+    """Store the folded model (and the memory of the folded tasks); returns its digest and byte
+    counts. Only the weights the fold changed are written: the rest is the parent snapshot's."""
     with tempfile.TemporaryDirectory(prefix="strata-memory-") as tmp:
-        if subspace is not None:
-            save_memory_adapter(subspace, Path(tmp) / MEMORY_DIR)
-            extra = Path(tmp)
+        extra = Path(tmp) if fold.write_memory(Path(tmp)) else None
         digest = store_derived(
-            inst, model, parent=parent.artifact_digest, changed=changed, extra=extra
+            inst, fold.model, parent=parent.artifact_digest, changed=fold.changed, extra=extra
         )
     old = read_manifest(inst.artifacts, parent.artifact_digest)["files"]
     new = read_manifest(inst.artifacts, digest)["files"]

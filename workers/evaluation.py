@@ -64,6 +64,25 @@ def evaluate_row(
     """Score `model` on each task's test split and record the cells of the state it is:
     `snapshot_id` and `adapter_ids` (by default `adapter_version_id` and what it depends on),
     which has learned the task at `after_position`."""
+    scores = score_row(
+        model, tokenizer, tasks, limit=limit, batch_size=batch_size, max_length=max_length
+    )
+    record_row(inst, reporter, scores, after_position=after_position, snapshot_id=snapshot_id,
+               adapter_version_id=adapter_version_id, adapter_ids=adapter_ids)  # fmt: skip
+    return scores
+
+
+def score_row(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[tuple[Task, TaskData]],
+    *,
+    limit: int,
+    batch_size: int = 64,
+    max_length: int | None = None,
+) -> list[TaskScore]:
+    """Score `model` on each task's test split (tasks without one are left out); records
+    nothing."""
     scores = []
     for task, data in tasks:
         if not data.test:
@@ -71,6 +90,23 @@ def evaluate_row(
         metric, value, n = score_task(
             model, tokenizer, data, limit=limit, batch_size=batch_size, max_length=max_length
         )
+        scores.append(TaskScore(task=task, metric=metric, value=value, num_examples=n))
+    return scores
+
+
+def record_row(
+    inst: Instance,
+    reporter: JobReporter,
+    scores: Sequence[TaskScore],
+    *,
+    after_position: int,
+    snapshot_id: int,
+    adapter_version_id: int | None,
+    adapter_ids: Sequence[int] | None = None,
+) -> None:
+    """Record scores measured on one state (see `evaluate_row`)."""
+    for score in scores:
+        task = score.task
         inst.registry.evaluations.record(
             stream_id=task.stream_id,
             after_position=after_position,
@@ -79,13 +115,12 @@ def evaluate_row(
             adapter_version_id=adapter_version_id,
             adapter_ids=adapter_ids,
             job_id=reporter.job_id,
-            metric=metric,
-            value=value,
-            num_examples=n,
+            metric=score.metric,
+            value=score.value,
+            num_examples=score.num_examples,
         )
         where = "base" if after_position < 0 else f"after task {after_position}"
         reporter.event(
-            f"evaluated {task.name} ({where}): {metric}={value:.4f}", metrics={metric: value}
+            f"evaluated {task.name} ({where}): {score.metric}={score.value:.4f}",
+            metrics={score.metric: score.value},
         )
-        scores.append(TaskScore(task=task, metric=metric, value=value, num_examples=n))
-    return scores

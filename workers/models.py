@@ -230,8 +230,9 @@ def model_device(name: str) -> torch.device:
 
 
 def memory_dirs(inst: Instance, snapshot: Snapshot, method: str) -> list[Path]:
-    """O-LoRA's memory of the tasks folded into `snapshot` (first in its history), if any."""
-    if method != "o-lora":
+    """The memory of the tasks folded into `snapshot` (first in its history), if any: o-lora's
+    and am-lora's (`continual.fold.WITH_MEMORY`)."""
+    if method not in ("o-lora", "am-lora"):
         return []
     memory = fetch_tree(inst, snapshot.artifact_digest) / MEMORY_DIR
     return [memory] if memory.is_dir() else []

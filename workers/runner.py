@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 
 from continual.errors import (
+    ConsolidationRegressed,
     IncompatibleAdapter,
     InvalidCheckpoint,
     InvalidDataset,
@@ -76,6 +77,7 @@ def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -
         InvalidDataset,
         InvalidCheckpoint,
         IncompatibleAdapter,
+        ConsolidationRegressed,
     ) as exc:
         return _fail(inst, reporter, job.id, code=_code(exc), message=str(exc))
     except Exception as exc:
@@ -90,7 +92,7 @@ def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -
 
 
 def _code(exc: Exception) -> str:
-    if isinstance(exc, RegistryError):
+    if isinstance(exc, RegistryError | ConsolidationRegressed):
         return exc.code
     if isinstance(exc, InvalidCheckpoint):
         return "invalid_checkpoint"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
@@ -71,12 +71,13 @@ def consolidate(
     _: WriteToken,
 ) -> object:
     """Queue a consolidation: after the stream's earlier jobs, its adapters are folded into a
-    new base snapshot (verified against the adapted model) that becomes current."""
+    new base snapshot that becomes current. An exact fold is verified against the adapted
+    model; am-lora's is published only if no task drops more than `max_drop` points."""
     if stream.method not in FOLDABLE:
         raise InvalidValue(f"{stream.method} streams cannot be consolidated", field="method")
-    job = inst.registry.jobs.create(
-        kind=JobKind.CONSOLIDATE, stream_id=stream.id,
-        params={"reason": "requested", "eval_limit": body.eval_limit},
-    )  # fmt: skip
+    params: dict[str, Any] = {"reason": "requested", "eval_limit": body.eval_limit}
+    if body.max_drop is not None:
+        params["max_drop"] = body.max_drop
+    job = inst.registry.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=stream.id, params=params)
     enqueue(inst, dispatcher, job)
     return inst.registry.jobs.get(job.id)

@@ -47,22 +47,29 @@ Design choices:
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import peft
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from continual.config import LoraHyperparams, check_number
 from continual.errors import InvalidHyperparameter
-from continual.strategies.am_lora_layer import AmLoraLinear, FrozenAdapters, stack_adapters
+from continual.strategies.am_lora_files import (
+    SELECTOR_FILE,
+    Memory,
+    adapter_modules,
+    load_adapters,
+    load_selector,
+    load_statistics,
+    split_history,
+)
+from continual.strategies.am_lora_layer import AmLoraLinear
 from continual.strategies.am_lora_router import (
     COUNTS,
     MEANS,
@@ -73,19 +80,17 @@ from continual.strategies.am_lora_router import (
 )
 from continual.strategies.base import register_strategy
 from continual.strategies.common import (
-    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     PEFT_PREFIX,
     check_adapter_fits,
 )
+from continual.strategies.o_lora import LAMBDA1_NORMS, PenaltyGroup, overlap_penalty, penalty_groups
 from continual.training import set_lr_scale
 
 logger = logging.getLogger(__name__)
 
-SELECTOR_FILE = "selector.safetensors"
-STATISTICS = frozenset({MEANS, COUNTS, WITHIN})
 Selector = tuple[Tensor, Tensor]  # (weight (n, out), bias (n + 1,)) of one layer
 
 
@@ -101,12 +106,22 @@ class AmLora:
         sparsity_weight: float = 0.01,
         selector_lr_scale: float = 1.0,
         routing_weight: float = 1.0,
+        lambda1: float = 0.0,
+        lambda2: float = 0.0,
+        lambda1_norm: str = "mean",
     ) -> None:
         self.sparsity_weight = check_number(sparsity_weight, field="sparsity_weight", low=0.0)
         self.selector_lr_scale = check_number(
             selector_lr_scale, field="selector_lr_scale", low=0.0, low_inclusive=False
         )
         self.routing_weight = check_number(routing_weight, field="routing_weight", low=0.0)
+        self.lambda1 = check_number(lambda1, field="lambda1", low=0.0)
+        self.lambda2 = check_number(lambda2, field="lambda2", low=0.0)
+        if lambda1_norm not in LAMBDA1_NORMS:
+            reason = f"must be one of {', '.join(LAMBDA1_NORMS)}, got {lambda1_norm!r}"
+            raise InvalidHyperparameter(field="lambda1_norm", reason=reason)
+        self.lambda1_norm = lambda1_norm
+        self._overlap: tuple[weakref.ref[nn.Module], tuple[PenaltyGroup, ...]] | None = None
 
     def prepare(
         self, base: PreTrainedModel, *, history: Sequence[Path], hyper: LoraHyperparams
@@ -115,12 +130,13 @@ class AmLora:
         torch.manual_seed(hyper.seed + len(history))
         for adapter_dir in history:
             check_adapter_fits(base, adapter_dir)
+        memory, adapters = split_history(history)
         base.requires_grad_(False)
         targets = _target_linears(base, hyper.target_modules)
-        frozen = _load_adapters(history, modules=sorted(targets))
+        frozen = load_adapters(adapters, modules=sorted(targets))
         selector: dict[str, Selector] = {}
-        if history:
-            selector = _load_selector(history[-1], num_adapters=len(history), modules=targets)
+        if adapters:
+            selector = load_selector(adapters[-1], num_adapters=len(adapters), modules=targets)
         for path in sorted(targets):  # sorted: the random init does not depend on dict order
             weight, bias = selector.get(path, (None, None))
             layer = AmLoraLinear(
@@ -135,16 +151,26 @@ class AmLora:
             set_lr_scale(layer.selector_weight, self.selector_lr_scale)  # 1: the run's group
             set_lr_scale(layer.selector_bias, self.selector_lr_scale)
             base.set_submodule(path, layer)
-        routed = self._route(base, history, learning=True)
+        routed = self._route(base, memory=memory, adapters=adapters, learning=True)
+        groups = _overlap_groups(base, memory=memory)
+        self._overlap = (weakref.ref(base), groups)
         logger.info(
-            "am-lora: %d layers, %d earlier adapters, %s",
-            len(targets), len(history), "task routing" if routed else "no task routing",
+            "am-lora: %d layers, %d earlier adapters, %d folded tasks, %s",
+            len(targets), len(adapters), memory.num_tasks if memory else 0,
+            "task routing" if routed else "no task routing",
         )  # fmt: skip
         return base
 
-    def _route(self, base: PreTrainedModel, history: Sequence[Path], *, learning: bool) -> bool:
+    def _route(
+        self,
+        base: PreTrainedModel,
+        *,
+        memory: Memory | None,
+        adapters: Sequence[Path],
+        learning: bool,
+    ) -> bool:
         """Install a `TaskRouter` on the AM-LoRA model `base` when routing is on and every task
-        of `history` has statistics; whether it did."""
+        (folded or with an adapter) has statistics; whether it did."""
         if self.routing_weight == 0:
             return False
         embedding = base.get_input_embeddings()
@@ -153,19 +179,23 @@ class AmLora:
                 f"am-lora routing needs a model with an input embedding, not {type(embedding)}"
             )
         dim = int(embedding.weight.shape[1])
-        stats = (
-            _load_statistics(history[-1], len(history), dim) if history else empty_statistics(dim)
-        )
+        folded = memory.num_tasks if memory is not None else 0
+        if adapters:
+            stats = load_statistics(adapters[-1], folded + len(adapters), dim)
+        elif memory is not None and memory.statistics is not None:
+            stats = memory.statistics
+        else:
+            stats = empty_statistics(dim)
         if stats is None or bool((stats[COUNTS] <= 0).any()):
             (logger.warning if learning else logger.debug)(
                 "am-lora: %s has no task statistics for every task (the stream was started "
                 "without routing, or a task saw no data); its adapters are mixed by the selector "
                 "alone",
-                history[-1],
+                adapters[-1] if adapters else "the memory of folded tasks",
             )
             return False
         layers = list(am_lora_layers(base).values())
-        if learning and history:
+        if learning and adapters:
             for layer in layers:
                 layer.hold_history_rows()
         router = TaskRouter(
@@ -176,23 +206,41 @@ class AmLora:
             within=stats[WITHIN],
             weight=self.routing_weight,
             learning=learning,
+            num_folded=folded,
         ).to(embedding.weight.device)
         base.add_module(ROUTER_MODULE, router)
         router.install(base.get_decoder())
         return True
 
     def extra_loss(self, model: nn.Module) -> Tensor | None:
-        """`sparsity_weight` x mean Gini impurity of the selector over the last forward pass."""
-        if self.sparsity_weight == 0:
+        """`sparsity_weight` x mean Gini impurity of the selector over the last forward pass,
+        plus O-LoRA's terms on the new adapter: `lambda1` x its A's overlap with every earlier
+        adapter's A and the folded tasks' subspace, `lambda2` x the norms of its A and B."""
+        terms: list[Tensor] = []
+        layers = am_lora_layers(model)
+        if self.sparsity_weight > 0:
+            values = []
+            for layer in layers.values():
+                if layer.last_impurity is not None:
+                    values.append(layer.last_impurity)
+                    layer.last_impurity = None  # do not keep the graph alive past this step
+            if not values:
+                raise RuntimeError("am-lora extra_loss needs a forward pass of the AM-LoRA model")
+            terms.append(self.sparsity_weight * torch.stack(values).mean())
+        if self.lambda1 > 0:
+            if self._overlap is None or self._overlap[0]() is not model:
+                raise ValueError("am-lora extra_loss needs the model this strategy prepared last")
+            if self._overlap[1]:
+                terms.append(
+                    self.lambda1 * overlap_penalty(self._overlap[1], norm=self.lambda1_norm)
+                )
+        if self.lambda2 > 0:
+            params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
+            norms = [torch.linalg.vector_norm(p) for p in params if p is not None]
+            terms.append(self.lambda2 * torch.stack(norms).sum())
+        if not terms:
             return None
-        values = []
-        for layer in am_lora_layers(model).values():
-            if layer.last_impurity is not None:
-                values.append(layer.last_impurity)
-                layer.last_impurity = None  # do not keep the graph alive past this step
-        if not values:
-            raise RuntimeError("am-lora extra_loss needs a forward pass of the AM-LoRA model")
-        return self.sparsity_weight * torch.stack(values).mean()
+        return torch.stack(terms).sum()
 
     def save_adapter(self, model: nn.Module, out_dir: Path) -> None:
         layers = am_lora_layers(model)
@@ -219,18 +267,21 @@ class AmLora:
         logger.info("saved am-lora adapter %d to %s", num_adapters, out_dir)
 
     def inference_model(self, base: PreTrainedModel, *, history: Sequence[Path]) -> nn.Module:
-        if not history:
-            return base.eval()
+        """The stream's model; the tasks of a leading memory are served by `base` itself (the
+        snapshot they were folded into), so without later adapters it is `base`."""
         for adapter_dir in history:
             check_adapter_fits(base, adapter_dir)
+        memory, adapters = split_history(history)
+        if not adapters:
+            return base.eval()
         base.requires_grad_(False)
-        modules = sorted(_adapter_modules(Path(history[-1])))
-        frozen = _load_adapters(history, modules=modules)
-        selector = _load_selector(history[-1], num_adapters=len(history), modules=modules)
+        modules = sorted(adapter_modules(adapters[-1]))
+        frozen = load_adapters(adapters, modules=modules)
+        selector = load_selector(adapters[-1], num_adapters=len(adapters), modules=modules)
         for path in modules:
             linear = base.get_submodule(path)
             if not isinstance(linear, nn.Linear):
-                raise ValueError(f"{history[-1]}: {path} is not a linear layer of this model")
+                raise ValueError(f"{adapters[-1]}: {path} is not a linear layer of this model")
             weight, bias = selector[path]
             layer = AmLoraLinear(
                 linear,
@@ -242,8 +293,25 @@ class AmLora:
                 train_selector=False,
             )
             base.set_submodule(path, layer)
-        self._route(base, history, learning=False)
+        self._route(base, memory=memory, adapters=adapters, learning=False)
         return base.eval()
+
+
+def _overlap_groups(model: nn.Module, *, memory: Memory | None) -> tuple[PenaltyGroup, ...]:
+    """Per layer, the new adapter's A against the A rows of every earlier adapter and of the
+    folded tasks' subspace (zero padding rows dropped): the pairs of O-LoRA's overlap term."""
+    pairs = []
+    for path, layer in am_lora_layers(model).items():
+        if layer.lora_A is None:
+            continue
+        old = [layer.frozen_A.flatten(0, 1)]  # (n_frozen * R, d_in)
+        if memory is not None and path in memory.down:
+            old.append(memory.down[path].to(layer.frozen_A))
+        rows = torch.cat(old)
+        rows = rows[rows.norm(dim=1) > 0]  # (r_old, d_in)
+        if len(rows):
+            pairs.append((rows, layer.lora_A))
+    return penalty_groups(pairs)
 
 
 def am_lora_layers(model: nn.Module) -> dict[str, AmLoraLinear]:
@@ -286,97 +354,3 @@ def _new_adapter_config(layers: dict[str, AmLoraLinear]) -> peft.LoraConfig:
         task_type="CAUSAL_LM",
         inference_mode=True,
     )
-
-
-def _adapter_modules(adapter_dir: Path) -> set[str]:
-    """Module paths of the LoRA layers in a PEFT adapter file."""
-    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
-        keys = list(f.keys())
-    return {k[len(PEFT_PREFIX) : -len(LORA_A_SUFFIX)] for k in keys if k.endswith(LORA_A_SUFFIX)}
-
-
-def _load_adapters(history: Sequence[Path], *, modules: list[str]) -> dict[str, FrozenAdapters]:
-    """Every history adapter of each module, stacked oldest first ({} for an empty history)."""
-    per_module: dict[str, list[tuple[Tensor, Tensor, float]]] = {m: [] for m in modules}
-    for adapter_dir in map(Path, history):
-        alpha, rslora = _read_lora_config(adapter_dir)
-        tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-        found = _adapter_modules(adapter_dir)
-        if found != set(modules):
-            extra, missing = sorted(found - set(modules)), sorted(set(modules) - found)
-            raise InvalidHyperparameter(
-                field="target_modules",
-                reason=f"am-lora needs the same layers for every task; {adapter_dir} has "
-                f"{len(extra)} more ({extra[:3]}) and {len(missing)} fewer ({missing[:3]})",
-            )
-        for module in modules:
-            lora_A = tensors[PEFT_PREFIX + module + LORA_A_SUFFIX]  # (r, in)
-            lora_B = tensors[PEFT_PREFIX + module + LORA_B_SUFFIX]  # (out, r)
-            rank = lora_A.shape[0]
-            scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-            per_module[module].append((lora_A, lora_B, scale))
-    if not history:
-        return {}
-    return {module: stack_adapters(adapters) for module, adapters in per_module.items()}
-
-
-def _read_lora_config(adapter_dir: Path) -> tuple[float, bool]:
-    """(lora_alpha, use_rslora) of a plain PEFT LoRA adapter; other variants are refused."""
-    path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise ValueError(f"{adapter_dir} is not a PEFT adapter (no {ADAPTER_CONFIG})")
-    config = json.loads(path.read_text())
-    unsupported = {
-        "peft_type": config.get("peft_type") != "LORA",
-        "use_dora": bool(config.get("use_dora")),
-        "alpha_pattern": bool(config.get("alpha_pattern")),
-        "lora_bias": bool(config.get("lora_bias")),
-        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
-    }
-    bad = [key for key, flag in unsupported.items() if flag]
-    if bad:
-        raise ValueError(f"{adapter_dir}: am-lora reads plain LoRA adapters only ({bad})")
-    return float(config["lora_alpha"]), bool(config.get("use_rslora"))
-
-
-def _load_selector(
-    adapter_dir: Path, *, num_adapters: int, modules: Iterable[str]
-) -> dict[str, Selector]:
-    """The selector saved with the newest adapter: it must mix exactly `num_adapters` adapters
-    in exactly `modules`."""
-    path = Path(adapter_dir) / SELECTOR_FILE
-    if not path.is_file():
-        raise ValueError(f"{adapter_dir} has no {SELECTOR_FILE}: not written by am-lora")
-    expected = {m + suffix for m in modules for suffix in (".weight", ".bias")}
-    with safe_open(str(path), framework="pt") as f:
-        saved = int((f.metadata() or {}).get("num_adapters", -1))
-        if saved != num_adapters:
-            raise ValueError(
-                f"{path} mixes {saved} adapters but the history has {num_adapters} "
-                "(history must be the stream's adapters, oldest first, ending with its newest)"
-            )
-        if set(f.keys()) - STATISTICS != expected:
-            raise ValueError(f"{path} does not hold one selector per adapted layer")
-        # Only the selector: the router's statistics are read where routing needs them.
-        tensors = {key: f.get_tensor(key) for key in expected}
-    return {m: (tensors[m + ".weight"], tensors[m + ".bias"]) for m in modules}
-
-
-def _load_statistics(adapter_dir: Path, num_adapters: int, dim: int) -> dict[str, Tensor] | None:
-    """The task statistics saved with the newest adapter (None if it has none); they must
-    describe `num_adapters` tasks in a `dim`-wide embedding."""
-    path = Path(adapter_dir) / SELECTOR_FILE
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        if not keys & STATISTICS:
-            return None
-        if not keys >= STATISTICS:
-            raise ValueError(f"{path} holds only some of the router's statistics")
-        stats = {key: f.get_tensor(key) for key in STATISTICS}
-    shapes = {key: tuple(value.shape) for key, value in stats.items()}
-    if shapes != {MEANS: (num_adapters, dim), COUNTS: (num_adapters,), WITHIN: (dim, dim)}:
-        raise ValueError(
-            f"{path}: router statistics of shapes {shapes} do not describe {num_adapters} tasks "
-            f"in this model's {dim}-wide embedding"
-        )
-    return stats

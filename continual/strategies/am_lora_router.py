@@ -65,6 +65,11 @@ class TaskRouter(nn.Module):
     `means` (n, d), `counts` (n,) and `within` (d, d) describe the tasks in `history` (n may be
     0). With `learning`, the model trains a new task: its sequences are summed into `new_sum`,
     `new_count` and `new_outer` and the earlier adapters are kept out of its forward passes.
+
+    The first `num_folded` tasks were folded into the base snapshot by a consolidation: they keep
+    their statistics but have no adapter, so the layers get the prior of the other tasks only.
+    A folded task's input then finds every adapter's score lowered by its small probability and
+    goes to the zero adapter: the snapshot itself serves it.
     """
 
     means: Tensor  # buffers, float64
@@ -84,6 +89,7 @@ class TaskRouter(nn.Module):
         within: Tensor,
         weight: float,
         learning: bool,
+        num_folded: int = 0,
     ) -> None:
         super().__init__()
         dim = embedding.weight.shape[1]
@@ -98,6 +104,10 @@ class TaskRouter(nn.Module):
         self._layers = tuple(layers)
         self.weight = weight
         self.learning = learning
+        if not 0 <= num_folded <= means.shape[0]:
+            raise ValueError(f"{num_folded} folded tasks of {means.shape[0]} with statistics")
+        self.num_folded = num_folded
+        self._hooks: list[Any] = []
         self.register_buffer("means", means.to(torch.float64))
         self.register_buffer("counts", counts.to(torch.float64))
         self.register_buffer("within", within.to(torch.float64))
@@ -155,8 +165,16 @@ class TaskRouter(nn.Module):
     # -- the hooks --------------------------------------------------------------------------
 
     def install(self, decoder: nn.Module) -> None:
-        decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True)
-        decoder.register_forward_hook(self._after_decoder, with_kwargs=True)
+        self._hooks = [
+            decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True),
+            decoder.register_forward_hook(self._after_decoder, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        """Take the router's hooks off the decoder (the model no longer routes)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _before_decoder(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -173,6 +191,8 @@ class TaskRouter(nn.Module):
             self._pending = (sums[:, -1], counts[:, -1])
             log_p = self.log_posterior(sums / counts.clamp(min=1.0))
             prior = None if log_p is None else (self.weight * log_p).float()
+        if prior is not None:
+            prior = prior[..., self.num_folded :]  # (B, T, adapters): folded tasks have none
         for layer in self._layers:
             layer.route_logits = prior
 

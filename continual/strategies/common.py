@@ -22,6 +22,7 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a model wrapped by a PeftModel
 LORA_A_SUFFIX, LORA_B_SUFFIX = ".lora_A.weight", ".lora_B.weight"  # of PEFT's weight keys
 _LORA_SUFFIXES = (LORA_A_SUFFIX, LORA_B_SUFFIX)
+MEMORY_MARK = "olora-memory"  # the "strata" metadata of a consolidation's memory adapter
 
 
 def lora_config(hyper: LoraHyperparams) -> peft.LoraConfig:

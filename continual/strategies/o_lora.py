@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +78,7 @@ LAMBDA1_NORMS = ("sum", "mean")  # the overlap summed (the paper's), or per laye
 
 
 @dataclass
-class _PenaltyGroup:
+class PenaltyGroup:
     """Layers whose (old, new) A matrices have the same shapes, so one bmm covers them all."""
 
     old: Tensor  # (L, r_old, d_in): the frozen history's A matrices, unscaled, detached
@@ -120,12 +120,12 @@ class _Prepared:
     """What `extra_loss` needs, collected once in `prepare`."""
 
     model: weakref.ref[PeftModel]
-    groups: tuple[_PenaltyGroup, ...]
+    groups: tuple[PenaltyGroup, ...]
     new_params: tuple[nn.Parameter, ...]  # every matrix of the new adapter, for the L2 term
     updates: tuple[_UpdateGroup, ...]  # the new adapter's layers, for lambda2_norm="update"
 
 
-def overlap_penalty(groups: Sequence[_PenaltyGroup], *, norm: str) -> Tensor:
+def overlap_penalty(groups: Sequence[PenaltyGroup], *, norm: str) -> Tensor:
     """The overlap term before lambda1: `sum` adds ||A_old A_new^T||_1 over every layer (the
     paper's), `mean` averages over layers the overlap per earlier rank, ||A_old A_new^T||_1 /
     r_old (see the module docstring)."""
@@ -254,21 +254,28 @@ def _update_groups(model: PeftModel, *, new_name: str) -> tuple[_UpdateGroup, ..
 
 def _penalty_groups(
     model: PeftModel, *, old_names: Sequence[str], new_name: str
-) -> tuple[_PenaltyGroup, ...]:
+) -> tuple[PenaltyGroup, ...]:
     """Pair every layer's stacked earlier A matrices with its new A, grouped by shapes."""
-    olds: dict[tuple[int, ...], list[Tensor]] = {}
-    news: dict[tuple[int, ...], list[Tensor]] = {}
+    pairs = []
     for module in model.modules():
         down = _down_projections(module)
         history = [down[n] for n in old_names if n in down]
-        if new_name not in down or not history:
-            continue
-        old = torch.cat(history).detach().clone()  # (r_old, d_in)
-        new = down[new_name]  # (r, d_in)
+        if new_name in down and history:
+            pairs.append((torch.cat(history), down[new_name]))
+    return penalty_groups(pairs)
+
+
+def penalty_groups(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[PenaltyGroup, ...]:
+    """The overlap penalty's layers from (earlier A rows (r_old, d_in), new A (r, d_in)) pairs,
+    one per layer, batched by shapes. The earlier rows are copied and detached: they are held
+    as they are now (a strategy other than o-lora may keep its earlier adapters elsewhere)."""
+    olds: dict[tuple[int, ...], list[Tensor]] = {}
+    news: dict[tuple[int, ...], list[Tensor]] = {}
+    for old, new in pairs:
         key = (*old.shape, new.shape[0])
-        olds.setdefault(key, []).append(old)
+        olds.setdefault(key, []).append(old.detach().clone())
         news.setdefault(key, []).append(new)
-    return tuple(_PenaltyGroup(old=torch.stack(olds[key]), new=tuple(news[key])) for key in olds)
+    return tuple(PenaltyGroup(old=torch.stack(olds[key]), new=tuple(news[key])) for key in olds)
 
 
 @register_strategy
@@ -329,7 +336,7 @@ class OLora:
         logger.info("o-lora: %d earlier adapters folded, training %r", len(old), new)
         return model
 
-    def _remember(self, model: PeftModel, *, groups: tuple[_PenaltyGroup, ...]) -> None:
+    def _remember(self, model: PeftModel, *, groups: tuple[PenaltyGroup, ...]) -> None:
         params = tuple(p for p in model.parameters() if p.requires_grad)
         updates = _update_groups(model, new_name=newest_adapter(model))
         self._prepared = _Prepared(

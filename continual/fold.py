@@ -1,0 +1,216 @@
+"""Fold a stream's state into a plain model, for every method: what a consolidation job and
+`strata bench --consolidate-after` both run.
+
+- **seq-lora, inc-lora, o-lora** (PEFT adapters whose updates add up): W <- W + sum_i s_i B_i A_i
+  (`continual.consolidation.fold_into_base`). The fold is exact: the folded model's logits on
+  the probe sequences are compared with the adapted model's (`Fold.max_logit_diff`), and the
+  caller refuses a fold past its tolerance. o-lora keeps the folded tasks' input subspace as
+  its memory.
+- **am-lora**: each token mixes the adapters by its gates, so no single weight reproduces the
+  mixture. The fold adds each adapter's update weighted by the mean gate it gets on its own
+  task's tokens, per layer: W <- W + sum_i gbar_i s_i B_i A_i, where gbar_i is adapter i's gate
+  averaged over the tokens of the sequences `probes[i]` (its task's). That is what a routed
+  stream computes on task i's inputs when the router is sure and the gates vary little over
+  the tokens; the adapters' updates on the other tasks' inputs are what the fold adds on top
+  (O-LoRA's overlap term, `am-lora.lambda1`, keeps those small). The folded tasks are then
+  served by the snapshot itself: the memory keeps the router's statistics of every folded task,
+  and a later task's router sends their inputs to no adapter (the zero adapter). The fold is
+  not exact, so the caller measures every task before and after and gates it (`check_drops`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from continual.consolidation import (
+    MEMORY_DIR,
+    Subspace,
+    fold_into_base,
+    folded_subspace,
+    folded_weight_names,
+    load_memory_adapter,
+    save_memory_adapter,
+    subspace_of,
+)
+from continual.errors import ConsolidationRegressed
+from continual.strategies.am_lora import am_lora_layers
+from continual.strategies.am_lora_files import is_memory, write_memory_statistics
+from continual.strategies.am_lora_layer import AmLoraLinear
+from continual.strategies.am_lora_router import ROUTER_MODULE, TaskRouter
+
+logger = logging.getLogger(__name__)
+
+EXACT_METHODS = ("seq-lora", "inc-lora", "o-lora")
+GATED_METHODS = ("am-lora",)
+FOLDABLE = EXACT_METHODS + GATED_METHODS
+WITH_MEMORY = ("o-lora", "am-lora")  # methods that keep a memory of the folded tasks
+
+
+@dataclass(frozen=True)
+class Fold:
+    """A stream state folded into a plain model."""
+
+    model: PreTrainedModel  # the snapshot-to-be: every adapter's update in its weights
+    changed: list[str]  # state-dict names of the weights the fold changed
+    exact: bool  # the fold reproduces the adapted model (up to float rounding)
+    max_logit_diff: float | None  # exact folds: max |logit difference| on the probes
+    mean_gates: tuple[float, ...] | None  # am-lora: adapter i's mean gate on its task's tokens
+    subspace: Subspace | None  # the memory's subspace: every folded task's A rows
+    statistics: dict[str, Tensor] | None  # am-lora's router statistics of every folded task
+
+    def write_memory(self, out_dir: Path) -> bool:
+        """Write the memory of the folded tasks as `out_dir / MEMORY_DIR`; whether there is one."""
+        if self.subspace is None:
+            return False
+        memory = Path(out_dir) / MEMORY_DIR
+        save_memory_adapter(self.subspace, memory)
+        if self.statistics is not None:
+            write_memory_statistics(self.statistics, memory)
+        return True
+
+
+def fold_state(
+    state: nn.Module,
+    *,
+    method: str,
+    history: Sequence[Path],
+    probes: Sequence[Sequence[Tensor]],
+) -> Fold:
+    """Fold `state`, the model `method`'s `inference_model` built from `history` (a memory of
+    earlier folds first, if any, then the adapters), into its base weights. `probes[i]` holds
+    token-id tensors (1, T) of the task of the i-th adapter after the memory. Edits `state`'s
+    weights in place."""
+    if method not in FOLDABLE:
+        raise ValueError(f"{method} streams cannot be consolidated (known: {FOLDABLE})")
+    memory = Path(history[0]) if history and is_memory(Path(history[0])) else None
+    previous = load_memory_adapter(memory) if memory is not None else None
+    if method in GATED_METHODS:
+        return _fold_gated(state, probes=probes, previous=previous)
+    if not isinstance(state, PeftModel):
+        raise ValueError(f"{method} does not build a PEFT model to fold")
+    inputs = [p for task in probes for p in task]
+    reference = _logits(state, inputs)
+    subspace = folded_subspace(state, previous=previous) if method in WITH_MEMORY else None
+    changed = folded_weight_names(state)
+    folded = fold_into_base(state)
+    gap = max(
+        (
+            float((a - b).abs().max())
+            for a, b in zip(reference, _logits(folded, inputs), strict=True)
+        ),
+        default=0.0,
+    )
+    return Fold(folded, changed, True, gap, None, subspace, None)
+
+
+@torch.no_grad()
+def _fold_gated(
+    state: nn.Module, *, probes: Sequence[Sequence[Tensor]], previous: Subspace | None
+) -> Fold:
+    layers = am_lora_layers(state)
+    n = next(iter(layers.values())).num_adapters
+    if len(probes) != n or not all(probes):
+        raise ValueError(f"am-lora's fold needs probe sequences for each of its {n} adapters")
+    gates = mean_gates(state, probes)  # path -> (n,)
+    rows: dict[str, list[Tensor]] = {}
+    out_features: dict[str, int] = {}
+    for path, layer in layers.items():
+        weight = layer.base_layer.weight  # (out, in)
+        lora_A, lora_B = layer.frozen_A.float(), layer.frozen_B.float()  # (n, R, in), (out, n, R)
+        delta = torch.einsum("onr,n,nri->oi", lora_B, gates[path], lora_A)  # (out, in)
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+        state.set_submodule(path, layer.base_layer)
+        rows[path] = [lora_A.flatten(0, 1)]
+        out_features[path] = int(weight.shape[0])
+    router = getattr(state, ROUTER_MODULE, None)
+    statistics = None
+    if isinstance(router, TaskRouter):
+        statistics = router.statistics()
+        router.remove()
+        delattr(state, ROUTER_MODULE)
+    subspace = subspace_of(rows, out_features=out_features, previous=previous)
+    per_task = torch.stack(list(gates.values())).mean(dim=0)  # (n,): over layers
+    logger.info("am-lora fold: mean gates %s", [round(float(g), 3) for g in per_task])
+    changed = sorted(f"{path}.weight" for path in layers)
+    model: PreTrainedModel = state  # type: ignore[assignment]  # the base, with its layers back
+    return Fold(
+        model, changed, False, None, tuple(float(g) for g in per_task), subspace, statistics
+    )
+
+
+@torch.no_grad()
+def mean_gates(model: nn.Module, probes: Sequence[Sequence[Tensor]]) -> dict[str, Tensor]:
+    """Per AM-LoRA layer, (n,): adapter i's gate averaged over every token of the sequences
+    `probes[i]`, each run alone (no padding) through the routed model."""
+    layers = am_lora_layers(model)
+    sums = {path: torch.zeros(len(probes), dtype=torch.float64) for path in layers}
+    counts = torch.zeros(len(probes), dtype=torch.float64)
+    current = [0]
+
+    def record(path: str, layer: AmLoraLinear, x: Tensor) -> None:
+        lora_A, lora_B = layer.stacked()  # (n*R, in), (out, n*R)
+        h = (x.to(lora_A.dtype) @ lora_A.T).unflatten(-1, (-1, layer.stack_rank))  # (B, T, n, R)
+        g = layer.gates(h, lora_B)  # (B, T, n + 1)
+        sums[path][current[0]] += float(g[..., 1 + current[0]].sum())
+
+    handles = [
+        layer.register_forward_hook(lambda mod, args, _out, p=path: record(p, mod, args[0]))
+        for path, layer in layers.items()
+    ]
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        for index, sequences in enumerate(probes):
+            current[0] = index
+            for ids in sequences:
+                model(input_ids=ids.to(device))
+                counts[index] += ids.shape[-1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {path: (total / counts.clamp(min=1.0)).float() for path, total in sums.items()}
+
+
+def _logits(model: nn.Module, inputs: Sequence[Tensor]) -> list[Tensor]:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [model(input_ids=p.to(device)).logits.float().cpu() for p in inputs]
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    """One task's accuracy before and after a fold (fractions; None: not measured)."""
+
+    task: str
+    before: float | None
+    after: float
+
+    @property
+    def drop_points(self) -> float:
+        return 0.0 if self.before is None else 100.0 * (self.before - self.after)
+
+
+def check_drops(checks: Sequence[TaskCheck], *, max_drop: float) -> None:
+    """Raise `ConsolidationRegressed` (with the per-task table) when any task's accuracy drops
+    by more than `max_drop` points."""
+    worst = [c for c in checks if c.drop_points > max_drop]
+    if worst:
+        raise ConsolidationRegressed(table=drop_table(checks), max_drop=max_drop,
+                                     tasks=[c.task for c in worst])  # fmt: skip
+
+
+def drop_table(checks: Sequence[TaskCheck]) -> str:
+    """The checks as a plain-text table: task, before (routed), after (folded), drop."""
+    lines = [f"{'task':<24} {'routed':>7} {'folded':>7} {'drop':>6}"]
+    for c in checks:
+        before = "-" if c.before is None else f"{100 * c.before:.1f}"
+        lines.append(f"{c.task:<24} {before:>7} {100 * c.after:>7.1f} {c.drop_points:>6.1f}")
+    return "\n".join(lines)

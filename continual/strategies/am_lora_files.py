@@ -1,0 +1,192 @@
+"""AM-LoRA's files: the per-task adapters, the selector saved with the newest one, and the memory
+a consolidation leaves of the tasks it folded into the base snapshot.
+
+A stream's history, as the strategy receives it, is an optional **memory** directory first (the
+snapshot's `olora_memory/`, written by `continual.consolidation`), then one directory per task
+adapter that still sits on the snapshot, oldest first:
+
+- the memory is a PEFT LoRA adapter with B = 0 whose A rows span the input subspace of every
+  folded task (O-LoRA's memory: the orthogonality penalty reads it like an earlier adapter, and
+  it changes no output), plus `router.safetensors`, the task router's statistics of the folded
+  tasks. It is never mixed as an adapter: the snapshot itself serves the folded tasks.
+- each task directory is a plain PEFT LoRA adapter plus `selector.safetensors` (see `am_lora`);
+  the newest one's router statistics cover the folded tasks first, then every adapter's task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from continual.errors import InvalidHyperparameter
+from continual.strategies.am_lora_layer import FrozenAdapters, stack_adapters
+from continual.strategies.am_lora_router import COUNTS, MEANS, WITHIN
+from continual.strategies.common import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    MEMORY_MARK,
+    PEFT_PREFIX,
+)
+
+SELECTOR_FILE = "selector.safetensors"
+MEMORY_ROUTER_FILE = "router.safetensors"
+STATISTICS = frozenset({MEANS, COUNTS, WITHIN})
+Selector = tuple[Tensor, Tensor]  # (weight (n, out), bias (n + 1,)) of one layer
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the stream keeps of the tasks folded into its snapshot."""
+
+    down: dict[str, Tensor]  # module path -> the folded subspace's A rows (k, d_in), as stored
+    statistics: dict[str, Tensor] | None  # the router's statistics of the folded tasks
+
+    @property
+    def num_tasks(self) -> int:
+        return 0 if self.statistics is None else int(self.statistics[COUNTS].shape[0])
+
+
+def is_memory(path: Path) -> bool:
+    """Whether `path` is a consolidation's memory adapter rather than a task's adapter."""
+    weights = Path(path) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return False
+    with safe_open(str(weights), framework="pt") as f:
+        return (f.metadata() or {}).get("strata") == MEMORY_MARK
+
+
+def split_history(history: Sequence[Path]) -> tuple[Memory | None, list[Path]]:
+    """(the memory of folded tasks, if the history starts with one; the task adapters)."""
+    paths = [Path(p) for p in history]
+    if not paths or not is_memory(paths[0]):
+        return None, paths
+    if any(is_memory(p) for p in paths[1:]):
+        raise ValueError("a memory adapter may only come first in an am-lora history")
+    return read_memory(paths[0]), paths[1:]
+
+
+def read_memory(memory_dir: Path) -> Memory:
+    tensors = load_file(str(Path(memory_dir) / ADAPTER_WEIGHTS))
+    down = {
+        key[len(PEFT_PREFIX) : -len(LORA_A_SUFFIX)]: value
+        for key, value in tensors.items()
+        if key.endswith(LORA_A_SUFFIX)
+    }
+    router = Path(memory_dir) / MEMORY_ROUTER_FILE
+    if not router.is_file():
+        return Memory(down=down, statistics=None)
+    statistics = load_file(str(router))
+    if set(statistics) != STATISTICS:
+        raise ValueError(f"{router} does not hold the router's statistics")
+    return Memory(down=down, statistics=statistics)
+
+
+def write_memory_statistics(statistics: dict[str, Tensor], memory_dir: Path) -> None:
+    """Save the router's statistics of the folded tasks beside the memory adapter."""
+    tensors = {key: statistics[key].float().contiguous() for key in STATISTICS}
+    metadata = {"format": "pt", "strata": "am-lora-memory"}
+    save_file(tensors, str(Path(memory_dir) / MEMORY_ROUTER_FILE), metadata=metadata)
+
+
+def adapter_modules(adapter_dir: Path) -> set[str]:
+    """Module paths of the LoRA layers in a PEFT adapter file."""
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
+        keys = list(f.keys())
+    return {k[len(PEFT_PREFIX) : -len(LORA_A_SUFFIX)] for k in keys if k.endswith(LORA_A_SUFFIX)}
+
+
+def load_adapters(history: Sequence[Path], *, modules: list[str]) -> dict[str, FrozenAdapters]:
+    """Every history adapter of each module, stacked oldest first ({} for an empty history)."""
+    per_module: dict[str, list[tuple[Tensor, Tensor, float]]] = {m: [] for m in modules}
+    for adapter_dir in map(Path, history):
+        alpha, rslora = read_lora_config(adapter_dir)
+        tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+        found = adapter_modules(adapter_dir)
+        if found != set(modules):
+            extra, missing = sorted(found - set(modules)), sorted(set(modules) - found)
+            raise InvalidHyperparameter(
+                field="target_modules",
+                reason=f"am-lora needs the same layers for every task; {adapter_dir} has "
+                f"{len(extra)} more ({extra[:3]}) and {len(missing)} fewer ({missing[:3]})",
+            )
+        for module in modules:
+            lora_A = tensors[PEFT_PREFIX + module + LORA_A_SUFFIX]  # (r, in)
+            lora_B = tensors[PEFT_PREFIX + module + LORA_B_SUFFIX]  # (out, r)
+            rank = lora_A.shape[0]
+            scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+            per_module[module].append((lora_A, lora_B, scale))
+    if not history:
+        return {}
+    return {module: stack_adapters(adapters) for module, adapters in per_module.items()}
+
+
+def read_lora_config(adapter_dir: Path) -> tuple[float, bool]:
+    """(lora_alpha, use_rslora) of a plain PEFT LoRA adapter; other variants are refused."""
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{adapter_dir} is not a PEFT adapter (no {ADAPTER_CONFIG})")
+    config = json.loads(path.read_text())
+    unsupported = {
+        "peft_type": config.get("peft_type") != "LORA",
+        "use_dora": bool(config.get("use_dora")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "lora_bias": bool(config.get("lora_bias")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+    }
+    bad = [key for key, flag in unsupported.items() if flag]
+    if bad:
+        raise ValueError(f"{adapter_dir}: am-lora reads plain LoRA adapters only ({bad})")
+    return float(config["lora_alpha"]), bool(config.get("use_rslora"))
+
+
+def load_selector(
+    adapter_dir: Path, *, num_adapters: int, modules: Iterable[str]
+) -> dict[str, Selector]:
+    """The selector saved with the newest adapter: it must mix exactly `num_adapters` adapters
+    in exactly `modules`."""
+    path = Path(adapter_dir) / SELECTOR_FILE
+    if not path.is_file():
+        raise ValueError(f"{adapter_dir} has no {SELECTOR_FILE}: not written by am-lora")
+    expected = {m + suffix for m in modules for suffix in (".weight", ".bias")}
+    with safe_open(str(path), framework="pt") as f:
+        saved = int((f.metadata() or {}).get("num_adapters", -1))
+        if saved != num_adapters:
+            raise ValueError(
+                f"{path} mixes {saved} adapters but the history has {num_adapters} "
+                "(history must be the stream's adapters, oldest first, ending with its newest)"
+            )
+        if set(f.keys()) - STATISTICS != expected:
+            raise ValueError(f"{path} does not hold one selector per adapted layer")
+        # Only the selector: the router's statistics are read where routing needs them.
+        tensors = {key: f.get_tensor(key) for key in expected}
+    return {m: (tensors[m + ".weight"], tensors[m + ".bias"]) for m in modules}
+
+
+def load_statistics(adapter_dir: Path, num_tasks: int, dim: int) -> dict[str, Tensor] | None:
+    """The task statistics saved with the newest adapter (None if it has none); they must
+    describe `num_tasks` tasks (the folded ones, then one per adapter) in a `dim`-wide
+    embedding."""
+    path = Path(adapter_dir) / SELECTOR_FILE
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        if not keys & STATISTICS:
+            return None
+        if not keys >= STATISTICS:
+            raise ValueError(f"{path} holds only some of the router's statistics")
+        stats = {key: f.get_tensor(key) for key in STATISTICS}
+    shapes = {key: tuple(value.shape) for key, value in stats.items()}
+    if shapes != {MEANS: (num_tasks, dim), COUNTS: (num_tasks,), WITHIN: (dim, dim)}:
+        raise ValueError(
+            f"{path}: router statistics of shapes {shapes} do not describe {num_tasks} tasks "
+            f"in this model's {dim}-wide embedding"
+        )
+    return stats
