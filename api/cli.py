@@ -167,7 +167,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             methods=tuple(args.methods.split(",")), model=args.model,
             train_per_task=args.train_per_task, eval_per_task=args.eval_per_task, seed=args.seed,
             device=args.device, hyperparams=_parse_sets(args.set), metric=args.metric,
-            options=_parse_options(args.option),
+            options=_parse_options(args.option), consolidate_after=args.consolidate_after,
+            max_drop=args.max_drop,
         )  # fmt: skip
         results = run_bench(
             cfg, out_dir=out, callbacks_for=progress.callbacks, on_row=progress.row,
@@ -206,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="compare strategies on a CL_Benchmark task sequence")
     bench.add_argument("--data", type=Path, required=True, help="a CL_Benchmark-format folder")
     bench.add_argument("--order", required=True, help="comma-separated task names, in order")
-    bench.add_argument("--methods", default="seq-lora", help="comma-separated; or 'multitask'")
+    bench.add_argument(
+        "--methods", default="seq-lora",
+        help="comma-separated: seq-lora, inc-lora, o-lora, am-lora, composed (am-lora with "
+        "routing and O-LoRA's overlap term), multitask",
+    )  # fmt: skip
     bench.add_argument("--model", default="tiny", help="tiny, smollm2, a model dir or a .gguf")
     bench.add_argument("--train-per-task", type=int, default=500)
     bench.add_argument("--eval-per-task", type=int, default=200)
@@ -224,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--metric", default="rank", choices=["rank", "exact"],
         help="rank: rank classification over the labels; exact: exact match of greedy generation",
+    )  # fmt: skip
+    bench.add_argument(
+        "--consolidate-after", type=int, metavar="K",
+        help="fold each method's adapters into its base after task K (as a consolidation job "
+        "does) and learn the later tasks on the folded base",
+    )  # fmt: skip
+    bench.add_argument(
+        "--max-drop", type=float, default=2.0,
+        help="accuracy points a fold that is not exact (am-lora) may cost any task; past it the "
+        "fold is refused and the stream goes on unfolded (default 2)",
     )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from continual.batching import encode_pair
 from continual.consolidation import (
     MEMORY_DIR,
     Subspace,
@@ -40,6 +41,7 @@ from continual.consolidation import (
     save_memory_adapter,
     subspace_of,
 )
+from continual.data import TaskData
 from continual.errors import ConsolidationRegressed
 from continual.strategies.am_lora import am_lora_layers
 from continual.strategies.am_lora_files import is_memory, write_memory_statistics
@@ -48,6 +50,9 @@ from continual.strategies.am_lora_router import ROUTER_MODULE, TaskRouter
 
 logger = logging.getLogger(__name__)
 
+FOLD_ATOL = 1e-3  # fp32: summing B A into W reorders float additions, nothing more
+FOLD_ATOL_HALF = 5e-2  # bf16 / fp16 weights round to ~3 significant digits when cast back
+PROBES_PER_TASK = 16  # sequences of each adapter's task: the exact check, am-lora's mean gates
 EXACT_METHODS = ("seq-lora", "inc-lora", "o-lora")
 GATED_METHODS = ("am-lora",)
 FOLDABLE = EXACT_METHODS + GATED_METHODS
@@ -177,6 +182,25 @@ def mean_gates(model: nn.Module, probes: Sequence[Sequence[Tensor]]) -> dict[str
         for handle in handles:
             handle.remove()
     return {path: (total / counts.clamp(min=1.0)).float() for path, total in sums.items()}
+
+
+def fold_tolerance(model: nn.Module) -> float:
+    """How far an exact fold's logits may be from the adapted model's: fp32 weights, or weights
+    that round when cast back to 16 bits."""
+    return FOLD_ATOL if next(model.parameters()).dtype == torch.float32 else FOLD_ATOL_HALF
+
+
+def probe_sequences(
+    tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int
+) -> list[Tensor]:
+    """A few training sequences of a task (prompt and completion, cut as training cut them;
+    test examples when it has no training split), each (1, T): a fold's probes."""
+    probes = []
+    for ex in (data.train or data.test)[:PROBES_PER_TASK]:
+        ids = encode_pair(tokenizer, prompt=ex.prompt, completion=ex.completion,
+                          add_eos=False, max_length=max_length).ids  # fmt: skip
+        probes.append(torch.tensor([ids]))
+    return probes
 
 
 def _logits(model: nn.Module, inputs: Sequence[Tensor]) -> list[Tensor]:

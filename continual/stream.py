@@ -6,6 +6,7 @@ it to produce an accuracy matrix end to end, through the saved adapter files.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,9 +17,18 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.config import LoraHyperparams
+from continual.consolidation import MEMORY_DIR
 from continual.data import TaskData
-from continual.errors import InvalidHyperparameter
+from continual.errors import ConsolidationRegressed, InvalidHyperparameter
 from continual.evaluation import exact_match, rank_classification
+from continual.fold import (
+    TaskCheck,
+    check_drops,
+    drop_table,
+    fold_state,
+    fold_tolerance,
+    probe_sequences,
+)
 from continual.metrics import AccuracyMatrix
 from continual.strategies import Strategy
 from continual.training import TrainingCallbacks, TrainResult, train
@@ -27,11 +37,25 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class FoldReport:
+    """A consolidation inside `learn_stream`: every task before and after the fold."""
+
+    after_task: int  # index of the last task folded
+    routed: tuple[float, ...]  # the state before the fold (row `after_task` of the matrix)
+    folded: tuple[float, ...]  # the folded model alone
+    mean_gates: tuple[float, ...] | None  # am-lora: each folded adapter's mean gate
+    max_logit_diff: float | None  # exact folds
+    published: bool  # False: the fold lost more than max_drop points; the stream kept its state
+    table: str
+
+
+@dataclass(frozen=True)
 class StreamResult:
     matrix: AccuracyMatrix
     adapters: tuple[Path, ...]  # one adapter directory per task, in order
     train_results: tuple[TrainResult, ...]
     seconds: float
+    folds: tuple[FoldReport, ...] = ()
 
 
 METRICS = ("rank", "exact")  # rank classification over the labels; exact match of generation
@@ -95,13 +119,19 @@ def learn_stream(
     callbacks: TrainingCallbacks | None = None,
     on_row: Callable[[int, tuple[float, ...]], None] | None = None,
     on_scored: Callable[[int], None] | None = None,
+    consolidate_after: int | None = None,
+    max_drop: float = 2.0,
 ) -> StreamResult:
     """Train `tasks` in order; after each, rebuild the stream's model from the saved adapters
     and evaluate every task. `make_base` must return a fresh base each call (PEFT edits the
     base in place). `baseline`: the untrained base's row when already measured (several
     strategies on one base share it); otherwise it is measured when `measure_baseline`.
     `on_row(t, row)` reports each row of the matrix as soon as it is measured, `on_scored(n)`
-    the progress of an evaluation (n more test examples done)."""
+    the progress of an evaluation (n more test examples done).
+
+    `consolidate_after` K: after the K-th task, fold the stream's state into its base as a
+    consolidation job does (`continual.fold`; exact folds are checked against the adapted
+    model, am-lora's against `max_drop`) and learn the later tasks on the folded base."""
     check_metric(metric)
     start = time.perf_counter()
 
@@ -118,6 +148,8 @@ def learn_stream(
     history: list[Path] = []
     rows: list[tuple[float, ...]] = []
     results: list[TrainResult] = []
+    folds: list[FoldReport] = []
+    since = 0  # index of the first task whose adapter sits on the current base
     for index, task in enumerate(tasks):
         model = strategy.prepare(make_base(), history=history, hyper=hyper)
         results.append(
@@ -137,6 +169,16 @@ def learn_stream(
         logger.info("after %s: %s", task.name, ", ".join(f"{a:.3f}" for a in rows[-1]))
         if on_row is not None:
             on_row(index, rows[-1])
+        if consolidate_after is not None and index + 1 == consolidate_after:
+            report, folded, memory = _consolidate(
+                strategy, make_base(), tokenizer, tasks[since : index + 1], history, hyper,
+                routed=rows[-1], evaluate_all=evaluate_all, max_drop=max_drop, after_task=index,
+                out_dir=Path(out_dir) / f"fold-after-{index:02d}",
+            )  # fmt: skip
+            folds.append(report)
+            if folded is not None:
+                make_base = _copies(folded)
+                history, since = memory, index + 1
     return StreamResult(
         matrix=AccuracyMatrix(
             values=tuple(rows), baseline=None if baseline is None else tuple(baseline)
@@ -144,4 +186,51 @@ def learn_stream(
         adapters=tuple(history),
         train_results=tuple(results),
         seconds=time.perf_counter() - start,
+        folds=tuple(folds),
     )
+
+
+def _consolidate(
+    strategy: Strategy,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[TaskData],
+    history: list[Path],
+    hyper: LoraHyperparams,
+    *,
+    routed: tuple[float, ...],
+    evaluate_all: Callable[[nn.Module], tuple[float, ...]],
+    max_drop: float,
+    after_task: int,
+    out_dir: Path,
+) -> tuple[FoldReport, PreTrainedModel | None, list[Path]]:
+    """Fold the state `history` builds on `base`; (the report, the folded model and the new
+    history, its memory) when the fold passes its check, else (the report, None, [])."""
+    state = strategy.inference_model(base, history=history)
+    probes = [probe_sequences(tokenizer, task, max_length=hyper.max_length) for task in tasks]
+    fold = fold_state(state, method=strategy.name, history=history, probes=probes)
+    if fold.exact and not (fold.max_logit_diff or 0.0) <= fold_tolerance(fold.model):
+        raise ValueError(f"the fold changed the logits by {fold.max_logit_diff:.3g}")
+    folded = evaluate_all(fold.model)
+    checks = [TaskCheck(task=f"task {i}", before=b, after=a)
+              for i, (b, a) in enumerate(zip(routed, folded, strict=True))]  # fmt: skip
+    table, published = drop_table(checks), True
+    try:
+        check_drops(checks, max_drop=max_drop)
+    except ConsolidationRegressed:
+        published = False
+    logger.info("fold after task %d (%s):\n%s", after_task,
+                "published" if published else "refused", table)  # fmt: skip
+    report = FoldReport(after_task=after_task, routed=routed, folded=folded,
+                        mean_gates=fold.mean_gates, max_logit_diff=fold.max_logit_diff,
+                        published=published, table=table)  # fmt: skip
+    if not published:
+        return report, None, []
+    memory = [out_dir / MEMORY_DIR] if fold.write_memory(out_dir) else []
+    return report, fold.model, memory
+
+
+def _copies(model: PreTrainedModel) -> Callable[[], PreTrainedModel]:
+    """A fresh copy of `model` per call (strategies edit the base they are given)."""
+    model.requires_grad_(False)
+    return lambda: copy.deepcopy(model)

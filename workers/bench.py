@@ -23,14 +23,27 @@ from continual.config import LoraHyperparams
 from continual.data import TaskData, load_cl_benchmark
 from continual.errors import InvalidHyperparameter
 from continual.metrics import AccuracyMatrix
-from continual.strategies import get_strategy
-from continual.stream import check_metric, evaluate_tasks, learn_stream
+from continual.strategies import Strategy, get_strategy
+from continual.stream import FoldReport, check_metric, evaluate_tasks, learn_stream
 from continual.training import TrainingCallbacks
 from workers.models import load_source
 
 log = logging.getLogger(__name__)
 
 MULTITASK = "multitask"
+COMPOSED = "composed"
+COMPOSED_OPTIONS: dict[str, Any] = {"routing_weight": 1.0, "lambda1": 0.5, "lambda1_norm": "mean"}
+"""The composed settings: am-lora with task routing and O-LoRA's overlap term (the per-layer
+mean) between each new adapter and the earlier ones; with `--consolidate-after` its adapters
+fold into the base and the router keeps serving the folded tasks from it."""
+
+
+def bench_strategy(method: str, options: dict[str, Any]) -> Strategy:
+    """The strategy a bench method names: a registered one, or `composed` (am-lora with
+    `COMPOSED_OPTIONS`, which `options` override)."""
+    if method == COMPOSED:
+        return get_strategy("am-lora", **{**COMPOSED_OPTIONS, **options})
+    return get_strategy(method, **options)
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,8 @@ class BenchConfig:
     hyperparams: dict[str, Any] = field(default_factory=dict)
     metric: str = "rank"  # rank classification, or "exact" match of greedy generation
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> its options
+    consolidate_after: int | None = None  # fold every sequential method's state after task K
+    max_drop: float = 2.0  # points a fold that is not exact may cost any task
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,7 @@ class MethodResult:
     seconds: float
     train_steps: int
     step_seconds: float  # mean wall time of one training step
+    folds: tuple[FoldReport, ...] = ()
 
     @property
     def average_accuracy(self) -> float:
@@ -130,10 +146,11 @@ def run_bench(
             )
             continue
         res = learn_stream(
-            strategy=get_strategy(method, **cfg.options.get(method, {})), make_base=make_base,
+            strategy=bench_strategy(method, cfg.options.get(method, {})), make_base=make_base,
             tokenizer=tokenizer, tasks=tasks, hyper=hyper, out_dir=work, baseline=baseline,
             metric=cfg.metric, callbacks=callbacks_for(method), on_row=report(method),
-            on_scored=scored(method),
+            on_scored=scored(method), consolidate_after=cfg.consolidate_after,
+            max_drop=cfg.max_drop,
         )  # fmt: skip
         steps = sum(r.steps for r in res.train_results)
         results.append(
@@ -141,14 +158,26 @@ def run_bench(
                 method=method, matrix=res.matrix, final_row=tuple(res.matrix.values[-1]),  # type: ignore[arg-type]
                 seconds=res.seconds, train_steps=steps,
                 step_seconds=sum(r.seconds for r in res.train_results) / max(steps, 1),
+                folds=res.folds,
             )
         )  # fmt: skip
     return results
 
 
 def check_bench(cfg: BenchConfig) -> None:
-    """Refuse unknown methods, metrics and method options (InvalidHyperparameter)."""
+    """Refuse unknown methods, metrics, method options and fold settings
+    (InvalidHyperparameter)."""
     check_metric(cfg.metric)
+    if cfg.consolidate_after is not None and not 1 <= cfg.consolidate_after < len(cfg.order):
+        raise InvalidHyperparameter(
+            field="consolidate_after",
+            reason=f"must be a task number from 1 to {len(cfg.order) - 1} (the fold comes after "
+            f"that task and before the next), got {cfg.consolidate_after}",
+        )
+    if not 0 <= cfg.max_drop <= 100:
+        raise InvalidHyperparameter(
+            field="max_drop", reason=f"must be in [0, 100], got {cfg.max_drop}"
+        )
     for method, options in cfg.options.items():
         if method not in cfg.methods:
             raise InvalidHyperparameter(
@@ -158,7 +187,7 @@ def check_bench(cfg: BenchConfig) -> None:
             raise InvalidHyperparameter(field=f"options.{method}", reason="multitask has none")
     for method in cfg.methods:
         if method != MULTITASK:
-            get_strategy(method, **cfg.options.get(method, {}))
+            bench_strategy(method, cfg.options.get(method, {}))
 
 
 def _multitask(
@@ -212,6 +241,7 @@ def _result_json(r: MethodResult) -> dict[str, Any]:
         "backward_transfer": m.backward_transfer if m else None,
         "forward_transfer": m.forward_transfer if m else None,
         "forgetting": m.forgetting if m else None,
+        "folds": [asdict(f) for f in r.folds],
         "seconds": r.seconds,
         "train_steps": r.train_steps,
         "step_seconds": r.step_seconds,
@@ -238,6 +268,11 @@ def markdown_table(cfg: BenchConfig, results: Sequence[MethodResult]) -> str:
             f"| {pct(m.forward_transfer if m else None)} | {pct(m.forgetting if m else None)} "
             f"| {row} | {r.seconds:.0f} | {r.step_seconds:.3f} |"
         )
+    for r in results:
+        for fold in r.folds:
+            state = "published" if fold.published else f"refused (max_drop {cfg.max_drop:g})"
+            lines += ["", f"{r.method}: fold after {cfg.order[fold.after_task]}, {state}",
+                      "", "```", fold.table, "```"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
-from continual.batching import encode_pair
 from continual.data import TaskData
 from continual.fold import (
+    FOLD_ATOL,
+    FOLD_ATOL_HALF,
     FOLDABLE,
     GATED_METHODS,
     Fold,
@@ -40,6 +41,7 @@ from continual.fold import (
     check_drops,
     drop_table,
     fold_state,
+    probe_sequences,
 )
 from registry.artifacts import read_manifest
 from registry.entities import AdapterVersion, Job, JobKind, Snapshot, Stream, Task
@@ -53,9 +55,6 @@ from workers.reporting import JobReporter
 
 log = logging.getLogger(__name__)
 
-FOLD_ATOL = 1e-3  # fp32: summing B A into W reorders float additions, nothing more
-FOLD_ATOL_HALF = 5e-2  # bf16 / fp16 weights round to ~3 significant digits when cast back
-PROBES_PER_TASK = 16  # sequences of each adapter's task: the exact check, am-lora's mean gates
 DEFAULT_MAX_DROP = 2.0  # accuracy points a task may lose to a fold that is not exact
 POLICY = {
     "every_tasks": "fold once this many adapters sit on the current snapshot",
@@ -201,7 +200,7 @@ def _fold_checked(
         clock.lap("seconds_evaluate")
     reporter.progress(0.3)
     data = {task.id: d for task, d in datasets}
-    probes = [_probes(tokenizer, data[v.task_id], max_length=cut) for v in adapters]
+    probes = [probe_sequences(tokenizer, data[v.task_id], max_length=cut) for v in adapters]
     fold = fold_state(state, method=method, history=dirs, probes=probes)
     clock.lap("seconds_fold")
     if fold.exact:
@@ -265,17 +264,6 @@ class _Clock:
         now = time.perf_counter()
         self.laps[phase] = round(self.laps.get(phase, 0.0) + now - self._last, 3)
         self._last = now
-
-
-def _probes(tokenizer: Any, data: TaskData, *, max_length: int) -> list[torch.Tensor]:
-    """A few training sequences of a task (prompt and completion, cut as training cut them;
-    test examples when it has no training split), each (1, T)."""
-    probes = []
-    for ex in (data.train or data.test)[:PROBES_PER_TASK]:
-        ids = encode_pair(tokenizer, prompt=ex.prompt, completion=ex.completion,
-                          add_eos=False, max_length=max_length).ids  # fmt: skip
-        probes.append(torch.tensor([ids]))
-    return probes
 
 
 def _store(inst: Instance, fold: Fold, *, parent: Snapshot) -> tuple[str, dict[str, int]]:

@@ -99,6 +99,38 @@ def test_bench_exact_match_metric_and_method_options(cl_dir: Path, tmp_path: Pat
     assert "metric exact" in (out / "results.md").read_text()
 
 
+def test_bench_consolidates_after_task_k_through_the_fold_jobs_use(
+    cl_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    code = main([
+        "bench", "--data", str(cl_dir), "--order", "sport_food,food_weather",
+        "--methods", "o-lora,composed", "--model", "tiny", "--train-per-task", "32",
+        "--eval-per-task", "8", "--set", "max_steps=4", "--consolidate-after", "1",
+        "--max-drop", "100", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["consolidate_after"] == 1
+    olora, composed = results["methods"]
+    for method in (olora, composed):
+        (fold,) = method["folds"]
+        assert fold["after_task"] == 0 and fold["published"] is True
+        assert fold["routed"] == method["matrix"][0]  # the state the fold started from
+        assert len(fold["folded"]) == 2 and all(0 <= v <= 1 for v in fold["folded"])
+        assert len(method["matrix"]) == 2  # the second task learned on the folded base
+    # o-lora folds exactly, with its memory; composed (am-lora) weighs its adapter by its gate
+    assert olora["folds"][0]["max_logit_diff"] < 1e-3 and olora["folds"][0]["mean_gates"] is None
+    (gate,) = composed["folds"][0]["mean_gates"]
+    assert 0 < gate < 1 and composed["folds"][0]["max_logit_diff"] is None
+    for method in ("o-lora", "composed"):
+        assert (out / "adapters" / method / "fold-after-00" / "olora_memory").is_dir()
+    assert (out / "adapters" / "composed" / "fold-after-00" / "olora_memory" /
+            "router.safetensors").is_file()  # fmt: skip
+    table = (out / "results.md").read_text()
+    assert "composed: fold after sport_food, published" in table
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -110,6 +142,9 @@ def test_bench_exact_match_metric_and_method_options(cl_dir: Path, tmp_path: Pat
         (["--methods", "o-lora", "--option", "o-lora.lambda1=-1"], "lambda1"),
         (["--methods", "seq-lora", "--option", "o-lora.lambda1=1"], "o-lora"),
         (["--methods", "seq-lora", "--option", "lambda1=1"], "METHOD.KEY=VALUE"),
+        (["--consolidate-after", "1"], "consolidate_after"),  # one task: nothing comes after
+        (["--max-drop", "-1"], "max_drop"),
+        (["--methods", "composed", "--option", "composed.lambda1=-1"], "lambda1"),
     ],
 )
 def test_bench_refuses_bad_input_before_training(
