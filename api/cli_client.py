@@ -301,19 +301,22 @@ def evaluations(c: StrataClient, a: argparse.Namespace) -> int:
 
 
 def predict(c: StrataClient, a: argparse.Namespace) -> int:
-    body: dict[str, Any] = {
-        "inputs": a.inputs,
-        "version": a.version,
-        "max_new_tokens": a.max_new_tokens,
-    }
-    if a.task:
-        body["task"] = a.task
-    if a.labels:
-        body["labels"] = a.labels.split(",")
-    out = c.request("POST", f"/streams/{a.stream}/predict", json=body)
+    out = c.predict(
+        a.stream, a.inputs, task=a.task, version=a.version, template=not a.raw,
+        labels=a.labels.split(",") if a.labels else None, max_new_tokens=a.max_new_tokens,
+    )  # fmt: skip
     print(f"snapshot v{out['snapshot_version']} + {', '.join(out['adapters']) or 'no adapters'}")
+    if out.get("prompt_template") is not None:
+        print(f"prompt template:     {out['prompt_template']!r}")
+        print(f"completion template: {out['completion_template']!r}")
     for p in out["predictions"]:
-        print(f"> {p['input']!r}\n  {p['output']}")
+        print(f"> {p['input']!r}")
+        if p["prompt"] != p["input"]:
+            print(f"  prompt: {p['prompt']!r}")
+        scores = p.get("scores") or {}
+        ranked = ", ".join(f"{label} {score:.3f}" for label, score in
+                           sorted(scores.items(), key=lambda kv: -kv[1]))  # fmt: skip
+        print(f"  {p['output']}" + (f"  ({ranked})" if ranked else ""))
     return 0
 
 
@@ -429,12 +432,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--descendants", action="store_true")
     p.add_argument("--depth", type=int, default=100)
     command(sub, "evaluations", evaluations, "the stream's accuracy matrix").add_argument("stream")
-    p = command(sub, "predict", predict, "complete inputs with a stream's current state")
+    about = "complete or classify inputs with a stream's current state (or a task's version)"
+    p = command(sub, "predict", predict, about)
     p.add_argument("stream")
     p.add_argument("inputs", nargs="+")
-    p.add_argument("--task")
-    p.add_argument("--version", default="latest")
-    p.add_argument("--labels", help="comma-separated labels to rank instead of generating")
+    p.add_argument("--task", help="use this task's adapter version and prompt template: inputs "
+                   "are its {text}, its labels are ranked")  # fmt: skip
+    p.add_argument("--version", default="latest", help="a version number or alias of --task")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="with --task: send the inputs as written, not through its template",
+    )
+    p.add_argument("--labels", help="comma-separated labels to rank instead of generating "
+                   "(with --task: instead of the task's own)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=16)
 
     schedules = group("schedules", "cron schedules of retrain / consolidate jobs")

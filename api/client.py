@@ -91,6 +91,30 @@ class StrataClient:
             )
         return result
 
+    def predict(
+        self,
+        stream: str,
+        inputs: list[str],
+        *,
+        task: str | None = None,
+        version: str = "latest",
+        labels: list[str] | None = None,
+        template: bool = True,
+        max_new_tokens: int = 16,
+    ) -> dict[str, Any]:
+        """`POST /streams/{stream}/predict`: with `task`, the inputs are the task's `{text}` and
+        go through its prompt template (`template=False`: sent raw); each prediction's `prompt`
+        is what the model was given."""
+        body: dict[str, Any] = {"inputs": inputs, "version": version,
+                                "max_new_tokens": max_new_tokens}  # fmt: skip
+        if task is not None:
+            body["task"] = task
+            body["template"] = template
+        if labels is not None:
+            body["labels"] = labels
+        result: dict[str, Any] = self.request("POST", f"/streams/{stream}/predict", json=body)
+        return result
+
     def job_events(self, job_id: int, *, after: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
         """The job's server-sent events, (event, data), until it ends."""
         headers = {"Accept": "text/event-stream"}

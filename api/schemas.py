@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from registry.store.adapters import MAX_VERSION
 
@@ -41,6 +41,10 @@ class ConsolidationPolicy(_In):
     max_rank: int | None = Field(
         default=None, ge=1, description="Fold when their LoRA ranks add up to more than this."
     )
+    max_drop: float | None = Field(
+        default=None, ge=0, le=100, description="Publish a fold that is not exact (am-lora) "
+        "only if no task loses more accuracy points than this (default 2)."
+    )  # fmt: skip
 
 
 class StreamCreate(_In):
@@ -172,6 +176,10 @@ class AliasSet(_In):
 
 class ConsolidateRequest(_In):
     eval_limit: int = Field(default=200, ge=1, le=100_000, description="Test examples per task.")
+    max_drop: float | None = Field(
+        default=None, ge=0, le=100, description="Accuracy points any task may lose to a fold "
+        "that is not exact (am-lora); default: the stream's consolidation policy's, else 2."
+    )  # fmt: skip
 
 
 class SnapshotPublic(_Out):
@@ -249,28 +257,62 @@ class EvaluateRequest(_In):
 
 # -- predict -------------------------------------------------------------------------------------
 class PredictRequest(_In):
-    inputs: list[str] = Field(min_length=1, max_length=16, description="Prompts to complete.")
+    inputs: list[str] = Field(
+        min_length=1, max_length=16, description="Texts to complete or classify: with `task`, "
+        "each is the task's `{text}` and is rendered by its prompt template (see `template`); "
+        "without, each is sent to the model as written."
+    )  # fmt: skip
     task: str | None = Field(
-        default=None, description="Use this task's adapter version (with `version`) rather than "
-        "the stream's current state."
+        default=None, description="Query this task's adapter version (with `version`, and the "
+        "earlier adapters it was trained on) rather than the stream's current state, on the "
+        "task's prompt format: inputs go through its prompt template, labels through its "
+        "completion template, and a classification task's own labels are ranked when `labels` "
+        "is omitted, scored exactly as evaluation scores them (prompts cut to the adapter's "
+        "`max_length` tokens as training cut them)."
     )  # fmt: skip
     version: str = Field(default="latest", description="A version number or alias of `task`.")
+    template: bool = Field(
+        default=True, description="With `task`: false sends the inputs raw (as without a task: "
+        "unrendered, uncut, explicit labels scored as `\" label\"`, generation when `labels` is "
+        "omitted) to the task's adapter version. Without `task` inputs are always raw."
+    )  # fmt: skip
     max_new_tokens: int = Field(default=16, ge=1, le=128)
     labels: list[str] | None = Field(
-        default=None, max_length=64, description="Rank these candidate completions instead of "
-        "generating (the label with the highest length-normalised log-likelihood wins)."
+        default=None, min_length=1, max_length=64, description="Rank these candidate completions "
+        "instead of generating (the label with the highest length-normalised log-likelihood "
+        "wins); with `task` each is rendered by the task's completion template."
     )  # fmt: skip
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: list[str] | None) -> list[str] | None:
+        stripped = [label.strip() for label in labels or ()]
+        if not all(stripped):
+            raise ValueError("labels must not be blank")
+        if len(set(stripped)) != len(stripped):
+            raise ValueError("labels must be distinct (whitespace around them aside)")
+        return labels
 
 
 class Prediction(BaseModel):
     input: str
-    output: str
-    scores: dict[str, float] | None = None
+    prompt: str = Field(description="What the model was given: the input as the task's prompt "
+                        "template renders it (the input itself in raw mode).")  # fmt: skip
+    output: str = Field(description="The generated text, or the best label.")
+    scores: dict[str, float] | None = Field(
+        default=None, description="Each label's mean log-likelihood per completion token."
+    )
 
 
 class PredictResponse(BaseModel):
     snapshot_version: int
     adapters: list[str] = Field(description="task@version of every adapter applied")
+    prompt_template: str | None = Field(
+        default=None, description="The task's prompt template applied (null: raw inputs)."
+    )
+    completion_template: str | None = Field(
+        default=None, description="How each label was rendered as a completion (null: raw)."
+    )
     predictions: list[Prediction]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from continual.batching import encode_pair
+from continual.batching import IGNORE_INDEX, encode_pair, pad_batch, pad_id_of
 from continual.data import label_of
 from continual.errors import InvalidDataset
 from continual.evaluation import label_scores
@@ -79,6 +79,15 @@ def test_a_labelled_task_is_scored_on_the_tokens_it_is_trained_on(
     for label, row in zip(data.labels, rows, strict=True):
         scored = row[trained.prompt_len :]
         assert scored == tok.encode(written.format(label=label), add_special_tokens=False)
+    # the training target (the batch's labels) is those completion tokens, then end of sequence
+    target = pad_batch([trained], pad_id=pad_id_of(tok)).labels[0]  # (T,)
+    assert target[target != IGNORE_INDEX].tolist() == [*rows[gold][trained.prompt_len :],
+                                                       tok.eos_token_id]  # fmt: skip
+    # the shared-prefix path (evaluation's and predict's default) scores the same tokens
+    full = label_scores(model, tok, data.test, list(data.labels), shared_prefix=False,
+                        fmt=data.prompt_format)  # fmt: skip
+    cached = label_scores(model, tok, data.test, list(data.labels), fmt=data.prompt_format)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
 def test_labels_written_two_ways_are_refused_with_the_line() -> None:
