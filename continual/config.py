@@ -21,6 +21,7 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 )
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+RELORA_PRUNE_DEFAULT = 0.99  # ReLoRA's magnitude pruning of the optimizer state at a reset
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,29 @@ class LoraHyperparams:
             "fp32). bf16 is what GPUs are fast at; on a CPU without bf16 units it is slower."
         },
     )
+    relora_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "ReLoRA: every this many optimiser steps, move the new adapter's update into "
+            "a frozen part of that adapter and restart its A (Kaiming) and B (zero); None: off. "
+            "The saved adapter holds every cycle: its rank is rank x (resets + 1)."
+        },
+    )
+    relora_prune: float = field(
+        default=RELORA_PRUNE_DEFAULT,
+        metadata={
+            "help": "ReLoRA: fraction of the adapter's optimizer state (Adam moments) zeroed, "
+            "smallest magnitudes first, at each reset; in [0, 1). Needs relora_every."
+        },
+    )
+    relora_warmup: int | None = field(
+        default=None,
+        metadata={
+            "help": "ReLoRA: steps over which the learning rate climbs back from 0 after each "
+            "reset, < relora_every; None: a tenth of relora_every (rounded up). Needs "
+            "relora_every."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -110,6 +134,41 @@ class LoraHyperparams:
                 field="precision",
                 reason=f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
             )
+        self._check_relora()
+
+    def _check_relora(self) -> None:
+        """The ReLoRA fields: a positive cycle length, a re-warmup shorter than a cycle, and no
+        ReLoRA setting without cycles (to switch ReLoRA off over a stream's default, a job sets
+        relora_every and relora_warmup to null and relora_prune to its default)."""
+        _check_float(self, "relora_prune", low=0.0, high=1.0)
+        if self.relora_every is None:
+            if self.relora_warmup is not None:
+                raise InvalidHyperparameter(
+                    field="relora_warmup", reason="only applies with relora_every (ReLoRA is off)"
+                )
+            if self.relora_prune != RELORA_PRUNE_DEFAULT:
+                raise InvalidHyperparameter(
+                    field="relora_prune", reason="only applies with relora_every (ReLoRA is off)"
+                )
+            return
+        _check_int(self, "relora_every", low=1)  # a run shorter than a cycle has no reset
+        if self.relora_warmup is not None:
+            _check_int(self, "relora_warmup", low=0)
+            if self.relora_warmup >= self.relora_every:
+                every, warmup = self.relora_every, self.relora_warmup
+                raise InvalidHyperparameter(
+                    field="relora_warmup", reason=f"must be < relora_every ({every}), got {warmup}"
+                )
+
+    @property
+    def relora_warmup_steps(self) -> int:
+        """The re-warmup in use: `relora_warmup`, or a tenth of `relora_every` rounded up (below
+        a whole cycle); 0 when ReLoRA is off."""
+        if self.relora_every is None:
+            return 0
+        if self.relora_warmup is not None:
+            return self.relora_warmup
+        return min(math.ceil(self.relora_every / 10), self.relora_every - 1)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> LoraHyperparams:

@@ -3,7 +3,8 @@
 It optimises whatever parameters have `requires_grad`, on the completion tokens only, and
 reports through callbacks. Strategies decide what is trainable and may add a loss term; a
 parameter carrying an `lr_scale` attribute (`set_lr_scale`) learns at that multiple of the
-learning rate.
+learning rate. With `hyper.relora_every` the trainable LoRA adapter runs ReLoRA cycles
+(`continual.relora`): the one place the loop knows about LoRA.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from continual.checkpoint import TrainState, capture, restore
 from continual.config import LoraHyperparams, check_number
 from continual.data import Example
 from continual.errors import InvalidCheckpoint, InvalidDataset, TrainingCancelled
+from continual.relora import ReLoraCycles
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +62,9 @@ class TrainingCallbacks:
     `on_checkpoint(state)` every `checkpoint_every` steps (not after the last one): pass the
     state back as `train(..., resume=state)` to continue an interrupted run exactly.
 
-    `after_step(info, model, optimizer)` runs after the optimiser and LR scheduler stepped and
-    before `on_step`; it may edit the model and the optimizer state in place (e.g. ReLoRA's
-    merge-and-reinit, `continual.relora`)."""
+    `after_step(info, model, optimizer)` runs after the optimiser and LR scheduler stepped (and
+    after a ReLoRA reset) and before `on_step`; it may edit the model and the optimizer state
+    in place."""
 
     on_step: Callable[[StepInfo], None] | None = None
     should_stop: Callable[[], bool] | None = None
@@ -78,6 +80,7 @@ class TrainResult:
     tokens: int  # non-padding tokens seen
     seconds: float
     losses: tuple[float, ...]  # loss of every step, in order
+    relora_resets: int = 0  # ReLoRA cycles ended (the adapter's rank is rank x (resets + 1))
 
 
 def total_steps(*, num_examples: int, hyper: LoraHyperparams) -> int:
@@ -126,10 +129,11 @@ def train(
 ) -> TrainResult:
     """Train `model` in place on `examples`; raises TrainingCancelled if `should_stop()`.
 
-    `lr_schedule` scales `hyper.learning_rate` per step (default: warmup, then cosine).
-    `resume`: a checkpoint of this run (same model set-up, examples and hyperparameters);
-    training continues after its step with the batches, learning rates and dropout masks the
-    uninterrupted run would have used."""
+    `lr_schedule` scales `hyper.learning_rate` per step (default: warmup, then cosine; with
+    ReLoRA it restarts after each reset). `resume`: a checkpoint of this run (same model
+    set-up, examples and hyperparameters); training continues after its step with the batches,
+    learning rates, dropout masks and ReLoRA cycles the uninterrupted run would have used.
+    With ReLoRA the model ends with a plain adapter holding every cycle (`ReLoraCycles.finish`)."""
     if not examples:
         raise InvalidDataset(field="examples", reason="no training examples")
     encoded = [
@@ -143,6 +147,11 @@ def train(
         for ex in examples
     ]
     steps = total_steps(num_examples=len(encoded), hyper=hyper)
+    relora = None  # installed before the optimizer, which must see the parametrized model
+    if hyper.relora_every is not None:
+        at = resume.step if resume is not None else 0
+        relora = ReLoraCycles.install(model, hyper=hyper, total=steps, step=at)
+        lr_schedule = relora.schedule(lr_schedule)
     optimizer, scheduler = _setup_optimizer(model, hyper=hyper, steps=steps, schedule=lr_schedule)
     torch.manual_seed(hyper.seed)  # dropout
     loop = _Loop(
@@ -153,6 +162,7 @@ def train(
         extra_loss=extra_loss,
         callbacks=callbacks or TrainingCallbacks(),
         steps=steps,
+        relora=relora,
     )
     if resume is not None:
         if resume.step > steps:
@@ -173,6 +183,8 @@ def train(
         loop.run(batches)
     finally:
         model.train(was_training)
+    if relora is not None:
+        relora.finish()
     window = loop.losses[-FINAL_LOSS_WINDOW:]
     result = TrainResult(
         steps=steps,
@@ -180,6 +192,7 @@ def train(
         tokens=loop.tokens,
         seconds=time.perf_counter() - loop.start,
         losses=tuple(loop.losses),
+        relora_resets=relora.resets if relora is not None else 0,
     )
     logger.info(
         "trained %d steps in %.1fs, final loss %.4f", steps, result.seconds, result.final_loss
@@ -198,6 +211,7 @@ class _Loop:
     extra_loss: Callable[[Any], Tensor | None] | None  # called with `model`
     callbacks: TrainingCallbacks
     steps: int
+    relora: ReLoraCycles | None = None
     losses: list[float] = field(default_factory=list)
     tokens: int = 0  # since step 1 (a resumed run counts the checkpoint's)
     first_step: int = 1
@@ -214,6 +228,8 @@ class _Loop:
             lr /= self.optimizer.param_groups[0].get(LR_SCALE, 1.0)
             loss = self._step(batch.to(device))
             self.scheduler.step()
+            if self.relora is not None:
+                self.relora.after_step(step, self.optimizer)
             self.losses.append(loss)
             self.tokens += batch.num_tokens
             self.run_tokens += batch.num_tokens

@@ -228,6 +228,8 @@ def _fit(
     )  # fmt: skip
     metrics = {"final_loss": result.final_loss, "steps": result.steps, "tokens": result.tokens,
                "train_seconds": round(result.seconds, 3)}  # fmt: skip
+    if plan.setup.hyper.relora_every is not None:  # the adapter's rank is rank x (resets + 1)
+        metrics["relora_resets"] = result.relora_resets
     with tempfile.TemporaryDirectory(prefix="strata-adapter-") as tmp:
         strategy.save_adapter(model, Path(tmp))
         return put_tree(inst.artifacts, Path(tmp)), metrics

@@ -95,3 +95,45 @@ def test_every_field_documents_itself() -> None:
 
     for f in dataclasses.fields(LoraHyperparams):
         assert f.metadata.get("help"), f.name
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "reason"),
+    [
+        ({"relora_every": 0}, "relora_every", "must be >= 1, got 0"),
+        ({"relora_every": -5}, "relora_every", "must be >= 1, got -5"),
+        ({"relora_every": 2.5}, "relora_every", "must be an integer, got 2.5"),
+        ({"relora_every": True}, "relora_every", "must be an integer, got True"),
+        ({"relora_every": 10, "relora_warmup": 10}, "relora_warmup", "must be < relora_every"),
+        ({"relora_every": 10, "relora_warmup": -1}, "relora_warmup", "must be >= 0, got -1"),
+        ({"relora_every": 10, "relora_prune": 1.0}, "relora_prune", "must be < 1.0, got 1.0"),
+        ({"relora_every": 10, "relora_prune": -0.1}, "relora_prune", "must be >= 0.0"),
+        ({"relora_every": 10, "relora_prune": "0.9"}, "relora_prune", "must be a number"),
+        ({"relora_warmup": 3}, "relora_warmup", "only applies with relora_every"),
+        ({"relora_prune": 0.5}, "relora_prune", "only applies with relora_every"),
+    ],
+)
+def test_relora_combinations_are_refused_naming_the_field(
+    values: dict[str, Any], field: str, reason: str
+) -> None:
+    with pytest.raises(InvalidHyperparameter) as info:
+        LoraHyperparams.from_dict(values)
+    assert info.value.field == field
+    assert info.value.reason.startswith(reason), info.value.reason
+
+
+def test_relora_settings_and_their_default_warmup() -> None:
+    off = LoraHyperparams()
+    assert (off.relora_every, off.relora_prune, off.relora_warmup) == (None, 0.99, None)
+    assert off.relora_warmup_steps == 0
+    # the default re-warmup is a tenth of a cycle, rounded up, and always shorter than it
+    for every, warmup in [(1, 0), (2, 1), (10, 1), (11, 2), (50, 5), (100, 10)]:
+        assert LoraHyperparams(relora_every=every).relora_warmup_steps == warmup
+    on = LoraHyperparams(relora_every=50, relora_warmup=0, relora_prune=0.0, max_steps=20)
+    assert on.relora_warmup_steps == 0
+    data = json.loads(json.dumps(on.to_dict()))
+    assert (data["relora_every"], data["relora_warmup"], data["relora_prune"]) == (50, 0, 0.0)
+    assert LoraHyperparams.from_dict(data) == on
+    # records written before the fields existed still read
+    old = {k: v for k, v in off.to_dict().items() if not k.startswith("relora_")}
+    assert LoraHyperparams.from_dict(old) == off
