@@ -126,6 +126,38 @@ def test_streams_create_list_get_and_refuse_bad_input(api: Api) -> None:
     assert [s["name"] for s in c.get("/v1/streams", headers=h).json()["data"]] == ["s1"]
 
 
+def test_relora_hyperparameters_are_validated_as_one_setting(api: Api) -> None:
+    """ReLoRA's three hyperparameters are checked together: a stream's defaults or a task's
+    overrides that do not fit are a 422 naming the field, and nothing is queued."""
+    c, h = api.client, api.auth("write")
+    tiny = {"name": "r", "base": {"kind": "tiny"}}
+    for hyper, field in [
+        ({"relora_every": 0}, "relora_every"),
+        ({"relora_every": 10, "relora_warmup": 10}, "relora_warmup"),
+        ({"relora_every": 10, "relora_prune": 1.0}, "relora_prune"),
+        ({"relora_warmup": 5}, "relora_warmup"),  # ReLoRA is off
+    ]:
+        body = _problem(c.post("/v1/streams", json={**tiny, "hyperparams": hyper}, headers=h),
+                        422, field)  # fmt: skip
+        assert body["code"] == "invalid_hyperparameter"
+    made = c.post("/v1/streams", json={**tiny, "hyperparams": {**FAST, "relora_every": 2}},
+                  headers=h)  # fmt: skip
+    assert made.status_code == 201, made.text
+    assert made.json()["hyperparams"]["relora_every"] == 2
+    train, test, labels = _task_files()
+    files = {"train": ("train.jsonl", train), "test": ("test.jsonl", test)}
+    off_with_prune = {"relora_every": None, "relora_prune": 0.5}
+    for params, field in [
+        ({"relora_warmup": 2}, "relora_warmup"),
+        (off_with_prune, "relora_prune"),
+    ]:
+        data = {"name": "t", "labels": json.dumps(labels),
+                "params": json.dumps({"hyperparams": params})}  # fmt: skip
+        _problem(c.post("/v1/streams/r/tasks", data=data, files=files, headers=h), 422, field)
+    assert api.dispatcher.sent == []
+    assert c.get("/v1/streams/r/tasks", headers=h).json()["count"] == 0
+
+
 def test_task_uploads_queue_jobs_and_bad_datasets_are_refused_before_training(api: Api) -> None:
     c, h = api.client, api.auth("write")
     _stream(api)
@@ -300,9 +332,14 @@ def test_a_trained_task_can_be_downloaded_traced_evaluated_and_queried(
                  headers=h).json()  # fmt: skip
     assert out["adapters"] == ["colors@v1"] and out["predictions"][0]["output"] in labels
     assert set(out["predictions"][0]["scores"]) == set(labels)
-    gen = c.post("/v1/streams/s1/predict", json={"inputs": [prompt], "task": "colors",
-                 "version": "1", "max_new_tokens": 3}, headers=h).json()  # fmt: skip
+    # raw text on the task's version generates; with its template its labels are ranked
+    # (tests/api/test_predict.py checks both against references)
+    raw = {"inputs": [prompt], "task": "colors", "version": "1", "template": False}
+    gen = c.post("/v1/streams/s1/predict", json={**raw, "max_new_tokens": 3}, headers=h).json()
     assert isinstance(gen["predictions"][0]["output"], str)
+    assert gen["predictions"][0]["scores"] is None
+    ranked = c.post("/v1/streams/s1/predict", json={**raw, "template": True}, headers=h).json()
+    assert set(ranked["predictions"][0]["scores"]) == set(labels)
     _problem(c.post("/v1/streams/s1/predict", json={"inputs": []}, headers=h), 422, "inputs")
     _problem(c.post("/v1/streams/s1/predict", json={"inputs": ["x"], "task": "nope"}, headers=h),
              404, "task")  # fmt: skip
@@ -346,12 +383,20 @@ def test_consolidation_routes_refuse_what_cannot_be_folded(api: Api) -> None:
     am = c.post("/v1/streams", headers=h, json={"name": "am", "base": {"kind": "tiny"},
                 "method": "am-lora"})  # fmt: skip
     assert am.status_code == 201
-    _problem(c.post("/v1/streams/am/consolidate", json={}, headers=h), 422, "method")
-    _problem(c.put("/v1/streams/am/consolidation", json={"every_tasks": 2}, headers=h), 422,
-             "consolidation")  # fmt: skip
+    # am-lora streams fold too, gated by max_drop (the request's, else the policy's)
+    folding = c.post("/v1/streams/am/consolidate", json={"max_drop": 5}, headers=h)
+    assert folding.status_code == 202 and folding.json()["params"]["max_drop"] == 5
+    _problem(c.post("/v1/streams/am/consolidate", json={"max_drop": -1}, headers=h), 422,
+             "max_drop")  # fmt: skip
+    policy = c.put("/v1/streams/am/consolidation", json={"every_tasks": 2, "max_drop": 3.5},
+                   headers=h)  # fmt: skip
+    assert policy.status_code == 200
+    assert policy.json()["consolidation"] == {"every_tasks": 2, "max_drop": 3.5}
+    _problem(c.put("/v1/streams/am/consolidation", json={"max_drop": 101}, headers=h), 422,
+             "max_drop")  # fmt: skip
     am2 = {"name": "am2", "base": {"kind": "tiny"}, "method": "am-lora",
            "consolidation": {"every_tasks": 1}}  # fmt: skip
-    _problem(c.post("/v1/streams", headers=h, json=am2), 422, "consolidation")
+    assert c.post("/v1/streams", headers=h, json=am2).status_code == 201
     _problem(c.post("/v1/streams/s/snapshots/7/activate", headers=h), 404)
     activated = c.post("/v1/streams/s/snapshots/0/activate", headers=h)
     assert activated.status_code == 200 and activated.json()["current"] is True
