@@ -56,6 +56,9 @@ def _sets(pairs: list[str]) -> dict[str, Any]:
 
 
 # -- streams and tasks ---------------------------------------------------------------------------
+MAX_DROP_HELP = "accuracy points any task may lose to a fold that is not exact (am-lora); default 2"
+
+
 def streams_create(c: StrataClient, a: argparse.Namespace) -> int:
     body = {
         "name": a.name,
@@ -63,7 +66,7 @@ def streams_create(c: StrataClient, a: argparse.Namespace) -> int:
         "method": a.method,
         "hyperparams": _sets(a.set),
         "method_options": _sets(a.option),
-        "consolidation": {"every_tasks": a.every_tasks},
+        "consolidation": {"every_tasks": a.every_tasks, "max_drop": a.max_drop},
     }
     _show(c.request("POST", "/streams", json=body))
     return 0
@@ -81,14 +84,15 @@ def streams_show(c: StrataClient, a: argparse.Namespace) -> int:
 
 
 def streams_policy(c: StrataClient, a: argparse.Namespace) -> int:
-    body = {k: getattr(a, k) for k in ("every_tasks", "max_adapters", "max_rank")}
+    body = {k: getattr(a, k) for k in ("every_tasks", "max_adapters", "max_rank", "max_drop")}
     s = c.request("PUT", f"/streams/{a.name}/consolidation", json=body)
     print(f"{s['name']}: consolidation policy {s['consolidation'] or 'off'}")
     return 0
 
 
 def streams_consolidate(c: StrataClient, a: argparse.Namespace) -> int:
-    job = c.request("POST", f"/streams/{a.name}/consolidate", json={})
+    body = {} if a.max_drop is None else {"max_drop": a.max_drop}
+    job = c.request("POST", f"/streams/{a.name}/consolidate", json=body)
     print(f"consolidation job {job['id']} queued")
     return watch(c, job["id"]) if a.watch else 0
 
@@ -369,6 +373,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the method, e.g. lambda1=0.1 for o-lora")  # fmt: skip
     p.add_argument("--every-tasks", type=int, help="consolidate every N tasks")
+    p.add_argument("--max-drop", type=float, help=MAX_DROP_HELP)
     command(streams, "list", streams_list)
     command(streams, "show", streams_show).add_argument("name")
     p = command(streams, "policy", streams_policy, "set the consolidation policy")
@@ -376,8 +381,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--every-tasks", type=int)
     p.add_argument("--max-adapters", type=int)
     p.add_argument("--max-rank", type=int)
+    p.add_argument("--max-drop", type=float, help=MAX_DROP_HELP)
     p = command(streams, "consolidate", streams_consolidate, "fold the adapters into a snapshot")
     p.add_argument("name")
+    p.add_argument("--max-drop", type=float, help=MAX_DROP_HELP + " (this fold only)")
     p.add_argument("--watch", action="store_true")
 
     snapshots = group("snapshots", "list a stream's snapshots; roll back to one")

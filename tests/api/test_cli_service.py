@@ -119,7 +119,7 @@ def test_serve_and_the_cli_from_stream_to_download(
     run("schedules", "delete", "1")
 
     # consolidation folds the adapter into snapshot v1; rolling back moves the pointer only
-    out = run("streams", "consolidate", "news", "--watch")
+    out = run("streams", "consolidate", "news", "--max-drop", "5", "--watch")
     assert "job 2 succeeded" in out
     assert "v1" in run("snapshots", "list", "news").splitlines()[-1]
     assert "(current)" in run("snapshots", "list", "news").splitlines()[-1]
@@ -129,7 +129,8 @@ def test_serve_and_the_cli_from_stream_to_download(
     assert "wrote" in run("snapshots", "download", "news", "1", "-o", str(snapshot))
     with tarfile.open(snapshot, "r:") as tar:
         assert "news-snapshot-v1/config.json" in tar.getnames()
-    assert "every_tasks" in run("streams", "policy", "news", "--every-tasks", "3")
+    policy = run("streams", "policy", "news", "--every-tasks", "3", "--max-drop", "4.5")
+    assert "'every_tasks': 3" in policy and "'max_drop': 4.5" in policy
 
     # errors are one clear line and exit code 2
     assert main(["streams", "show", "nope", *auth]) == 2
