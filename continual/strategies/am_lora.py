@@ -40,6 +40,15 @@ Design choices:
   and tasks 0..t) and, with routing, the router's statistics of tasks 0..t (d x d + (t + 1) x
   (d + 1) floats: 1.3 MB for SmolLM2's 576-wide embedding). Inference uses the adapters of all
   history directories and the newest selector. Everything is safetensors; nothing is pickled.
+- **O-LoRA's terms** (`lambda1`, `lambda2`, default 0): `lambda1` times the L1 overlap
+  ||A_old A_new^T||_1 between the new adapter's A and the A rows of every earlier adapter and of
+  the folded tasks' memory (`lambda1_norm`: `mean` over layers per earlier rank, the default
+  here, or the paper's `sum`; see `o_lora`), and `lambda2` times the Frobenius norms of the new
+  A and B. The overlap term keeps the adapters' input subspaces apart, which is what lets a
+  consolidation sum them into one weight (`continual.fold`) with less interference.
+- **After a consolidation** the history starts with the memory of the folded tasks
+  (`am_lora_files`): the snapshot serves those tasks, the router keeps their statistics and
+  gives their inputs to no adapter, and only the adapters trained since are mixed.
 - **Models**: `prepare` and `inference_model` return the base model itself with its target
   linear layers replaced in place (as PEFT injects its layers), not a `PeftModel`: the mixture
   is no PEFT method, though each task's adapter on disk is a PEFT adapter.
