@@ -287,7 +287,8 @@ def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
         return
     newest = adapters[-1]
     method = recorded_setup(newest)
-    dirs = [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
+    dirs = memory_dirs(inst, snapshot, method.method)  # folded tasks first, as in training
+    dirs += [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
     state = method.strategy().inference_model(base, history=dirs)
     position = {t.id: t.position for t in tasks}[newest.task_id]
     reporter.event(f"evaluating the state after task {position} on {len(tasks)} tasks")

@@ -25,7 +25,7 @@ from registry.entities import AdapterVersion, Snapshot, Stream
 from registry.instance import Instance
 from workers.datasets import load_dataset
 from workers.jobs import recorded_setup
-from workers.models import fetch_tree, load_snapshot
+from workers.models import fetch_tree, load_snapshot, memory_dirs
 
 CACHE_SIZE = 2
 
@@ -129,8 +129,11 @@ def _model(
             _cache.move_to_end(key)
             return _cache[key]
     base, tokenizer = load_snapshot(inst, snapshot)
-    dirs = [fetch_tree(inst, a.artifact_digest or "") for a in adapters]
-    model = get_strategy(method).inference_model(base, history=dirs)
+    # the memory of folded tasks first (am-lora routes them to the snapshot itself)
+    dirs = memory_dirs(inst, snapshot, method)
+    dirs += [fetch_tree(inst, a.artifact_digest or "") for a in adapters]
+    strategy = recorded_setup(adapters[-1]).strategy() if adapters else get_strategy(method)
+    model = strategy.inference_model(base, history=dirs)
     with _lock:
         _cache[key] = (model, tokenizer)
         while len(_cache) > CACHE_SIZE:

@@ -20,6 +20,7 @@ from workers import consolidation
 from workers.execution import execute
 from workers.jobs import recorded_setup
 from workers.models import fetch_tree, load_snapshot, memory_dirs
+from workers.predict import predict
 from workers.streams import create_stream, submit_task
 
 QV = {"target_modules": ["q_proj", "v_proj"], "max_steps": 6, "batch_size": 8, "rank": 4}
@@ -271,6 +272,13 @@ def test_am_lora_folds_keep_routing_the_folded_tasks_to_the_snapshot(inst: Insta
     with torch.no_grad():  # a's input goes to the zero adapter: the snapshot alone answers
         gap = (state(input_ids=ids).logits - plain.eval()(input_ids=ids).logits).abs().max()
     assert float(gap) < 1e-3
+    # an evaluate job and predict rebuild the same state, memory first
+    evaluate = reg.jobs.create(kind=JobKind.EVALUATE, stream_id=am.id)
+    evaluated = execute(inst, Recorder(), evaluate.id, worker="w")
+    assert evaluated is not None and evaluated.state is JobState.SUCCEEDED, evaluated.error
+    answer = predict(inst, am, [data.test[0].prompt], labels=list(data.labels or ()))
+    assert [a.id for a in answer.adapters] == [c.id] and answer.snapshot.id == v1.id
+    assert answer.scores is not None and set(answer.scores[0]) == set(data.labels or ())
     again = _consolidate(inst, am.id)  # the second fold keeps the first one's tasks
     assert again.state is JobState.SUCCEEDED, again.error
     v2 = reg.streams.current_snapshot(am.id)
