@@ -119,6 +119,7 @@ class AmLoraLinear(nn.Module):
         self.selector_bias = nn.Parameter(bias, train_selector)
         self.last_impurity: Tensor | None = None
         self.route_logits: Tensor | None = None  # (B or 1, T or 1, n), set by the task router
+        self.skip_adapters = False  # set by the router: the snapshot alone serves this pass
         # The earlier rows while they are held (see `hold_history_rows`); buffers, so that they
         # follow the layer to a device, but not saved with it.
         self.held_weight: Tensor | None
@@ -178,6 +179,8 @@ class AmLoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)  # (..., out)
+        if self.skip_adapters:  # every gate of this pass is the zero adapter's: nothing to add
+            return result
         lora_A, lora_B = self.stacked()  # (n*R, in), (out, n*R)
         h = self.dropout(x).to(lora_A.dtype) @ lora_A.T  # (..., n*R): every branch at once
         h = h.unflatten(-1, (-1, self.stack_rank))  # (..., n, R)

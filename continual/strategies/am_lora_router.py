@@ -55,7 +55,10 @@ from continual.strategies.am_lora_layer import AmLoraLinear
 SHRINKAGE = 0.5
 """Weight of the scaled identity in the shrunk covariance (1 - s) Sigma + s (tr Sigma / d) I."""
 ROUTER_MODULE = "am_lora_router"
+SERVED_BY_SNAPSHOT = 0.999
+"""Posterior mass on the folded tasks from which a sequence is served by the snapshot alone."""
 MEANS, COUNTS, WITHIN = "router.means", "router.counts", "router.within"
+_Continued = tuple[Tensor, Tensor, Tensor | None]  # embedding sums, token counts, served
 """Keys of a task stream's statistics in an AM-LoRA selector file."""
 
 
@@ -68,8 +71,8 @@ class TaskRouter(nn.Module):
 
     The first `num_folded` tasks were folded into the base snapshot by a consolidation: they keep
     their statistics but have no adapter, so the layers get the prior of the other tasks only.
-    A folded task's input then finds every adapter's score lowered by its small probability and
-    goes to the zero adapter: the snapshot itself serves it.
+    A sequence the router gives to a folded task is served by the snapshot itself: no adapter
+    takes part, and a pass of such sequences skips the adapters (`_route_pass`).
     """
 
     means: Tensor  # buffers, float64
@@ -116,10 +119,10 @@ class TaskRouter(nn.Module):
             mark_train_state(getattr(self, name))
         self._cached: tuple[float, Tensor, Tensor] | None = None  # (sum of counts, w, b)
         # Per KV cache: the embedding sums and token counts of the sequences it holds.
-        self._continuations: weakref.WeakKeyDictionary[Any, tuple[Tensor, Tensor]] = (
+        self._continuations: weakref.WeakKeyDictionary[Any, _Continued] = (
             weakref.WeakKeyDictionary()
         )
-        self._pending: tuple[Tensor, Tensor] | None = None
+        self._pending: _Continued | None = None
 
     # -- statistics -------------------------------------------------------------------------
 
@@ -181,20 +184,43 @@ class TaskRouter(nn.Module):
     ) -> None:
         embeds, mask = self._inputs(args, kwargs)  # (B, T, d), (B, T)
         weighted = embeds * mask[..., None]
+        skip = False
         if self.learning and module.training:
             prior = self._learn(weighted.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0))
+            if prior is not None:
+                prior = prior[..., self.num_folded :]  # (1, 1, adapters): folded tasks have none
             self._pending = None
         else:
-            sums, counts = self._continued(kwargs.get("past_key_values"), batch=len(embeds))
-            sums = sums[:, None] + weighted.cumsum(dim=1)  # (B, T, d): this token and before
-            counts = counts[:, None] + mask.cumsum(dim=1)[..., None]  # (B, T, 1)
-            self._pending = (sums[:, -1], counts[:, -1])
-            log_p = self.log_posterior(sums / counts.clamp(min=1.0))
-            prior = None if log_p is None else (self.weight * log_p).float()
-        if prior is not None:
-            prior = prior[..., self.num_folded :]  # (B, T, adapters): folded tasks have none
+            prior, skip = self._route_pass(kwargs.get("past_key_values"), weighted, mask)
         for layer in self._layers:
             layer.route_logits = prior
+            layer.skip_adapters = skip
+
+    def _route_pass(self, past: Any, weighted: Tensor, mask: Tensor) -> tuple[Tensor | None, bool]:
+        """The layers' prior (B, T, adapters) for an inference pass over masked embeddings
+        `weighted` (B, T, d), and whether no sequence of it needs an adapter.
+
+        A sequence the router gives to the folded tasks (their posterior mass at least
+        `SERVED_BY_SNAPSHOT`, on the whole of its first pass: the prompt, when a cache is
+        continued) is served by the snapshot alone: every adapter's prior is -inf at each of
+        its tokens, so its gates are exactly the zero adapter's, in any batch. When every
+        sequence of a pass is, the layers skip the adapters' branches: a folded task costs
+        what the snapshot costs."""
+        sums, counts, served = self._continued(past, batch=len(weighted))
+        sums = sums[:, None] + weighted.cumsum(dim=1)  # (B, T, d): this token and before
+        counts = counts[:, None] + mask.cumsum(dim=1)[..., None]  # (B, T, 1)
+        log_p = self.log_posterior(sums / counts.clamp(min=1.0))
+        if log_p is None:
+            self._pending = (sums[:, -1], counts[:, -1], served)
+            return None, False
+        prior = (self.weight * log_p).float()[..., self.num_folded :]  # folded tasks: none
+        if self.num_folded:
+            if served is None:  # a new pass: decide on the whole sequence
+                folded = log_p[:, -1, : self.num_folded].exp().sum(dim=-1)  # (B,)
+                served = folded >= SERVED_BY_SNAPSHOT
+            prior = prior.masked_fill(served[:, None, None], float("-inf"))
+        self._pending = (sums[:, -1], counts[:, -1], served)
+        return prior, served is not None and bool(served.all())
 
     def _after_decoder(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -224,11 +250,12 @@ class TaskRouter(nn.Module):
                 return embeds, mask.to(torch.float64)
         return embeds, embeds.new_ones(embeds.shape[:2])
 
-    def _continued(self, past: Any, *, batch: int) -> tuple[Tensor, Tensor]:
-        """Embedding sums (B, d) and token counts (B, 1) of the sequences `past` caches (zeros
-        for a new pass). A cache repeated k times per sequence (prefix scoring) repeats them."""
+    def _continued(self, past: Any, *, batch: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Embedding sums (B, d), token counts (B, 1) and which sequences the snapshot serves
+        (B,) of the sequences `past` caches (zeros and None for a new pass). A cache repeated k
+        times per sequence (prefix scoring) repeats them."""
         dim = self.means.shape[1]
-        zeros = (self.means.new_zeros(batch, dim), self.means.new_zeros(batch, 1))
+        zeros = (self.means.new_zeros(batch, dim), self.means.new_zeros(batch, 1), None)
         if past is None or _cached_length(past) == 0:
             return zeros
         try:
@@ -237,13 +264,15 @@ class TaskRouter(nn.Module):
             found = None
         if found is None:
             return zeros  # a cache filled without the router: route on the new tokens alone
-        sums, counts = found
+        sums, counts, served = found
         if batch != len(sums):
             if batch % len(sums):
                 raise ValueError(f"a cache of {len(sums)} sequences continued by {batch}")
             sums = sums.repeat_interleave(batch // len(sums), dim=0)
             counts = counts.repeat_interleave(batch // len(counts), dim=0)
-        return sums, counts
+            if served is not None:
+                served = served.repeat_interleave(batch // len(served), dim=0)
+        return sums, counts, served
 
     def _learn(self, features: Tensor) -> Tensor | None:
         """Add the new task's sequences (B, d) to its statistics; the prior of its training

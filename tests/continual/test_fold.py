@@ -3,20 +3,23 @@ overlap term (against earlier adapters and against the folded tasks' memory)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from continual.config import LoraHyperparams
+from continual.data import synthetic_tasks
 from continual.errors import ConsolidationRegressed, InvalidHyperparameter
-from continual.fold import TaskCheck, check_drops, fold_state, mean_gates
+from continual.fold import TaskCheck, check_drops, fold_state, mean_gates, probe_sequences
 from continual.strategies import get_strategy
 from continual.strategies.am_lora import am_lora_layers
 from continual.strategies.am_lora_files import is_memory
+from continual.training import train
 
 MakeBase = Callable[..., LlamaForCausalLM]
 HYPER = LoraHyperparams(rank=4)
@@ -171,3 +174,50 @@ def test_the_drop_check_names_every_task_past_max_drop_and_bad_options_are_refus
         with pytest.raises(InvalidHyperparameter) as bad:
             get_strategy("am-lora", **options)
         assert bad.value.field == field
+
+
+def test_a_folded_tasks_sequences_are_served_by_the_snapshot_alone_in_any_batch(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    strategy, hyper = get_strategy("am-lora"), LoraHyperparams(rank=4, max_steps=6, batch_size=8)
+    tasks = synthetic_tasks(seed=0, train_size=32, test_size=4)
+
+    def learn(base: Callable[[], torch.nn.Module], history: list[Path], index: int) -> Path:
+        model = strategy.prepare(base(), history=history, hyper=hyper)  # type: ignore[arg-type]
+        train(model, tokenizer, tasks[index].train, hyper,
+              extra_loss=lambda _m: strategy.extra_loss(model))  # fmt: skip
+        strategy.save_adapter(model, tmp_path / f"t{index}")
+        return tmp_path / f"t{index}"
+
+    first = learn(make_base, [], 0)
+    early = [first, learn(make_base, [first], 1)]
+    probes = [probe_sequences(tokenizer, t, max_length=64) for t in tasks[:2]]
+    state = strategy.inference_model(make_base(), history=early)
+    fold = fold_state(state, method="am-lora", history=early, probes=probes)
+    assert fold.statistics is not None and fold.write_memory(tmp_path / "snap")
+    snapshot = fold.model
+    memory = [tmp_path / "snap" / "olora_memory"]
+    later = [*memory, learn(lambda: copy.deepcopy(snapshot), memory, 2)]
+    model = strategy.inference_model(copy.deepcopy(snapshot), history=later)
+    folded_ids = tokenizer(tasks[0].test[0].prompt, return_tensors="pt")["input_ids"]
+    live_ids = tokenizer(tasks[2].test[0].prompt, return_tensors="pt")["input_ids"]
+    alone = {"live": _logits(model, live_ids)}
+    alone["folded"] = _logits(model, folded_ids)  # the last pass: a folded task alone
+    layers = list(am_lora_layers(model).values())
+    assert all(layer.skip_adapters for layer in layers)
+    assert torch.equal(alone["folded"], _logits(snapshot, folded_ids))
+    assert not torch.allclose(alone["live"], _logits(snapshot, live_ids))  # its adapter acts
+    # in one padded batch, each sequence gets what it gets alone
+    width = max(folded_ids.shape[1], live_ids.shape[1])
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.full((2, width), pad)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, seq in enumerate((folded_ids[0], live_ids[0])):
+        ids[row, width - len(seq) :], mask[row, width - len(seq) :] = seq, 1  # left padding
+    with torch.no_grad():
+        both = model(input_ids=ids, attention_mask=mask).logits
+    assert not any(layer.skip_adapters for layer in layers)
+    torch.testing.assert_close(
+        both[0, -folded_ids.shape[1] :], alone["folded"][0], atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(both[1, -live_ids.shape[1] :], alone["live"][0], atol=1e-5, rtol=0)

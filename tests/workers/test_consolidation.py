@@ -269,9 +269,8 @@ def test_am_lora_folds_keep_routing_the_folded_tasks_to_the_snapshot(inst: Insta
     plain = load_snapshot(inst, v1)[0]
     data = synthetic_tasks(seed=0, train_size=24, test_size=6)[0]  # task a's
     ids = torch.tensor([tokenizer_ids(inst, v1, data.test[0].prompt)])
-    with torch.no_grad():  # a's input goes to the zero adapter: the snapshot alone answers
-        gap = (state(input_ids=ids).logits - plain.eval()(input_ids=ids).logits).abs().max()
-    assert float(gap) < 1e-3
+    with torch.no_grad():  # a's input goes to no adapter: the snapshot alone answers
+        assert torch.equal(state(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)
     # an evaluate job and predict rebuild the same state, memory first
     evaluate = reg.jobs.create(kind=JobKind.EVALUATE, stream_id=am.id)
     evaluated = execute(inst, Recorder(), evaluate.id, worker="w")
