@@ -294,13 +294,13 @@ def test_the_consolidation_evaluates_with_the_prompt_cut_training_used(
     inst: Instance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[int | None] = []
-    evaluate_row = consolidation.evaluate_row
+    score_row = consolidation.score_row
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs.get("max_length"))
-        return evaluate_row(*args, **kwargs)
+        return score_row(*args, **kwargs)
 
-    monkeypatch.setattr(consolidation, "evaluate_row", spy)
+    monkeypatch.setattr(consolidation, "score_row", spy)
     stream, _ = create_stream(inst, name="cut", base={"kind": "tiny"}, method="o-lora",
                               hyperparams={**QV, "max_length": 12})  # fmt: skip
     _train(inst, stream, "a", 0)
