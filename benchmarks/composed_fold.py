@@ -19,6 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from continual import fold
 from continual.config import LoraHyperparams
 from continual.data import synthetic_tasks
 from continual.strategies import get_strategy
@@ -37,15 +38,16 @@ def run(*, seed: int, lambda1: float, train_size: int, test_size: int) -> dict[s
             tasks=tasks, hyper=LoraHyperparams(seed=seed), out_dir=Path(tmp),
             measure_baseline=False, consolidate_after=2, max_drop=100.0,
         )  # fmt: skip
-    (fold,) = res.folds
-    drops = [100 * (r - f) for r, f in zip(fold.routed[:2], fold.folded[:2], strict=True)]
+    (report,) = res.folds
+    drops = [100 * (r - f) for r, f in zip(report.routed[:2], report.folded[:2], strict=True)]
     return {
         "seed": seed,
         "lambda1": lambda1,
-        "routed": [round(100 * v, 1) for v in fold.routed],
-        "folded": [round(100 * v, 1) for v in fold.folded],
+        "fold": "by-block" if fold.FOLD_BY_BLOCK else "joint",
+        "routed": [round(100 * v, 1) for v in report.routed],
+        "folded": [round(100 * v, 1) for v in report.folded],
         "max_drop_points": round(max(drops), 1),
-        "mean_gates": [round(g, 3) for g in fold.mean_gates or ()],
+        "mean_gates": [round(g, 3) for g in report.mean_gates or ()],
         "final": [round(100 * v, 1) for v in res.matrix.values[-1]],
         "final_acc": round(100 * sum(res.matrix.values[-1]) / len(tasks), 1),
     }
@@ -57,7 +59,12 @@ def main() -> None:
     parser.add_argument("--lambda1", default="0,0.5")
     parser.add_argument("--train-size", type=int, default=256)
     parser.add_argument("--test-size", type=int, default=200)
+    parser.add_argument(
+        "--fold", default="joint", choices=["joint", "by-block"],
+        help="fit each decoder block on the partly folded model's inputs, or all layers at once",
+    )  # fmt: skip
     args = parser.parse_args()
+    fold.FOLD_BY_BLOCK = args.fold == "by-block"
     for seed in (int(s) for s in args.seeds.split(",")):
         for lambda1 in (float(v) for v in args.lambda1.split(",")):
             result = run(seed=seed, lambda1=lambda1, train_size=args.train_size,

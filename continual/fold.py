@@ -14,7 +14,10 @@
   in the input directions the probes do not cover:
       D = (Y^T X + lam P) (X^T X + lam I)^-1,  W <- W + D
   (a regression merge in the manner of RegMean, with the routed mixture as its target). With a
-  gate that is the same for every token, D = P and the fold is exact. The folded tasks are then
+  gate that is the same for every token, D = P and the fold is exact. All layers are fitted on
+  the routed model's inputs at once; `by_block` fits decoder block after block on the inputs
+  the blocks folded before it give (the same accuracy on the generated tasks, BENCHMARKS.md,
+  for one pass over the probes per block). The folded tasks are then
   served by the snapshot itself: the memory keeps the router's statistics of every folded task,
   and a later task's router sends their inputs to no adapter (the zero adapter). The fold is
   not exact, so the caller measures every task before and after and gates it (`check_drops`);
@@ -24,6 +27,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +61,7 @@ FOLD_ATOL = 1e-3  # fp32: summing B A into W reorders float additions, nothing m
 FOLD_ATOL_HALF = 5e-2  # bf16 / fp16 weights round to ~3 significant digits when cast back
 PROBES_PER_TASK = 16  # sequences of each adapter's task: the exact check, am-lora's fold
 RIDGE = 1e-2  # am-lora's fold: pull towards the mean-gate fold, relative to the input energy
+FOLD_BY_BLOCK = False  # am-lora's fold: True fits block by block on partly folded inputs
 EXACT_METHODS = ("seq-lora", "inc-lora", "o-lora")
 GATED_METHODS = ("am-lora",)
 FOLDABLE = EXACT_METHODS + GATED_METHODS
@@ -92,6 +97,7 @@ def fold_state(
     method: str,
     history: Sequence[Path],
     probes: Sequence[Sequence[Tensor]],
+    by_block: bool | None = None,
 ) -> Fold:
     """Fold `state`, the model `method`'s `inference_model` built from `history` (a memory of
     earlier folds first, if any, then the adapters), into its base weights. `probes[i]` holds
@@ -102,7 +108,8 @@ def fold_state(
     memory = Path(history[0]) if history and is_memory(Path(history[0])) else None
     previous = load_memory_adapter(memory) if memory is not None else None
     if method in GATED_METHODS:
-        return _fold_gated(state, probes=probes, previous=previous)
+        block = FOLD_BY_BLOCK if by_block is None else by_block
+        return _fold_gated(state, probes=probes, previous=previous, by_block=block)
     if not isinstance(state, PeftModel):
         raise ValueError(f"{method} does not build a PEFT model to fold")
     inputs = [p for task in probes for p in task]
@@ -122,24 +129,34 @@ def fold_state(
 
 @torch.no_grad()
 def _fold_gated(
-    state: nn.Module, *, probes: Sequence[Sequence[Tensor]], previous: Subspace | None
+    state: nn.Module,
+    *,
+    probes: Sequence[Sequence[Tensor]],
+    previous: Subspace | None,
+    by_block: bool,
 ) -> Fold:
     layers = am_lora_layers(state)
     n = next(iter(layers.values())).num_adapters
     if len(probes) != n or not all(probes):
         raise ValueError(f"am-lora's fold needs probe sequences for each of its {n} adapters")
-    seen = _probe(state, probes)
     rows: dict[str, list[Tensor]] = {}
     out_features: dict[str, int] = {}
-    for path, layer in layers.items():
-        weight = layer.base_layer.weight  # (out, in)
-        lora_A, lora_B = layer.frozen_A.double(), layer.frozen_B.double()  # (n,R,in), (out,n,R)
-        gated = torch.einsum("onr,n,nri->oi", lora_B, seen.gates[path].double(), lora_A)
-        delta = _least_squares(seen.outputs[path], seen.grams[path], prior=gated)  # (out, in)
-        weight.copy_((weight.double() + delta).to(weight.dtype))
-        state.set_submodule(path, layer.base_layer)
-        rows[path] = [lora_A.flatten(0, 1)]
-        out_features[path] = int(weight.shape[0])
+    gates: dict[str, Tensor] = {}
+    # Block by block in depth order when `by_block`: a block's inputs are probed with the blocks
+    # before it already folded, so each fit sees the inputs the folded model will give it.
+    for group in _blocks(list(layers)) if by_block else [list(layers)]:
+        seen = _probe(state, probes, only=set(group))
+        for path in group:
+            layer = layers[path]
+            weight = layer.base_layer.weight  # (out, in)
+            lora_A, lora_B = layer.frozen_A.double(), layer.frozen_B.double()  # (n,R,in), (out,n,R)
+            gated = torch.einsum("onr,n,nri->oi", lora_B, seen.gates[path].double(), lora_A)
+            delta = _least_squares(seen.outputs[path], seen.grams[path], prior=gated)
+            weight.copy_((weight.double() + delta).to(weight.dtype))  # (out, in)
+            state.set_submodule(path, layer.base_layer)
+            rows[path] = [lora_A.flatten(0, 1)]
+            out_features[path] = int(weight.shape[0])
+            gates[path] = seen.gates[path]
     router = getattr(state, ROUTER_MODULE, None)
     statistics = None
     if isinstance(router, TaskRouter):
@@ -147,13 +164,23 @@ def _fold_gated(
         router.remove()
         delattr(state, ROUTER_MODULE)
     subspace = subspace_of(rows, out_features=out_features, previous=previous)
-    per_task = torch.stack(list(seen.gates.values())).mean(dim=0)  # (n,): over layers
+    per_task = torch.stack(list(gates.values())).mean(dim=0)  # (n,): over layers
     logger.info("am-lora fold: mean gates %s", [round(float(g), 3) for g in per_task])
     changed = sorted(f"{path}.weight" for path in layers)
     model: PreTrainedModel = state  # type: ignore[assignment]  # the base, with its layers back
     return Fold(
         model, changed, False, None, tuple(float(g) for g in per_task), subspace, statistics
     )
+
+
+def _blocks(paths: list[str]) -> list[list[str]]:
+    """Layer paths grouped by decoder block (`...layers.N.`), in the order given (depth order);
+    a path outside any block is a group of its own."""
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        found = re.match(r"^(.*\.layers\.\d+)\.", path)
+        groups.setdefault(found.group(1) if found else path, []).append(path)
+    return list(groups.values())
 
 
 def _least_squares(outputs: Tensor, gram: Tensor, *, prior: Tensor) -> Tensor:
@@ -174,11 +201,13 @@ class _Probed:
 
 
 @torch.no_grad()
-def _probe(model: nn.Module, probes: Sequence[Sequence[Tensor]]) -> _Probed:
+def _probe(
+    model: nn.Module, probes: Sequence[Sequence[Tensor]], *, only: set[str] | None = None
+) -> _Probed:
     """Run every probe sequence alone (no padding) through the routed model and collect, per
     AM-LoRA layer, what the fold needs: each adapter's gates on its own task's tokens, and the
     layer's inputs x_t and adapter outputs y_t (the mixture's part of the output) as sums."""
-    layers = am_lora_layers(model)
+    layers = {p: m for p, m in am_lora_layers(model).items() if only is None or p in only}
     gates = {path: torch.zeros(len(probes), dtype=torch.float64) for path in layers}
     outputs: dict[str, Tensor] = {}
     grams: dict[str, Tensor] = {}
