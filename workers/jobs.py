@@ -21,6 +21,7 @@ from continual.strategies import Strategy, get_strategy
 from continual.training import train
 from registry.artifacts import put_tree
 from registry.entities import AdapterStatus, AdapterVersion, Job, Snapshot, Task
+from registry.errors import Conflict
 from registry.instance import Instance
 from workers.datasets import load_dataset
 from workers.evaluation import evaluate_row
@@ -274,6 +275,8 @@ def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     snapshot = reg.streams.current_snapshot(job.stream_id)
     adapters = reg.adapters.stream_state(stream_id=job.stream_id, snapshot_id=snapshot.id)
     tasks = reg.tasks.list_tasks(job.stream_id)
+    if not tasks:  # the route refuses this; a job queued otherwise fails as clearly
+        raise Conflict("the stream has no tasks to evaluate yet", field="stream")
     datasets = [(t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id))) for t in tasks]
     limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
     base, tokenizer = load_snapshot(inst, snapshot)

@@ -10,6 +10,7 @@ from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
 from api.render import accuracy_matrix
 from api.schemas import EvaluateRequest, EvaluationsPublic, JobPublic
 from registry.entities import JobKind
+from registry.errors import Conflict
 from workers.execution import enqueue
 
 router = APIRouter(tags=["evaluations"])
@@ -71,7 +72,10 @@ def evaluate(
     _: WriteToken,
 ) -> object:
     """Queue an evaluation of the stream's current state on every task (on the default
-    queue, beside training): it records the row of the newest learned task."""
+    queue, beside training): it records the row of the newest learned task. 409 when the
+    stream has no task to evaluate."""
+    if not inst.registry.tasks.list_tasks(stream.id):
+        raise Conflict("the stream has no tasks to evaluate yet", field="stream")
     job = inst.registry.jobs.create(
         kind=JobKind.EVALUATE, stream_id=stream.id, params={"eval_limit": body.eval_limit}
     )

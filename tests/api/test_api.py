@@ -373,6 +373,9 @@ def test_consolidation_routes_refuse_what_cannot_be_folded(api: Api) -> None:
     made = c.post("/v1/streams", headers=h, json={"name": "s", "base": {"kind": "tiny"},
                   "consolidation": {"every_tasks": 2}})  # fmt: skip
     assert made.status_code == 201 and made.json()["consolidation"] == {"every_tasks": 2}
+    # nothing to evaluate yet: refused up front, and no job is queued
+    _problem(c.post("/v1/streams/s/evaluate", json={}, headers=h), 409, "stream")
+    assert api.dispatcher.sent == [] and c.get("/v1/jobs", headers=h).json()["data"] == []
     policy = c.put("/v1/streams/s/consolidation", json={"max_rank": 64}, headers=h)
     assert policy.json()["consolidation"] == {"max_rank": 64}
     _problem(c.put("/v1/streams/s/consolidation", json={"max_rank": 0}, headers=h), 422, "max_rank")
