@@ -184,23 +184,29 @@ def _jsonl_completions(
 
 
 def _gunzip(field: str, data: bytes, *, limit: int) -> bytes:
-    """A gzip upload's content, decompressed in bounded steps: more than `limit` bytes is
-    refused as soon as it is reached (a compression bomb never expands in memory)."""
-    inflater = zlib.decompressobj(wbits=31)  # gzip container
+    """A gzip upload's content, every member of it in turn (as gzip tools read a concatenation
+    of gzip files), decompressed in bounded steps: more than `limit` bytes is refused as soon as
+    it is reached (a compression bomb never expands in memory). Zero bytes after the last
+    member (tape padding) are ignored, as gzip does."""
     out = bytearray()
     pending = data
     try:
         while pending:
-            out += inflater.decompress(pending, limit + 1 - len(out))
-            if len(out) > limit:
-                raise InvalidDataset(field=field, reason=f"expands to more than {limit} bytes")
-            pending = inflater.unconsumed_tail
-            if inflater.eof:
+            inflater = zlib.decompressobj(wbits=31)  # one gzip member
+            while pending:
+                out += inflater.decompress(pending, limit + 1 - len(out))
+                if len(out) > limit:
+                    raise InvalidDataset(field=field, reason=f"expands to more than {limit} bytes")
+                pending = inflater.unconsumed_tail
+                if inflater.eof:
+                    break
+            if not inflater.eof:
+                raise InvalidDataset(field=field, reason="the gzip file is truncated")
+            pending = inflater.unused_data  # the next member, if any
+            if not pending.strip(b"\0"):
                 break
     except zlib.error as exc:
         raise InvalidDataset(field=field, reason=f"not a valid gzip file: {exc}") from exc
-    if not inflater.eof:
-        raise InvalidDataset(field=field, reason="the gzip file is truncated")
     return bytes(out)
 
 

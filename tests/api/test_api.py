@@ -446,6 +446,20 @@ def test_gzip_uploads_are_read_and_compression_bombs_refused_before_anything_is_
         for r in (ok, plain)
     )  # the same examples, decompressed
     assert (zipped_data.train, zipped_data.test) == (plain_data.train, plain_data.test)
+    # a concatenation of gzip members (`cat a.gz b.gz`) is read whole, as gzip reads it
+    half = train.index("\n", len(train) // 2) + 1
+    members = gzip.compress(train[:half].encode()) + gzip.compress(train[half:].encode())
+    joined = c.post("/v1/streams/s1/tasks", data={"name": "members", "labels": json.dumps(labels)},
+                    files={"train": ("t.gz", members + b"\0" * 512), "test": packed["test"]},
+                    headers=h)  # fmt: skip
+    assert joined.status_code == 202, joined.text
+    digest = joined.json()["task"]["dataset_digest"]
+    joined_data = load_dataset(api.inst, api.inst.registry.tasks.get_dataset(digest))
+    assert joined_data.train == plain_data.train
+    bad_member = gzip.compress(train[:half].encode()) + b"not a gzip member"
+    r = c.post("/v1/streams/s1/tasks", data={"name": "bad_member"},
+               files={"train": ("t.gz", bad_member)}, headers=h)  # fmt: skip
+    assert "not a valid gzip file" in _problem(r, 422, "train")["detail"]
     bomb = gzip.compress(b"{" * (2 * 2**20))  # 2 MiB of one byte packs into a few KiB
     assert len(bomb) < 10_000
     limits = api.inst.settings.model_copy(update={"max_expanded_bytes": 2**20})
@@ -454,12 +468,16 @@ def test_gzip_uploads_are_read_and_compression_bombs_refused_before_anything_is_
                headers=h)  # fmt: skip
     body = _problem(r, 422, "train")
     assert "expands to more than 1048576 bytes" in body["detail"]
+    spread = gzip.compress(b"{" * (2**19 + 1)) * 2  # two members under the limit, not together
+    r = c.post("/v1/streams/s1/tasks", data={"name": "spread"},
+               files={"train": ("s.gz", spread)}, headers=h)  # fmt: skip
+    assert "expands to more than 1048576 bytes" in _problem(r, 422, "train")["detail"]
     broken = gzip.compress(train.encode())[:-20]
     r = c.post("/v1/streams/s1/tasks", data={"name": "broken"},
                files={"train": ("t.gz", broken)}, headers=h)  # fmt: skip
     _problem(r, 422, "train")
     names = [t["name"] for t in c.get("/v1/streams/s1/tasks", headers=h).json()["data"]]
-    assert names == ["zipped", "plain"]
+    assert names == ["zipped", "plain", "members"]
 
 
 def test_blocking_routes_share_api_threads_threads_and_as_many_pooled_connections(
