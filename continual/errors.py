@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+NESTED = "JSON nested too deeply"  # json's parser recurses per level: RecursionError, refused
+
 
 class InvalidHyperparameter(ValueError):
     """A training hyperparameter (or strategy option) is out of range or of the wrong type."""

@@ -19,7 +19,7 @@ from continual.data import (
     parse_jsonl,
     to_jsonl,
 )
-from continual.errors import InvalidDataset
+from continual.errors import NESTED, InvalidDataset
 from registry.entities import Dataset
 from registry.instance import Instance
 
@@ -149,7 +149,7 @@ def _parse_file(
             examples = parse_jsonl(text)
         else:
             assert labels is not None
-            records = _json_list(text, field=field)
+            records = _json_list(text)
             if len(records) > limits.max_examples:
                 raise InvalidDataset(field=field, reason=f"more than {limits.max_examples} records")
             examples = parse_cl_records(records, labels, fmt=fmt)
@@ -210,13 +210,18 @@ def _gunzip(field: str, data: bytes, *, limit: int) -> bytes:
     return bytes(out)
 
 
-def _json_list(text: str, *, field: str) -> list[Any]:
+def _json_list(text: str) -> list[Any]:
+    """A CL_Benchmark file's records; errors name the JSON (the caller adds the file's field)."""
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidDataset(
-            field=field, reason=f"invalid JSON: {exc.msg}", line=exc.lineno
+            field="json", reason=f"invalid JSON: {exc.msg}", line=exc.lineno
         ) from exc
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise InvalidDataset(field="json", reason=NESTED) from None
     if not isinstance(records, list):
-        raise InvalidDataset(field=field, reason="must be a JSON list of {sentence, label} objects")
+        raise InvalidDataset(
+            field="records", reason="must be a JSON list of {sentence, label} objects"
+        )
     return records

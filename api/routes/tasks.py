@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
 from api.errors import ProblemError
 from api.schemas import TasksPublic, TaskSubmitted
-from continual.errors import InvalidDataset
+from continual.errors import NESTED, InvalidDataset
 from workers.datasets import UploadLimits, load_dataset, parse_upload
 from workers.execution import enqueue
 from workers.streams import submit_existing, submit_task
@@ -95,6 +95,8 @@ def _json_form(field: str, raw: str | None, kind: type) -> Any:
         raise ProblemError(
             422, f"invalid JSON: {exc.msg}", field=field, code="invalid_request"
         ) from exc
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise ProblemError(422, NESTED, field=field, code="invalid_request") from None
     if not isinstance(value, kind):
         what = "an object" if kind is dict else "a list"
         raise ProblemError(422, f"must be {what}", field=field, code="invalid_request")

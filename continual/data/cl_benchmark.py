@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from continual.data.examples import Example, PromptFormat, TaskData, instruction_format
-from continual.errors import InvalidDataset
+from continual.errors import NESTED, InvalidDataset
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def _read_json(path: Path, *, field: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidDataset(field=field, reason=f"invalid JSON in {path.name}: {exc}") from exc
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise InvalidDataset(field=field, reason=f"{path.name}: {NESTED}") from None
 
 
 def _read_labels(path: Path) -> list[str]:

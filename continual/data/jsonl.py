@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from continual.data.examples import Example, PromptFormat, TaskData, completion_template_of
-from continual.errors import InvalidDataset
+from continual.errors import NESTED, InvalidDataset
 
 FORMAT = "strata-task/1"
 _SPLITS = ("train", "test")
@@ -106,6 +106,8 @@ def _load_line(line: str, *, number: int) -> dict[str, Any]:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InvalidDataset(field="json", reason=f"invalid JSON: {exc.msg}", line=number) from exc
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise InvalidDataset(field="json", reason=NESTED, line=number) from None
     if not isinstance(record, dict):
         raise InvalidDataset(field="record", reason="must be a JSON object", line=number)
     return record

@@ -57,6 +57,9 @@ def _stream(api: Api, name: str = "s1") -> dict[str, Any]:
     return dict(r.json())
 
 
+DEEP = "[" * 2000 + "]" * 2000  # 4 KB, 2000 levels
+
+
 def _submit(api: Api, stream: str, name: str, **kwargs: Any) -> Any:
     train, test, labels = _task_files(**kwargs)
     data = {"name": name, "labels": json.dumps(labels), "params": json.dumps({"eval_limit": 6})}
@@ -200,6 +203,12 @@ def test_task_uploads_queue_jobs_and_bad_datasets_are_refused_before_training(ap
         ({"name": "x", "params": '{"surprise": 1}'}, {"train": ("t", train)}, "surprise", None),
         ({"name": "t1"}, {"train": ("t", train)}, "name", None),
         ({"name": "../evil"}, {"train": ("t", train)}, "name", None),
+        # nested deeper than json's parser recurses (it raised RecursionError: a 500)
+        ({"name": "x", "labels": DEEP}, {"train": ("t", train)}, "labels", None),
+        ({"name": "x", "params": DEEP}, {"train": ("t", train)}, "params", None),
+        ({"name": "x"}, {"train": ("t", train + DEEP + "\n")}, "train", 25),
+        ({"name": "x", "format": "cl_benchmark", "labels": '["a"]'}, {"train": ("t", DEEP)},
+         "train", None),
     ]  # fmt: skip
     for data, files, field, line in bad:
         r = c.post("/v1/streams/s1/tasks", data=data, files=files or None, headers=h)
@@ -513,3 +522,12 @@ def test_freezing_the_startup_heap_leaves_it_out_of_the_collectors_passes() -> N
         assert len(gc.get_objects()) < held // 10  # and no longer scanned by a full pass
     finally:
         gc.unfreeze()  # the rest of the test session collects as before
+
+
+def test_json_bodies_nested_deeper_than_the_parser_recurses_are_refused(api: Api) -> None:
+    # FastAPI answers a body its JSON parser cannot read with 400 (multipart fields: 422 above)
+    body = '{"name": "s", "base": {"kind": "tiny"}, "hyperparams": {"x": ' + DEEP + "}}"
+    r = api.client.post("/v1/streams", content=body, headers={**api.auth("write"),
+                        "content-type": "application/json"})  # fmt: skip
+    assert "error parsing the body" in _problem(r, 400)["detail"]
+    assert api.client.get("/v1/streams", headers=api.auth()).json()["data"] == []
