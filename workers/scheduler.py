@@ -37,6 +37,12 @@ def check_cron(cron: object) -> str:
         raise InvalidValue("must be a cron expression of at most 128 characters", field="cron")
     if not croniter.is_valid(cron.strip()):
         raise InvalidValue(f"{cron!r} is not a valid cron expression", field="cron")
+    fields = cron.split()
+    if len(fields) == 6 and not (fields[5].isdigit() and int(fields[5]) < 60):
+        raise InvalidValue(
+            f"{cron!r}: the seconds field must be one second (0-59): a schedule fires at most "
+            "once a minute", field="cron",
+        )  # fmt: skip
     return cron.strip()
 
 

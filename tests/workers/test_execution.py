@@ -167,6 +167,8 @@ def test_schedules_refuse_bad_input(inst: Instance) -> None:
     _submit(inst, stream, "a")
     cases: list[tuple[dict[str, Any], type[Exception], str]] = [
         ({"kind": "retrain", "cron": "61 * * * *", "task_name": "a"}, InvalidValue, "cron"),
+        ({"kind": "retrain", "cron": "* * * * * *", "task_name": "a"}, InvalidValue, "cron"),
+        ({"kind": "retrain", "cron": "* * * * * */5", "task_name": "a"}, InvalidValue, "cron"),
         ({"kind": "retrain", "cron": "", "task_name": "a"}, InvalidValue, "cron"),
         ({"kind": "retrain", "cron": "@daily"}, InvalidValue, "task"),
         ({"kind": "retrain", "cron": "@daily", "task_name": "zz"}, NotFound, "task"),
