@@ -320,7 +320,7 @@ class PredictResponse(BaseModel):
 class ScheduleCreate(_In):
     kind: Literal["retrain", "consolidate"]
     cron: str = Field(description="5 fields (min hour day month weekday), @nicknames, or 6 with "
-                      "seconds last; UTC.")  # fmt: skip
+                      "one second (0-59) last: at most once a minute; UTC.")  # fmt: skip
     task: str | None = Field(default=None, description="The task to retrain.")
     dataset: str | None = Field(
         default=None, description="Digest of a stored dataset to retrain on (default: the "

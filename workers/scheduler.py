@@ -8,7 +8,8 @@ replaced when its lease expires. Missed due times (the scheduler was down) colla
 run: the next due time is computed from now, not from the missed one.
 
 Cron expressions: the five standard fields (minute hour day month weekday), `@hourly`-style
-nicknames, or six fields whose last one is seconds; times are UTC.
+nicknames, or six fields whose last one is one second (0-59): a schedule fires at most once a
+minute. Times are UTC.
 """
 
 from __future__ import annotations
