@@ -44,6 +44,7 @@ def run(*, seed: int, lambda1: float, train_size: int, test_size: int) -> dict[s
         "seed": seed,
         "lambda1": lambda1,
         "fold": "by-block" if fold.FOLD_BY_BLOCK else "joint",
+        "ridge": fold.RIDGE,
         "routed": [round(100 * v, 1) for v in report.routed],
         "folded": [round(100 * v, 1) for v in report.folded],
         "max_drop_points": round(max(drops), 1),
@@ -63,8 +64,13 @@ def main() -> None:
         "--fold", default="joint", choices=["joint", "by-block"],
         help="fit each decoder block on the partly folded model's inputs, or all layers at once",
     )  # fmt: skip
+    parser.add_argument(
+        "--ridge", type=float, default=fold.RIDGE,
+        help="the least-squares fit's pull towards the mean-gate fold (1e9: the mean-gate fold)",
+    )  # fmt: skip
     args = parser.parse_args()
     fold.FOLD_BY_BLOCK = args.fold == "by-block"
+    fold.RIDGE = args.ridge
     for seed in (int(s) for s in args.seeds.split(",")):
         for lambda1 in (float(v) for v in args.lambda1.split(",")):
             result = run(seed=seed, lambda1=lambda1, train_size=args.train_size,
