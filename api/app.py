@@ -66,8 +66,8 @@ def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
         """Liveness and database reachability; needs no token."""
         try:
             await run_in_threadpool(inst.registry.leases.holder, "health")
-        except RegistryError:
-            raise HTTPException(503, "the registry database is unavailable") from None
+        except RegistryError as exc:  # unreachable, or never migrated: say which
+            raise HTTPException(503, exc.reason) from None
         return {"status": "ok"}
 
     app.add_middleware(BodyLimit, max_bytes=inst.settings.max_upload_bytes)

@@ -23,6 +23,7 @@ T = TypeVar("T")
 # fails on the constraint and we retry a bounded number of times with a little jitter.
 ALLOCATION_RETRIES = 8
 UNAVAILABLE = "the registry database is unavailable; retry shortly"
+NOT_MIGRATED = "the registry database is not migrated: run `strata migrate`"
 
 
 class Database:
@@ -36,8 +37,10 @@ class Database:
         try:
             with self._sessions.begin() as session:
                 yield session
-        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-            if not _is_disconnect(exc):
+        except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.ProgrammingError) as exc:
+            if _is_missing_table(exc):
+                raise Unavailable(NOT_MIGRATED) from exc
+            if isinstance(exc, sa_exc.ProgrammingError) or not _is_disconnect(exc):
                 raise
             raise Unavailable(UNAVAILABLE) from exc
 
@@ -61,6 +64,14 @@ def _is_disconnect(exc: sa_exc.DBAPIError) -> bool:
     text = str(exc.orig).lower()
     hints = ("connection", "server closed", "could not connect", "terminating", "shutting down")
     return any(h in text for h in hints) and "database is locked" not in text
+
+
+def _is_missing_table(exc: sa_exc.DBAPIError) -> bool:
+    """A table the schema should have is missing: the database was never migrated (SQLite's
+    "no such table", PostgreSQL's undefined_table)."""
+    if getattr(exc.orig, "sqlstate", None) == "42P01":
+        return True
+    return "no such table" in str(exc.orig).lower()
 
 
 def _is_unique_violation(exc: sa_exc.IntegrityError) -> bool:

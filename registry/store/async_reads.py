@@ -35,7 +35,7 @@ from sqlalchemy.sql import ClauseElement
 from registry.entities import ApiToken, Job, JobEvent
 from registry.errors import Unavailable
 from registry.store import _convert as convert
-from registry.store._db import UNAVAILABLE
+from registry.store._db import NOT_MIGRATED, UNAVAILABLE
 from registry.store.base import Registry
 from registry.store.jobs import job_not_found
 from registry.store.tokens import admit, hash_token, needs_touch
@@ -158,6 +158,8 @@ class PgReads:
                     return await read(conn)
             except PoolTimeout as exc:  # no connection in time: the server is down or swamped
                 raise Unavailable(UNAVAILABLE) from exc
+            except psycopg.errors.UndefinedTable as exc:  # the database was never migrated
+                raise Unavailable(NOT_MIGRATED) from exc
             except psycopg.OperationalError as exc:
                 if conn is None or not conn.broken or attempt == self._size:
                     raise Unavailable(UNAVAILABLE) from exc

@@ -10,11 +10,13 @@ import io
 import json
 import tarfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from peft import PeftModel
 
@@ -23,6 +25,7 @@ from continual.data import synthetic_tasks
 from registry.instance import open_instance
 from registry.settings import StrataSettings
 from tests.api.conftest import Api, Recorder
+from tests.conftest import PG_ADMIN_URL
 from workers.datasets import load_dataset
 from workers.models import load_snapshot
 
@@ -531,3 +534,32 @@ def test_json_bodies_nested_deeper_than_the_parser_recurses_are_refused(api: Api
                         "content-type": "application/json"})  # fmt: skip
     assert "error parsing the body" in _problem(r, 400)["detail"]
     assert api.client.get("/v1/streams", headers=api.auth()).json()["data"] == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_database_never_migrated_answers_503_saying_to_migrate(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    admin, name = None, f"strata_empty_{uuid.uuid4().hex[:10]}"
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'empty.db'}"
+    else:
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        url = admin.url.set(database=name).render_as_string(hide_password=False)
+    inst = open_instance(StrataSettings(data_dir=tmp_path, database_url=url), upgrade=False)
+    try:
+        with TestClient(create_app(inst, Recorder()), raise_server_exceptions=False) as c:
+            for r in (
+                c.get("/health"),
+                c.get("/v1/streams", headers={"Authorization": "Bearer strata_x"}),
+            ):
+                body = _problem(r, 503)
+                assert "strata migrate" in body["detail"] and r.headers["Retry-After"]
+    finally:
+        inst.close()
+        if admin is not None:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
