@@ -240,7 +240,11 @@ class EvaluationRow(Base):
     at `after_position` (-1 = the untrained base snapshot, used for forward transfer)."""
 
     __tablename__ = "evaluations"
-    __table_args__ = (Index("ix_evaluations_stream", "stream_id", "after_position"),)
+    __table_args__ = (
+        Index("ix_evaluations_stream", "stream_id", "after_position"),
+        # a job measures each task on each state once; its re-run replaces the cell
+        UniqueConstraint("job_id", "task_id", "measured_key", name="uq_evaluations_measurement"),
+    )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     stream_id: Mapped[int] = mapped_column(ForeignKey("streams.id"))
     after_position: Mapped[int] = mapped_column(Integer)
@@ -251,6 +255,8 @@ class EvaluationRow(Base):
     adapter_ids: Mapped[list[Any] | None] = mapped_column(JSON)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
     metric: Mapped[str] = mapped_column(String(32))
+    # sha256 of "after_position/snapshot/adapter ids/metric": the cell a job measured
+    measured_key: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
     num_examples: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

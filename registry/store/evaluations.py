@@ -8,6 +8,7 @@ state instead of overwriting the row of the state that learned a task.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,9 +35,21 @@ from registry.tables import (
     SnapshotAliasRow,
     SnapshotRow,
     TaskRow,
+    utcnow,
 )
 
 CURRENT = "current"  # the snapshot alias the stream is on (registry.store.streams)
+
+
+def measured_key(
+    after_position: int, snapshot_id: int, adapter_ids: Sequence[int], metric: str
+) -> str:
+    """What identifies a cell a job measures (with the job and the task): sha256 hex of
+    "after_position/snapshot/adapter ids/metric" (a chain of adapters is too long to index)."""
+    text = f"{after_position}/{snapshot_id}/{','.join(map(str, adapter_ids))}/{metric}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 StateKey = tuple[int, int, tuple[int, ...]]  # (after_position, snapshot id, adapter ids)
 
 
@@ -61,7 +74,8 @@ class SqlEvaluationStore:
         """Record task `task_id` measured on the state `snapshot_id` + `adapter_ids` (every
         adapter version applied, oldest task first; by default `adapter_version_id` and the
         versions it depends on), which has learned the task at `after_position` (-1: the
-        untrained base snapshot). A later measurement of the same state's cell supersedes it."""
+        untrained base snapshot). A later measurement of the same state's cell supersedes it;
+        the same job measuring it again (a re-run after its worker died) replaces its cell."""
         if after_position < -1:
             raise InvalidValue("must be -1 (base) or a task position", field="after_position")
         with self._db.tx() as s:
@@ -78,19 +92,26 @@ class SqlEvaluationStore:
                     raise InvalidReference(
                         f"adapter version {adapter_id} is not in this stream", field="adapter_ids"
                     )
-            row = EvaluationRow(
-                stream_id=stream_id,
-                after_position=after_position,
-                task_id=task_id,
-                snapshot_id=snapshot_id,
-                adapter_version_id=adapter_version_id,
-                adapter_ids=ids,
-                job_id=job_id,
-                metric=metric,
-                value=float(value),
-                num_examples=num_examples,
-            )
-            s.add(row)
+            key = measured_key(after_position, snapshot_id, ids, metric)
+            row = None
+            if job_id is not None:  # a re-run job measures its cells again: replace them
+                row = s.scalar(
+                    select(EvaluationRow).where(
+                        EvaluationRow.job_id == job_id,
+                        EvaluationRow.task_id == task_id,
+                        EvaluationRow.measured_key == key,
+                    )
+                )
+            if row is None:
+                row = EvaluationRow(
+                    stream_id=stream_id, after_position=after_position, task_id=task_id,
+                    snapshot_id=snapshot_id, adapter_version_id=adapter_version_id,
+                    adapter_ids=ids, job_id=job_id, metric=metric, measured_key=key,
+                    value=float(value), num_examples=num_examples,
+                )  # fmt: skip
+                s.add(row)
+            else:
+                row.value, row.num_examples, row.created_at = float(value), num_examples, utcnow()
             s.flush()
             return convert.evaluation(row)
 

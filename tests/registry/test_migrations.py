@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
-from registry.db import make_engine, migrate
+from registry.db import alembic_config, make_engine, migrate
+from registry.store import SqlRegistry
 from registry.tables import Base
 
 
@@ -34,3 +36,38 @@ def test_upgrade_from_empty_downgrade_and_again(db_url: str) -> None:
     finally:
         engine.dispose()
     assert _diff(db_url) == []
+
+
+def test_0004_keeps_one_evaluation_per_job_task_and_state(registry: SqlRegistry) -> None:
+    stream = registry.streams.create(name="s", base_source={"kind": "tiny"}, method="seq-lora",
+                                     hyperparams={})  # fmt: skip
+    snap = registry.streams.add_snapshot(stream_id=stream.id, artifact_digest="a" * 64, source={})
+    ds = registry.tasks.add_dataset(digest="b" * 64, format="jsonl", num_train=1, num_test=1,
+                                    size_bytes=1, labels=None)  # fmt: skip
+    task, job = registry.tasks.submit(stream_id=stream.id, name="t", dataset_id=ds.id)
+    for job_id in (job.id, None):
+        registry.evaluations.record(stream_id=stream.id, after_position=0, task_id=task.id,
+                                    snapshot_id=snap.id, metric="accuracy", value=0.5,
+                                    num_examples=1, job_id=job_id)  # fmt: skip
+    engine = registry.engine
+    cfg = alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0003")
+    with engine.begin() as conn:  # before 0004, a re-run job wrote its cells again
+        columns = "stream_id, after_position, task_id, snapshot_id, adapter_version_id, " \
+            "adapter_ids, job_id, metric, value, num_examples, created_at"  # fmt: skip
+        conn.execute(
+            text(
+                f"INSERT INTO evaluations ({columns}) SELECT stream_id, after_position, "
+                "task_id, snapshot_id, adapter_version_id, adapter_ids, job_id, metric, "
+                f"0.75, num_examples, created_at FROM evaluations WHERE job_id = {job.id}"
+            )
+        )
+    migrate(engine, "head")
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT job_id, value FROM evaluations ORDER BY id")
+        ).all()  # the re-run's cell kept, the first dropped; a row without a job untouched
+    assert [tuple(r) for r in rows] == [(None, 0.5), (job.id, 0.75)]
+    assert _diff(registry.engine.url.render_as_string(hide_password=False)) == []

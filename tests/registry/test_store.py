@@ -21,7 +21,7 @@ from registry.entities import (
 )
 from registry.errors import AlreadyExists, Conflict, InvalidReference, InvalidValue, NotFound
 from registry.store import SqlRegistry
-from registry.tables import JobRow, LineageEdgeRow, TaskRow
+from registry.tables import EvaluationRow, JobRow, LineageEdgeRow, TaskRow
 
 D1, D2, D3 = "a" * 64, "b" * 64, "c" * 64
 
@@ -264,6 +264,31 @@ def test_evaluation_matrix_keeps_newest_cell(registry: SqlRegistry) -> None:
             stream_id=stream_id, after_position=0, task_id=9999, snapshot_id=snap,
             metric="accuracy", value=1.0, num_examples=1,
         )  # fmt: skip
+
+
+def test_a_job_measuring_a_cell_again_replaces_it(registry: SqlRegistry) -> None:
+    stream_id, snap = _stream(registry)
+    task, job = registry.tasks.submit(stream_id=stream_id, name="a", dataset_id=_dataset(registry))
+    other = registry.jobs.create(kind=JobKind.EVALUATE, stream_id=stream_id)
+
+    def record(value: float, *, job_id: int | None, after: int = 0) -> None:
+        registry.evaluations.record(
+            stream_id=stream_id, after_position=after, task_id=task.id, snapshot_id=snap,
+            metric="accuracy", value=value, num_examples=10, job_id=job_id,
+        )  # fmt: skip
+
+    record(0.5, job_id=job.id)
+    record(0.6, job_id=job.id)  # the job re-ran (its worker died): the same cell, replaced
+    record(0.4, job_id=job.id, after=-1)  # its baseline is another cell
+    record(0.7, job_id=other.id)  # another job's measurement of the state is a row of its own
+    with Session(registry.engine) as session:
+        rows = session.execute(
+            select(EvaluationRow.job_id, EvaluationRow.after_position, EvaluationRow.value)
+            .where(EvaluationRow.stream_id == stream_id)
+            .order_by(EvaluationRow.id)
+        ).all()
+    assert [tuple(r) for r in rows] == [(job.id, 0, 0.6), (job.id, -1, 0.4), (other.id, 0, 0.7)]
+    assert registry.evaluations.matrix(stream_id).values == ((0.7,),)  # the newest measurement
 
 
 def _record_state(reg: SqlRegistry, stream_id: int, *, after: int, snapshot: int,
