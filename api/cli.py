@@ -128,6 +128,14 @@ class _BenchProgress:
         where = "untrained base" if t < 0 else f"{method} after task {t + 1}"
         tqdm.write(f"{where}: " + " ".join(f"{100 * v:.1f}" for v in row))
 
+    def fold(self, method: str, report: Any) -> None:
+        """Print a consolidation's routed and folded accuracy per task as soon as measured."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        state = "published" if report.published else "refused: the stream goes on unfolded"
+        tqdm.write(f"{method} fold after task {report.after_task + 1} ({state}):\n{report.table}")
+
 
 def _parse_sets(pairs: list[str], *, flag: str = "--set") -> dict[str, Any]:
     """`key=value` pairs; values are read as JSON when they parse, else as strings."""
@@ -172,6 +180,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )  # fmt: skip
         results = run_bench(
             cfg, out_dir=out, callbacks_for=progress.callbacks, on_row=progress.row,
+            on_fold=progress.fold,
             on_scored=progress.scored,
         )  # fmt: skip
     except (InvalidDataset, InvalidHyperparameter) as exc:

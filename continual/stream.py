@@ -121,6 +121,7 @@ def learn_stream(
     on_scored: Callable[[int], None] | None = None,
     consolidate_after: int | None = None,
     max_drop: float = 2.0,
+    on_fold: Callable[[FoldReport], None] | None = None,
 ) -> StreamResult:
     """Train `tasks` in order; after each, rebuild the stream's model from the saved adapters
     and evaluate every task. `make_base` must return a fresh base each call (PEFT edits the
@@ -176,6 +177,8 @@ def learn_stream(
                 out_dir=Path(out_dir) / f"fold-after-{index:02d}",
             )  # fmt: skip
             folds.append(report)
+            if on_fold is not None:
+                on_fold(report)
             if folded is not None:
                 make_base = _copies(folded)
                 history, since = memory, index + 1

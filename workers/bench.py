@@ -102,11 +102,13 @@ def run_bench(
     callbacks_for: Callable[[str], TrainingCallbacks | None] = lambda _m: None,
     on_row: Callable[[str, int, tuple[float, ...]], None] | None = None,
     on_scored: Callable[[str, int, int], None] | None = None,
+    on_fold: Callable[[str, FoldReport], None] | None = None,
 ) -> list[MethodResult]:
     """Learn the sequence once per method; every method starts from the same base model, whose
     row (the baseline of forward transfer) is measured once for all of them.
 
-    `on_row(method, t, row)` reports every measured row (t = -1: the untrained base), and
+    `on_row(method, t, row)` reports every measured row (t = -1: the untrained base),
+    `on_fold(method, report)` each consolidation (`--consolidate-after`), and
     `on_scored(method, n, row_total)` the evaluation's progress: n more of a row's `row_total`
     test examples done."""
     hyper = LoraHyperparams.from_dict({"seed": cfg.seed, **cfg.hyperparams})
@@ -124,6 +126,9 @@ def run_bench(
         return None if on_row is None else lambda t, row: on_row(method, t, row)
 
     row_total = sum(len(task.test) for task in tasks)
+
+    def folded(method: str) -> Callable[[FoldReport], None] | None:
+        return None if on_fold is None else lambda fold: on_fold(method, fold)
 
     def scored(method: str) -> Callable[[int], None] | None:
         return None if on_scored is None else lambda n: on_scored(method, n, row_total)
@@ -151,6 +156,7 @@ def run_bench(
             metric=cfg.metric, callbacks=callbacks_for(method), on_row=report(method),
             on_scored=scored(method), consolidate_after=cfg.consolidate_after,
             max_drop=cfg.max_drop,
+            on_fold=folded(method),
         )  # fmt: skip
         steps = sum(r.steps for r in res.train_results)
         results.append(

@@ -100,7 +100,7 @@ def test_bench_exact_match_metric_and_method_options(cl_dir: Path, tmp_path: Pat
 
 
 def test_bench_consolidates_after_task_k_through_the_fold_jobs_use(
-    cl_dir: Path, tmp_path: Path
+    cl_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
     code = main([
@@ -129,6 +129,8 @@ def test_bench_consolidates_after_task_k_through_the_fold_jobs_use(
             "router.safetensors").is_file()  # fmt: skip
     table = (out / "results.md").read_text()
     assert "composed: fold after sport_food, published" in table
+    printed = capsys.readouterr()  # each fold is shown as soon as it is measured
+    assert "composed fold after task 1 (published):" in printed.out + printed.err
 
 
 @pytest.mark.parametrize(
