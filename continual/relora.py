@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PRUNE_RATIO = RELORA_PRUNE_DEFAULT
-
 
 class CycleStack(nn.Module):
     """Parametrization of one LoRA factor: the finished cycles' part `done` before the live
@@ -360,7 +358,7 @@ def prune_optimizer_state(
     optimizer: torch.optim.Optimizer,
     params: Iterable[nn.Parameter],
     *,
-    ratio: float = DEFAULT_PRUNE_RATIO,
+    ratio: float = RELORA_PRUNE_DEFAULT,
     rank_by: str = "exp_avg",
 ) -> int:
     """Magnitude-prune the optimizer state of `params`: per parameter, the `ratio` fraction

@@ -5,8 +5,8 @@ onto it, after checking what the fold changed.
 2. The state is folded into the base weights (`continual.fold.fold_state`, the code `strata
    bench --consolidate-after` runs too):
    - seq-lora, inc-lora and o-lora fold exactly: the folded model alone must reproduce the
-     adapted model's logits on a few sequences of every adapter's task within `FOLD_ATOL` (fp32
-     weights) or `FOLD_ATOL_HALF` (16-bit weights, which round once when cast back);
+     adapted model's logits on a few sequences of every adapter's task within
+     `continual.fold.fold_tolerance` (fp32 weights, or 16-bit ones that round when cast back);
    - am-lora's per-token mixture has no exact fold: every task is measured on the routed state
      first, and the fold is published only if no task's accuracy on the folded state drops by
      more than `max_drop` points (the job's parameter, else the stream's consolidation policy,
@@ -28,12 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from continual.data import TaskData
 from continual.fold import (
-    FOLD_ATOL,
-    FOLD_ATOL_HALF,
     FOLDABLE,
     GATED_METHODS,
     Fold,
@@ -41,6 +37,7 @@ from continual.fold import (
     check_drops,
     drop_table,
     fold_state,
+    fold_tolerance,
     probe_sequences,
 )
 from registry.artifacts import read_manifest
@@ -218,7 +215,7 @@ def _check_exact(
     reporter: JobReporter, gap: float | None, model: Any, snapshot: Snapshot, clock: Any
 ) -> None:
     gap = 0.0 if gap is None else gap
-    tolerance = FOLD_ATOL if next(model.parameters()).dtype == torch.float32 else FOLD_ATOL_HALF
+    tolerance = fold_tolerance(model)
     reporter.event(f"max |logit difference| after folding: {gap:.2e} (tolerance {tolerance:g})",
                    metrics={"fold_max_abs_logit_diff": gap, "tolerance": tolerance,
                             **clock.laps})  # fmt: skip

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from continual import fold as continual_fold
 from continual.data import synthetic_tasks
 from registry.artifacts import read_manifest
 from registry.entities import Job, JobKind, JobState, NodeKind, NodeRef
@@ -89,7 +90,7 @@ def test_two_consolidations_fold_exactly_share_tensors_trace_lineage_and_roll_ba
                                rtol=0, atol=1e-4)  # fmt: skip
     events = reg.jobs.events(job.id, limit=1000)
     gap = next(e.metrics for e in events if e.metrics and "fold_max_abs_logit_diff" in e.metrics)
-    assert gap["fold_max_abs_logit_diff"] <= consolidation.FOLD_ATOL
+    assert gap["fold_max_abs_logit_diff"] <= continual_fold.FOLD_ATOL
     # the job reports where its time went
     assert all(gap[k] >= 0 for k in ("seconds_load", "seconds_fold"))
     # every task re-evaluated on the new snapshot: the same function, the same accuracies
@@ -179,7 +180,7 @@ def test_unverified_folds_and_empty_streams_leave_the_stream_on_its_snapshot(
     assert nothing.error.code == "conflict"
 
     _train(inst, empty, "a", 0)
-    monkeypatch.setattr(consolidation, "FOLD_ATOL", -1.0)  # no fold can pass this check
+    monkeypatch.setattr(continual_fold, "FOLD_ATOL", -1.0)  # no fold can pass this check
     failed = _consolidate(inst, empty.id)
     assert failed.state is JobState.FAILED and failed.error is not None
     assert "stays on snapshot v0" in failed.error.message
