@@ -161,7 +161,8 @@ class AmLora:
             set_lr_scale(layer.selector_bias, self.selector_lr_scale)
             base.set_submodule(path, layer)
         routed = self._route(base, memory=memory, adapters=adapters, learning=True)
-        groups = _overlap_groups(base, memory=memory)
+        # the earlier rows are copied for the overlap term only when it is on
+        groups = _overlap_groups(base, memory=memory) if self.lambda1 > 0 else ()
         self._overlap = (weakref.ref(base), groups)
         logger.info(
             "am-lora: %d layers, %d earlier adapters, %d folded tasks, %s",
