@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio.to_thread
 from fastapi import APIRouter, FastAPI, HTTPException
-from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
@@ -36,7 +36,11 @@ def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
         # blocking routes and dependencies run on at most `api_threads` threads of this loop
         anyio.to_thread.current_default_thread_limiter().total_tokens = inst.settings.api_threads
         # token checks, job status and job events are awaited here (on PostgreSQL, no threadpool)
-        reads = open_reads(inst.registry, size=inst.settings.api_threads)
+        reads = open_reads(
+            inst.registry,
+            size=inst.settings.api_threads,
+            timeout_s=inst.settings.database_timeout_s,
+        )
         await reads.open()
         app.state.reads = reads
         try:
@@ -61,17 +65,53 @@ def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
         v1.include_router(module.router)
     app.include_router(v1)
 
-    @app.get("/health", tags=["health"])
-    async def health() -> dict[str, str]:
-        """Liveness and database reachability; needs no token."""
-        try:
-            await run_in_threadpool(inst.registry.leases.holder, "health")
-        except RegistryError as exc:  # unreachable, or never migrated: say which
-            raise HTTPException(503, exc.reason) from None
-        return {"status": "ok"}
+    checks: dict[str, Callable[[], object]] = {
+        "database": lambda: inst.registry.leases.holder("health"),
+        "store": inst.artifacts.ping,
+    }
+    ping = getattr(dispatcher, "ping", None)
+    if ping is not None:
+        checks["broker"] = ping
+    # its own threads: a health check must not queue behind requests that hold the API's
+    health_threads = anyio.CapacityLimiter(2 * len(checks))
+
+    @app.get("/health", tags=["health"], response_model=None)
+    async def health() -> dict[str, Any] | JSONResponse:
+        """Whether the database, the object store and the broker answer, each within its own
+        timeout (200, or 503 naming what did not); needs no token."""
+        timeouts = {"database": inst.settings.database_timeout_s,
+                    "store": inst.settings.store_timeout_s,
+                    "broker": inst.settings.broker_timeout_s}  # fmt: skip
+        results: dict[str, str] = {}
+
+        async def run(name: str) -> None:
+            results[name] = await _check(checks[name], timeouts[name], health_threads)
+
+        async with anyio.create_task_group() as group:
+            for name in checks:
+                group.start_soon(run, name)
+        results = {name: results[name] for name in checks}
+        down = [f"{name}: {state}" for name, state in results.items() if state != "ok"]
+        if down:
+            return errors.problem(503, "; ".join(down), code="unavailable", checks=results)
+        return {"status": "ok", "checks": results}
 
     app.add_middleware(BodyLimit, max_bytes=inst.settings.max_upload_bytes)
     return app
+
+
+async def _check(
+    probe: Callable[[], object], timeout_s: float, limiter: anyio.CapacityLimiter
+) -> str:
+    """ "ok", or why the probe failed: its error, or that it did not answer in time (the probe's
+    thread is then left to finish on its own; the dependency's timeouts bound it)."""
+    with anyio.move_on_after(timeout_s):
+        try:
+            await anyio.to_thread.run_sync(probe, abandon_on_cancel=True, limiter=limiter)
+        except RegistryError as exc:  # unreachable, or never migrated: say which
+            return exc.reason
+        return "ok"
+    return f"no answer within {timeout_s:g} s"
 
 
 def freeze_startup_objects() -> None:

@@ -15,6 +15,6 @@ def service_app() -> FastAPI:
     migrate` runs once, before the API processes start)."""
     from workers.celery_app import CeleryDispatcher
 
-    app = create_app(open_instance(StrataSettings(), upgrade=False), CeleryDispatcher())
+    app = create_app(open_instance(StrataSettings(), upgrade=False, api=True), CeleryDispatcher())
     freeze_startup_objects()
     return app

@@ -149,5 +149,6 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_r: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
+        # Not logged here: Starlette re-raises the exception once this response is sent, and
+        # the server logs it with its traceback (logging it here too printed it twice).
         return problem(500, "internal error", code="internal_error")

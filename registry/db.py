@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, timeout_s: float | None = None, **kwargs: Any) -> Engine:
+    """An engine for `url`. On PostgreSQL, `timeout_s` bounds both a new connection's handshake
+    and the wait for a pooled one, so a database that does not answer fails a request with
+    `Unavailable` in that time rather than holding it."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         path = make_url(url).database
@@ -35,6 +39,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    if timeout_s is not None:
+        kwargs.setdefault("pool_timeout", timeout_s)
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        connect_args.setdefault("connect_timeout", max(1, math.ceil(timeout_s)))  # libpq: s
+        kwargs["connect_args"] = connect_args
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

@@ -70,6 +70,16 @@ class StrataSettings(BaseSettings):
     max_examples: int = Field(default=1_000_000, ge=1)
     max_line_bytes: int = Field(default=2**20, ge=64)
     max_expanded_bytes: int = Field(default=2**30, ge=1024)  # a gzip upload, decompressed
+    # Dependencies: how long a connect or a read may wait on the database, the broker or the
+    # object store before the request fails with 503 (and Retry-After) instead of waiting on.
+    # A worker retries a store operation that failed for up to `store_retry_s`, with
+    # exponential backoff and jitter, so an outage shorter than that fails no job; the API
+    # retries for at most `api_store_retry_s` (its clients are waiting).
+    database_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    broker_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    store_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    store_retry_s: float = Field(default=120.0, ge=0)
+    api_store_retry_s: float = Field(default=0.0, ge=0)
     # Threads per API process for the routes that block (database, object store). Few threads
     # serve more requests per second than many: they take turns on one GIL. The database pool
     # keeps at least this many connections open so that no request opens its own.

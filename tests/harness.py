@@ -227,3 +227,77 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         with contextlib.suppress(subprocess.CalledProcessError):
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+class FreezableProxy:
+    """A TCP forwarder on a loopback port to `target_port`, which the test may freeze: while
+    frozen it accepts no connection and moves no byte, so clients meet what a SIGSTOPped
+    server shows them (the kernel completes their connects, then nothing answers)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = int(self._listener.getsockname()[1])
+        self._live = threading.Event()
+        self._live.set()
+        self._closed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def freeze(self) -> None:
+        self._live.clear()
+
+    def thaw(self) -> None:
+        self._live.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._live.set()
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            self._live.wait()
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        import select
+
+        try:
+            while not self._closed.is_set():
+                self._live.wait()
+                if not select.select([src], [], [], 0.1)[0]:
+                    continue
+                self._live.wait()  # frozen between the two: the bytes stay unread
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextmanager
+def freezable_proxy(target_port: int) -> Iterator[FreezableProxy]:
+    proxy = FreezableProxy(target_port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -14,13 +14,16 @@ stored: the database holds every job's state.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from functools import cache
 
+import redis
 from celery import Celery, signals
 from kombu import Queue
 
 from registry.entities import Job
-from registry.errors import InvalidValue
+from registry.errors import InvalidValue, Unavailable
 from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
 from workers.execution import DEFAULT_QUEUE, TRAIN_QUEUE, execute, queue_for, worker_id
@@ -45,8 +48,18 @@ def make_celery(settings: StrataSettings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=True,  # for Flower
         task_send_sent_event=True,
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
-    )
+        # a broker that stops answering fails a send in bounded time (the job stays queued in
+        # the database and the reconciler sends it later), never holding an API thread
+        broker_connection_timeout=settings.broker_timeout_s,
+        task_publish_retry_policy={
+            "max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5,
+        },
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout_s,
+            "socket_timeout": settings.broker_timeout_s,
+            "socket_connect_timeout": settings.broker_timeout_s,
+        },
+    )  # fmt: skip
     return app
 
 
@@ -71,13 +84,44 @@ def _instance() -> Instance:
 
 
 class CeleryDispatcher:
-    """Sends job ids to the broker, on the queue of the job's kind."""
+    """Sends job ids to the broker, on the queue of the job's kind.
+
+    A send that failed marks the broker down for `broker_timeout_s`: sends meanwhile fail at
+    once instead of each waiting out the timeout (their jobs stay queued in the database, and
+    the reconciler sends them once the broker answers)."""
 
     def __init__(self, celery: Celery = app) -> None:
         self.celery = celery
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def _timeout_s(self) -> float:
+        return float(self.celery.conf.broker_connection_timeout or 4.0)
 
     def send(self, job: Job) -> None:
-        self.celery.send_task(RUN_JOB, args=[job.id], queue=queue_for(job.kind))
+        if time.monotonic() < self._down_until:
+            raise Unavailable("the broker did not answer a moment ago; not trying again yet")
+        try:
+            self.celery.send_task(RUN_JOB, args=[job.id], queue=queue_for(job.kind))
+        except Exception:
+            with self._lock:
+                self._down_until = time.monotonic() + self._timeout_s
+            raise
+
+    def ping(self) -> None:
+        """One round trip to the broker, bounded by its timeout (`Unavailable` otherwise)."""
+        url = self.celery.conf.broker_url or ""
+        if not url.startswith(("redis://", "rediss://")):
+            return  # another transport: its connection is checked by its sends
+        timeout = self._timeout_s
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            raise Unavailable(f"the broker is unavailable: {exc}") from exc
+        finally:
+            client.close()
 
 
 @app.task(name=RUN_JOB)

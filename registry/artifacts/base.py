@@ -153,6 +153,10 @@ class ArtifactStore(ABC):
             raise blob_not_found(digest)
         return size
 
+    def ping(self) -> None:
+        """Return if the store answers; `Unavailable` if it does not."""
+        self._stat(blob_key("0" * 64))
+
     # -- backend primitives -----------------------------------------------------------------
 
     @abstractmethod

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from registry.artifacts.base import CHUNK_SIZE, ArtifactStore, blob_not_found, fsync_path
-from registry.errors import IntegrityError
+from registry.errors import IntegrityError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,10 @@ class LocalStore(ArtifactStore):
 
     def __repr__(self) -> str:
         return f"LocalStore(root={str(self.root)!r})"
+
+    def ping(self) -> None:
+        if not self.root.is_dir():
+            raise Unavailable("the artifact directory is missing")
 
     def _path(self, key: str) -> Path:
         # Keys come from blob_key(), which only accepts validated hex digests.

@@ -10,6 +10,13 @@ Larger files are checked for first, then streamed in parts through a hashing rea
 that changed after ``put_file`` hashed it is caught (the object is removed again and
 IntegrityError raised). Downloads stream the response in chunks; the base class verifies the
 digest.
+
+A store that stops answering is never waited on for long: every connect and read gives up after
+``timeout_s``, and an operation that failed for a transient reason (no connection, a timeout, a
+5xx) is tried again with exponential backoff and jitter for up to ``retry_s`` of sleeps
+(`registry.backoff`) before it raises `Unavailable`. Workers are patient (`STRATA_STORE_RETRY_S`,
+2 minutes), the API is not (`STRATA_API_STORE_RETRY_S`: its clients are waiting). A store that
+is down when the process starts is not fatal: the bucket is checked again on the next use.
 """
 
 from __future__ import annotations
@@ -18,17 +25,23 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO, TypeVar, cast
 
+import certifi
+import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
 from urllib3.exceptions import HTTPError
 
 from registry.artifacts.base import CHUNK_SIZE, ArtifactStore, blob_not_found
+from registry.backoff import backoff
 from registry.errors import IntegrityError, InvalidValue, Unavailable
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +54,9 @@ _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
 _TAKEN_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
 """A conditional create was refused: the key holds an object (or another upload is writing
 one)."""
+_TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
+"""S3 errors that say "try again later" rather than "this request is wrong"."""
+DEFAULT_TIMEOUT_S = 5.0
 
 
 class _HashingReader:
@@ -61,21 +77,32 @@ class _HashingReader:
         return self._sha.hexdigest()
 
 
-@contextmanager
-def _reachable(operation: str) -> Iterator[None]:
-    """Connection failures (after the client's own retries) as `Unavailable`: the caller may
-    retry later; nothing half-written is ever registered (blobs go before rows)."""
-    try:
-        yield
-    except HTTPError as exc:
-        raise Unavailable(f"the object store is unavailable ({operation}): {exc}") from exc
+def _transient(exc: Exception) -> bool:
+    """A failure that another try may not meet: the store unreachable, slow or overloaded."""
+    if isinstance(exc, HTTPError | ServerError):
+        return True
+    return isinstance(exc, S3Error) and exc.code in _TRANSIENT_CODES
+
+
+def http_client(*, timeout_s: float, secure: bool) -> urllib3.PoolManager:
+    """minio's own client, but bounded: connects and reads give up after `timeout_s` (minio's
+    default is 5 minutes each), and urllib3 does not retry by itself (its retries came 0.2 s
+    apart, with no backoff): `MinioStore` retries with backoff instead."""
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=0, redirect=0, raise_on_status=False),
+    )
 
 
 class MinioStore(ArtifactStore):
     """Content-addressed blobs in ``bucket`` (created if missing).
 
-    Pass ``client`` to reuse a configured :class:`minio.Minio`; ``endpoint``, the keys, ``secure``
-    and ``region`` are then not used to build one.
+    Pass ``client`` to reuse a configured :class:`minio.Minio`; ``endpoint``, the keys, ``secure``,
+    ``region`` and ``timeout_s`` are then not used to build one. ``retry_s`` bounds the sleeps
+    between tries of an operation that failed for a transient reason (0: one try).
     """
 
     def __init__(
@@ -89,27 +116,63 @@ class MinioStore(ArtifactStore):
         region: str | None = None,
         client: Minio | None = None,
         part_size: int = DEFAULT_PART_SIZE,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry_s: float = 0.0,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise InvalidValue(f"must be at least {MIN_PART_SIZE} bytes", field="part_size")
         self.client = client or Minio(
-            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
-        )
+            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region,
+            http_client=http_client(timeout_s=timeout_s, secure=secure),
+        )  # fmt: skip
         self.bucket = bucket
         self.part_size = part_size
-        self._ensure_bucket(region)
+        self.retry_s = retry_s
+        self._region = region
+        self._bucket_ready = False
+        try:
+            self._ensure_bucket()
+        except Unavailable as exc:  # not fatal: checked again on the next use
+            logger.warning("%s; the bucket is checked again on the next use", exc.reason)
 
     def __repr__(self) -> str:
         return f"MinioStore(bucket={self.bucket!r})"
 
-    def _ensure_bucket(self, region: str | None) -> None:
-        with _reachable("bucket check"):
-            self._make_bucket(region)
+    def ping(self) -> None:
+        """One try at the bucket (`Unavailable` if the store does not answer in time)."""
+        self._call("health check", lambda: self.client.bucket_exists(self.bucket), retry_s=0)
 
-    def _make_bucket(self, region: str | None) -> None:
+    def _call(self, operation: str, fn: Callable[[], T], *, retry_s: float | None = None) -> T:
+        """`fn()`, tried again after a transient failure with backoff for up to `retry_s`
+        (the store's own by default) of sleeps; then `Unavailable`: the caller may retry later,
+        and nothing half-written is ever registered (blobs go before rows)."""
+        delays = backoff(budget_s=self.retry_s if retry_s is None else retry_s)
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return fn()
+            except (HTTPError, S3Error, ServerError) as exc:
+                if not _transient(exc):
+                    raise
+                delay = next(delays, None)
+                if delay is None:
+                    raise Unavailable(
+                        f"the object store is unavailable ({operation}, {tries} tries): {exc}"
+                    ) from exc
+                logger.warning("object store %s failed (%s); retrying in %.1f s", operation,
+                               exc, delay)  # fmt: skip
+                time.sleep(delay)
+
+    def _ensure_bucket(self) -> None:
+        if not self._bucket_ready:
+            self._call("bucket check", self._make_bucket)
+            self._bucket_ready = True
+
+    def _make_bucket(self) -> None:
         try:
             if not self.client.bucket_exists(self.bucket):
-                self.client.make_bucket(self.bucket, location=region)
+                self.client.make_bucket(self.bucket, location=self._region)
                 logger.info("created bucket %s", self.bucket)
         except S3Error as exc:
             # Another process created it between our check and our request.
@@ -134,14 +197,14 @@ class MinioStore(ArtifactStore):
     def _create_bytes(self, key: str, data: bytes) -> bool:
         if len(data) > self.part_size:
             return super()._create_bytes(key, data)
+        self._ensure_bucket()
         try:
-            with _reachable("upload"):
-                # minio's put_object turns unknown headers into user metadata, so the
-                # conditional create goes through the single-request call put_object makes.
-                self.client._put_object(
-                    self.bucket, key, data,
-                    headers={"Content-Type": "application/octet-stream", "If-None-Match": "*"},
-                )  # fmt: skip
+            # minio's put_object turns unknown headers into user metadata, so the conditional
+            # create goes through the single-request call put_object makes.
+            self._call("upload", lambda: self.client._put_object(
+                self.bucket, key, data,
+                headers={"Content-Type": "application/octet-stream", "If-None-Match": "*"},
+            ))  # fmt: skip
             return True
         except S3Error as exc:
             if exc.code not in _TAKEN_CODES:
@@ -151,9 +214,9 @@ class MinioStore(ArtifactStore):
         return super()._create_bytes(key, data)
 
     def _stat(self, key: str) -> int | None:
+        self._ensure_bucket()
         try:
-            with _reachable("stat"):
-                stat = self.client.stat_object(self.bucket, key)
+            stat = self._call("stat", lambda: self.client.stat_object(self.bucket, key))
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
                 return None
@@ -161,22 +224,25 @@ class MinioStore(ArtifactStore):
         return int(stat.size or 0)
 
     def _write_bytes(self, key: str, data: bytes) -> None:
-        with _reachable("upload"):
-            self.client.put_object(
-                self.bucket, key, io.BytesIO(data), len(data),
-                part_size=self._part_size_for(len(data)),
-            )  # fmt: skip
+        self._ensure_bucket()
+        self._call("upload", lambda: self.client.put_object(
+            self.bucket, key, io.BytesIO(data), len(data),
+            part_size=self._part_size_for(len(data)),
+        ))  # fmt: skip
 
     def _write_file(self, key: str, path: Path, *, digest: str, size: int) -> None:
-        with path.open("rb") as f, _reachable("upload"):
-            reader = _HashingReader(cast(BinaryIO, f))
-            self.client.put_object(
-                self.bucket,
-                key,
-                cast(BinaryIO, reader),
-                size,
-                part_size=self._part_size_for(size),
-            )
+        self._ensure_bucket()
+
+        def upload() -> _HashingReader:  # each try reads the file from its start
+            with path.open("rb") as f:
+                reader = _HashingReader(cast(BinaryIO, f))
+                self.client.put_object(
+                    self.bucket, key, cast(BinaryIO, reader), size,
+                    part_size=self._part_size_for(size),
+                )  # fmt: skip
+            return reader
+
+        reader = self._call("upload", upload)
         if reader.hexdigest() != digest or reader.count != size:
             # What we uploaded is not what the key names: take it back out.
             self.client.remove_object(self.bucket, key)
@@ -184,16 +250,17 @@ class MinioStore(ArtifactStore):
 
     @contextmanager
     def _chunks(self, key: str) -> Iterator[Iterator[bytes]]:
+        self._ensure_bucket()
         try:
-            with _reachable("download"):
-                response = self.client.get_object(self.bucket, key)
+            response = self._call("download", lambda: self.client.get_object(self.bucket, key))
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
                 raise blob_not_found(key) from None
             raise
-        try:
-            with _reachable("download"):
-                yield response.stream(CHUNK_SIZE)
+        try:  # a cut mid-stream is not retried here: the caller has part of the content
+            yield response.stream(CHUNK_SIZE)
+        except HTTPError as exc:
+            raise Unavailable(f"the object store is unavailable (download): {exc}") from exc
         finally:
             response.close()
             response.release_conn()

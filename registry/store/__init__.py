@@ -49,10 +49,12 @@ class SqlRegistry:
         self.engine.dispose()
 
 
-def open_registry(url: str, *, upgrade: bool = True, pool_size: int = 5) -> SqlRegistry:
+def open_registry(
+    url: str, *, upgrade: bool = True, pool_size: int = 5, timeout_s: float | None = None
+) -> SqlRegistry:
     """Open (and by default migrate to head) the registry database at `url`, keeping up to
-    `pool_size` connections open (and 10 more while busy)."""
-    engine = make_engine(url, pool_size=pool_size)
+    `pool_size` connections open (and 10 more while busy); `timeout_s` bounds a connect."""
+    engine = make_engine(url, pool_size=pool_size, timeout_s=timeout_s)
     if upgrade:
         migrate(engine)
     return SqlRegistry(engine)

@@ -19,8 +19,10 @@ stores on the threadpool: SQLite (the embedded default) and any other registry.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -64,13 +66,13 @@ class AsyncReads(Protocol):
     async def close(self) -> None: ...
 
 
-def open_reads(registry: Registry, *, size: int) -> AsyncReads:
-    """`PgReads` with up to `size` connections when `registry` is on PostgreSQL, else the
-    stores on the threadpool."""
+def open_reads(registry: Registry, *, size: int, timeout_s: float = 5.0) -> AsyncReads:
+    """`PgReads` with up to `size` connections when `registry` is on PostgreSQL (each read
+    bounded by `timeout_s`), else the stores on the threadpool."""
     engine = getattr(registry, "engine", None)
     if engine is not None and engine.dialect.name == "postgresql":
         conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        return PgReads(conninfo, size=size)
+        return PgReads(conninfo, size=size, timeout_s=timeout_s)
     return ThreadedReads(registry)
 
 
@@ -131,8 +133,9 @@ class PgReads:
     which is safe because each read is one idempotent statement; the pool drops the broken one.
     A database that cannot be reached is `Unavailable`."""
 
-    def __init__(self, conninfo: str, *, size: int) -> None:
+    def __init__(self, conninfo: str, *, size: int, timeout_s: float = 5.0) -> None:
         self._size = size
+        self._timeout_s = timeout_s
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             conninfo,
             min_size=min(2, size),
@@ -140,7 +143,11 @@ class PgReads:
             open=False,
             timeout=CHECKOUT_TIMEOUT_S,
             reconnect_timeout=RECONNECT_TIMEOUT_S,
-            kwargs={"autocommit": True, "row_factory": namedtuple_row},
+            kwargs={
+                "autocommit": True,
+                "row_factory": namedtuple_row,
+                "connect_timeout": max(1, math.ceil(timeout_s)),
+            },
             name="strata-reads",
         )
 
@@ -154,8 +161,12 @@ class PgReads:
         for attempt in range(self._size + 1):
             conn = None
             try:
-                async with self._pool.connection() as conn:
+                # a server that stops answering mid-read: the read is cut, its connection
+                # dropped by the pool (it was left mid-statement)
+                async with asyncio.timeout(self._timeout_s), self._pool.connection() as conn:
                     return await read(conn)
+            except TimeoutError as exc:
+                raise Unavailable(UNAVAILABLE) from exc
             except PoolTimeout as exc:  # no connection in time: the server is down or swamped
                 raise Unavailable(UNAVAILABLE) from exc
             except psycopg.errors.UndefinedTable as exc:  # the database was never migrated
