@@ -54,6 +54,7 @@ def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
     )
     app.state.inst = inst
     app.state.dispatcher = dispatcher
+    app.state.predict_slots = predict.Slots(inst.settings.predict_concurrency)
     errors.install(app)
     v1 = APIRouter(prefix=f"/{API_VERSION}")
     for module in (streams, tasks, jobs, adapters, lineage, evaluations, predict, schedules,
