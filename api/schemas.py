@@ -256,16 +256,19 @@ class EvaluateRequest(_In):
 
 
 # -- predict -------------------------------------------------------------------------------------
+MAX_PREDICT_INPUTS, MAX_PREDICT_LABELS = 16, 64
+
+
 class PredictRequest(_In):
     inputs: list[str] = Field(
-        min_length=1, max_length=16, description="Texts to complete or classify: with `task`, "
-        "each is the task's `{text}` and is rendered by its prompt template (see `template`); "
-        "without, each is sent to the model as written. Each (and each label) may hold at most "
-        "STRATA_PREDICT_MAX_INPUT_BYTES bytes (default 64 KiB); prompts longer than the "
-        "stream's `max_length` tokens are cut as training cut them (`truncated`), and a "
-        "request may put at most STRATA_PREDICT_MAX_TOKENS tokens through the model (default "
-        "16384: inputs x (prompt tokens + max_new_tokens); ranking: prompt tokens + inputs x "
-        "label tokens)."
+        min_length=1, max_length=MAX_PREDICT_INPUTS, description="Texts to complete or "
+        "classify: with `task`, each is the task's `{text}` and is rendered by its prompt "
+        "template (see `template`); without, each is sent to the model as written. Each (and "
+        "each label) may hold at most STRATA_PREDICT_MAX_INPUT_BYTES bytes (default 64 KiB); "
+        "prompts longer than the stream's `max_length` tokens are cut as training cut them "
+        "(`truncated`), and a request may put at most STRATA_PREDICT_MAX_TOKENS tokens through "
+        "the model (default 16384: inputs x (prompt tokens + max_new_tokens); ranking: prompt "
+        "tokens + inputs x label tokens)."
     )  # fmt: skip
     task: str | None = Field(
         default=None, description="Query this task's adapter version (with `version`, and the "
@@ -282,9 +285,10 @@ class PredictRequest(_In):
     )  # fmt: skip
     max_new_tokens: int = Field(default=16, ge=1, le=128)
     labels: list[str] | None = Field(
-        default=None, min_length=1, max_length=64, description="Rank these candidate completions "
-        "instead of generating (the label with the highest length-normalised log-likelihood "
-        "wins); with `task` each is rendered by the task's completion template."
+        default=None, min_length=1, max_length=MAX_PREDICT_LABELS, description="Rank these "
+        "candidate completions instead of generating (the label with the highest "
+        "length-normalised log-likelihood wins); with `task` each is rendered by the task's "
+        "completion template."
     )  # fmt: skip
 
     @field_validator("labels")

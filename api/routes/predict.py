@@ -9,6 +9,7 @@ goes away stops at its next input or generated token."""
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,13 +22,24 @@ from fastapi import APIRouter, Request
 
 from api.deps import InstDep, ReadToken, StreamDep
 from api.errors import ProblemError
-from api.schemas import PredictRequest, PredictResponse
+from api.schemas import MAX_PREDICT_INPUTS, MAX_PREDICT_LABELS, PredictRequest, PredictResponse
 from continual.errors import EvaluationCancelled
+from registry.settings import StrataSettings
 from workers.predict import PredictResult, predict
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["predict"])
 CLIENT_GONE = 499  # nginx's "client closed request": logged, never read by anyone
+BODY_PATH = re.compile(r"/v1/streams/[^/]+/predict")
+
+
+def max_body_bytes(settings: StrataSettings) -> int:
+    """The largest predict body that can be valid: 16 inputs and 64 labels, each of at most
+    `predict_max_input_bytes` in UTF-8 and at most 6 bytes per byte once written in JSON (a
+    control character is `\\u00XX`), and 64 KiB for the rest. Larger bodies are refused (413)
+    while they stream in, before they are parsed."""
+    texts = MAX_PREDICT_INPUTS + MAX_PREDICT_LABELS
+    return texts * 6 * settings.predict_max_input_bytes + 64 * 1024
 
 
 class Slots:

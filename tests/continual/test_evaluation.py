@@ -234,5 +234,5 @@ def test_generation_and_scoring_stop_when_asked(
         with pytest.raises(EvaluationCancelled):
             label_scores(model, tokenizer, EXAMPLES, LABELS, batch_size=3,
                          shared_prefix=shared_prefix, on_scored=done.append,
-                         should_stop=lambda: sum(done) >= 2)  # fmt: skip
+                         should_stop=lambda done=done: sum(done) >= 2)  # fmt: skip
         assert sum(done) == 2, shared_prefix
