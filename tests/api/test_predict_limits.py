@@ -20,10 +20,12 @@ from fastapi.testclient import TestClient
 from torch import nn
 
 from api.app import create_app
+from api.cli import main
 from api.routes.predict import max_body_bytes
 from registry.instance import Instance
 from tests.api.conftest import SETTINGS, Api, Recorder, _tokens
 from tests.api.test_api import _problem
+from tests.api.test_predict import _InProcess
 from tests.harness import serve
 from workers import predict as predict_module
 from workers.models import load_snapshot
@@ -64,7 +66,9 @@ def _greedy(model: nn.Module, ids: list[int], steps: int, eos: int) -> list[int]
     return new
 
 
-def test_long_inputs_are_cut_to_max_length_as_training_cuts_them(api: Api) -> None:
+def test_long_inputs_are_cut_to_max_length_as_training_cuts_them(
+    api: Api, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     r = _post(api, inputs=["Which colour?", LONG], max_new_tokens=3)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -82,6 +86,11 @@ def test_long_inputs_are_cut_to_max_length_as_training_cuts_them(api: Api) -> No
     # ranking cuts the prompt further, to leave room for the longest label
     ranked = _post(api, inputs=["sky", LONG], labels=["red", "blue"]).json()
     assert [p["truncated"] for p in ranked["predictions"]] == [False, True]
+    # `strata predict` says which inputs were cut
+    monkeypatch.setattr("api.cli_client._client", lambda _args: _InProcess(api))
+    assert main(["predict", "s1", "sky", LONG, "--max-new-tokens", "2"]) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("> ")]
+    assert [line.endswith("(cut to max_length)") for line in shown] == [False, True]
 
 
 def test_oversized_inputs_and_requests_over_the_token_budget_are_refused(api: Api) -> None:
