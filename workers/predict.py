@@ -126,17 +126,18 @@ def predict(
     method = adapters[-1].method if adapters else stream.method
     model, tokenizer = _model(inst, snapshot, adapters, method)
     completions = [(fmt or PromptFormat()).render_completion(c) for c in candidates]
-    truncated, tokens = cost(tokenizer, prompts, completions, max_length=max_length,
-                             max_new_tokens=max_new_tokens)  # fmt: skip
-    if tokens > settings.predict_max_tokens:
-        what = "inputs x labels" if candidates else "max_new_tokens"
+    work = cost(tokenizer, prompts, completions, max_length=max_length,
+                max_new_tokens=max_new_tokens)  # fmt: skip
+    if work.tokens > settings.predict_max_tokens:
         raise InvalidValue(
-            f"this request puts {tokens} tokens through the model (prompts cut to {max_length} "
-            f"tokens, and {what}), over the budget of {settings.predict_max_tokens} per request "
-            "(STRATA_PREDICT_MAX_TOKENS): send fewer or shorter inputs", field="inputs",
+            f"this request would put {work.formula} = {work.tokens} tokens through the model "
+            f"(prompts cut to max_length {max_length}), over the budget of "
+            f"{settings.predict_max_tokens} per request (STRATA_PREDICT_MAX_TOKENS): send fewer "
+            "or shorter inputs" + ("" if candidates else ", or a smaller max_new_tokens"),
+            field="inputs",
         )  # fmt: skip
     should_stop = cancel.is_set if cancel is not None else None
-    result = PredictResult(snapshot, tuple(adapters), prompts, [], None, fmt, tuple(truncated),
+    result = PredictResult(snapshot, tuple(adapters), prompts, [], None, fmt, work.truncated,
                            max_length)  # fmt: skip
     with _lock:  # one forward pass at a time per process: models are not re-entrant on CPU
         if should_stop is not None and should_stop():  # gone while it waited for the lock
@@ -145,7 +146,8 @@ def predict(
             examples = [Example(prompt=prompt, completion="") for prompt in prompts]
             with evaluating(model):
                 table = label_scores(model, tokenizer, examples, candidates, fmt=fmt,
-                                     max_length=max_length, should_stop=should_stop)  # fmt: skip
+                                     max_length=max_length,
+                                     should_stop=should_stop)  # (E, L)  # fmt: skip
             scores = [dict(zip(candidates, row.tolist(), strict=True)) for row in table]
             outputs = [candidates[i] for i in table.argmax(dim=1).tolist()]
             return dataclasses.replace(result, outputs=outputs, scores=scores)
@@ -180,6 +182,13 @@ def max_length_of(stream: Stream, adapters: Sequence[AdapterVersion]) -> int:
     return LoraHyperparams.from_dict(stream.hyperparams).max_length
 
 
+@dataclass(frozen=True)
+class Cost:
+    truncated: tuple[bool, ...]  # per prompt: `max_length` cut it
+    tokens: int  # that the request puts through the model
+    formula: str  # how `tokens` adds up, for the error that refuses it
+
+
 def cost(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
@@ -187,7 +196,7 @@ def cost(
     *,
     max_length: int,
     max_new_tokens: int,
-) -> tuple[list[bool], int]:
+) -> Cost:
     """Which prompts `max_length` cuts, and the tokens the request puts through the model.
 
     Ranking cuts each prompt as `label_scores` does (room for the longest completion) and runs
@@ -201,10 +210,21 @@ def cost(
     ]
     bos = 1 if tokenizer.bos_token_id is not None else 0
     whole = [bos + len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
-    truncated = [e.prompt_len < n for e, n in zip(cut, whole, strict=True)]
+    truncated = tuple(e.prompt_len < w for e, w in zip(cut, whole, strict=True))
+    n = len(prompts)
     if completions:
-        return truncated, sum(e.prompt_len for e in cut) + len(prompts) * sum(sizes)
-    return truncated, len(prompts) * (max(e.prompt_len for e in cut) + max_new_tokens)
+        prompt_tokens, label_tokens = sum(e.prompt_len for e in cut), sum(sizes)
+        return Cost(
+            truncated,
+            prompt_tokens + n * label_tokens,
+            f"{prompt_tokens} prompt tokens + {n} inputs x {label_tokens} label tokens",
+        )
+    longest_prompt = max(e.prompt_len for e in cut)
+    return Cost(
+        truncated,
+        n * (longest_prompt + max_new_tokens),
+        f"{n} inputs x ({longest_prompt} prompt tokens + {max_new_tokens} new tokens)",
+    )
 
 
 def _model(

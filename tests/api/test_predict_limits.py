@@ -22,6 +22,7 @@ from torch import nn
 from api.app import create_app
 from api.cli import main
 from api.routes.predict import max_body_bytes
+from registry.entities import Snapshot
 from registry.instance import Instance
 from tests.api.conftest import SETTINGS, Api, Recorder, _tokens
 from tests.api.test_api import _problem
@@ -55,6 +56,11 @@ def _post(api: Api, **body: Any) -> Any:
     return api.client.post("/v1/streams/s1/predict", json=body, headers=api.auth("read"))
 
 
+def _snapshot(api: Api) -> Snapshot:
+    streams = api.inst.registry.streams
+    return streams.current_snapshot(streams.get("s1").id)
+
+
 def _greedy(model: nn.Module, ids: list[int], steps: int, eos: int) -> list[int]:
     new: list[int] = []
     with torch.no_grad():
@@ -76,8 +82,7 @@ def test_long_inputs_are_cut_to_max_length_as_training_cuts_them(
     assert [p["truncated"] for p in out["predictions"]] == [False, True]
     assert out["predictions"][1]["prompt"] == LONG  # shown whole; the model saw it cut
     # the model saw bos, the first 7 tokens and the last 8 (the start and the answer cue)
-    streams = api.inst.registry.streams
-    model, tokenizer = load_snapshot(api.inst, streams.current_snapshot(streams.get("s1").id))
+    model, tokenizer = load_snapshot(api.inst, _snapshot(api))
     ids = tokenizer.encode(LONG, add_special_tokens=False)
     cut = [tokenizer.bos_token_id, *ids[:7], *ids[len(ids) - 8 :]]
     new = _greedy(model, cut, 3, tokenizer.eos_token_id)
@@ -109,7 +114,17 @@ def test_oversized_inputs_and_requests_over_the_token_budget_are_refused(api: Ap
     assert _post(api, inputs=[LONG] * 16, max_new_tokens=2).status_code == 200
     # ...16 x (16 + 3) = 304 do not
     over = _problem(_post(api, inputs=[LONG] * 16, max_new_tokens=3), 422, "inputs")
-    assert "304 tokens" in over["detail"] and "300" in over["detail"]
+    assert "16 inputs x (16 prompt tokens + 3 new tokens) = 304 tokens" in over["detail"]
+    assert "budget of 300" in over["detail"]
+    # ranking: each prompt cut to leave room for the longest label, run once, and every label
+    labels = ["red", "blue", "green", "a yellow one"]
+    _, tokenizer = load_snapshot(api.inst, _snapshot(api))
+    sizes = [len(tokenizer.encode(" " + label, add_special_tokens=False)) for label in labels]
+    prompts, labelled = 16 * (MAX_LENGTH - max(sizes)), 16 * sum(sizes)
+    assert prompts + labelled > 300
+    ranked = _problem(_post(api, inputs=[LONG] * 16, labels=labels), 422, "inputs")
+    assert f"= {prompts + labelled} tokens" in ranked["detail"]
+    assert _post(api, inputs=[LONG] * 16, labels=labels[:2]).status_code == 200
     for bad, field in (({"inputs": ["a"] * 17}, "inputs"),
                        ({"inputs": ["a"], "max_new_tokens": 129}, "max_new_tokens")):  # fmt: skip
         _problem(api.client.post("/v1/streams/s1/predict", json=bad, headers=api.auth("read")),
