@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import AsyncIterator, Callable
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -58,6 +59,7 @@ def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
     )
     app.state.inst = inst
     app.state.dispatcher = dispatcher
+    app.state.predict_slots = predict.Slots(inst.settings.predict_concurrency)
     errors.install(app)
     v1 = APIRouter(prefix=f"/{API_VERSION}")
     for module in (streams, tasks, jobs, adapters, lineage, evaluations, predict, schedules,
@@ -96,7 +98,8 @@ def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
             return errors.problem(503, "; ".join(down), code="unavailable", checks=results)
         return {"status": "ok", "checks": results}
 
-    app.add_middleware(BodyLimit, max_bytes=inst.settings.max_upload_bytes)
+    predict_limit = (predict.BODY_PATH, predict.max_body_bytes(inst.settings))
+    app.add_middleware(BodyLimit, max_bytes=inst.settings.max_upload_bytes, limits=[predict_limit])
     return app
 
 
@@ -126,20 +129,26 @@ def freeze_startup_objects() -> None:
 
 class BodyLimit:
     """Refuse request bodies over `max_bytes` while they stream in: at once from a too large
-    Content-Length, else as soon as the bytes received pass the limit (chunked uploads)."""
+    Content-Length, else as soon as the bytes received pass the limit (chunked uploads).
+    `limits` holds smaller limits for the paths their patterns match (JSON routes)."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, limits: Sequence[tuple[re.Pattern[str], int]] = ()
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
+        max_bytes = min([self.max_bytes] + [n for p, n in self.limits if p.fullmatch(path)])
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _too_large(send, self.max_bytes)
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            await _too_large(send, max_bytes)
             return
         received = 0
 
@@ -148,8 +157,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, _limit_text(self.max_bytes))
+                if received > max_bytes:
+                    raise HTTPException(413, _limit_text(max_bytes))
             return message
 
         await self.app(scope, counting, send)

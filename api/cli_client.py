@@ -314,7 +314,7 @@ def predict(c: StrataClient, a: argparse.Namespace) -> int:
         print(f"prompt template:     {out['prompt_template']!r}")
         print(f"completion template: {out['completion_template']!r}")
     for p in out["predictions"]:
-        print(f"> {p['input']!r}")
+        print(f"> {p['input']!r}" + ("  (cut to max_length)" if p.get("truncated") else ""))
         if p["prompt"] != p["input"]:
             print(f"  prompt: {p['prompt']!r}")
         scores = p.get("scores") or {}

@@ -81,7 +81,7 @@ def problem(
     headers = {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="strata"'
-    if status == 503:
+    if status in (429, 503):  # too many requests, or a dependency down: both pass soon
         headers["Retry-After"] = str(RETRY_AFTER_S)
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 

@@ -29,6 +29,10 @@ class TrainingCancelled(Exception):
     """Training stopped early because `should_stop()` returned True."""
 
 
+class EvaluationCancelled(Exception):
+    """Scoring or generation stopped early because `should_stop()` returned True."""
+
+
 class InvalidCheckpoint(ValueError):
     """A training checkpoint is unreadable or belongs to another model or run."""
 

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from continual.batching import Encoded, encode_pair, pad_batch, pad_id_of, sequence_log_probs
 from continual.data import Example, PromptFormat, label_of
+from continual.errors import EvaluationCancelled
 from continual.prefix_scoring import prefix_label_scores, supports_prefix_cache
 
 
@@ -54,6 +55,7 @@ def label_scores(
     shared_prefix: bool = True,
     on_scored: Callable[[int], None] | None = None,
     fmt: PromptFormat | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Tensor:
     """Mean per-token log-likelihood of each label's completion, as `fmt` renders it (by
     default `" label"`), given each prompt: (E, L) on the CPU.
@@ -61,7 +63,8 @@ def label_scores(
     With `shared_prefix` (and a model with a KV cache) each prompt runs once and only the label
     tokens run per label (`continual.prefix_scoring`). Otherwise all labels of an example share
     one padded forward pass with other examples' labels, `batch_size` sequences at a time.
-    `on_scored(n)` reports progress: n more examples scored.
+    `on_scored(n)` reports progress: n more examples scored. `should_stop()` is asked before
+    each example (or pass); when it returns True, EvaluationCancelled is raised.
     """
     if not labels:
         raise ValueError("label_scores needs at least one label")
@@ -70,6 +73,7 @@ def label_scores(
         scores = []
         with evaluating(model):
             for ex in examples:
+                _check(should_stop)
                 scores.append(
                     prefix_label_scores(
                         model, tokenizer, ex.prompt, completions, max_length=max_length
@@ -82,6 +86,7 @@ def label_scores(
     budgets = _label_budgets(tokenizer, completions, max_length=max_length)
     rows: list[Tensor] = []
     for begin in range(0, len(examples), per_pass):
+        _check(should_stop)
         chunk = examples[begin : begin + per_pass]
         encoded = [
             encode_pair(tokenizer, prompt=ex.prompt, completion=c, add_eos=False, max_length=b)
@@ -148,17 +153,42 @@ def generate(
     max_new_tokens: int = 16,
     batch_size: int = 32,
     on_generated: Callable[[int], None] | None = None,
+    max_length: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[str]:
-    """Greedy completions of `prompts` (tokenised as in training), stripped; `on_generated(n)`
-    reports progress (n more prompts done)."""
+    """Greedy completions of `prompts` (tokenised as in training, and with `max_length` cut as
+    training cut them: to at most `max_length` tokens, bos included), stripped;
+    `on_generated(n)` reports progress (n more prompts done). `should_stop()` is asked before
+    each batch and after each generated token; when it returns True, EvaluationCancelled is
+    raised."""
     outputs: list[str] = []
     with evaluating(model):
         for begin in range(0, len(prompts), batch_size):
+            _check(should_stop)
             chunk = prompts[begin : begin + batch_size]
-            outputs.extend(_generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens))
+            outputs.extend(_generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens,
+                                     max_length=max_length, should_stop=should_stop))  # fmt: skip
+            _check(should_stop)  # generation ended early: its outputs are cut short
             if on_generated is not None:
                 on_generated(len(chunk))
     return outputs
+
+
+def _check(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise EvaluationCancelled("stopped: should_stop() returned True")
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends generation (every sequence of the batch) once `should_stop()` returns True; asked
+    after each generated token."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: Tensor, scores: object, **kwargs: object) -> Tensor:
+        stop = self.should_stop()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def language_model_loss(
@@ -224,9 +254,12 @@ def _generate(
     chunk: Sequence[str],
     *,
     max_new_tokens: int,
+    max_length: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[str]:
     """Greedy continuation of left-padded prompts (generation needs prompts to end together)."""
-    prompts = [encode_pair(tokenizer, prompt=p, completion="", add_eos=False).ids for p in chunk]
+    prompts = [encode_pair(tokenizer, prompt=p, completion="", add_eos=False,
+                           max_length=max_length).ids for p in chunk]  # fmt: skip
     pad_id = pad_id_of(tokenizer)
     width = max(len(ids) for ids in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)
@@ -242,6 +275,7 @@ def _generate(
         do_sample=False,
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
+        stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)] if should_stop else []),
     )  # (B, T + new)
     texts = tokenizer.batch_decode(output[:, width:].tolist(), skip_special_tokens=True)
     return [text.strip() for text in texts]

@@ -5,11 +5,18 @@ task's recorded prompt template, and labels through its completion template, wit
 evaluation's own scoring (`label_scores`, prompts cut as training cut them), so a prediction
 is the model queried on the tokens it was trained and measured on.
 
+Every prompt is cut to the `max_length` its adapter was trained with (the stream's own without
+adapters), as training cut it; the request's model work (`cost`) is bounded by
+`STRATA_PREDICT_MAX_TOKENS`, each input's and label's size by `STRATA_PREDICT_MAX_INPUT_BYTES`
+(before anything is tokenised), and `cancel` stops the work between inputs and between generated
+tokens (the API sets it when the client goes away).
+
 Models are built from the published artifacts exactly as evaluation builds them, and the last
 few are kept in memory (building one means loading the snapshot and every adapter)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -18,10 +25,14 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from continual.batching import Encoded, encode_pair
+from continual.config import LoraHyperparams
 from continual.data import Example, PromptFormat
+from continual.errors import EvaluationCancelled
 from continual.evaluation import evaluating, generate, label_scores
 from continual.strategies import get_strategy
 from registry.entities import AdapterVersion, Snapshot, Stream
+from registry.errors import InvalidValue
 from registry.instance import Instance
 from workers.datasets import load_dataset
 from workers.jobs import recorded_setup
@@ -38,6 +49,8 @@ class PredictResult:
     outputs: list[str]
     scores: list[dict[str, float]] | None
     fmt: PromptFormat | None = None  # the task's format the prompts and labels went through
+    truncated: tuple[bool, ...] = ()  # per input: its prompt was cut to `max_length` tokens
+    max_length: int | None = None  # what prompts were cut to
 
 
 @dataclass(frozen=True)
@@ -88,13 +101,19 @@ def predict(
     max_new_tokens: int = 16,
     labels: Sequence[str] | None = None,
     template: bool = True,
+    cancel: threading.Event | None = None,
 ) -> PredictResult:
     """Greedy completions of `inputs`, or with `labels` the best-scoring label per input.
 
     With `task` (and `template`), each input is rendered by the task's prompt template, the
-    labels (by default the task's own, when it has labels) by its completion template, and
-    prompts are cut to the adapter's `max_length` as evaluation cuts them. Without `task`, or
-    with `template=False`, inputs go to the model as written (labels as `" label"`)."""
+    labels (by default the task's own, when it has labels) by its completion template. Without
+    `task`, or with `template=False`, inputs go to the model as written (labels as `" label"`).
+    Either way prompts are cut to `max_length` tokens as training and evaluation cut them.
+
+    Raises InvalidValue (422) for an input or label over `predict_max_input_bytes` or a request
+    over `predict_max_tokens`, and EvaluationCancelled once `cancel` is set."""
+    settings = inst.settings
+    check_sizes(inputs, labels, max_bytes=settings.predict_max_input_bytes)
     snapshot, adapters = state_of(inst, stream, task=task, ref=ref)
     spec = task_format(inst, stream, task=task) if task is not None and template else None
     fmt = spec.fmt if spec is not None else None
@@ -103,21 +122,109 @@ def predict(
         candidates = list(labels)
     else:  # a classification task ranks its own labels; otherwise generate
         candidates = list(spec.labels or ()) if spec is not None else []
-    cut = fmt is not None and bool(adapters)  # as evaluation: prompts cut as training cut them
-    max_length = recorded_setup(adapters[-1]).hyper.max_length if cut else None
+    max_length = max_length_of(stream, adapters)
     method = adapters[-1].method if adapters else stream.method
     model, tokenizer = _model(inst, snapshot, adapters, method)
+    completions = [(fmt or PromptFormat()).render_completion(c) for c in candidates]
+    work = cost(tokenizer, prompts, completions, max_length=max_length,
+                max_new_tokens=max_new_tokens)  # fmt: skip
+    if work.tokens > settings.predict_max_tokens:
+        raise InvalidValue(
+            f"this request would put {work.formula} = {work.tokens} tokens through the model "
+            f"(prompts cut to max_length {max_length}), over the budget of "
+            f"{settings.predict_max_tokens} per request (STRATA_PREDICT_MAX_TOKENS): send fewer "
+            "or shorter inputs" + ("" if candidates else ", or a smaller max_new_tokens"),
+            field="inputs",
+        )  # fmt: skip
+    should_stop = cancel.is_set if cancel is not None else None
+    result = PredictResult(snapshot, tuple(adapters), prompts, [], None, fmt, work.truncated,
+                           max_length)  # fmt: skip
     with _lock:  # one forward pass at a time per process: models are not re-entrant on CPU
+        if should_stop is not None and should_stop():  # gone while it waited for the lock
+            raise EvaluationCancelled("stopped before the model ran")
         if candidates:
             examples = [Example(prompt=prompt, completion="") for prompt in prompts]
             with evaluating(model):
                 table = label_scores(model, tokenizer, examples, candidates, fmt=fmt,
-                                     max_length=max_length)  # (E, L)  # fmt: skip
+                                     max_length=max_length,
+                                     should_stop=should_stop)  # (E, L)  # fmt: skip
             scores = [dict(zip(candidates, row.tolist(), strict=True)) for row in table]
             outputs = [candidates[i] for i in table.argmax(dim=1).tolist()]
-            return PredictResult(snapshot, tuple(adapters), prompts, outputs, scores, fmt)
-        outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-    return PredictResult(snapshot, tuple(adapters), prompts, outputs, None, fmt)
+            return dataclasses.replace(result, outputs=outputs, scores=scores)
+        outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                           max_length=max_length, should_stop=should_stop)  # fmt: skip
+    return dataclasses.replace(result, outputs=outputs)
+
+
+def check_sizes(inputs: Sequence[str], labels: Sequence[str] | None, *, max_bytes: int) -> None:
+    """InvalidValue naming the first input (`inputs.i`) or label (`labels.i`) over `max_bytes`
+    in UTF-8, or that is not Unicode text (JSON lets a lone surrogate through: `"\\ud800"`)."""
+    for field, texts in (("inputs", inputs), ("labels", labels or ())):
+        for i, text in enumerate(texts):
+            try:
+                size = len(text.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise InvalidValue(
+                    "not Unicode text (a lone surrogate)", field=f"{field}.{i}"
+                ) from None
+            if size > max_bytes:
+                raise InvalidValue(
+                    f"{size} bytes, over the limit of {max_bytes} bytes "
+                    "(STRATA_PREDICT_MAX_INPUT_BYTES)", field=f"{field}.{i}",
+                )  # fmt: skip
+
+
+def max_length_of(stream: Stream, adapters: Sequence[AdapterVersion]) -> int:
+    """The `max_length` prompts are cut to: the newest adapter's (what it was trained with),
+    else the stream's hyperparameter."""
+    if adapters:
+        return recorded_setup(adapters[-1]).hyper.max_length
+    return LoraHyperparams.from_dict(stream.hyperparams).max_length
+
+
+@dataclass(frozen=True)
+class Cost:
+    truncated: tuple[bool, ...]  # per prompt: `max_length` cut it
+    tokens: int  # that the request puts through the model
+    formula: str  # how `tokens` adds up, for the error that refuses it
+
+
+def cost(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    *,
+    max_length: int,
+    max_new_tokens: int,
+) -> Cost:
+    """Which prompts `max_length` cuts, and the tokens the request puts through the model.
+
+    Ranking cuts each prompt as `label_scores` does (room for the longest completion) and runs
+    the cut prompt once plus every completion's tokens; generation runs the batch left-padded
+    to its longest cut prompt, each row `max_new_tokens` more."""
+    sizes = [len(tokenizer.encode(c, add_special_tokens=False)) for c in completions]
+    longest = completions[sizes.index(max(sizes))] if completions else ""
+    cut: list[Encoded] = [
+        encode_pair(tokenizer, prompt=p, completion=longest, add_eos=False, max_length=max_length)
+        for p in prompts
+    ]
+    bos = 1 if tokenizer.bos_token_id is not None else 0
+    whole = [bos + len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+    truncated = tuple(e.prompt_len < w for e, w in zip(cut, whole, strict=True))
+    n = len(prompts)
+    if completions:
+        prompt_tokens, label_tokens = sum(e.prompt_len for e in cut), sum(sizes)
+        return Cost(
+            truncated,
+            prompt_tokens + n * label_tokens,
+            f"{prompt_tokens} prompt tokens + {n} inputs x {label_tokens} label tokens",
+        )
+    longest_prompt = max(e.prompt_len for e in cut)
+    return Cost(
+        truncated,
+        n * (longest_prompt + max_new_tokens),
+        f"{n} inputs x ({longest_prompt} prompt tokens + {max_new_tokens} new tokens)",
+    )
 
 
 def _model(

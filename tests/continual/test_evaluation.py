@@ -9,7 +9,14 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from continual.config import LoraHyperparams
 from continual.data import Example
-from continual.evaluation import exact_match, label_scores, language_model_loss, rank_classification
+from continual.errors import EvaluationCancelled
+from continual.evaluation import (
+    exact_match,
+    generate,
+    label_scores,
+    language_model_loss,
+    rank_classification,
+)
 from continual.strategies import lora_config
 
 MakeBase = Callable[..., LlamaForCausalLM]
@@ -111,9 +118,14 @@ def test_rank_classification_edge_cases(
 
 
 def _reference_greedy(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, prompt: str, steps: int
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerFast,
+    prompt: str,
+    steps: int,
+    ids: list[int] | None = None,
 ) -> str:
-    ids = [tokenizer.bos_token_id, *_ids(tokenizer, prompt)]
+    """Greedy continuation of bos + `prompt` (or of `ids`), one unpadded step at a time."""
+    ids = ids if ids is not None else [tokenizer.bos_token_id, *_ids(tokenizer, prompt)]
     new: list[int] = []
     with torch.no_grad():
         for _ in range(steps):
@@ -177,3 +189,50 @@ def test_shared_prefix_scores_equal_full_sequence_scores(
         )
         assert cached.shape == (2, 4)
         torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+
+
+def test_generate_cuts_long_prompts_as_training_cuts_them(
+    model: peft.PeftModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    prompt = "Which colour?\nInput: " + "grass and trees and more grass " * 20 + "\nAnswer:"
+    ids = _ids(tokenizer, prompt)
+    keep = 16 - 1  # bos takes one of the 16
+    assert len(ids) > 4 * keep
+    cut = [tokenizer.bos_token_id, *ids[: keep // 2], *ids[len(ids) - (keep - keep // 2) :]]
+    expected = _reference_greedy(model, tokenizer, "", 3, ids=cut)  # its start and its end
+    assert generate(model, tokenizer, [prompt], max_new_tokens=3, max_length=16) == [expected]
+    whole = _reference_greedy(model, tokenizer, prompt, 3)
+    assert generate(model, tokenizer, [prompt], max_new_tokens=3) == [whole]  # no max_length
+    assert whole != expected  # the model does answer differently on the cut prompt
+
+
+def test_generation_and_scoring_stop_when_asked(
+    model: peft.PeftModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    forwards: list[int] = []
+
+    def no_eos(_module: torch.nn.Module, _args: object, out: object) -> None:
+        """Count forward passes; without eos every row would run all max_new_tokens steps."""
+        forwards.append(1)
+        out.logits[..., tokenizer.eos_token_id] = float("-inf")  # type: ignore[attr-defined]
+
+    prompts = [ex.prompt for ex in EXAMPLES]
+    handle = model.get_base_model().register_forward_hook(no_eos)
+    try:
+        full = generate(model, tokenizer, prompts, max_new_tokens=12, should_stop=lambda: False)
+        assert len(forwards) == 12 and full == generate(model, tokenizer, prompts,
+                                                         max_new_tokens=12)  # fmt: skip
+        forwards.clear()
+        with pytest.raises(EvaluationCancelled):
+            generate(model, tokenizer, prompts, max_new_tokens=12,
+                     should_stop=lambda: len(forwards) >= 3)  # fmt: skip
+        assert len(forwards) == 3  # stopped after the third token, not the twelfth
+    finally:
+        handle.remove()
+    for shared_prefix in (True, False):  # batch_size 3 = 3 labels: one example per pass
+        done: list[int] = []
+        with pytest.raises(EvaluationCancelled):
+            label_scores(model, tokenizer, EXAMPLES, LABELS, batch_size=3,
+                         shared_prefix=shared_prefix, on_scored=done.append,
+                         should_stop=lambda done=done: sum(done) >= 2)  # fmt: skip
+        assert sum(done) == 2, shared_prefix
