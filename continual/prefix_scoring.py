@@ -59,10 +59,10 @@ def _prefix_pass(model: nn.Module, input_ids: Tensor) -> tuple[Tensor, DynamicCa
     parts = decoder_and_head(model)
     if parts is None:
         out = model(input_ids=input_ids, use_cache=True)
-        return out.logits[0, -1], out.past_key_values
+        return out.logits[0, -1], out.cache
     decoder, head = parts
     out = decoder(input_ids=input_ids, use_cache=True)
-    return head(out.last_hidden_state[0, -1]), out.past_key_values  # (V,)
+    return head(out.last_hidden_state[0, -1]), out.cache  # (V,)
 
 
 def _continuation_log_probs(
@@ -84,7 +84,7 @@ def _continuation_log_probs(
     # Right padding after the real label tokens is causal-safe: no real token attends to it.
     mask = torch.ones((n, p + rest), dtype=torch.long, device=device)  # (L, P+R)
     positions = torch.arange(p, p + rest, device=device).expand(n, rest)  # (L, R)
-    logits = model(input_ids=inputs, attention_mask=mask, past_key_values=past,
+    logits = model(input_ids=inputs, attention_mask=mask, cache=past,
                    position_ids=positions, use_cache=True).logits  # (L, R, V)  # fmt: skip
     logp = logits.float().log_softmax(-1).gather(2, targets.unsqueeze(-1)).squeeze(-1)  # (L, R)
     return (logp * valid).sum(dim=1)

@@ -191,7 +191,7 @@ class TaskRouter(nn.Module):
                 prior = prior[..., self.num_folded :]  # (1, 1, adapters): folded tasks have none
             self._pending = None
         else:
-            prior, skip = self._route_pass(kwargs.get("past_key_values"), weighted, mask)
+            prior, skip = self._route_pass(_cache_of(kwargs), weighted, mask)
         for layer in self._layers:
             layer.route_logits = prior
             layer.skip_adapters = skip
@@ -227,7 +227,7 @@ class TaskRouter(nn.Module):
     ) -> None:
         """Bind the sums of the sequences that just ran to the KV cache they filled, for the
         pass that continues them."""
-        cache = getattr(output, "past_key_values", None)
+        cache = getattr(output, "cache", None)
         if self._pending is not None and cache is not None:
             # A cache that cannot be weakly referenced gets no continuation.
             with contextlib.suppress(TypeError):
@@ -315,3 +315,11 @@ def _discriminant(means: Tensor, counts: Tensor, within: Tensor) -> tuple[Tensor
 def empty_statistics(dim: int) -> dict[str, Tensor]:
     """The statistics of a stream before its first task."""
     return {MEANS: torch.zeros(0, dim), COUNTS: torch.zeros(0), WITHIN: torch.zeros(dim, dim)}
+
+
+def _cache_of(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a decoder pass continues: transformers 5 passes it as `cache` (the
+    deprecated `past_key_values` when a caller still names it so and the model does not
+    rename it)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")

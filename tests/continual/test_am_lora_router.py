@@ -155,9 +155,12 @@ def test_routing_is_causal_and_a_kv_cache_routes_alike(
         torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
     prompt = tokenizer(tasks[0].test[0].prompt, return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    step = layer.route_logits  # the last cached step's: one token, continuing the cache
     with torch.no_grad():
         again = model(input_ids=generated[:, :-1]).logits[0, -1].argmax()
     assert int(again) == int(generated[0, -1])  # the cached steps routed as one full pass
+    assert step is not None and layer.route_logits is not None and step.shape[1] == 1
+    torch.testing.assert_close(step[:, -1], layer.route_logits[:, -1], atol=1e-5, rtol=0)
 
 
 def test_a_rebuilt_model_routes_like_the_one_that_trained(
