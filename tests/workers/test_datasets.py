@@ -3,6 +3,7 @@ and queried on, on SmolLM2's own tokenizer, whichever way a user writes the labe
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -28,8 +29,10 @@ def smollm2_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
-def _jsonl(rows: list[tuple[str, str]]) -> bytes:
-    return "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows).encode()
+def _jsonl(rows: list[tuple[str, str]]) -> io.BytesIO:
+    return io.BytesIO(
+        "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows).encode()
+    )
 
 
 def _upload(completion: str, **kwargs: Any) -> Any:
@@ -105,7 +108,7 @@ def test_labels_written_two_ways_are_refused_with_the_line() -> None:
 
 def test_a_cl_benchmark_upload_records_its_template() -> None:
     records = [{"sentence": f" text {i} ", "label": LABELS[i % 2]} for i in range(4)]
-    data = parse_upload(name="cl", format="cl_benchmark", train=json.dumps(records).encode(),
+    data = parse_upload(name="cl", format="cl_benchmark", train=io.BytesIO(json.dumps(records).encode()),
                         test=None, labels=LABELS, holdout=0.25, limits=LIMITS)  # fmt: skip
     fmt = data.prompt_format
     assert fmt.prompt == "Classify the text. Options: positive, negative.\nInput: {text}\nAnswer:"
