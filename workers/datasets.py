@@ -95,19 +95,7 @@ def parse_upload(
         raise InvalidDataset(field="holdout", reason=f"must be in (0, 0.5], got {fraction}")
     fmt = cl_format(labels) if format == "cl_benchmark" and labels else PromptFormat()
     files = {"train": train} if test is None else {"train": train, "test": test}
-    counted = 0
-    for field, file in files.items():  # the first pass: check, keep nothing
-        count, fmt = _check_file(
-            _Examples(field, file, format=format, labels=labels, limits=limits, fmt=fmt,
-                      counted=counted),
-            labels=labels, first=field == "train",
-        )  # fmt: skip
-        if field == "train" and count < (1 if test is not None else 2):
-            reason = "no examples" if count == 0 else "needs 2+ examples to hold some out"
-            raise InvalidDataset(field="train", reason=reason)
-        counted += count
-    read = {field: list(_Examples(field, file, format=format, labels=labels, limits=limits,
-                                  fmt=fmt, counted=0)) for field, file in files.items()}  # fmt: skip
+    read, fmt = _read_files(files, format=format, labels=labels, limits=limits, fmt=fmt)
     train_examples, test_examples = read["train"], read.get("test", [])
     if test is None:
         shuffled = random.Random(0).sample(train_examples, len(train_examples))
@@ -126,17 +114,42 @@ def _check_labels(labels: object) -> None:
         raise InvalidDataset(field="labels", reason="labels must be unique")
 
 
-def _check_file(
-    examples: _Examples, *, labels: list[str] | None, first: bool
-) -> tuple[int, PromptFormat]:
-    """Every example of a file checked, none kept: their count, and the format with the
-    completion template a labelled JSONL file is written in (`first`: the file that sets it;
-    the others must match it)."""
+def _read_files(
+    files: dict[str, BinaryIO],
+    *,
+    format: str,
+    labels: list[str] | None,
+    limits: UploadLimits,
+    fmt: PromptFormat,
+) -> tuple[dict[str, list[Example]], PromptFormat]:
+    """Each file's examples, and `fmt` with the completion template of a labelled JSONL upload.
+    Two passes: the first checks every example of every file and keeps none; the second, of an
+    upload that passed, keeps them."""
+    counted = 0
+    for field, file in files.items():
+        examples = _Examples(field, file, format=format, labels=labels, limits=limits, fmt=fmt,
+                             counted=counted)  # fmt: skip
+        fmt = _check_file(examples, labels=labels, first=field == "train")
+        if field == "train" and examples.count < (1 if "test" in files else 2):
+            reason = "no examples" if not examples.count else "needs 2+ examples to hold some out"
+            raise InvalidDataset(field="train", reason=reason)
+        counted += examples.count
+    read = {
+        field: list(_Examples(field, file, format=format, labels=labels, limits=limits, fmt=fmt))
+        for field, file in files.items()
+    }
+    return read, fmt
+
+
+def _check_file(examples: _Examples, *, labels: list[str] | None, first: bool) -> PromptFormat:
+    """Every example of a file checked, none kept (`examples.count` counts them): the format
+    with the completion template a labelled JSONL file is written in (`first`: the file that
+    sets it; the others must match it)."""
     fmt = examples.fmt
     if labels is None or examples.format != "jsonl":
         for _ in examples:
             pass
-        return examples.count, fmt
+        return fmt
     try:
         template = completion_template_of(
             examples, labels, expected=None if first else fmt.completion
@@ -146,7 +159,7 @@ def _check_file(
             raise
         field = f"{examples.field}.completion"
         raise InvalidDataset(field=field, reason=exc.reason, line=examples.number) from exc
-    return examples.count, PromptFormat(prompt=fmt.prompt, completion=template)
+    return PromptFormat(prompt=fmt.prompt, completion=template)
 
 
 class _Examples:
@@ -164,7 +177,7 @@ class _Examples:
         labels: list[str] | None,
         limits: UploadLimits,
         fmt: PromptFormat,
-        counted: int,
+        counted: int = 0,
     ) -> None:
         self.field, self.file, self.format, self.fmt = field, file, format, fmt
         self.labels = frozenset(labels or ())
@@ -173,19 +186,25 @@ class _Examples:
 
     def __iter__(self) -> Iterator[Example]:
         self.number = self.count = 0
-        limits, jsonl = self.limits, self.format == "jsonl"
-        content = read_chunks(self.file, max_expanded_bytes=limits.max_expanded_bytes)
+        jsonl = self.format == "jsonl"
+        content = read_chunks(self.file, max_expanded_bytes=self.limits.max_expanded_bytes)
+        numbered = self._jsonl(content) if jsonl else self._records(content)
         with _named(self.field):
-            for self.number, example in self._jsonl(content) if jsonl else self._records(content):
-                self.count += 1
-                if self.counted + self.count > limits.max_examples:
-                    reason = f"more than {limits.max_examples} examples" + (
-                        f" ({self.counted} in train)" if self.counted else "")  # fmt: skip
-                    raise InvalidDataset(field="data", reason=reason, line=self.number if jsonl
-                                         else None, record=None if jsonl else self.number)  # fmt: skip
+            for number, example in numbered:
+                self.number, self.count = number, self.count + 1
+                if self.counted + self.count > self.limits.max_examples:
+                    raise self._too_many()
                 yield example
             if jsonl and not self.count:
                 raise InvalidDataset(field="data", reason="the file is empty")
+
+    def _too_many(self) -> InvalidDataset:
+        reason = f"more than {self.limits.max_examples} examples"
+        if self.counted:
+            reason += f" ({self.counted} in train)"
+        if self.format == "jsonl":
+            return InvalidDataset(field="data", reason=reason, line=self.number)
+        return InvalidDataset(field="data", reason=reason, record=self.number)
 
     def _jsonl(self, content: Iterator[bytes]) -> Iterator[tuple[int, Example]]:
         limits = self.limits

@@ -101,7 +101,9 @@ def _line(raw: bytearray, *, number: int, offset: int, limit: int) -> str:
 
 
 def _too_long(limit: int, *, line: int | None = None, record: int | None = None) -> InvalidDataset:
-    return InvalidDataset(field="data", reason=f"longer than {limit} bytes", line=line, record=record)
+    return InvalidDataset(
+        field="data", reason=f"longer than {limit} bytes", line=line, record=record
+    )
 
 
 def decode_utf8(chunks: Iterator[bytes]) -> Iterator[str]:

@@ -219,6 +219,11 @@ def test_task_uploads_queue_jobs_and_bad_datasets_are_refused_before_training(ap
         body = _problem(r, r.status_code, field)
         if line is not None:
             assert body["line"] == line and f"line {line}" in body["detail"]
+    listed = json.dumps([{"sentence": "s", "label": "a"}, {"label": "a"}], indent=2)
+    r = c.post("/v1/streams/s1/tasks", files={"train": ("t.json", listed)}, headers=h,
+               data={"name": "x", "format": "cl_benchmark", "labels": '["a"]'})  # fmt: skip
+    body = _problem(r, 422, "train.sentence")  # a JSON list's errors name the record, not a line
+    assert (body["record"], body["line"], body["detail"]) == (2, None, "record 2: missing")
     huge = c.post("/v1/streams/s1/tasks", data={"name": "big"}, headers=h,
                   files={"train": ("t", "x" * 100_000)})  # fmt: skip
     _problem(huge, 413, "body")
