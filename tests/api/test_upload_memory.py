@@ -64,7 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         inst.close()
     port = free_port()
     env = {**os.environ, "STRATA_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO),
-           "STRATA_BROKER_URL": "redis://127.0.0.1:6379/15"}  # fmt: skip (nothing is sent)
+           "STRATA_BROKER_URL": "redis://127.0.0.1:6379/15"}  # fmt: skip
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "api.asgi:service_app", "--host",
            "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
@@ -153,7 +153,8 @@ def test_refusing_hostile_uploads_keeps_the_server_within_100_mib_of_idle(server
     for what, parts, fields, detail, at_once in _cases():
         server.reset_peak()
         with ThreadPoolExecutor(at_once) as pool:
-            answers = list(pool.map(lambda _: _post(server, parts, **fields), range(at_once)))
+            sent = [pool.submit(_post, server, parts, **fields) for _ in range(at_once)]
+            answers = [future.result() for future in sent]
         peak = server.memory("VmHWM")
         for answer in answers:
             _refused(answer, detail)
