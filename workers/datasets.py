@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,17 +21,17 @@ from continual.data import (
     to_jsonl,
 )
 from continual.errors import InvalidDataset
-from registry.entities import Dataset
+from registry.entities import Dataset, NewDataset
 from registry.instance import Instance
 from workers.uploads import decode_utf8, json_records, read_chunks, split_lines
 
 
-def store_dataset(inst: Instance, data: TaskData, *, format: str) -> Dataset:
-    """Blob first, then the row: a dataset row always points at a stored, verified blob."""
+def dataset_blob(data: TaskData, *, format: str) -> tuple[bytes, NewDataset]:
+    """The task's canonical JSONL blob, and the dataset row that records it: its digest is the
+    blob's sha256, the key the artifact store gives it."""
     blob = to_jsonl(data)
-    digest = inst.artifacts.put_bytes(blob)
-    return inst.registry.tasks.add_dataset(
-        digest=digest,
+    return blob, NewDataset(
+        digest=hashlib.sha256(blob).hexdigest(),
         format=format,
         num_train=len(data.train),
         num_test=len(data.test),
