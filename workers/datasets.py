@@ -74,7 +74,7 @@ def parse_upload(
     The files are read as they stream from their (spooled) uploads, twice: first every example
     is checked, one line or record in memory at a time, and every limit is refused as soon as it
     is passed (`workers.uploads`); only an upload that passed is read again and held. So a
-    refused upload never holds its examples, and a compression bomb never expands in memory.
+    refused upload never holds its examples, and a compression bomb is never held expanded.
 
     Without a test file, a seeded `holdout` fraction of the training examples (default 10%)
     becomes the test split, so every task can be evaluated after every step.

@@ -111,23 +111,19 @@ def decode_utf8(chunks: Iterator[bytes]) -> Iterator[str]:
     a malformed byte is refused with its offset in the content."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     fed = 0  # bytes given to the decoder so far
-    for chunk in chunks:
-        try:
-            text = decoder.decode(chunk)
-        except UnicodeDecodeError as exc:  # `exc.start` counts from the bytes it held back
-            at = fed - len(decoder.getstate()[0]) + exc.start
-            raise InvalidDataset(field="data", reason=f"not UTF-8 (byte {at})") from None
-        fed += len(chunk)
-        if text:
-            yield text
     try:
+        for chunk in chunks:
+            text = decoder.decode(chunk)
+            fed += len(chunk)
+            if text:
+                yield text
         decoder.decode(b"", final=True)
-    except UnicodeDecodeError as exc:
+    except UnicodeDecodeError as exc:  # `exc.start` counts from the bytes the decoder held back
         at = fed - len(decoder.getstate()[0]) + exc.start
         raise InvalidDataset(field="data", reason=f"not UTF-8 (byte {at})") from None
 
 
-LIST = "must be a JSON list of {sentence, label} objects"
+LIST = "must be a JSON list of {sentence, label} objects"  # (the one list format uploaded)
 
 
 def json_records(pieces: Iterator[str], *, max_record_bytes: int) -> Iterator[tuple[int, Any]]:
