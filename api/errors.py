@@ -112,8 +112,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidDataset)
     async def bad_dataset(_r: Request, exc: InvalidDataset) -> JSONResponse:
-        detail = f"line {exc.line}: {exc.reason}" if exc.line is not None else exc.reason
-        return problem(422, detail, code="invalid_dataset", field=exc.field, line=exc.line)
+        return problem(422, exc.where + exc.reason, code="invalid_dataset", field=exc.field,
+                       line=exc.line, record=exc.record)  # fmt: skip
 
     @app.exception_handler(InvalidCheckpoint)
     async def bad_checkpoint(_r: Request, exc: InvalidCheckpoint) -> JSONResponse:

@@ -15,14 +15,24 @@ class InvalidHyperparameter(ValueError):
 
 
 class InvalidDataset(ValueError):
-    """A dataset is malformed; `line` is the 1-based line (or record) number when known."""
+    """A dataset is malformed; `line` is the 1-based line of a line-based file (JSONL), `record`
+    the 1-based record of a JSON list, when known. `where` says which, for messages."""
 
-    def __init__(self, *, field: str, reason: str, line: int | None = None) -> None:
-        where = f"line {line}: " if line is not None else ""
-        super().__init__(f"{where}{field}: {reason}")
+    def __init__(
+        self, *, field: str, reason: str, line: int | None = None, record: int | None = None
+    ) -> None:
         self.field = field
         self.reason = reason
         self.line = line
+        self.record = record
+        super().__init__(f"{self.where}{field}: {reason}")
+
+    @property
+    def where(self) -> str:
+        """`line N: `, `record N: ` or nothing."""
+        if self.line is not None:
+            return f"line {self.line}: "
+        return f"record {self.record}: " if self.record is not None else ""
 
 
 class TrainingCancelled(Exception):

@@ -108,6 +108,20 @@ class Dataset:
 
 
 @dataclass(frozen=True)
+class NewDataset:
+    """A dataset to register, its blob stored (or about to be): what its row records."""
+
+    digest: str
+    format: str
+    num_train: int
+    num_test: int
+    size_bytes: int
+    labels: tuple[str, ...] | None = None
+    prompt_template: str | None = None
+    completion_template: str | None = None
+
+
+@dataclass(frozen=True)
 class Task:
     id: int
     stream_id: int

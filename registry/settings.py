@@ -64,8 +64,8 @@ class StrataSettings(BaseSettings):
     # "cuda" or "cuda:N", or "auto" for the first CUDA GPU when torch sees one, else the CPU.
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     # API: uploads larger than `max_upload_bytes` are refused while they stream in; a dataset
-    # may hold at most `max_examples` examples and lines of at most `max_line_bytes`; a gzip
-    # upload may expand to at most `max_expanded_bytes`.
+    # may hold at most `max_examples` examples, and JSONL lines (or a JSON list's records) of at
+    # most `max_line_bytes`; a gzip upload may expand to at most `max_expanded_bytes`.
     max_upload_bytes: int = Field(default=256 * 2**20, ge=1024)
     max_examples: int = Field(default=1_000_000, ge=1)
     max_line_bytes: int = Field(default=2**20, ge=64)

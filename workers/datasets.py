@@ -2,34 +2,36 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import random
-import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import BinaryIO
 
 from continual.data import (
     Example,
     PromptFormat,
     TaskData,
+    cl_example,
     cl_format,
     completion_template_of,
     from_jsonl,
-    parse_cl_records,
-    parse_jsonl,
+    jsonl_example,
     to_jsonl,
 )
-from continual.errors import NESTED, InvalidDataset
-from registry.entities import Dataset
+from continual.errors import InvalidDataset
+from registry.entities import Dataset, NewDataset
 from registry.instance import Instance
+from workers.uploads import decode_utf8, json_records, read_chunks, split_lines
 
 
-def store_dataset(inst: Instance, data: TaskData, *, format: str) -> Dataset:
-    """Blob first, then the row: a dataset row always points at a stored, verified blob."""
+def dataset_blob(data: TaskData, *, format: str) -> tuple[bytes, NewDataset]:
+    """The task's canonical JSONL blob, and the dataset row that records it: its digest is the
+    blob's sha256, the key the artifact store gives it."""
     blob = to_jsonl(data)
-    digest = inst.artifacts.put_bytes(blob)
-    return inst.registry.tasks.add_dataset(
-        digest=digest,
+    return blob, NewDataset(
+        digest=hashlib.sha256(blob).hexdigest(),
         format=format,
         num_train=len(data.train),
         num_test=len(data.test),
@@ -51,25 +53,28 @@ DEFAULT_HOLDOUT = 0.1
 @dataclass(frozen=True)
 class UploadLimits:
     max_examples: int
-    max_line_bytes: int
+    max_line_bytes: int  # a JSONL line, or a record of a JSON list
     max_expanded_bytes: int = 2**30  # a gzip upload may expand to at most this
-
-
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 def parse_upload(
     *,
     name: str,
     format: str,
-    train: bytes,
-    test: bytes | None,
+    train: BinaryIO,
+    test: BinaryIO | None,
     labels: list[str] | None,
     holdout: float | None,
     limits: UploadLimits,
 ) -> TaskData:
     """A user's dataset as a task: JSONL of `{prompt, completion}` or CL_Benchmark JSON of
-    `{sentence, label}` (with `labels`). Errors name the file (field) and the line or record.
+    `{sentence, label}` (with `labels`), each file gzipped or not. Errors name the file (field)
+    and the line (JSONL) or record (a JSON list).
+
+    The files are read as they stream from their (spooled) uploads, twice: first every example
+    is checked, one line or record in memory at a time, and every limit is refused as soon as it
+    is passed (`workers.uploads`); only an upload that passed is read again and held. So a
+    refused upload never holds its examples, and a compression bomb is never held expanded.
 
     Without a test file, a seeded `holdout` fraction of the training examples (default 10%)
     becomes the test split, so every task can be evaluated after every step.
@@ -84,27 +89,19 @@ def parse_upload(
         _check_labels(labels)
     if format == "cl_benchmark" and labels is None:
         raise InvalidDataset(field="labels", reason="a cl_benchmark dataset needs labels")
+    if test is not None and holdout is not None:
+        raise InvalidDataset(field="holdout", reason="give a test file or a holdout, not both")
+    fraction = DEFAULT_HOLDOUT if holdout is None else holdout
+    if test is None and not 0 < fraction <= 0.5:
+        raise InvalidDataset(field="holdout", reason=f"must be in (0, 0.5], got {fraction}")
     fmt = cl_format(labels) if format == "cl_benchmark" and labels else PromptFormat()
-    train_examples, fmt = _parse_file(
-        "train", train, format=format, labels=labels, limits=limits, fmt=fmt, first=True
-    )
-    if test is not None:
-        if holdout is not None:
-            raise InvalidDataset(field="holdout", reason="give a test file or a holdout, not both")
-        test_examples, _ = _parse_file(
-            "test", test, format=format, labels=labels, limits=limits, fmt=fmt, first=False
-        )
-    else:
-        fraction = DEFAULT_HOLDOUT if holdout is None else holdout
-        if not 0 < fraction <= 0.5:
-            raise InvalidDataset(field="holdout", reason=f"must be in (0, 0.5], got {fraction}")
-        if len(train_examples) < 2:
-            raise InvalidDataset(field="train", reason="needs 2+ examples to hold some out")
+    files = {"train": train} if test is None else {"train": train, "test": test}
+    read, fmt = _read_files(files, format=format, labels=labels, limits=limits, fmt=fmt)
+    train_examples, test_examples = read["train"], read.get("test", [])
+    if test is None:
         shuffled = random.Random(0).sample(train_examples, len(train_examples))
         cut = max(1, round(fraction * len(shuffled)))
         test_examples, train_examples = shuffled[:cut], shuffled[cut:]
-    if len(train_examples) + len(test_examples) > limits.max_examples:
-        raise InvalidDataset(field="train", reason=f"more than {limits.max_examples} examples")
     return TaskData(name=name, train=tuple(train_examples), test=tuple(test_examples),
                     labels=tuple(labels) if labels else None, prompt_format=fmt)  # fmt: skip
 
@@ -118,110 +115,119 @@ def _check_labels(labels: object) -> None:
         raise InvalidDataset(field="labels", reason="labels must be unique")
 
 
-def _parse_file(
-    field: str,
-    data: bytes,
+def _read_files(
+    files: dict[str, BinaryIO],
     *,
     format: str,
     labels: list[str] | None,
     limits: UploadLimits,
     fmt: PromptFormat,
-    first: bool,
-) -> tuple[list[Example], PromptFormat]:
-    """The file's examples, and `fmt` with the completion template a labelled JSONL file is
-    written in (`first`: the file that sets it; the others must match it)."""
-    if data.startswith(GZIP_MAGIC):
-        data = _gunzip(field, data, limit=limits.max_expanded_bytes)
-    if not data.strip():
-        raise InvalidDataset(field=field, reason="the file is empty")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidDataset(field=field, reason=f"not UTF-8 (byte {exc.start})") from exc
-    for number, line in enumerate(text.splitlines(), start=1):
-        if len(line.encode("utf-8")) > limits.max_line_bytes:
-            reason = f"longer than {limits.max_line_bytes} bytes"
-            raise InvalidDataset(field=field, reason=reason, line=number)
-        if number > limits.max_examples + 1:  # leave room for a JSON list's brackets
-            raise InvalidDataset(field=field, reason=f"more than {limits.max_examples} lines")
-    try:
-        if format == "jsonl":
-            examples = parse_jsonl(text)
-        else:
-            assert labels is not None
-            records = _json_list(text)
-            if len(records) > limits.max_examples:
-                raise InvalidDataset(field=field, reason=f"more than {limits.max_examples} records")
-            examples = parse_cl_records(records, labels, fmt=fmt)
-    except InvalidDataset as exc:  # name the file as well as the record's field
-        inner = "" if exc.field in ("json", "record", "data", "records") else f".{exc.field}"
-        raise InvalidDataset(field=field + inner, reason=exc.reason, line=exc.line) from exc
-    if labels is not None and format == "jsonl":
-        fmt = _jsonl_completions(field, text, examples, labels, fmt=fmt, first=first)
-    return examples, fmt
+) -> tuple[dict[str, list[Example]], PromptFormat]:
+    """Each file's examples, and `fmt` with the completion template of a labelled JSONL upload.
+    Two passes: the first checks every example of every file and keeps none; the second, of an
+    upload that passed, keeps them."""
+    counted = 0
+    for field, file in files.items():
+        examples = _Examples(field, file, format=format, labels=labels, limits=limits, fmt=fmt,
+                             counted=counted)  # fmt: skip
+        fmt = _check_file(examples, labels=labels, first=field == "train")
+        if field == "train" and examples.count < (1 if "test" in files else 2):
+            reason = "no examples" if not examples.count else "needs 2+ examples to hold some out"
+            raise InvalidDataset(field="train", reason=reason)
+        counted += examples.count
+    read = {
+        field: list(_Examples(field, file, format=format, labels=labels, limits=limits, fmt=fmt))
+        for field, file in files.items()
+    }
+    return read, fmt
 
 
-def _jsonl_completions(
-    field: str,
-    text: str,
-    examples: list[Example],
-    labels: list[str],
-    *,
-    fmt: PromptFormat,
-    first: bool,
-) -> PromptFormat:
-    """`fmt` with the completion template the file's completions are written in (the first
-    file's, which every later file must match); errors name the file's line."""
-    numbers = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+def _check_file(examples: _Examples, *, labels: list[str] | None, first: bool) -> PromptFormat:
+    """Every example of a file checked, none kept (`examples.count` counts them): the format
+    with the completion template a labelled JSONL file is written in (`first`: the file that
+    sets it; the others must match it)."""
+    fmt = examples.fmt
+    if labels is None or examples.format != "jsonl":
+        for _ in examples:
+            pass
+        return fmt
     try:
         template = completion_template_of(
             examples, labels, expected=None if first else fmt.completion
         )
     except InvalidDataset as exc:
-        number = numbers[(exc.line or 1) - 1]
-        raise InvalidDataset(field=f"{field}.completion", reason=exc.reason, line=number) from exc
+        if exc.field != "completion":  # the reader's own, which name the file already
+            raise
+        field = f"{examples.field}.completion"
+        raise InvalidDataset(field=field, reason=exc.reason, line=examples.number) from exc
     return PromptFormat(prompt=fmt.prompt, completion=template)
 
 
-def _gunzip(field: str, data: bytes, *, limit: int) -> bytes:
-    """A gzip upload's content, every member of it in turn (as gzip tools read a concatenation
-    of gzip files), decompressed in bounded steps: more than `limit` bytes is refused as soon as
-    it is reached (a compression bomb never expands in memory). Zero bytes after the last
-    member (tape padding) are ignored, as gzip does."""
-    out = bytearray()
-    pending = data
-    try:
-        while pending:
-            inflater = zlib.decompressobj(wbits=31)  # one gzip member
-            while pending:
-                out += inflater.decompress(pending, limit + 1 - len(out))
-                if len(out) > limit:
-                    raise InvalidDataset(field=field, reason=f"expands to more than {limit} bytes")
-                pending = inflater.unconsumed_tail
-                if inflater.eof:
-                    break
-            if not inflater.eof:
-                raise InvalidDataset(field=field, reason="the gzip file is truncated")
-            pending = inflater.unused_data  # the next member, if any
-            if not pending.strip(b"\0"):
-                break
-    except zlib.error as exc:
-        raise InvalidDataset(field=field, reason=f"not a valid gzip file: {exc}") from exc
-    return bytes(out)
+class _Examples:
+    """A file's examples as it streams (gunzipped, split into lines or records, each checked),
+    from its start each time it is iterated; a limit is refused as soon as it is passed.
+    `number` is the line (JSONL) or record of the last example given, `count` how many were
+    given; `counted` examples were given by the files before (they share `max_examples`)."""
+
+    def __init__(
+        self,
+        field: str,
+        file: BinaryIO,
+        *,
+        format: str,
+        labels: list[str] | None,
+        limits: UploadLimits,
+        fmt: PromptFormat,
+        counted: int = 0,
+    ) -> None:
+        self.field, self.file, self.format, self.fmt = field, file, format, fmt
+        self.labels = frozenset(labels or ())
+        self.limits, self.counted = limits, counted
+        self.number = self.count = 0
+
+    def __iter__(self) -> Iterator[Example]:
+        self.number = self.count = 0
+        jsonl = self.format == "jsonl"
+        content = read_chunks(self.file, max_expanded_bytes=self.limits.max_expanded_bytes)
+        numbered = self._jsonl(content) if jsonl else self._records(content)
+        with _named(self.field):
+            for number, example in numbered:
+                self.number, self.count = number, self.count + 1
+                if self.counted + self.count > self.limits.max_examples:
+                    raise self._too_many()
+                yield example
+            if jsonl and not self.count:
+                raise InvalidDataset(field="data", reason="the file is empty")
+
+    def _too_many(self) -> InvalidDataset:
+        reason = f"more than {self.limits.max_examples} examples"
+        if self.counted:
+            reason += f" ({self.counted} in train)"
+        if self.format == "jsonl":
+            return InvalidDataset(field="data", reason=reason, line=self.number)
+        return InvalidDataset(field="data", reason=reason, record=self.number)
+
+    def _jsonl(self, content: Iterator[bytes]) -> Iterator[tuple[int, Example]]:
+        limits = self.limits
+        for number, line in split_lines(content, max_line_bytes=limits.max_line_bytes):
+            if number > limits.max_examples + 1:  # blank lines cost time too
+                raise InvalidDataset(field="data", reason=f"more than {limits.max_examples} lines")
+            if line.strip():
+                yield number, jsonl_example(line, number=number)
+
+    def _records(self, content: Iterator[bytes]) -> Iterator[tuple[int, Example]]:
+        records = json_records(decode_utf8(content), max_record_bytes=self.limits.max_line_bytes)
+        for number, record in records:
+            yield number, cl_example(record, labels=self.labels, fmt=self.fmt, number=number)
 
 
-def _json_list(text: str) -> list[Any]:
-    """A CL_Benchmark file's records; errors name the JSON (the caller adds the file's field)."""
+@contextmanager
+def _named(field: str) -> Iterator[None]:
+    """Name the file as well as the record's field in the errors raised inside."""
     try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
+        yield
+    except InvalidDataset as exc:
+        inner = "" if exc.field in ("json", "record", "data", "records") else f".{exc.field}"
         raise InvalidDataset(
-            field="json", reason=f"invalid JSON: {exc.msg}", line=exc.lineno
+            field=field + inner, reason=exc.reason, line=exc.line, record=exc.record
         ) from exc
-    except RecursionError:  # json's parser recurses once per nesting level
-        raise InvalidDataset(field="json", reason=NESTED) from None
-    if not isinstance(records, list):
-        raise InvalidDataset(
-            field="records", reason="must be a JSON list of {sentence, label} objects"
-        )
-    return records

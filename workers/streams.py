@@ -11,7 +11,7 @@ from registry.errors import AlreadyExists, NotFound
 from registry.instance import Instance
 from registry.validation import check_name
 from workers.consolidation import check_policy
-from workers.datasets import store_dataset
+from workers.datasets import dataset_blob
 from workers.jobs import training_setup
 from workers.models import check_source, load_source, store_model
 
@@ -73,17 +73,26 @@ def submit_task(
     format: str,
     params: dict[str, Any] | None = None,
 ) -> tuple[Task, Job]:
-    """Store the dataset, then append the task and queue its training job (one transaction)."""
+    """Append a task that trains on `data` and queue its training job.
+
+    Everything that could refuse it is checked before anything is stored: the name, the
+    parameters, the stream, a task of that name, the dataset. Then the dataset's blob is stored
+    and its row, the task and the job are written in one transaction, so a refusal stores
+    nothing. A failure after the blob (the database lost, the name taken meanwhile by another
+    submission) leaves the blob unreferenced: it is content-addressed, so the same data
+    submitted again reuses it, and removing unreferenced blobs is the blob collector's work
+    (not written yet)."""
     check_name(name, field="name")
     params = dict(params or {})
-    # refuse bad hyperparameters before anything is stored
     training_setup(
         method=stream.method, hyperparams=stream.hyperparams, params=params,
         options=stream.method_options,
     )  # fmt: skip
-    dataset = store_dataset(inst, data, format=format)
+    blob, dataset = dataset_blob(data, format=format)
+    inst.registry.tasks.check_submit(stream_id=stream.id, name=name, dataset=dataset)
+    inst.artifacts.put_bytes(blob)  # blob first: a dataset row always points at a stored blob
     return inst.registry.tasks.submit(
-        stream_id=stream.id, name=name, dataset_id=dataset.id, params=params
+        stream_id=stream.id, name=name, new_dataset=dataset, params=params
     )
 
 

@@ -63,8 +63,8 @@ def submit(
         data = parse_upload(
             name=name,
             format=format,
-            train=train.file.read(),
-            test=test.file.read() if test is not None else None,
+            train=train.file,  # read as it streams from the spooled file, never whole
+            test=test.file if test is not None else None,
             labels=_json_form("labels", labels, list),
             holdout=holdout,
             limits=UploadLimits(

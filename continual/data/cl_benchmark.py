@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,25 @@ def parse_cl_records(records: list[Any], labels: list[str], *, fmt: PromptFormat
     if not isinstance(records, list):
         raise InvalidDataset(field="records", reason="must be a JSON list of objects")
     known = set(labels)
-    examples: list[Example] = []
-    for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict):
-            raise InvalidDataset(field="record", reason="must be an object", line=number)
-        for key in ("sentence", "label"):
-            if key not in record:
-                raise InvalidDataset(field=key, reason="missing", line=number)
-            if not isinstance(record[key], str):
-                raise InvalidDataset(field=key, reason="must be a string", line=number)
-        if record["label"] not in known:
-            reason = f"{record['label']!r} is not one of labels.json"
-            raise InvalidDataset(field="label", reason=reason, line=number)
-        examples.append(fmt.example(text=record["sentence"], label=record["label"]))
-    return examples
+    return [
+        cl_example(record, labels=known, fmt=fmt, number=number)
+        for number, record in enumerate(records, start=1)
+    ]
+
+
+def cl_example(record: Any, *, labels: Collection[str], fmt: PromptFormat, number: int) -> Example:
+    """One `{"sentence", "label"}` record (the 1-based `number`), rendered by `fmt`."""
+    if not isinstance(record, dict):
+        raise InvalidDataset(field="record", reason="must be an object", record=number)
+    for key in ("sentence", "label"):
+        if key not in record:
+            raise InvalidDataset(field=key, reason="missing", record=number)
+        if not isinstance(record[key], str):
+            raise InvalidDataset(field=key, reason="must be a string", record=number)
+    if record["label"] not in labels:
+        reason = f"{record['label']!r} is not one of labels.json"
+        raise InvalidDataset(field="label", reason=reason, record=number)
+    return fmt.example(text=record["sentence"], label=record["label"])
 
 
 def load_cl_benchmark(

@@ -8,7 +8,7 @@ tokens it is scored and queried on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from continual.errors import InvalidDataset
@@ -73,7 +73,7 @@ def instruction_format(instruction: str) -> PromptFormat:
 
 
 def completion_template_of(
-    examples: Sequence[Example], labels: Sequence[str], *, expected: str | None = None
+    examples: Iterable[Example], labels: Sequence[str], *, expected: str | None = None
 ) -> str:
     """The completion template a labelled task's examples are written in: each completion must
     be one of `labels` with the same whitespace around it as the first one (or as `expected`,

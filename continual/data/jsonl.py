@@ -22,16 +22,21 @@ _SPLITS = ("train", "test")
 
 def parse_jsonl(text: str) -> list[Example]:
     """Parse `{"prompt": str, "completion": str}` lines; blank lines are skipped."""
-    examples: list[Example] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        record = _load_line(line, number=number)
-        _check_keys(record, required=("prompt", "completion"), number=number)
-        examples.append(Example(prompt=record["prompt"], completion=record["completion"]))
+    examples = [
+        jsonl_example(line, number=number)
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
     if not examples:
         raise InvalidDataset(field="data", reason="no examples: the input is empty")
     return examples
+
+
+def jsonl_example(line: str, *, number: int) -> Example:
+    """One `{"prompt": str, "completion": str}` line (the 1-based `number`), as an example."""
+    record = _load_line(line, number=number)
+    _check_keys(record, required=("prompt", "completion"), number=number)
+    return Example(prompt=record["prompt"], completion=record["completion"])
 
 
 def to_jsonl(task: TaskData) -> bytes:

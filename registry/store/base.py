@@ -18,6 +18,7 @@ from registry.entities import (
     JobKind,
     JobState,
     LineageGraph,
+    NewDataset,
     NodeRef,
     Schedule,
     Snapshot,
@@ -75,8 +76,17 @@ class TaskStore(Protocol):
     ) -> Dataset: ...
     def get_dataset(self, digest: str) -> Dataset: ...
     def get_dataset_by_id(self, dataset_id: int) -> Dataset: ...
+    def check_submit(
+        self, *, stream_id: int, name: str, dataset: NewDataset | None = None
+    ) -> None: ...
     def submit(
-        self, *, stream_id: int, name: str, dataset_id: int, params: dict[str, Any] | None = None
+        self,
+        *,
+        stream_id: int,
+        name: str,
+        dataset_id: int | None = None,
+        new_dataset: NewDataset | None = None,
+        params: dict[str, Any] | None = None,
     ) -> tuple[Task, Job]: ...
     def get(self, *, stream_id: int, name: str) -> Task: ...
     def get_by_id(self, task_id: int) -> Task: ...

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from registry.entities import Dataset, Job, JobKind, Task
+from registry.entities import Dataset, Job, JobKind, NewDataset, Task
 from registry.errors import AlreadyExists, InvalidReference, InvalidValue, NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database, lock
@@ -36,28 +36,15 @@ class SqlTaskStore:
     ) -> Dataset:
         """Register a dataset whose blob is already stored; the same digest is the same dataset
         (its blob holds its prompt format, so the templates given are the blob's)."""
-        check_digest(digest)
-        if num_train < 1:
-            raise InvalidValue("a dataset needs at least one training example", field="num_train")
-
-        def attempt(s: Session) -> Dataset:
-            row = s.scalar(select(DatasetRow).where(DatasetRow.digest == digest))
-            if row is None:
-                row = DatasetRow(
-                    digest=digest,
-                    format=format,
-                    num_train=num_train,
-                    num_test=num_test,
-                    size_bytes=size_bytes,
-                    labels=list(labels) if labels is not None else None,
-                    prompt_template=prompt_template,
-                    completion_template=completion_template,
-                )
-                s.add(row)
-                s.flush()
-            return convert.dataset(row)
-
-        return self._db.allocate(attempt, what="a dataset row")
+        new = NewDataset(
+            digest=digest, format=format, num_train=num_train, num_test=num_test,
+            size_bytes=size_bytes, labels=tuple(labels) if labels is not None else None,
+            prompt_template=prompt_template, completion_template=completion_template,
+        )  # fmt: skip
+        _check_dataset(new)
+        return self._db.allocate(
+            lambda s: convert.dataset(_dataset_row(s, new)), what="a dataset row"
+        )
 
     def get_dataset(self, digest: str) -> Dataset:
         check_digest(digest)
@@ -75,35 +62,49 @@ class SqlTaskStore:
             return convert.dataset(row)
 
     # -- tasks ----------------------------------------------------------------------------------
+    def check_submit(self, *, stream_id: int, name: str, dataset: NewDataset | None = None) -> None:
+        """Refuse what `submit` would refuse (a missing stream, a bad or taken name, a bad new
+        dataset), writing nothing: a caller checks before it stores a new dataset's blob."""
+        check_name(name, field="name")
+        if dataset is not None:
+            _check_dataset(dataset)
+        with self._db.tx() as s:
+            _check_new_task(s, s.get(StreamRow, stream_id), stream_id=stream_id, name=name)
+
     def submit(
         self,
         *,
         stream_id: int,
         name: str,
-        dataset_id: int,
+        dataset_id: int | None = None,
+        new_dataset: NewDataset | None = None,
         params: dict[str, Any] | None = None,
     ) -> tuple[Task, Job]:
-        """Append a task to the stream and queue its training job, in one transaction."""
+        """Append a task to the stream and queue its training job, in one transaction. The task
+        trains on a stored dataset (`dataset_id`) or on `new_dataset`, whose row (the one of
+        its digest, if there is one) is written in the same transaction: a refusal or a
+        failure leaves no row of any of them."""
         check_name(name, field="name")
+        if (dataset_id is None) == (new_dataset is None):
+            raise InvalidValue("give a dataset id or a new dataset", field="dataset_id")
+        if new_dataset is not None:
+            _check_dataset(new_dataset)
 
         def attempt(s: Session) -> tuple[Task, Job]:
-            stream = lock(s, StreamRow, stream_id)
-            if stream is None or stream.deleted_at is not None:
-                raise NotFound(f"stream {stream_id} not found", field="stream")
-            dataset = s.get(DatasetRow, dataset_id)
+            stream = _check_new_task(s, lock(s, StreamRow, stream_id), stream_id=stream_id,
+                                     name=name)  # fmt: skip
+            if new_dataset is not None:
+                dataset: DatasetRow | None = _dataset_row(s, new_dataset)
+            else:
+                dataset = s.get(DatasetRow, dataset_id)
             if dataset is None:
                 raise InvalidReference(f"dataset {dataset_id} does not exist", field="dataset_id")
-            taken = select(TaskRow.id).where(TaskRow.stream_id == stream_id, TaskRow.name == name)
-            if s.scalar(taken) is not None:
-                raise AlreadyExists(
-                    f"task '{name}' already exists in stream '{stream.name}'", field="name"
-                )
             position = s.scalar(
                 select(func.coalesce(func.max(TaskRow.position) + 1, 0)).where(
-                    TaskRow.stream_id == stream_id
+                    TaskRow.stream_id == stream.id
                 )
             )
-            row = TaskRow(stream_id=stream_id, name=name, position=position, dataset_id=dataset_id)
+            row = TaskRow(stream_id=stream_id, name=name, position=position, dataset_id=dataset.id)
             s.add(row)
             s.flush()
             job = insert_job(
@@ -112,7 +113,7 @@ class SqlTaskStore:
                 stream_id=stream_id,
                 task_id=row.id,
                 params=params or {},
-                dataset_id=dataset_id,
+                dataset_id=dataset.id,
             )
             return convert.task(row, dataset.digest), convert.job(job)
 
@@ -151,3 +152,37 @@ class SqlTaskStore:
 
 def _task(s: Session, row: TaskRow) -> Task:
     return convert.task(row, s.get_one(DatasetRow, row.dataset_id).digest)
+
+
+def _check_dataset(new: NewDataset) -> None:
+    check_digest(new.digest)
+    if new.num_train < 1:
+        raise InvalidValue("a dataset needs at least one training example", field="num_train")
+
+
+def _dataset_row(s: Session, new: NewDataset) -> DatasetRow:
+    """The row of the dataset's digest, added if there is none (the same digest is the same
+    dataset)."""
+    row = s.scalar(select(DatasetRow).where(DatasetRow.digest == new.digest))
+    if row is None:
+        row = DatasetRow(
+            digest=new.digest, format=new.format, num_train=new.num_train,
+            num_test=new.num_test, size_bytes=new.size_bytes,
+            labels=list(new.labels) if new.labels is not None else None,
+            prompt_template=new.prompt_template, completion_template=new.completion_template,
+        )  # fmt: skip
+        s.add(row)
+        s.flush()
+    return row
+
+
+def _check_new_task(
+    s: Session, stream: StreamRow | None, *, stream_id: int, name: str
+) -> StreamRow:
+    """The stream, live, whose tasks do not hold `name` (deleted ones included)."""
+    if stream is None or stream.deleted_at is not None:
+        raise NotFound(f"stream {stream_id} not found", field="stream")
+    taken = select(TaskRow.id).where(TaskRow.stream_id == stream_id, TaskRow.name == name)
+    if s.scalar(taken) is not None:
+        raise AlreadyExists(f"task '{name}' already exists in stream '{stream.name}'", field="name")
+    return stream

@@ -220,6 +220,11 @@ def test_task_uploads_queue_jobs_and_bad_datasets_are_refused_before_training(ap
         body = _problem(r, r.status_code, field)
         if line is not None:
             assert body["line"] == line and f"line {line}" in body["detail"]
+    listed = json.dumps([{"sentence": "s", "label": "a"}, {"label": "a"}], indent=2)
+    r = c.post("/v1/streams/s1/tasks", files={"train": ("t.json", listed)}, headers=h,
+               data={"name": "x", "format": "cl_benchmark", "labels": '["a"]'})  # fmt: skip
+    body = _problem(r, 422, "train.sentence")  # a JSON list's errors name the record, not a line
+    assert (body["record"], body["line"], body["detail"]) == (2, None, "record 2: missing")
     huge = c.post("/v1/streams/s1/tasks", data={"name": "big"}, headers=h,
                   files={"train": ("t", "x" * 100_000)})  # fmt: skip
     _problem(huge, 413, "body")
@@ -479,9 +484,18 @@ def test_gzip_uploads_are_read_and_compression_bombs_refused_before_anything_is_
     api.client.app.state.inst = dataclasses.replace(api.inst, settings=limits)  # type: ignore[attr-defined]
     r = c.post("/v1/streams/s1/tasks", data={"name": "bomb"}, files={"train": ("b.gz", bomb)},
                headers=h)  # fmt: skip
-    body = _problem(r, 422, "train")
-    assert "expands to more than 1048576 bytes" in body["detail"]
-    spread = gzip.compress(b"{" * (2**19 + 1)) * 2  # two members under the limit, not together
+    body = _problem(r, 422, "train")  # the first limit it passes: its first line's
+    assert body["detail"] == "line 1: longer than 4096 bytes" and body["line"] == 1
+    line = json.dumps({"prompt": "p" * 4000, "completion": " a"}) + "\n"  # a valid line
+    bomb = gzip.compress((line * 300).encode())  # 1.2 MB of examples, under every other limit
+    r = c.post("/v1/streams/s1/tasks", data={"name": "bomb"}, files={"train": ("b.gz", bomb)},
+               headers=h)  # fmt: skip
+    assert "expands to more than 1048576 bytes" in _problem(r, 422, "train")["detail"]
+    listed = gzip.compress(b"[" + b" " * 2**21 + b"]")  # a JSON list: whitespace is read on
+    r = c.post("/v1/streams/s1/tasks", files={"train": ("b.gz", listed)}, headers=h,
+               data={"name": "bomb", "format": "cl_benchmark", "labels": '["a"]'})  # fmt: skip
+    assert "expands to more than 1048576 bytes" in _problem(r, 422, "train")["detail"]
+    spread = gzip.compress((line * 150).encode()) * 2  # two members under the limit, not together
     r = c.post("/v1/streams/s1/tasks", data={"name": "spread"},
                files={"train": ("s.gz", spread)}, headers=h)  # fmt: skip
     assert "expands to more than 1048576 bytes" in _problem(r, 422, "train")["detail"]

@@ -217,7 +217,7 @@ def test_load_cl_benchmark(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("train", "labels", "field", "line"),
+    ("train", "labels", "field", "record"),
     [
         ([{"sentence": "s", "label": "Weather"}], ["World"], "label", 1),
         ([{"sentence": "s", "label": "World"}, {"label": "World"}], ["World"], "sentence", 2),
@@ -229,12 +229,15 @@ def test_load_cl_benchmark(tmp_path: Path) -> None:
     ],
 )
 def test_load_cl_benchmark_errors(
-    tmp_path: Path, train: object, labels: object, field: str, line: int | None
+    tmp_path: Path, train: object, labels: object, field: str, record: int | None
 ) -> None:
     _write_task(tmp_path, train=train, test=[], labels=labels)
     with pytest.raises(InvalidDataset) as info:
         load_cl_benchmark(tmp_path, "news")
-    assert (info.value.field, info.value.line) == (field, line)
+    assert (info.value.field, info.value.record) == (field, record)
+    assert info.value.line is None
+    if record is not None:
+        assert str(info.value).startswith(f"record {record}: {field}: ")
 
 
 def test_load_cl_benchmark_missing_file(tmp_path: Path) -> None:

@@ -1,8 +1,11 @@
-"""A task's prompt format: the tokens a labelled task is trained on are the tokens it is scored
-and queried on, on SmolLM2's own tokenizer, whichever way a user writes the labels."""
+"""Uploads as tasks. A task's prompt format: the tokens a labelled task is trained on are the
+tokens it is scored and queried on, on SmolLM2's own tokenizer, whichever way a user writes the
+labels. A JSON list is read record by record, and examples are counted as they are read."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from typing import Any
 
@@ -28,8 +31,10 @@ def smollm2_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
-def _jsonl(rows: list[tuple[str, str]]) -> bytes:
-    return "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows).encode()
+def _jsonl(rows: list[tuple[str, str]]) -> io.BytesIO:
+    return io.BytesIO(
+        "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows).encode()
+    )
 
 
 def _upload(completion: str, **kwargs: Any) -> Any:
@@ -105,11 +110,63 @@ def test_labels_written_two_ways_are_refused_with_the_line() -> None:
 
 def test_a_cl_benchmark_upload_records_its_template() -> None:
     records = [{"sentence": f" text {i} ", "label": LABELS[i % 2]} for i in range(4)]
-    data = parse_upload(name="cl", format="cl_benchmark", train=json.dumps(records).encode(),
-                        test=None, labels=LABELS, holdout=0.25, limits=LIMITS)  # fmt: skip
+    train = io.BytesIO(json.dumps(records).encode())
+    data = parse_upload(name="cl", format="cl_benchmark", train=train, test=None, labels=LABELS,
+                        holdout=0.25, limits=LIMITS)  # fmt: skip
     fmt = data.prompt_format
     assert fmt.prompt == "Classify the text. Options: positive, negative.\nInput: {text}\nAnswer:"
     assert fmt.completion == " {label}"
     for example in (*data.train, *data.test):
         text = example.prompt.split("Input: ")[1].split("\nAnswer:")[0]
         assert fmt.example(text=text, label=label_of(example)) == example
+
+
+def _cl(text: str | bytes, **kwargs: Any) -> Any:
+    raw = text.encode() if isinstance(text, str) else text
+    args: dict[str, Any] = {"name": "cl", "format": "cl_benchmark", "train": io.BytesIO(raw),
+                            "test": None, "labels": LABELS, "holdout": 0.25,
+                            "limits": LIMITS}  # fmt: skip
+    return parse_upload(**{**args, **kwargs})
+
+
+def test_a_cl_benchmark_list_is_read_in_any_layout_and_errors_name_the_record() -> None:
+    records = [{"sentence": f"text {i}", "label": LABELS[i % 2]} for i in range(12)]
+    one_line = _cl(json.dumps(records))
+    assert len(one_line.train) + len(one_line.test) == 12
+    assert _cl(json.dumps(records, indent=4)) == one_line  # pretty-printed over many lines
+    assert _cl(gzip.compress(json.dumps(records).encode())) == one_line
+    # one line longer than max_line_bytes, of records within it: read record by record
+    many = [{"sentence": "x" * 500, "label": "positive"}] * 100
+    assert len(_cl(json.dumps(many)).train) == 75
+    with pytest.raises(InvalidDataset) as info:
+        _cl(json.dumps([*records, {"label": "positive"}], indent=2))
+    assert (info.value.field, info.value.record, info.value.line) == ("train.sentence", 13, None)
+    assert str(info.value) == "record 13: train.sentence: missing"
+    with pytest.raises(InvalidDataset) as info:
+        _cl(json.dumps([*records, {"sentence": "x" * 20_000, "label": "positive"}]))
+    assert (info.value.field, info.value.record) == ("train", 13)
+    assert info.value.reason == "longer than 10000 bytes"
+
+
+def test_examples_are_counted_as_they_are_read_train_and_test_together() -> None:
+    limits = UploadLimits(max_examples=10, max_line_bytes=10_000)
+    rows = [("p", "a")] * 6
+    with pytest.raises(InvalidDataset) as info:
+        parse_upload(name="x", format="jsonl", train=_jsonl(rows * 2), test=None, labels=None,
+                     holdout=None, limits=limits)  # fmt: skip
+    assert (info.value.field, info.value.line) == ("train", 11)
+    assert info.value.reason == "more than 10 examples"
+    with pytest.raises(InvalidDataset) as info:
+        parse_upload(name="x", format="jsonl", train=_jsonl(rows), test=_jsonl(rows), labels=None,
+                     holdout=None, limits=limits)  # fmt: skip
+    assert (info.value.field, info.value.line) == ("test", 5)
+    assert info.value.reason == "more than 10 examples (6 in train)"
+    data = parse_upload(name="x", format="jsonl", train=_jsonl(rows), test=_jsonl(rows[:4]),
+                        labels=None, holdout=None, limits=limits)  # fmt: skip
+    assert (len(data.train), len(data.test)) == (6, 4)
+    with pytest.raises(InvalidDataset) as info:  # a JSON list's records, the same
+        _cl(json.dumps([{"sentence": "s", "label": "positive"}] * 11), limits=limits)
+    assert (info.value.field, info.value.record) == ("train", 11)
+    with pytest.raises(InvalidDataset) as info:  # a train file of no examples, with a test file
+        _cl("[]", test=io.BytesIO(b"[]"), holdout=None)
+    assert (info.value.field, info.value.reason) == ("train", "no examples")
