@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from continual.data import TaskData
@@ -12,8 +14,9 @@ from registry.instance import Instance
 from registry.validation import check_name
 from workers.consolidation import check_policy
 from workers.datasets import store_dataset
+from workers.imports import check_import
 from workers.jobs import training_setup
-from workers.models import check_source, load_source, store_model
+from workers.models import load_source, store_model
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +32,17 @@ def create_stream(
     hyperparams: dict[str, Any] | None = None,
     method_options: dict[str, Any] | None = None,
     consolidation: dict[str, Any] | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> tuple[Stream, Snapshot]:
     """Import the base model as snapshot v0 of a new stream.
 
-    Everything cheap is validated before the (slow) import; the weights are stored before the
-    rows, and the stream and its snapshot are written in one transaction.
+    Everything cheap is validated before the (slow) import, the model's size included
+    (`workers.imports.check_import`); a `hf` or `gguf` path must lie under `roots`, unless None
+    (an in-process caller's own files). The weights are stored before the rows, and the stream
+    and its snapshot are written in one transaction.
     """
     check_name(name, field="name")
-    source = check_source(base)
+    source = check_import(base, roots=roots, max_params=inst.settings.import_max_params, exact=True)
     hyperparams = dict(hyperparams or {})
     setup = training_setup(
         method=method, hyperparams=hyperparams, params={}, options=method_options or {}

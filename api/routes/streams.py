@@ -32,6 +32,7 @@ def create(body: StreamCreate, inst: InstDep, _: WriteToken) -> object:
         inst, name=body.name, base=base, method=body.method, hyperparams=body.hyperparams,
         method_options=body.method_options,
         consolidation=body.consolidation.model_dump(exclude_none=True),
+        roots=inst.settings.import_roots or (),
     )  # fmt: skip
     return stream
 
