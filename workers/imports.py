@@ -1,5 +1,6 @@
-"""Checking a base-model source before anything is loaded: where it is (the import roots) and
-how large it is (its config, read and sized on the meta device, where nothing is allocated).
+"""Importing a base model: checking its source before anything is loaded (where it is: the
+import roots; how large it is: its config, sized on the meta device, where nothing is
+allocated), and the import job that stores it as a new stream's snapshot v0.
 
 The API runs these checks (`check_import`) before it queues an import, and the import job runs
 them again (`exact=True`) before it loads: a config describing a model larger than
@@ -21,10 +22,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from continual.errors import TrainingCancelled
 from continual.models import MODEL_INIT_LOCK
 from registry.artifacts.gguf import GgufArray, GgufHeader, read_gguf_header
+from registry.entities import Job, StreamState
 from registry.errors import InvalidValue, InvalidWeights
-from workers.models import SOURCE_KINDS, check_source, public_message
+from registry.instance import Instance
+from workers.models import SOURCE_KINDS, check_source, load_source, public_message, store_model
+from workers.reporting import JobReporter
 
 log = logging.getLogger(__name__)
 
@@ -213,3 +218,30 @@ def check_gguf(header: GgufHeader, *, max_params: int) -> None:
 def _too_many(what: str, params: int, max_params: int) -> InvalidValue:
     return InvalidValue(f"{what} {params:,} parameters, over the limit of {max_params:,} "
                         "(STRATA_IMPORT_MAX_PARAMS)", field="base.config")  # fmt: skip
+
+
+def import_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
+    """The import job of a new stream: check its base source again (this worker's roots and
+    limits, a GGUF's config exactly), load it, store it as snapshot v0 and make the stream
+    ready. A cancel request is honoured between the load and the store."""
+    assert job.stream_id is not None
+    stream = inst.registry.streams.get_by_id(job.stream_id)
+    if stream.state is StreamState.READY:
+        reporter.event("the base model was imported by an earlier run of this job")
+        return
+    settings = inst.settings
+    source = check_import(
+        stream.base_source, roots=settings.import_roots or (),
+        max_params=settings.import_max_params, exact=True,
+    )  # fmt: skip
+    reporter.event(f"importing the base model ({source['kind']})")
+    model, tokenizer = load_source(source)
+    reporter.event(f"loaded {model.num_parameters():,} parameters")
+    reporter.progress(0.5)
+    if reporter.cancel_requested():
+        raise TrainingCancelled("the import was cancelled")
+    digest = store_model(inst, model, tokenizer)
+    snapshot = inst.registry.streams.finish_import(
+        stream_id=stream.id, artifact_digest=digest, job_id=job.id
+    )
+    reporter.event(f"stored the base model as snapshot v{snapshot.version} ({digest[:12]})")
