@@ -121,6 +121,7 @@ def test_the_import_is_a_job_the_streams_other_jobs_queue_behind(api: Api) -> No
     task = _submit(api, "s", "t1")  # accepted while importing: it queues behind the import
     assert task.status_code == 202, task.text
     train = task.json()["job"]["id"]
+    _problem(c.post("/v1/streams/s/evaluate", json={}, headers=h), 409, "stream")  # not sequenced
     claim = api.inst.registry.jobs.claim(train, worker="w")
     assert not claim.claimed and claim.waiting_for == job["id"]
     done = run_job(api.inst, job["id"])
