@@ -28,7 +28,7 @@ from registry.artifacts.gguf import GgufArray, GgufHeader, read_gguf_header
 from registry.entities import Job, StreamState
 from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
-from workers.models import SOURCE_KINDS, check_source, load_source, public_message, store_model
+from workers.models import check_source, load_source, public_message, store_model
 from workers.reporting import JobReporter
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,14 @@ DIMENSION_LIMITS: dict[str, int] = {
     "num_experts": 1024,
 }  # fmt: skip
 ANY_INT_LIMIT = 2**31  # any other integer of a config
+# a GGUF's `<arch>.<key>` -> the config key transformers makes of it
+GGUF_KEYS = {
+    "block_count": "num_hidden_layers", "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size", "context_length": "max_position_embeddings",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads", "vocab_size": "vocab_size",
+    "expert_count": "num_local_experts",
+}  # fmt: skip
 
 
 def import_path(path: object, *, kind: str, roots: Sequence[Path]) -> Path:
@@ -97,8 +105,6 @@ def check_import(
         check_gguf(read_gguf_header(gguf, name="base.path"), max_params=max_params)
         if exact:
             model_shapes(_gguf_config(gguf), max_params=max_params)
-    elif source["kind"] not in SOURCE_KINDS:  # check_source refused it already
-        raise InvalidValue(f"must be one of {list(SOURCE_KINDS)}", field="base.kind")
     return source
 
 
@@ -193,18 +199,14 @@ def check_gguf(header: GgufHeader, *, max_params: int) -> None:
     arch = header.metadata.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise InvalidWeights("the GGUF names no general.architecture", field="base.path")
-    names = {"block_count": "num_hidden_layers", "embedding_length": "hidden_size",
-             "feed_forward_length": "intermediate_size", "context_length":
-             "max_position_embeddings", "attention.head_count": "num_attention_heads",
-             "attention.head_count_kv": "num_key_value_heads", "vocab_size": "vocab_size",
-             "expert_count": "num_local_experts"}  # fmt: skip
+    values: list[tuple[str, str, int]] = []  # (config key, GGUF key, value)
     tokens = header.metadata.get("tokenizer.ggml.tokens")
-    values = [("vocab_size", "tokenizer.ggml.tokens", tokens.count)] if isinstance(
-        tokens, GgufArray) else []  # fmt: skip
+    if isinstance(tokens, GgufArray):
+        values.append(("vocab_size", "tokenizer.ggml.tokens", tokens.count))
     for key, value in header.metadata.items():
         if key.startswith(f"{arch}.") and isinstance(value, int) and not isinstance(value, bool):
             suffix = key.removeprefix(f"{arch}.")
-            values.append((names.get(suffix, suffix), key, value))
+            values.append((GGUF_KEYS.get(suffix, suffix), key, value))
     for name, key, value in values:
         limit = DIMENSION_LIMITS.get(name, ANY_INT_LIMIT)
         if not 0 <= value <= limit:
