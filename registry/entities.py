@@ -13,6 +13,16 @@ class JobKind(enum.StrEnum):
     EVALUATE = "evaluate"
     CONSOLIDATE = "consolidate"
     RETRAIN = "retrain"
+    IMPORT = "import"  # a new stream's base model, stored as its snapshot v0
+
+
+class StreamState(enum.StrEnum):
+    """A stream is `importing` until its import job stores snapshot v0 (`ready`); `failed` when
+    that job fails or is cancelled: it takes no jobs, and its name may be given to a new stream."""
+
+    IMPORTING = "importing"
+    READY = "ready"
+    FAILED = "failed"
 
 
 class JobState(enum.StrEnum):
@@ -76,6 +86,7 @@ class Stream:
     created_at: datetime
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options
     consolidation: dict[str, Any] = field(default_factory=dict)  # when to fold (see workers)
+    state: StreamState = StreamState.READY
 
 
 @dataclass(frozen=True)
@@ -185,7 +196,7 @@ class Job:
         return self.kind in SEQUENCED_KINDS and self.stream_id is not None
 
 
-SEQUENCED_KINDS = frozenset({JobKind.TRAIN, JobKind.RETRAIN, JobKind.CONSOLIDATE})
+SEQUENCED_KINDS = frozenset({JobKind.IMPORT, JobKind.TRAIN, JobKind.RETRAIN, JobKind.CONSOLIDATE})
 
 
 @dataclass(frozen=True)

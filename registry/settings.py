@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SECRET_FILES = ("database_url", "broker_url", "minio_access_key", "minio_secret_key")
 
@@ -92,6 +92,27 @@ class StrataSettings(BaseSettings):
     predict_concurrency: int = Field(default=2, ge=1, le=64)
     predict_max_input_bytes: int = Field(default=64 * 1024, ge=64)
     predict_max_tokens: int = Field(default=16_384, ge=64)
+    # Base models from files (`hf` directories, `gguf` files) are imported only from under these
+    # directories (symlinks resolved), separated by ':' in STRATA_IMPORT_ROOTS. Unset: none in
+    # the service (only the built-in tiny and smollm2 kinds), the data dir's imports/ in
+    # `strata serve` (`embedded`). The API and the workers both check: set it on both. A model
+    # whose config describes more than `import_max_params` parameters is refused unloaded.
+    import_roots: Annotated[tuple[Path, ...] | None, NoDecode] = None
+    import_max_params: int = Field(default=8_000_000_000, ge=1)
+
+    @field_validator("import_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(Path(p) for p in value.split(os.pathsep) if p.strip())
+        return value
+
+    def embedded(self) -> StrataSettings:
+        """These settings for the embedded `strata serve`: imports from `data_dir/imports`
+        unless STRATA_IMPORT_ROOTS says otherwise."""
+        if self.import_roots is not None:
+            return self
+        return self.model_copy(update={"import_roots": (self.data_dir / "imports",)})
 
     @model_validator(mode="before")
     @classmethod

@@ -49,6 +49,9 @@ class Base(DeclarativeBase):
 
 
 class StreamRow(Base):
+    """A stream whose import failed gives its name up to a new stream: it is soft-deleted and
+    renamed `<name>~<id>` (see `registry.store.streams`)."""
+
     __tablename__ = "streams"
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
@@ -57,6 +60,7 @@ class StreamRow(Base):
     hyperparams: Mapped[dict[str, Any]] = mapped_column(JSON)
     method_options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     consolidation: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # policy
+    state: Mapped[str] = mapped_column(String(16), server_default="ready")  # StreamState
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

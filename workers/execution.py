@@ -38,7 +38,8 @@ from workers.runner import run_claimed
 log = logging.getLogger(__name__)
 
 TRAIN_QUEUE, DEFAULT_QUEUE = "train", "default"
-GPU_KINDS = frozenset({JobKind.TRAIN, JobKind.RETRAIN, JobKind.CONSOLIDATE})
+# an import holds a whole model in memory as training does: it runs where training runs
+GPU_KINDS = frozenset({JobKind.TRAIN, JobKind.RETRAIN, JobKind.CONSOLIDATE, JobKind.IMPORT})
 
 
 def worker_id() -> str:
@@ -46,7 +47,7 @@ def worker_id() -> str:
 
 
 def queue_for(kind: JobKind) -> str:
-    """Training-type jobs go to the GPU workers' queue; the rest to the default queue."""
+    """Training-type jobs and imports go to the GPU workers' queue; the rest to the default."""
     return TRAIN_QUEUE if kind in GPU_KINDS else DEFAULT_QUEUE
 
 

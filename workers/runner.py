@@ -22,6 +22,7 @@ from registry.entities import Job, JobKind, JobState
 from registry.errors import RegistryError, Unavailable
 from registry.instance import Instance
 from workers.consolidation import consolidate, queue_if_due
+from workers.imports import import_job
 from workers.jobs import evaluate_job, train_job
 from workers.reporting import JobReporter, Listener
 
@@ -32,6 +33,7 @@ HANDLERS: dict[JobKind, Callable[[Instance, Job, JobReporter], None]] = {
     JobKind.RETRAIN: train_job,
     JobKind.EVALUATE: evaluate_job,
     JobKind.CONSOLIDATE: consolidate,
+    JobKind.IMPORT: import_job,
 }
 
 

@@ -3,21 +3,92 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from continual.data import TaskData
-from registry.entities import Dataset, Job, Snapshot, Stream, Task
+from registry.entities import Dataset, Job, Snapshot, Stream, StreamState, Task
 from registry.errors import AlreadyExists, NotFound
 from registry.instance import Instance
 from registry.validation import check_name
 from workers.consolidation import check_policy
 from workers.datasets import dataset_blob
-from workers.jobs import training_setup
-from workers.models import check_source, load_source, store_model
+from workers.imports import check_import
+from workers.jobs import TrainingSetup, training_setup
+from workers.models import load_source, store_model
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "seq-lora"
+
+
+@dataclass(frozen=True)
+class _StreamRequest:
+    """A new stream's checked settings."""
+
+    source: dict[str, Any]  # the base model's source, normalised
+    setup: TrainingSetup
+    policy: dict[str, Any]  # when to consolidate
+
+
+def _check_request(
+    inst: Instance,
+    *,
+    name: str,
+    base: dict[str, Any],
+    method: str,
+    hyperparams: dict[str, Any] | None,
+    method_options: dict[str, Any] | None,
+    consolidation: dict[str, Any] | None,
+    roots: Sequence[Path] | None,
+    exact: bool,
+) -> _StreamRequest:
+    """Everything about a new stream that needs no model: its name (free, or held by a stream
+    whose import failed), method, hyperparameters, options and policy, then its base source
+    (`workers.imports.check_import`: under `roots` unless None, its size within the limits)."""
+    check_name(name, field="name")
+    setup = training_setup(
+        method=method, hyperparams=dict(hyperparams or {}), params={}, options=method_options or {}
+    )
+    policy = check_policy(consolidation or {}, method=method)
+    try:
+        existing = inst.registry.streams.get(name)
+    except NotFound:
+        pass
+    else:
+        if existing.state is not StreamState.FAILED:
+            raise AlreadyExists(f"stream '{name}' already exists", field="name")
+    max_params = inst.settings.import_max_params
+    source = check_import(base, roots=roots, max_params=max_params, exact=exact)
+    return _StreamRequest(source=source, setup=setup, policy=policy)
+
+
+def queue_stream(
+    inst: Instance,
+    *,
+    name: str,
+    base: dict[str, Any],
+    method: str = DEFAULT_METHOD,
+    hyperparams: dict[str, Any] | None = None,
+    method_options: dict[str, Any] | None = None,
+    consolidation: dict[str, Any] | None = None,
+    roots: Sequence[Path],
+) -> tuple[Stream, Job]:
+    """Create a stream whose base model a worker imports (the API's way, `POST /v1/streams`).
+
+    Everything is checked first (`_check_request`, with the `hf`/`gguf` path under `roots`);
+    then the stream, in state `importing`, and its queued import job are written in one
+    transaction. The caller sends the job after the commit (`workers.execution.enqueue`)."""
+    req = _check_request(
+        inst, name=name, base=base, method=method, hyperparams=hyperparams,
+        method_options=method_options, consolidation=consolidation, roots=roots, exact=False,
+    )  # fmt: skip
+    return inst.registry.streams.begin_import(
+        name=name, base_source=req.source, method=method, hyperparams=req.setup.hyper.to_dict(),
+        method_options=req.setup.options, consolidation=req.policy,
+    )  # fmt: skip
 
 
 def create_stream(
@@ -29,36 +100,25 @@ def create_stream(
     hyperparams: dict[str, Any] | None = None,
     method_options: dict[str, Any] | None = None,
     consolidation: dict[str, Any] | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> tuple[Stream, Snapshot]:
-    """Import the base model as snapshot v0 of a new stream.
+    """Import the base model as snapshot v0 of a new stream, in this process (`strata demo`,
+    benchmarks, tests): the stream is ready when this returns.
 
-    Everything cheap is validated before the (slow) import; the weights are stored before the
-    rows, and the stream and its snapshot are written in one transaction.
+    Everything is checked before the (slow) import (`_check_request`); a `hf` or `gguf` path
+    must lie under `roots`, unless None (the caller's own files). The weights are stored
+    before the rows, and the stream and its snapshot are written in one transaction.
     """
-    check_name(name, field="name")
-    source = check_source(base)
-    hyperparams = dict(hyperparams or {})
-    setup = training_setup(
-        method=method, hyperparams=hyperparams, params={}, options=method_options or {}
-    )
-    policy = check_policy(consolidation or {}, method=method)
-    try:
-        inst.registry.streams.get(name)
-    except NotFound:
-        pass
-    else:
-        raise AlreadyExists(f"stream '{name}' already exists", field="name")
-    model, tokenizer = load_source(source)
+    req = _check_request(
+        inst, name=name, base=base, method=method, hyperparams=hyperparams,
+        method_options=method_options, consolidation=consolidation, roots=roots, exact=True,
+    )  # fmt: skip
+    model, tokenizer = load_source(req.source)
     digest = store_model(inst, model, tokenizer)
     stream = inst.registry.streams.create(
-        name=name,
-        base_source=source,
-        method=method,
-        hyperparams=setup.hyper.to_dict(),
-        base_digest=digest,
-        method_options=setup.options,
-        consolidation=policy,
-    )
+        name=name, base_source=req.source, method=method, hyperparams=req.setup.hyper.to_dict(),
+        base_digest=digest, method_options=req.setup.options, consolidation=req.policy,
+    )  # fmt: skip
     snapshot = inst.registry.streams.current_snapshot(stream.id)
     log.info("stream %s created with base snapshot %s", name, digest[:12])
     return stream, snapshot

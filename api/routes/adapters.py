@@ -110,8 +110,11 @@ def _snapshot_public(snapshot: Snapshot, current: Snapshot) -> SnapshotPublic:
 
 @router.get("/streams/{stream}/snapshots", response_model=SnapshotsPublic, tags=["snapshots"])
 def list_snapshots(stream: StreamDep, inst: InstDep, _: ReadToken) -> object:
+    snapshots = inst.registry.streams.list_snapshots(stream.id)
+    if not snapshots:  # an importing (or failed) stream: snapshot v0 is not there yet
+        return {"data": [], "count": 0}
     current = inst.registry.streams.current_snapshot(stream.id)
-    data = [_snapshot_public(s, current) for s in inst.registry.streams.list_snapshots(stream.id)]
+    data = [_snapshot_public(s, current) for s in snapshots]
     return {"data": data, "count": len(data)}
 
 

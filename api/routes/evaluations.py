@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
 from api.render import accuracy_matrix
 from api.schemas import EvaluateRequest, EvaluationsPublic, JobPublic
-from registry.entities import JobKind
+from registry.entities import JobKind, StreamState
 from registry.errors import Conflict
 from workers.execution import enqueue
 
@@ -73,7 +73,10 @@ def evaluate(
 ) -> object:
     """Queue an evaluation of the stream's current state on every task (on the default
     queue, beside training): it records the row of the newest learned task. 409 when the
-    stream has no task to evaluate."""
+    stream has no task to evaluate, or no base model yet (its import has not finished)."""
+    if stream.state is not StreamState.READY:  # evaluations do not queue behind the import
+        raise Conflict(f"the stream is {stream.state}: its base model is not imported",
+                       field="stream")  # fmt: skip
     if not inst.registry.tasks.list_tasks(stream.id):
         raise Conflict("the stream has no tasks to evaluate yet", field="stream")
     job = inst.registry.jobs.create(

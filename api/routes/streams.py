@@ -1,4 +1,4 @@
-"""Streams: create (importing the base model as snapshot v0), list, get."""
+"""Streams: create (queueing the import of the base model as snapshot v0), list, get."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from api.schemas import (
     ConsolidationPolicy,
     JobPublic,
     StreamCreate,
+    StreamCreated,
     StreamPublic,
     StreamsPublic,
 )
@@ -19,21 +20,31 @@ from registry.entities import JobKind
 from registry.errors import InvalidValue
 from workers.consolidation import FOLDABLE, check_policy
 from workers.execution import enqueue
-from workers.streams import create_stream
+from workers.streams import queue_stream
 
 router = APIRouter(prefix="/streams", tags=["streams"])
 
 
-@router.post("", status_code=201, response_model=StreamPublic)
-def create(body: StreamCreate, inst: InstDep, _: WriteToken) -> object:
-    """Create a stream; its base model is imported and stored as snapshot v0 first."""
-    base = body.base.model_dump(exclude_none=True)
-    stream, _snapshot = create_stream(
-        inst, name=body.name, base=base, method=body.method, hyperparams=body.hyperparams,
-        method_options=body.method_options,
+@router.post("", status_code=202, response_model=StreamCreated)
+def create(body: StreamCreate, inst: InstDep, dispatcher: DispatcherDep, _: WriteToken) -> object:
+    """Create a stream and queue the job that imports its base model as snapshot v0 (202).
+
+    Everything is checked first, without loading the model: the name, method, hyperparameters,
+    options and policy, and the base source (a `hf` or `gguf` path only under the server's
+    import roots, its config within `STRATA_IMPORT_MAX_PARAMS`, its tensors of the shapes its
+    config gives). The stream is `importing` until the job ends (then `ready`, or `failed`);
+    tasks submitted meanwhile queue behind the import."""
+    stream, job = queue_stream(
+        inst, name=body.name, base=body.base.model_dump(exclude_none=True), method=body.method,
+        hyperparams=body.hyperparams, method_options=body.method_options,
         consolidation=body.consolidation.model_dump(exclude_none=True),
+        roots=inst.settings.import_roots or (),
     )  # fmt: skip
-    return stream
+    enqueue(inst, dispatcher, job)
+    return StreamCreated(
+        **StreamPublic.model_validate(stream).model_dump(),
+        job=JobPublic.model_validate(inst.registry.jobs.get(job.id)),
+    )
 
 
 @router.get("", response_model=StreamsPublic)

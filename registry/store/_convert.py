@@ -18,6 +18,7 @@ from registry.entities import (
     Schedule,
     Snapshot,
     Stream,
+    StreamState,
     Task,
 )
 from registry.tables import (
@@ -53,6 +54,7 @@ def stream(row: StreamRow) -> Stream:
         created_at=aware(row.created_at),
         method_options=dict(row.method_options or {}),
         consolidation=dict(row.consolidation or {}),
+        state=StreamState(row.state),
     )
 
 

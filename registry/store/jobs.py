@@ -18,6 +18,7 @@ from registry.entities import (
     JobState,
     NodeKind,
     Relation,
+    StreamState,
 )
 from registry.errors import Conflict, InvalidReference, InvalidValue, NotFound
 from registry.store import _convert as convert
@@ -45,8 +46,12 @@ def insert_job(
     """Insert a queued job inside the caller's transaction (so it commits with its rows).
 
     `after_job`: run right after that job of the stream, before jobs submitted since."""
-    if stream_id is not None and s.get(StreamRow, stream_id) is None:
+    stream = s.get(StreamRow, stream_id) if stream_id is not None else None
+    if stream_id is not None and stream is None:
         raise InvalidReference(f"stream {stream_id} does not exist", field="stream_id")
+    if stream is not None and stream.state == StreamState.FAILED.value:
+        raise Conflict(f"the import of stream '{stream.name}' failed: create the stream again "
+                       "(POST /v1/streams with its name)", field="stream")  # fmt: skip
     if task_id is not None:
         task = s.get(TaskRow, task_id)
         if task is None or (stream_id is not None and task.stream_id != stream_id):
@@ -161,6 +166,8 @@ class SqlJobStore:
             if current is JobState.RUNNING and row.stream_id is not None:
                 release_lease(s, name=stream_lease(row.stream_id), holder=job_holder(job_id))
             s.refresh(row)
+            if to in (JobState.FAILED, JobState.CANCELLED):
+                _import_ended(s, row)
             return convert.job(row)
 
     def claim(self, job_id: int, *, worker: str, lease_s: float = DEFAULT_LEASE_S) -> Claim:
@@ -278,6 +285,7 @@ class SqlJobStore:
             if state is JobState.QUEUED:
                 row.state = JobState.CANCELLED.value
                 row.finished_at = utcnow()
+                _import_ended(s, row)
             return convert.job(row)
 
     def add_event(
@@ -318,6 +326,26 @@ class SqlJobStore:
                 )
             )
             return [convert.job(r) for r in rows]
+
+
+def _import_ended(s: Session, job: JobRow) -> None:
+    """An import job that failed or was cancelled fails its stream (which then takes no jobs, and
+    whose name a new stream may take), and the jobs queued behind it: in the transaction that
+    ends the job, under the stream's lock, so no job is queued behind it afterwards."""
+    if job.kind != JobKind.IMPORT.value or job.stream_id is None:
+        return
+    stream = lock(s, StreamRow, job.stream_id)
+    if stream is None or stream.state != StreamState.IMPORTING.value:
+        return  # a re-run that ended after an earlier run had imported
+    stream.state = StreamState.FAILED.value
+    message = f"the import of the stream's base model (job {job.id}) did not succeed"
+    queued = select(JobRow).where(
+        JobRow.stream_id == job.stream_id, JobRow.state == JobState.QUEUED.value
+    )
+    for row in s.scalars(queued):
+        row.state, row.finished_at = JobState.FAILED.value, utcnow()
+        row.error_code, row.error_message = "import_failed", message
+        s.add(JobEventRow(job_id=row.id, level="error", message=f"failed: {message}"))
 
 
 def stream_lease(stream_id: int) -> str:

@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.entities import Job, JobKind, Schedule
-from registry.errors import InvalidReference, InvalidValue, NotFound
+from registry.entities import Job, JobKind, Schedule, StreamState
+from registry.errors import Conflict, InvalidReference, InvalidValue, NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database
 from registry.store.jobs import insert_job
@@ -46,6 +46,8 @@ class SqlScheduleStore:
             stream = s.get(StreamRow, stream_id)
             if stream is None or stream.deleted_at is not None:
                 raise NotFound(f"stream {stream_id} not found", field="stream")
+            if stream.state == StreamState.FAILED.value:
+                raise Conflict(f"the import of stream '{stream.name}' failed", field="stream")
             if task_id is not None:
                 task = s.get(TaskRow, task_id)
                 if task is None or task.stream_id != stream_id or task.deleted_at is not None:
@@ -95,6 +97,10 @@ class SqlScheduleStore:
                 return None
             if convert.aware(row.next_run_at) > now:
                 return None  # another scheduler fired it
+            stream = s.get_one(StreamRow, row.stream_id)
+            if stream.deleted_at is not None or stream.state == StreamState.FAILED.value:
+                row.deleted_at = now  # its stream's import failed: it can never run
+                return None
             dataset_id = None
             if row.task_id is not None:
                 dataset_id = (

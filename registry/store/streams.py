@@ -8,10 +8,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from registry.entities import NodeKind, Relation, Snapshot, Stream
-from registry.errors import AlreadyExists, InvalidReference, NotFound
+from registry.entities import Job, JobKind, NodeKind, Relation, Snapshot, Stream, StreamState
+from registry.errors import AlreadyExists, Conflict, InvalidReference, NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database, add_edges, lock, ref
+from registry.store.jobs import insert_job
 from registry.tables import (
     AdapterVersionRow,
     JobRow,
@@ -24,6 +25,7 @@ from registry.tables import (
 from registry.validation import check_digest, check_name
 
 CURRENT = "current"
+NAME_LENGTH = 64  # streams.name is a VARCHAR(64)
 
 
 class SqlStreamStore:
@@ -43,31 +45,72 @@ class SqlStreamStore:
         consolidation: dict[str, Any] | None = None,
     ) -> Stream:
         """Create a stream; with `base_digest` (a stored tree) its snapshot v0 comes in the same
-        transaction, so a stream never exists half-imported."""
+        transaction, so a stream never exists half-imported. A stream whose import failed gives
+        its name up (`_take_name`)."""
         check_name(name, field="name")
         if base_digest is not None:
             check_digest(base_digest, field="base_digest")
         with self._db.tx() as s:
-            if s.scalar(select(StreamRow.id).where(StreamRow.name == name)) is not None:
-                raise AlreadyExists(f"stream '{name}' already exists", field="name")
+            _take_name(s, name)
             row = StreamRow(
                 name=name, base_source=base_source, method=method, hyperparams=hyperparams,
                 method_options=dict(method_options or {}),
-                consolidation=dict(consolidation or {}),
+                consolidation=dict(consolidation or {}), state=StreamState.READY.value,
             )  # fmt: skip
             s.add(row)
             s.flush()
             if base_digest is not None:
-                snap = SnapshotRow(
-                    stream_id=row.id,
-                    version=0,
-                    artifact_digest=base_digest,
-                    source={"imported": base_source},
-                )
-                s.add(snap)
-                s.flush()
-                _move_alias(s, row.id, CURRENT, snap.id)
+                _add_base(s, row, artifact_digest=base_digest, job_id=None)
             return convert.stream(row)
+
+    def begin_import(
+        self,
+        *,
+        name: str,
+        base_source: dict[str, Any],
+        method: str,
+        hyperparams: dict[str, Any],
+        method_options: dict[str, Any] | None = None,
+        consolidation: dict[str, Any] | None = None,
+    ) -> tuple[Stream, Job]:
+        """Create a stream in state `importing` and the import job that will store its base
+        model as snapshot v0 (`finish_import`), in one transaction. Jobs submitted to the
+        stream meanwhile queue behind the import."""
+        check_name(name, field="name")
+        with self._db.tx() as s:
+            _take_name(s, name)
+            row = StreamRow(
+                name=name, base_source=base_source, method=method, hyperparams=hyperparams,
+                method_options=dict(method_options or {}),
+                consolidation=dict(consolidation or {}), state=StreamState.IMPORTING.value,
+            )  # fmt: skip
+            s.add(row)
+            s.flush()
+            job = insert_job(s, kind=JobKind.IMPORT, stream_id=row.id, task_id=None, params={})
+            return convert.stream(row), convert.job(job)
+
+    def finish_import(self, *, stream_id: int, artifact_digest: str, job_id: int) -> Snapshot:
+        """Register the imported base (a stored tree) as snapshot v0, produced by the import job,
+        and make the stream ready, in one transaction. A re-run of the job finds the stream
+        ready and gets its snapshot v0."""
+        check_digest(artifact_digest, field="artifact_digest")
+        with self._db.tx() as s:
+            row = _stream_row(s, stream_id, for_update=True)
+            if row.state == StreamState.READY.value:
+                v0 = s.scalar(
+                    select(SnapshotRow).where(
+                        SnapshotRow.stream_id == stream_id, SnapshotRow.version == 0
+                    )
+                )
+                if v0 is not None:
+                    return _with_folds(s, v0)
+            if row.state != StreamState.IMPORTING.value:
+                raise Conflict(f"stream '{row.name}' is {row.state}, not importing", field="stream")
+            if s.get(JobRow, job_id) is None:
+                raise InvalidReference(f"job {job_id} does not exist", field="job_id")
+            snap = _add_base(s, row, artifact_digest=artifact_digest, job_id=job_id)
+            row.state = StreamState.READY.value
+            return _with_folds(s, snap)
 
     def get(self, name: str) -> Stream:
         check_name(name, field="stream")  # what cannot be a name is refused before the query
@@ -200,6 +243,39 @@ def _stream_row(s: Session, stream_id: int, *, for_update: bool = False) -> Stre
     if row is None or row.deleted_at is not None:
         raise NotFound(f"stream {stream_id} not found", field="stream")
     return row
+
+
+def _take_name(s: Session, name: str) -> None:
+    """Free `name` for a new stream: AlreadyExists if a stream has it, unless that stream's
+    import failed; that one is soft-deleted and renamed `<name>~<id>` (its jobs keep it)."""
+    row = s.scalar(select(StreamRow).where(StreamRow.name == name))
+    if row is None:
+        return
+    row = lock(s, StreamRow, row.id)  # its import may be failing right now
+    if row.state != StreamState.FAILED.value:
+        raise AlreadyExists(f"stream '{name}' already exists", field="name")
+    suffix = f"~{row.id}"
+    row.name = name[: NAME_LENGTH - len(suffix)] + suffix
+    row.deleted_at = utcnow()
+    s.flush()  # the name is free before the new row is inserted
+
+
+def _add_base(
+    s: Session, stream: StreamRow, *, artifact_digest: str, job_id: int | None
+) -> SnapshotRow:
+    """Snapshot v0 of `stream`: its imported base model, made current."""
+    snap = SnapshotRow(
+        stream_id=stream.id, version=0, artifact_digest=artifact_digest,
+        source={"imported": stream.base_source}, job_id=job_id,
+    )  # fmt: skip
+    s.add(snap)
+    s.flush()
+    if job_id is not None:
+        add_edges(
+            s, ref(NodeKind.SNAPSHOT, snap.id), [(ref(NodeKind.JOB, job_id), Relation.PRODUCED_BY)]
+        )
+    _move_alias(s, stream.id, CURRENT, snap.id)
+    return snap
 
 
 def _check_refs(

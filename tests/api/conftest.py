@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,6 +16,7 @@ from registry.entities import Job
 from registry.instance import Instance
 from registry.settings import StrataSettings
 from workers.inprocess import InProcessWorker
+from workers.runner import run_job
 
 
 class Recorder:
@@ -35,6 +38,25 @@ class Api:
 
     def auth(self, scope: str = "admin") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[scope]}"}
+
+    def create_stream(self, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+        """`POST /v1/streams` (202), then its import job run here as a worker runs it (the `api`
+        fixture's recorder runs nothing; with `live_api` the worker may have taken it first);
+        returns the stream once it is ready."""
+        r = self.client.post("/v1/streams", json=body, headers=self.auth("write"))
+        assert r.status_code == 202, r.text
+        assert r.json()["state"] == "importing" and r.json()["job"]["kind"] == "import"
+        job = run_job(self.inst, r.json()["job"]["id"])
+        deadline = time.monotonic() + timeout
+        while not job.state.terminal and time.monotonic() < deadline:
+            time.sleep(0.05)
+            job = self.inst.registry.jobs.get(job.id)
+        assert job.state == "succeeded", job
+        stream: dict[str, Any] = self.client.get(
+            f"/v1/streams/{body['name']}", headers=self.auth("read")
+        ).json()
+        assert stream["state"] == "ready", stream
+        return stream
 
 
 SETTINGS = StrataSettings(max_upload_bytes=64 * 1024, max_line_bytes=4096, max_examples=500)

@@ -53,11 +53,9 @@ def _problem(response: Any, status: int, field: str | None = None) -> dict[str, 
     return body
 
 
-def _stream(api: Api, name: str = "s1") -> dict[str, Any]:
-    r = api.client.post("/v1/streams", json={"name": name, "base": {"kind": "tiny"},
-                        "hyperparams": FAST}, headers=api.auth("write"))  # fmt: skip
-    assert r.status_code == 201, r.text
-    return dict(r.json())
+def _stream(api: Api, name: str = "s1", **body: Any) -> dict[str, Any]:
+    """A ready stream on the tiny base (its import job run: see `Api.create_stream`)."""
+    return api.create_stream({"name": name, "base": {"kind": "tiny"}, "hyperparams": FAST, **body})
 
 
 DEEP = "[" * 2000 + "]" * 2000  # 4 KB, 2000 levels
@@ -147,10 +145,9 @@ def test_relora_hyperparameters_are_validated_as_one_setting(api: Api) -> None:
         body = _problem(c.post("/v1/streams", json={**tiny, "hyperparams": hyper}, headers=h),
                         422, field)  # fmt: skip
         assert body["code"] == "invalid_hyperparameter"
-    made = c.post("/v1/streams", json={**tiny, "hyperparams": {**FAST, "relora_every": 2}},
-                  headers=h)  # fmt: skip
-    assert made.status_code == 201, made.text
-    assert made.json()["hyperparams"]["relora_every"] == 2
+    made = _stream(api, "r", hyperparams={**FAST, "relora_every": 2})
+    assert made["hyperparams"]["relora_every"] == 2
+    imported = list(api.dispatcher.sent)  # the import job
     train, test, labels = _task_files()
     files = {"train": ("train.jsonl", train), "test": ("test.jsonl", test)}
     off_with_prune = {"relora_every": None, "relora_prune": 0.5}
@@ -161,18 +158,19 @@ def test_relora_hyperparameters_are_validated_as_one_setting(api: Api) -> None:
         data = {"name": "t", "labels": json.dumps(labels),
                 "params": json.dumps({"hyperparams": params})}  # fmt: skip
         _problem(c.post("/v1/streams/r/tasks", data=data, files=files, headers=h), 422, field)
-    assert api.dispatcher.sent == []
+    assert api.dispatcher.sent == imported
     assert c.get("/v1/streams/r/tasks", headers=h).json()["count"] == 0
 
 
 def test_task_uploads_queue_jobs_and_bad_datasets_are_refused_before_training(api: Api) -> None:
     c, h = api.client, api.auth("write")
-    _stream(api)
+    imported = _stream(api)
     r = _submit(api, "s1", "t1")
     assert r.status_code == 202, r.text
     job = r.json()["job"]
     assert job["state"] == "queued" and job["kind"] == "train"
-    assert api.dispatcher.sent == [job["id"]]  # sent after commit
+    assert api.dispatcher.sent[1:] == [job["id"]]  # sent after commit, after the import job
+    assert api.inst.registry.jobs.get(api.dispatcher.sent[0]).stream_id == imported["id"]
     assert api.inst.registry.jobs.get(job["id"]).enqueued_at is not None
     digest = r.json()["task"]["dataset_digest"]
     # a stored dataset is reused by digest
@@ -239,14 +237,18 @@ def test_jobs_list_pages_cancel_and_events(api: Api) -> None:
     c, h = api.client, api.auth("write")
     _stream(api)
     _stream(api, "s2")
+    imports = list(api.dispatcher.sent)
     ids = [_submit(api, "s1", f"t{i}").json()["job"]["id"] for i in range(3)]
     other = _submit(api, "s2", "x").json()["job"]["id"]
     page = c.get("/v1/jobs", params={"limit": 2}, headers=h).json()
+    assert [j["id"] for j in page["data"]] == imports and page["next_cursor"] == imports[1]
+    assert [j["kind"] for j in page["data"]] == ["import", "import"]
+    page = c.get("/v1/jobs", params={"limit": 2, "cursor": imports[1]}, headers=h).json()
     assert [j["id"] for j in page["data"]] == ids[:2] and page["next_cursor"] == ids[1]
     rest = c.get("/v1/jobs", params={"limit": 2, "cursor": page["next_cursor"]}, headers=h).json()
     assert [j["id"] for j in rest["data"]] == [ids[2], other]
     by_stream = c.get("/v1/jobs", params={"stream": "s2"}, headers=h).json()["data"]
-    assert [j["id"] for j in by_stream] == [other]
+    assert [j["id"] for j in by_stream] == [imports[1], other]
     cancelled = c.post(f"/v1/jobs/{ids[0]}/cancel", headers=h)
     assert cancelled.status_code == 202 and cancelled.json()["state"] == "cancelled"
     _problem(c.post(f"/v1/jobs/{ids[0]}/cancel", headers=h), 409, "state")
@@ -388,22 +390,22 @@ def test_schedules_create_list_delete_and_refuse_bad_input(api: Api) -> None:
 
 def test_consolidation_routes_refuse_what_cannot_be_folded(api: Api) -> None:
     c, h = api.client, api.auth("write")
-    made = c.post("/v1/streams", headers=h, json={"name": "s", "base": {"kind": "tiny"},
-                  "consolidation": {"every_tasks": 2}})  # fmt: skip
-    assert made.status_code == 201 and made.json()["consolidation"] == {"every_tasks": 2}
+    made = api.create_stream({"name": "s", "base": {"kind": "tiny"},
+                              "consolidation": {"every_tasks": 2}})  # fmt: skip
+    assert made["consolidation"] == {"every_tasks": 2}
+    imported = list(api.dispatcher.sent)
     # nothing to evaluate yet: refused up front, and no job is queued
     _problem(c.post("/v1/streams/s/evaluate", json={}, headers=h), 409, "stream")
-    assert api.dispatcher.sent == [] and c.get("/v1/jobs", headers=h).json()["data"] == []
+    assert api.dispatcher.sent == imported
+    assert [j["kind"] for j in c.get("/v1/jobs", headers=h).json()["data"]] == ["import"]
     policy = c.put("/v1/streams/s/consolidation", json={"max_rank": 64}, headers=h)
     assert policy.json()["consolidation"] == {"max_rank": 64}
     _problem(c.put("/v1/streams/s/consolidation", json={"max_rank": 0}, headers=h), 422, "max_rank")
     _problem(c.put("/v1/streams/s/consolidation", json={"often": 1}, headers=h), 422, "often")
     queued = c.post("/v1/streams/s/consolidate", json={}, headers=h)
     assert queued.status_code == 202 and queued.json()["kind"] == "consolidate"
-    assert api.dispatcher.sent == [queued.json()["id"]]
-    am = c.post("/v1/streams", headers=h, json={"name": "am", "base": {"kind": "tiny"},
-                "method": "am-lora"})  # fmt: skip
-    assert am.status_code == 201
+    assert api.dispatcher.sent == [*imported, queued.json()["id"]]
+    api.create_stream({"name": "am", "base": {"kind": "tiny"}, "method": "am-lora"})
     # am-lora streams fold too, gated by max_drop (the request's, else the policy's)
     folding = c.post("/v1/streams/am/consolidate", json={"max_drop": 5}, headers=h)
     assert folding.status_code == 202 and folding.json()["params"]["max_drop"] == 5
@@ -417,7 +419,7 @@ def test_consolidation_routes_refuse_what_cannot_be_folded(api: Api) -> None:
              "max_drop")  # fmt: skip
     am2 = {"name": "am2", "base": {"kind": "tiny"}, "method": "am-lora",
            "consolidation": {"every_tasks": 1}}  # fmt: skip
-    assert c.post("/v1/streams", headers=h, json=am2).status_code == 201
+    assert c.post("/v1/streams", headers=h, json=am2).status_code == 202
     _problem(c.post("/v1/streams/s/snapshots/7/activate", headers=h), 404)
     activated = c.post("/v1/streams/s/snapshots/0/activate", headers=h)
     assert activated.status_code == 200 and activated.json()["current"] is True

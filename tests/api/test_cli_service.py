@@ -18,6 +18,7 @@ import pytest
 
 from api.cli import main
 from continual.data import synthetic_tasks
+from continual.models import build_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -85,13 +86,21 @@ def test_serve_and_the_cli_from_stream_to_download(
         assert code == 0, out.err
         return out.out
 
-    assert '"name": "news"' in run("streams", "create", "news", "--base", "tiny", "--set",
-                                   "max_steps=6", "--set", "batch_size=8")  # fmt: skip
+    made = run("streams", "create", "news", "--base", "tiny", "--set", "max_steps=6", "--set",
+               "batch_size=8")  # fmt: skip
+    assert '"name": "news"' in made and "job 1 succeeded" in made  # it waits for the import
     assert "news" in run("streams", "list")
+    # a model directory is imported from the data dir's imports/ (the embedded default root)
+    model, tok = build_tiny_llama(seed=5)
+    model.save_pretrained(tmp_path / "data" / "imports" / "mine", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "data" / "imports" / "mine")
+    assert "job 2 succeeded" in run("streams", "create", "mine", "--base", "hf:mine")
+    assert main(["streams", "create", "etc", "--base", "hf:/etc", *auth]) == 2
+    assert "error (422)" in capsys.readouterr().err
     files = ["--train", str(data / "train.jsonl"), "--test", str(data / "test.jsonl")]
     out = run("tasks", "submit", "news", "topic", *files, "--labels", str(data / "labels.json"),
               "--watch")  # fmt: skip
-    assert "job 1 queued" in out and "job 1 succeeded" in out
+    assert "job 3 queued" in out and "job 3 succeeded" in out
     assert "succeeded" in run("jobs", "list", "--stream", "news")
     assert "after topic" in run("evaluations", "news") and "ACC" in run("evaluations", "news")
     tree = run("lineage", "adapter", "1")
@@ -120,7 +129,7 @@ def test_serve_and_the_cli_from_stream_to_download(
 
     # consolidation folds the adapter into snapshot v1; rolling back moves the pointer only
     out = run("streams", "consolidate", "news", "--max-drop", "5", "--watch")
-    assert "job 2 succeeded" in out
+    assert "job 4 succeeded" in out
     assert "v1" in run("snapshots", "list", "news").splitlines()[-1]
     assert "(current)" in run("snapshots", "list", "news").splitlines()[-1]
     assert "now on snapshot v0" in run("snapshots", "activate", "news", "0")

@@ -8,6 +8,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
 from registry.db import alembic_config, make_engine, migrate
+from registry.entities import StreamState
 from registry.store import SqlRegistry
 from registry.tables import Base
 
@@ -71,3 +72,21 @@ def test_0004_keeps_one_evaluation_per_job_task_and_state(registry: SqlRegistry)
         ).all()  # the re-run's cell kept, the first dropped; a row without a job untouched
     assert [tuple(r) for r in rows] == [(None, 0.5), (job.id, 0.75)]
     assert _diff(registry.engine.url.render_as_string(hide_password=False)) == []
+
+
+def test_0005_makes_streams_written_before_ready(registry: SqlRegistry) -> None:
+    stream = registry.streams.create(name="s", base_source={"kind": "tiny"}, method="seq-lora",
+                                     hyperparams={}, base_digest="a" * 64)  # fmt: skip
+    ds = registry.tasks.add_dataset(digest="b" * 64, format="jsonl", num_train=1, num_test=1,
+                                    size_bytes=1, labels=None)  # fmt: skip
+    registry.tasks.submit(stream_id=stream.id, name="t", dataset_id=ds.id)  # rows refer to it
+    engine = registry.engine
+    cfg = alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0004")
+    with engine.connect() as conn:
+        assert "state" not in {c["name"] for c in inspect(conn).get_columns("streams")}
+    migrate(engine, "head")
+    assert registry.streams.get("s").state is StreamState.READY
+    assert registry.streams.current_snapshot(stream.id).artifact_digest == "a" * 64

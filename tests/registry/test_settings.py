@@ -50,3 +50,21 @@ def test_a_secret_given_twice_or_unreadable_is_refused_without_showing_it(
     with pytest.raises(ValidationError) as needs:
         StrataSettings()
     assert "STRATA_MINIO_ACCESS_KEY" in str(needs.value)
+
+
+def test_import_roots_none_in_the_service_the_data_dirs_imports_when_embedded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STRATA_IMPORT_ROOTS", raising=False)
+    service = StrataSettings(data_dir=tmp_path)
+    assert service.import_roots is None  # no file imports: only tiny and smollm2
+    assert service.embedded().import_roots == (tmp_path / "imports",)
+    monkeypatch.setenv("STRATA_IMPORT_ROOTS", f"/models:{tmp_path / 'more'}:")
+    given = StrataSettings(data_dir=tmp_path)
+    assert given.import_roots == (Path("/models"), tmp_path / "more")
+    assert given.embedded().import_roots == given.import_roots  # the operator's word stands
+    monkeypatch.setenv("STRATA_IMPORT_ROOTS", "")
+    assert StrataSettings(data_dir=tmp_path).embedded().import_roots == ()  # none, said so
+    monkeypatch.setenv("STRATA_IMPORT_MAX_PARAMS", "0")
+    with pytest.raises(ValidationError, match="import_max_params"):
+        StrataSettings()

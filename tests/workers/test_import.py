@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -12,6 +15,8 @@ from continual.models import build_tiny_llama, load_causal_lm
 from registry.artifacts import read_manifest
 from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
+from registry.settings import StrataSettings
+from workers.imports import NOT_IMPORTABLE, check_import
 from workers.models import (
     check_source,
     fetch_tree,
@@ -124,3 +129,144 @@ def test_a_derived_snapshot_writes_only_the_tensors_that_changed(instance: Insta
     with pytest.raises(InvalidValue) as bad:
         store_derived(instance, model, parent=parent, changed=["model.no_such.weight"])
     assert bad.value.field == "changed"
+
+
+# -- what may be imported, checked before anything is loaded --------------------------------------
+def _hf_dir(path: Path, **config: object) -> Path:
+    """A tiny Llama saved as a model directory, its config.json then changed by `config`."""
+    model, tok = build_tiny_llama(seed=3)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**raw, **config}))
+    return path
+
+
+def test_paths_outside_the_import_roots_get_the_same_answer_as_absent_ones(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "imports", tmp_path / "private"
+    model = _hf_dir(root / "models" / "m")
+    _hf_dir(elsewhere / "secret")
+    (root / "escape").symlink_to(elsewhere / "secret")
+    (root / "passwd.gguf").symlink_to("/etc/passwd")
+    roots = [root]
+    for path, kind in [
+        (str(model), "hf"),
+        ("models/m", "hf"),  # relative: under a root
+        ("models/../models/m", "hf"),
+    ]:
+        assert check_import({"kind": kind, "path": path}, roots=roots, max_params=10**9) == {
+            "kind": "hf", "path": str(model.resolve())
+        }  # fmt: skip
+    refused = [
+        ("/etc/passwd", "gguf"),  # exists, outside
+        ("/nonexistent/model", "hf"),  # absent
+        (str(elsewhere / "secret"), "hf"),  # a model, outside
+        ("../private/secret", "hf"),  # `..` out of the root
+        ("escape", "hf"),  # a symlink out of the root
+        ("passwd.gguf", "gguf"),
+        ("models/m", "gguf"),  # a directory for a file
+        ("models/m/config.json", "hf"),  # a file for a directory
+        ("models/absent", "hf"),
+        ("a\x00b", "hf"),
+        ("x" * 5000, "hf"),
+    ]
+    for path, kind in refused:
+        with pytest.raises(InvalidValue) as exc:
+            check_import({"kind": kind, "path": path}, roots=roots, max_params=10**9)
+        assert (exc.value.field, exc.value.reason) == ("base.path", NOT_IMPORTABLE), path
+    with pytest.raises(InvalidValue) as none:  # no roots: no file imports at all
+        check_import({"kind": "hf", "path": str(model)}, roots=(), max_params=10**9)
+    assert none.value.reason == NOT_IMPORTABLE
+    assert check_import({"kind": "tiny"}, roots=(), max_params=10**9) == {"kind": "tiny", "seed": 0}
+
+
+def test_config_sizes_are_refused_before_anything_is_allocated(
+    instance: Instance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*_a: object, **_k: object) -> None:
+        raise AssertionError("a refused model was loaded")
+
+    monkeypatch.setattr("workers.models.load_causal_lm", never)
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"vocab_size": 10**9}, "base.config.vocab_size"),  # 256 GB at fp32
+        ({"num_hidden_layers": 10**6}, "base.config.num_hidden_layers"),
+        ({"hidden_size": -64}, "base.config.hidden_size"),
+        ({"bos_token_id": 10**12}, "base.config.bos_token_id"),  # any integer is bounded
+        (
+            {"vocab_size": 2**21, "hidden_size": 2**13},
+            "base.config",
+        ),  # each in bounds, together not
+        ({"model_type": "no-such-model"}, "base.config"),
+        ({"hidden_size": 66}, "base.config"),  # not divisible by the heads: cannot be built
+    ]
+    for i, (config, field) in enumerate(cases):
+        path = _hf_dir(tmp_path / f"m{i}", **config)
+        with pytest.raises(InvalidValue) as exc:
+            create_stream(instance, name=f"s{i}", base={"kind": "hf", "path": str(path)})
+        assert exc.value.field == field, (config, exc.value)
+        assert str(tmp_path) not in str(exc.value)
+    small = _hf_dir(tmp_path / "small")
+    limited = dataclasses.replace(instance, settings=StrataSettings(import_max_params=30_000))
+    params = sum(p.numel() for p in build_tiny_llama(seed=3)[0].parameters())  # the reference
+    with pytest.raises(
+        InvalidValue, match=f"describes {params:,} parameters, over the limit of 30,000"
+    ):
+        create_stream(limited, name="small", base={"kind": "hf", "path": str(small)})
+    (small / "config.json").write_text("{" * 100_000)
+    with pytest.raises(InvalidValue) as nested:
+        create_stream(instance, name="nested", base={"kind": "hf", "path": str(small)})
+    assert nested.value.field == "base.config"
+    (small / "config.json").unlink()
+    with pytest.raises(InvalidValue, match=r"config\.json is missing"):
+        create_stream(instance, name="none", base={"kind": "hf", "path": str(small)})
+    assert instance.registry.streams.list_streams() == []
+
+
+def test_checkpoints_whose_shapes_are_not_their_configs_are_refused(
+    instance: Instance, tmp_path: Path
+) -> None:
+    path = _hf_dir(tmp_path / "m", intermediate_size=96)  # saved with 128
+    with pytest.raises(
+        InvalidWeights,
+        match=r"down_proj.weight has shape \[64, 128\] but the config gives \[64, 96\]",
+    ):
+        check_import({"kind": "hf", "path": str(path)}, roots=None, max_params=10**9)
+    # the loader's own refusal (what the header check would have caught) is InvalidWeights too,
+    # its message without the server's path
+    with pytest.raises(InvalidWeights) as exc:
+        load_source({"kind": "hf", "path": str(path)})
+    assert exc.value.field == "base.path" and "size mismatch" in exc.value.reason.lower()
+    assert str(tmp_path) not in str(exc.value)
+
+
+def _gguf(path: Path, *, vocab: int) -> None:
+    gguf = pytest.importorskip("gguf")  # the `gguf` extra
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_vocab_size(vocab)
+    writer.add_token_list(["a", "b"])
+    writer.add_tensor("token_embd.weight", np.zeros((2, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_files_that_are_not_models_are_refused_as_gguf(tmp_path: Path) -> None:
+    root = tmp_path / "imports"
+    root.mkdir()
+    (root / "passwd.gguf").write_bytes(Path("/etc/passwd").read_bytes())
+    (root / "empty.gguf").write_bytes(b"")
+    _gguf(root / "huge.gguf", vocab=10**9)
+    _gguf(root / "small.gguf", vocab=2)
+    for name, error, field in [
+        ("passwd.gguf", InvalidWeights, "base.path"),
+        ("empty.gguf", InvalidWeights, "base.path"),
+        ("huge.gguf", InvalidValue, "base.config.vocab_size"),
+    ]:
+        with pytest.raises(error) as exc:
+            check_import({"kind": "gguf", "path": name}, roots=[root], max_params=10**9)
+        assert exc.value.field == field and str(tmp_path) not in str(exc.value)
+    source = {"kind": "gguf", "path": "small.gguf"}
+    assert check_import(source, roots=[root], max_params=16)["path"] == str(root / "small.gguf")
+    with pytest.raises(InvalidValue, match="the GGUF holds 16 parameters, over the limit of 15"):
+        check_import(source, roots=[root], max_params=15)

@@ -1,0 +1,195 @@
+"""`POST /v1/streams`: the base source checked without loading it (import roots, config size,
+tensor shapes; every refusal a 422 that names no server path), then imported by a job that the
+stream's other jobs queue behind; a failed import fails the stream and frees its name."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from continual.models import build_tiny_llama
+from registry.settings import StrataSettings
+from tests.api.conftest import SETTINGS, Api
+from tests.api.test_api import FAST, _problem, _submit
+from workers.imports import NOT_IMPORTABLE
+from workers.runner import run_job
+from workers.scheduler import fire_due
+
+
+def _with_roots(api: Api, *roots: Path, **settings: Any) -> Api:
+    """The API and the worker side (`Api.inst`) with these import roots and settings."""
+    changed = SETTINGS.model_copy(update={"import_roots": tuple(roots), **settings})
+    api.inst = dataclasses.replace(api.inst, settings=changed)
+    api.client.app.state.inst = api.inst  # type: ignore[attr-defined]
+    return api
+
+
+def _hf_dir(path: Path, **config: object) -> Path:
+    model, tok = build_tiny_llama(seed=3)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**raw, **config}))
+    return path
+
+
+def _post(api: Api, name: str, base: dict[str, Any]) -> Any:
+    return api.client.post("/v1/streams", json={"name": name, "base": base, "hyperparams": FAST},
+                           headers=api.auth("write"))  # fmt: skip
+
+
+def test_paths_outside_the_import_roots_are_refused_as_absent_ones_are(
+    api: Api, tmp_path: Path
+) -> None:
+    model = _hf_dir(tmp_path / "private" / "m")
+    assert SETTINGS.import_roots is None  # the service's default: no file imports at all
+    default = _problem(_post(api, "x", {"kind": "hf", "path": str(model)}), 422, "base.path")
+    assert default["detail"] == NOT_IMPORTABLE
+    root = tmp_path / "imports"
+    _hf_dir(root / "m")
+    (root / "escape").symlink_to(tmp_path / "private")
+    _with_roots(api, root)
+    answers = [
+        _post(api, "x", base)
+        for base in (
+            {"kind": "gguf", "path": "/etc/passwd"},  # exists, outside the roots
+            {"kind": "gguf", "path": "/etc/no-such-file"},  # absent
+            {"kind": "hf", "path": str(model)},  # a model, outside
+            {"kind": "hf", "path": "escape/m"},  # a symlink out of the root
+            {"kind": "hf", "path": "../private/m"},
+            {"kind": "hf", "path": "absent"},
+            {"kind": "hf", "path": "m\x00"},
+        )
+    ]
+    bodies = [_problem(r, 422, "base.path") for r in answers]
+    assert all(b == bodies[0] for b in bodies), bodies  # nothing tells them apart
+    assert bodies[0]["detail"] == NOT_IMPORTABLE and bodies[0]["code"] == "invalid_value"
+    assert api.dispatcher.sent == []
+    made = _post(api, "ok", {"kind": "hf", "path": "m"})
+    assert made.status_code == 202 and made.json()["base_source"]["path"] == str(root / "m")
+
+
+def test_configs_and_weights_that_cannot_load_are_422s_before_anything_is_queued(
+    api: Api, tmp_path: Path
+) -> None:
+    root = tmp_path / "imports"
+    _hf_dir(root / "huge", vocab_size=10**9)  # the API once tried to allocate 256 GB
+    _hf_dir(root / "many", vocab_size=2**21, hidden_size=2**13)
+    _hf_dir(root / "shapes", hidden_size=32)  # the tensors are 64 wide
+    _hf_dir(root / "empty").joinpath("model.safetensors").unlink()
+    pickled = _hf_dir(root / "pickled")
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    corrupt = _hf_dir(root / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (root / "passwd.gguf").write_bytes(Path("/etc/passwd").read_bytes())
+    (root / "empty.gguf").write_bytes(b"")
+    _with_roots(api, root)
+    for path, kind, field, code in [
+        ("huge", "hf", "base.config.vocab_size", "invalid_value"),
+        ("many", "hf", "base.config", "invalid_value"),
+        ("shapes", "hf", "base.path", "invalid_weights"),
+        ("empty", "hf", "base.path", "invalid_weights"),
+        ("pickled", "hf", "base.path", "invalid_weights"),
+        ("corrupt", "hf", "base.path/model.safetensors", "invalid_weights"),
+        ("passwd.gguf", "gguf", "base.path", "invalid_weights"),
+        ("empty.gguf", "gguf", "base.path", "invalid_weights"),
+    ]:
+        body = _problem(_post(api, "x", {"kind": kind, "path": path}), 422, field)
+        assert body["code"] == code and str(tmp_path) not in json.dumps(body), body
+    _problem(_post(api, "x", {"kind": "tiny", "seed": 2**64}), 422, "base.seed")
+    assert api.dispatcher.sent == []
+    assert api.client.get("/v1/streams", headers=api.auth()).json()["data"] == []
+
+
+def test_the_import_is_a_job_the_streams_other_jobs_queue_behind(api: Api) -> None:
+    c, h = api.client, api.auth("write")
+    made = _post(api, "s", {"kind": "tiny", "seed": 1})
+    assert made.status_code == 202, made.text
+    stream, job = made.json(), made.json()["job"]
+    assert stream["state"] == "importing" and stream["name"] == "s"
+    assert (job["kind"], job["state"], job["stream_id"]) == ("import", "queued", stream["id"])
+    assert api.dispatcher.sent == [job["id"]]  # sent after commit
+    assert c.get("/v1/streams/s", headers=h).json()["state"] == "importing"
+    assert c.get("/v1/streams/s/snapshots", headers=h).json()["count"] == 0
+    task = _submit(api, "s", "t1")  # accepted while importing: it queues behind the import
+    assert task.status_code == 202, task.text
+    train = task.json()["job"]["id"]
+    _problem(c.post("/v1/streams/s/evaluate", json={}, headers=h), 409, "stream")  # not sequenced
+    claim = api.inst.registry.jobs.claim(train, worker="w")
+    assert not claim.claimed and claim.waiting_for == job["id"]
+    done = run_job(api.inst, job["id"])
+    assert done.state == "succeeded", done.error
+    assert c.get("/v1/streams/s", headers=h).json()["state"] == "ready"
+    snaps = c.get("/v1/streams/s/snapshots", headers=h).json()["data"]
+    assert [(s["version"], s["job_id"], s["current"]) for s in snaps] == [(0, job["id"], True)]
+    graph = c.get(f"/v1/lineage/snapshot/{snaps[0]['id']}", headers=h).json()
+    assert {"child": f"snapshot:{snaps[0]['id']}", "parent": f"job:{job['id']}",
+            "relation": "produced_by"} in graph["edges"]  # fmt: skip
+    assert api.inst.registry.jobs.next_in_stream(stream["id"]).id == train  # type: ignore[union-attr]
+    assert run_job(api.inst, job["id"]).state == "succeeded"  # a duplicate message: nothing
+
+
+def test_a_failed_import_fails_the_stream_and_its_queued_jobs_and_frees_the_name(
+    api: Api, tmp_path: Path
+) -> None:
+    c, h = api.client, api.auth("write")
+    root = tmp_path / "imports"
+    lacking = _hf_dir(root / "lacking")  # well formed, but without a weight the model needs
+    weights = load_file(lacking / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, str(lacking / "model.safetensors"), metadata={"format": "pt"})
+    _with_roots(api, root)
+    made = _post(api, "s", {"kind": "hf", "path": "lacking"})
+    assert made.status_code == 202, made.text  # nothing cheap tells: the loader finds it
+    first = made.json()
+    behind = _submit(api, "s", "t1").json()["job"]["id"]
+    schedule = c.post("/v1/streams/s/schedules", json={"kind": "consolidate", "cron": "@hourly"},
+                      headers=h).json()  # fmt: skip
+    failed = run_job(api.inst, first["job"]["id"])
+    assert failed.state == "failed" and failed.error is not None
+    assert failed.error.code == "invalid_weights" and "model.norm.weight" in failed.error.message
+    assert str(tmp_path) not in failed.error.message
+    assert c.get("/v1/streams/s", headers=h).json()["state"] == "failed"
+    queued = c.get(f"/v1/jobs/{behind}", headers=h).json()
+    assert queued["state"] == "failed" and queued["error"]["code"] == "import_failed"
+    _problem(_submit(api, "s", "t2"), 409, "stream")  # a failed stream takes no jobs
+    _problem(c.post("/v1/streams/s/consolidate", json={}, headers=h), 409, "stream")
+    due = datetime.fromisoformat(schedule["next_run_at"]) + timedelta(seconds=1)
+    assert fire_due(api.inst, api.dispatcher, now=due) == []  # nor do its schedules fire
+    assert c.get("/v1/streams/s/schedules", headers=h).json()["count"] == 0
+    # the name is free again: the failed stream is set aside, its jobs kept
+    again = api.create_stream({"name": "s", "base": {"kind": "tiny"}, "hyperparams": FAST})
+    assert again["id"] != first["id"] and again["state"] == "ready"
+    listed = c.get("/v1/streams", headers=h).json()["data"]
+    assert [(s["name"], s["id"]) for s in listed] == [("s", again["id"])]
+    assert api.inst.registry.jobs.get(first["job"]["id"]).stream_id == first["id"]
+    _problem(_post(api, "s", {"kind": "tiny"}), 409, "name")  # a ready stream keeps its name
+
+
+def test_a_cancelled_import_fails_the_stream(api: Api) -> None:
+    c, h = api.client, api.auth("write")
+    made = _post(api, "s", {"kind": "tiny"}).json()
+    cancelled = c.post(f"/v1/jobs/{made['job']['id']}/cancel", headers=h)
+    assert cancelled.status_code == 202 and cancelled.json()["state"] == "cancelled"
+    assert c.get("/v1/streams/s", headers=h).json()["state"] == "failed"
+    assert _post(api, "s", {"kind": "tiny"}).status_code == 202  # and may be created again
+
+
+def test_the_worker_checks_the_source_again_with_its_own_settings(api: Api, tmp_path: Path) -> None:
+    root = tmp_path / "imports"
+    _hf_dir(root / "m")
+    _with_roots(api, root)
+    made = _post(api, "s", {"kind": "hf", "path": "m"}).json()
+    limited = StrataSettings(import_roots=(root,), import_max_params=1000)
+    worker = dataclasses.replace(api.inst, settings=limited)
+    job = run_job(worker, made["job"]["id"])
+    assert job.state == "failed" and job.error is not None
+    assert job.error.code == "invalid_value" and "STRATA_IMPORT_MAX_PARAMS" in job.error.message
+    assert api.client.get("/v1/streams/s", headers=api.auth()).json()["state"] == "failed"
