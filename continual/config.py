@@ -21,6 +21,7 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 )
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+MAX_RANK = 4096  # past any hidden size trained here; a larger r only allocates
 RELORA_PRUNE_DEFAULT = 0.99  # ReLoRA's magnitude pruning of the optimizer state at a reset
 
 
@@ -107,7 +108,7 @@ class LoraHyperparams:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        _check_int(self, "rank", low=1)
+        _check_int(self, "rank", low=1, high=MAX_RANK)
         _check_float(self, "alpha", low=0.0, low_inclusive=False)
         _check_float(self, "dropout", low=0.0, high=1.0)
         _check_modules(self.target_modules)

@@ -3,7 +3,6 @@ forgets)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,10 +13,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from continual.config import LoraHyperparams
+from continual.errors import InvalidHyperparameter
 from continual.strategies.base import register_strategy
 from continual.strategies.common import check_adapter_fits, lora_config, save_peft_adapter
-
-logger = logging.getLogger(__name__)
 
 
 @register_strategy
@@ -41,9 +39,11 @@ class SeqLora:
                 base, str(history[-1]), adapter_name=self.adapter_name, is_trainable=True
             )
             rank = getattr(model.peft_config[self.adapter_name], "r", hyper.rank)
-            if rank != hyper.rank:
-                logger.warning(
-                    "seq-lora continues a rank-%d adapter (hyper.rank=%d)", rank, hyper.rank
+            if rank != hyper.rank:  # it trained (and recorded) a rank it did not train
+                raise InvalidHyperparameter(
+                    field="rank",
+                    reason=f"seq-lora continues the previous task's rank-{rank} adapter, so its "
+                    f"rank cannot change (got {hyper.rank})",
                 )
         return model
 

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from continual.config import LoraHyperparams
+from continual.config import MAX_RANK, LoraHyperparams
 from continual.data import Example
 from continual.errors import InvalidHyperparameter
 from continual.strategies import (
@@ -95,8 +95,8 @@ def test_history_continues_the_newest_adapter(
     train(newest, tokenizer, EXAMPLES[:2], HYPER)  # different weights
     strategy.save_adapter(newest, tmp_path / "a2")
     history = [tmp_path / "a1", tmp_path / "a2"]
-    model = strategy.prepare(make_base(), history=history, hyper=HYPER.__class__(rank=16))
-    assert getattr(model.peft_config["default"], "r") == 4  # noqa: B009 (the adapter keeps its shape)
+    model = strategy.prepare(make_base(), history=history, hyper=HYPER)
+    assert getattr(model.peft_config["default"], "r") == HYPER.rank  # noqa: B009
     torch.testing.assert_close(_logits(model), _logits(newest), rtol=0, atol=0)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
@@ -130,3 +130,21 @@ def test_named_adapter_is_saved_at_the_root(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(ADAPTER_FILES)
     reloaded = PeftModel.from_pretrained(make_base(), str(tmp_path))
     torch.testing.assert_close(_logits(reloaded), expected, rtol=0, atol=0)
+
+
+def test_seq_lora_refuses_to_record_a_rank_it_would_not_train(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    """seq-lora continues the previous adapter, whose rank is fixed: a job asking another rank
+    trained the old one and recorded the new (issue 19: rank=1e9 recorded, r=4 trained)."""
+    strategy = SeqLora()
+    hyper = LoraHyperparams(rank=4, max_steps=1, batch_size=4)
+    first = tmp_path / "a1"
+    model = strategy.prepare(make_base(), history=[], hyper=hyper)
+    strategy.save_adapter(model, first)
+    with pytest.raises(InvalidHyperparameter) as caught:
+        strategy.prepare(make_base(), history=[first], hyper=LoraHyperparams(rank=8))
+    assert caught.value.field == "rank" and "rank-4" in caught.value.reason
+    strategy.prepare(make_base(), history=[first], hyper=hyper)  # the same rank continues
+    with pytest.raises(InvalidHyperparameter, match=f"<= {MAX_RANK}"):
+        LoraHyperparams(rank=10**9)
