@@ -31,8 +31,8 @@ from continual.data import Example, PromptFormat
 from continual.errors import EvaluationCancelled
 from continual.evaluation import evaluating, generate, label_scores
 from continual.strategies import get_strategy
-from registry.entities import AdapterVersion, Snapshot, Stream
-from registry.errors import InvalidValue
+from registry.entities import AdapterVersion, Snapshot, Stream, StreamState
+from registry.errors import Conflict, InvalidValue
 from registry.instance import Instance
 from workers.datasets import load_dataset
 from workers.jobs import recorded_setup
@@ -113,6 +113,9 @@ def predict(
     Raises InvalidValue (422) for an input or label over `predict_max_input_bytes` or a request
     over `predict_max_tokens`, and EvaluationCancelled once `cancel` is set."""
     settings = inst.settings
+    if stream.state is not StreamState.READY:  # importing: no snapshot yet; failed: none ever
+        raise Conflict(f"stream '{stream.name}' is {stream.state}: it has no model to predict "
+                       "with", field="stream")  # fmt: skip
     check_sizes(inputs, labels, max_bytes=settings.predict_max_input_bytes)
     snapshot, adapters = state_of(inst, stream, task=task, ref=ref)
     spec = task_format(inst, stream, task=task) if task is not None and template else None

@@ -122,6 +122,8 @@ def test_the_import_is_a_job_the_streams_other_jobs_queue_behind(api: Api) -> No
     assert task.status_code == 202, task.text
     train = task.json()["job"]["id"]
     _problem(c.post("/v1/streams/s/evaluate", json={}, headers=h), 409, "stream")  # not sequenced
+    read = api.auth("read")
+    _problem(c.post("/v1/streams/s/predict", json={"inputs": ["x"]}, headers=read), 409, "stream")
     claim = api.inst.registry.jobs.claim(train, worker="w")
     assert not claim.claimed and claim.waiting_for == job["id"]
     done = run_job(api.inst, job["id"])
