@@ -51,14 +51,11 @@ class SqlStreamStore:
         if base_digest is not None:
             check_digest(base_digest, field="base_digest")
         with self._db.tx() as s:
-            _take_name(s, name)
-            row = StreamRow(
-                name=name, base_source=base_source, method=method, hyperparams=hyperparams,
-                method_options=dict(method_options or {}),
-                consolidation=dict(consolidation or {}), state=StreamState.READY.value,
+            row = _insert_stream(
+                s, name=name, base_source=base_source, method=method, hyperparams=hyperparams,
+                method_options=method_options, consolidation=consolidation,
+                state=StreamState.READY,
             )  # fmt: skip
-            s.add(row)
-            s.flush()
             if base_digest is not None:
                 _add_base(s, row, artifact_digest=base_digest, job_id=None)
             return convert.stream(row)
@@ -78,14 +75,11 @@ class SqlStreamStore:
         stream meanwhile queue behind the import."""
         check_name(name, field="name")
         with self._db.tx() as s:
-            _take_name(s, name)
-            row = StreamRow(
-                name=name, base_source=base_source, method=method, hyperparams=hyperparams,
-                method_options=dict(method_options or {}),
-                consolidation=dict(consolidation or {}), state=StreamState.IMPORTING.value,
+            row = _insert_stream(
+                s, name=name, base_source=base_source, method=method, hyperparams=hyperparams,
+                method_options=method_options, consolidation=consolidation,
+                state=StreamState.IMPORTING,
             )  # fmt: skip
-            s.add(row)
-            s.flush()
             job = insert_job(s, kind=JobKind.IMPORT, stream_id=row.id, task_id=None, params={})
             return convert.stream(row), convert.job(job)
 
@@ -242,6 +236,29 @@ def _stream_row(s: Session, stream_id: int, *, for_update: bool = False) -> Stre
     row = lock(s, StreamRow, stream_id) if for_update else s.get(StreamRow, stream_id)
     if row is None or row.deleted_at is not None:
         raise NotFound(f"stream {stream_id} not found", field="stream")
+    return row
+
+
+def _insert_stream(
+    s: Session,
+    *,
+    name: str,
+    base_source: dict[str, Any],
+    method: str,
+    hyperparams: dict[str, Any],
+    method_options: dict[str, Any] | None,
+    consolidation: dict[str, Any] | None,
+    state: StreamState,
+) -> StreamRow:
+    """A new stream's row under `name` (taken from a failed stream, `_take_name`), flushed."""
+    _take_name(s, name)
+    row = StreamRow(
+        name=name, base_source=base_source, method=method, hyperparams=hyperparams,
+        method_options=dict(method_options or {}), consolidation=dict(consolidation or {}),
+        state=state.value,
+    )  # fmt: skip
+    s.add(row)
+    s.flush()
     return row
 
 
