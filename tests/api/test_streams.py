@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from continual.models import build_tiny_llama
 from registry.settings import StrataSettings
 from tests.api.conftest import SETTINGS, Api
 from tests.api.test_api import FAST, _problem, _submit
+from tests.workers.test_import import _hf_dir
 from workers.imports import NOT_IMPORTABLE
 from workers.runner import run_job
 from workers.scheduler import fire_due
@@ -28,15 +28,6 @@ def _with_roots(api: Api, *roots: Path, **settings: Any) -> Api:
     api.inst = dataclasses.replace(api.inst, settings=changed)
     api.client.app.state.inst = api.inst  # type: ignore[attr-defined]
     return api
-
-
-def _hf_dir(path: Path, **config: object) -> Path:
-    model, tok = build_tiny_llama(seed=3)
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    raw = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**raw, **config}))
-    return path
 
 
 def _post(api: Api, name: str, base: dict[str, Any]) -> Any:

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,12 @@ def _train_file(seed: int) -> dict[str, tuple[str, str]]:
     return {"train": ("train.jsonl", lines)}
 
 
+def _submit(url: str, auth: dict[str, str], i: int) -> httpx.Response:
+    """Task `t<i>` submitted to stream s1, with a client that waits at most GUARD_S."""
+    return httpx.post(f"{url}/v1/streams/s1/tasks", headers=auth, data={"name": f"t{i}"},
+                      files=_train_file(i), timeout=GUARD_S)  # fmt: skip
+
+
 @pytest.fixture
 def s3_port(s3_endpoint: str) -> int:  # s3_endpoint: moto's credentials are set up
     return int(s3_endpoint.rsplit(":", 1)[1])
@@ -96,14 +103,8 @@ def test_a_stopped_broker_holds_no_request_and_health_names_it(
                 "database": "ok", "store": "ok", "broker": "ok"}  # fmt: skip
             os.kill(broker.proc.pid, signal.SIGSTOP)
             try:
-
-                def submit(i: int) -> httpx.Response:
-                    return httpx.post(f"{url}/v1/streams/s1/tasks", headers=auth,
-                                      data={"name": f"t{i}"}, files=_train_file(i),
-                                      timeout=GUARD_S)  # fmt: skip
-
                 with ThreadPoolExecutor(10) as pool:
-                    answers = list(pool.map(submit, range(10)))
+                    answers = list(pool.map(partial(_submit, url, auth), range(10)))
                 health = httpx.get(f"{url}/health", timeout=GUARD_S)
             finally:
                 os.kill(broker.proc.pid, signal.SIGCONT)
@@ -142,14 +143,8 @@ def test_a_stopped_store_gives_503_with_retry_after_then_recovers(
     with serve(create_app(inst, Sent())) as url:
         proxy.freeze()
         try:
-
-            def submit(i: int) -> httpx.Response:
-                return httpx.post(f"{url}/v1/streams/s1/tasks", headers=auth,
-                                  data={"name": f"t{i}"}, files=_train_file(i),
-                                  timeout=GUARD_S)  # fmt: skip
-
             with ThreadPoolExecutor(9) as pool:
-                answers = list(pool.map(submit, range(9)))
+                answers = list(pool.map(partial(_submit, url, auth), range(9)))
             health = httpx.get(f"{url}/health", timeout=GUARD_S)
         finally:
             proxy.thaw()
@@ -162,8 +157,7 @@ def test_a_stopped_store_gives_503_with_retry_after_then_recovers(
         assert len(inst.registry.tasks.list_tasks(stream.id)) == before  # nothing half-stored
         # the store is back: the same API serves again
         assert httpx.get(f"{url}/health", timeout=GUARD_S).status_code == 200
-        again = httpx.post(f"{url}/v1/streams/s1/tasks", headers=auth, data={"name": "t0"},
-                           files=_train_file(0), timeout=GUARD_S)  # fmt: skip
+        again = _submit(url, auth, 0)
         assert again.status_code == 202, again.text
     inst.close()
 
