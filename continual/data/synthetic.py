@@ -21,15 +21,18 @@ FILLER: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class _TaskSpec:
+class TaskSpec:
+    """A generated task: each input plants one to `max_cues` of its label's cue words among
+    filler words."""
+
     name: str
     instruction: str
     cues: dict[str, tuple[str, ...]]  # label -> cue words
     max_cues: int
 
 
-SPECS: tuple[_TaskSpec, ...] = (
-    _TaskSpec(
+SPECS: tuple[TaskSpec, ...] = (
+    TaskSpec(
         name="sentiment",
         instruction="Was the review positive or negative?",
         cues={
@@ -38,7 +41,7 @@ SPECS: tuple[_TaskSpec, ...] = (
         },
         max_cues=2,
     ),
-    _TaskSpec(
+    TaskSpec(
         name="topic",
         instruction="Name the topic of the text.",
         cues={
@@ -48,7 +51,7 @@ SPECS: tuple[_TaskSpec, ...] = (
         },
         max_cues=2,
     ),
-    _TaskSpec(
+    TaskSpec(
         name="color",
         instruction="Which colour does the text name?",
         cues={"red": ("red",), "blue": ("blue",), "green": ("green",)},
@@ -63,7 +66,7 @@ def synthetic_tasks(*, seed: int = 0, train_size: int = 256, test_size: int = 64
     if train_size < 0 or test_size < 0:
         raise ValueError(f"sizes must be >= 0, got train={train_size} test={test_size}")
     return [
-        _make_task(spec, seed=seed, train_size=train_size, test_size=test_size) for spec in SPECS
+        make_task(spec, seed=seed, train_size=train_size, test_size=test_size) for spec in SPECS
     ]
 
 
@@ -79,7 +82,7 @@ def synthetic_corpus() -> list[str]:
     return sentences
 
 
-def _make_task(spec: _TaskSpec, *, seed: int, train_size: int, test_size: int) -> TaskData:
+def make_task(spec: TaskSpec, *, seed: int, train_size: int, test_size: int) -> TaskData:
     # A string seed is hashed deterministically (sha512), independent of PYTHONHASHSEED.
     rng = random.Random(f"{seed}:{spec.name}")
     labels = tuple(spec.cues)
@@ -91,7 +94,7 @@ def _make_task(spec: _TaskSpec, *, seed: int, train_size: int, test_size: int) -
     )  # fmt: skip
 
 
-def _sample(spec: _TaskSpec, *, rng: random.Random, size: int, avoid: set[str]) -> list[Example]:
+def _sample(spec: TaskSpec, *, rng: random.Random, size: int, avoid: set[str]) -> list[Example]:
     """`size` examples with labels cycling through the label set, then shuffled."""
     labels = list(spec.cues)
     examples: list[Example] = []
@@ -100,7 +103,7 @@ def _sample(spec: _TaskSpec, *, rng: random.Random, size: int, avoid: set[str]) 
     for index in range(size):
         label = labels[index % len(labels)]
         for _attempt in range(20):  # redraw a few times to keep prompts unique
-            example = fmt.example(text=_text(spec, label, rng), label=label)
+            example = fmt.example(text=cue_text(spec, label, rng), label=label)
             if example.prompt not in seen:
                 break
         seen.add(example.prompt)
@@ -109,7 +112,7 @@ def _sample(spec: _TaskSpec, *, rng: random.Random, size: int, avoid: set[str]) 
     return examples
 
 
-def _text(spec: _TaskSpec, label: str, rng: random.Random) -> str:
+def cue_text(spec: TaskSpec, label: str, rng: random.Random) -> str:
     words = [rng.choice(FILLER) for _ in range(rng.randint(3, 6))]
     for _ in range(rng.randint(1, spec.max_cues)):
         words.insert(rng.randint(0, len(words)), rng.choice(spec.cues[label]))
