@@ -5,6 +5,7 @@ WORKDIR /app
 # alembic.ini and migrations/ ride along: the compose `migrate` job runs `strata migrate` from here.
 COPY pyproject.toml README.md alembic.ini ./
 COPY registry registry
+COPY services services
 COPY workers workers
 COPY continual continual
 COPY api api

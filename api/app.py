@@ -26,12 +26,18 @@ from api.routes import tokens as token_routes
 from registry.errors import RegistryError
 from registry.instance import Instance
 from registry.store.async_reads import open_reads
-from workers.execution import Dispatcher
+from services.dispatch import Dispatcher
+from services.predict import Predictor
 
 API_VERSION = "v1"
 
 
-def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
+def create_app(
+    inst: Instance, dispatcher: Dispatcher, predictor: Predictor | None = None
+) -> FastAPI:
+    """The API on `inst`: jobs go to `dispatcher`; predictions to `predictor` (a worker queue's
+    in a server, a thread's in the embedded server; None: predict answers 503)."""
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # blocking routes and dependencies run on at most `api_threads` threads of this loop
@@ -59,6 +65,7 @@ def create_app(inst: Instance, dispatcher: Dispatcher) -> FastAPI:
     )
     app.state.inst = inst
     app.state.dispatcher = dispatcher
+    app.state.predictor = predictor
     app.state.predict_slots = predict.Slots(inst.settings.predict_concurrency)
     errors.install(app)
     v1 = APIRouter(prefix=f"/{API_VERSION}")

@@ -14,12 +14,11 @@ from tqdm import tqdm
 
 from api import cli_client, cli_service
 from api.render import lineage_tree, matrix_report
-from continual.errors import InvalidDataset, InvalidHyperparameter
-from continual.training import StepInfo, TrainingCallbacks
 from registry.entities import JobState, NodeKind, NodeRef
-from registry.errors import RegistryError
+from registry.errors import InvalidValue, RegistryError
 from registry.instance import open_instance
 from registry.settings import StrataSettings
+from services.errors import code_of
 
 
 class _DemoProgress:
@@ -94,22 +93,18 @@ class _BenchProgress:
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
-        self.task = 0
+        self.tasks: dict[str, int] = {}  # tasks begun, per method
 
-    def callbacks(self, method: str) -> TrainingCallbacks:
-        self.task = 0
-
-        def on_step(info: StepInfo) -> None:
-            if info.step == 1:
-                if self.bar is not None:
-                    self.bar.close()
-                self.task += 1
-                self.bar = tqdm(total=info.total_steps, desc=f"{method} #{self.task}", unit="step")
-            assert self.bar is not None
-            self.bar.set_postfix(loss=f"{info.loss:.3f}", refresh=False)
-            self.bar.update(info.step - self.bar.n)
-
-        return TrainingCallbacks(on_step=on_step)
+    def step(self, method: str, step: int, total_steps: int, loss: float) -> None:
+        if step == 1:
+            if self.bar is not None:
+                self.bar.close()
+            self.tasks[method] = self.tasks.get(method, 0) + 1
+            desc = f"{method} #{self.tasks[method]}"
+            self.bar = tqdm(total=total_steps, desc=desc, unit="step")
+        assert self.bar is not None
+        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def scored(self, method: str, n: int, row_total: int) -> None:
         """An evaluation's progress: one bar per measured row of the accuracy matrix."""
@@ -143,7 +138,7 @@ def _parse_sets(pairs: list[str], *, flag: str = "--set") -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise InvalidHyperparameter(field=flag, reason=f"expects key=value, got {pair!r}")
+            raise InvalidValue(f"expects key=value, got {pair!r}", field=flag)
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -157,9 +152,7 @@ def _parse_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
     for key, value in _parse_sets(pairs, flag="--option").items():
         method, dot, option = key.rpartition(".")
         if not dot or not method or not option:
-            raise InvalidHyperparameter(
-                field="--option", reason=f"expects METHOD.KEY=VALUE, got {key!r}"
-            )
+            raise InvalidValue(f"expects METHOD.KEY=VALUE, got {key!r}", field="--option")
         out.setdefault(method, {})[option] = value
     return out
 
@@ -179,11 +172,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             max_drop=args.max_drop,
         )  # fmt: skip
         results = run_bench(
-            cfg, out_dir=out, callbacks_for=progress.callbacks, on_row=progress.row,
+            cfg, out_dir=out, on_step=progress.step, on_row=progress.row,
             on_fold=progress.fold,
             on_scored=progress.scored,
         )  # fmt: skip
-    except (InvalidDataset, InvalidHyperparameter) as exc:
+    except Exception as exc:  # the task data's or the settings' fault: said, not traced
+        if code_of(exc) is None:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if progress.bar is not None:

@@ -20,6 +20,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from api.app import create_app, freeze_startup_objects
     from workers.inprocess import InProcessWorker
+    from workers.predict import InProcessPredictor
 
     settings = StrataSettings(data_dir=args.data_dir) if args.data_dir else StrataSettings()
     settings = settings.embedded()  # base models import from the data dir's imports/
@@ -28,7 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _first_token(inst)
     worker = InProcessWorker(inst, threads=args.workers).start()
     try:
-        app = create_app(inst, worker)
+        app = create_app(inst, worker, InProcessPredictor(inst))
         freeze_startup_objects()
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
@@ -67,8 +68,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_scheduler(_args: argparse.Namespace) -> int:
     """Fire due schedules and reconcile jobs; one of several such processes leads at a time."""
-    from workers.celery_app import CeleryDispatcher
-    from workers.scheduler import run_scheduler
+    from services.broker import CeleryDispatcher
+    from services.scheduler import run_scheduler
 
     inst = open_instance(StrataSettings(), upgrade=False)
     stop = threading.Event()

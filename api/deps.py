@@ -12,7 +12,7 @@ from registry.errors import Forbidden, Unauthorized
 from registry.instance import Instance
 from registry.store.adapters import MAX_VERSION  # version numbers are INTEGER columns
 from registry.store.async_reads import AsyncReads
-from workers.execution import Dispatcher
+from services.dispatch import Dispatcher
 
 MAX_ID = 2**63 - 1  # BIGINT ids: a larger number is refused before it reaches the database
 IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]

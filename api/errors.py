@@ -1,8 +1,8 @@
 """Every error as `application/problem+json` (RFC 9457): a status, a title, what was wrong
 (`detail`), the offending `field` when there is one, and a stable `code`.
 
-Typed errors from the registry, the training library and the upload reader are mapped here,
-once; routes raise them and never build error responses themselves.
+Errors carry their code; `services.errors.STATUS`, the one table, gives each code its status.
+Routes raise typed errors and never build error responses themselves.
 """
 
 from __future__ import annotations
@@ -15,46 +15,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from continual.errors import (
-    IncompatibleAdapter,
-    InvalidCheckpoint,
-    InvalidDataset,
-    InvalidHyperparameter,
-)
-from registry.errors import (
-    AlreadyExists,
-    ArtifactError,
-    BlobNotFound,
-    Conflict,
-    Forbidden,
-    IntegrityError,
-    InvalidReference,
-    InvalidValue,
-    NotFound,
-    RegistryError,
-    Unauthorized,
-    Unavailable,
-)
+from registry.errors import RegistryError
+from services.errors import INTERNAL, code_of, describe
+from services.predict import PredictTimeout, RemoteError
 
 log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
 RETRY_AFTER_S = 5
-
-_STATUS: list[tuple[type[Exception], int]] = [
-    (Unauthorized, 401),
-    (Forbidden, 403),
-    (BlobNotFound, 404),
-    (NotFound, 404),
-    (AlreadyExists, 409),
-    (Conflict, 409),
-    (Unavailable, 503),
-    (IntegrityError, 500),  # stored data is corrupt: ours to fix, not the client's
-    (InvalidReference, 422),
-    (InvalidValue, 422),
-    (ArtifactError, 422),  # unsafe or malformed artifacts the client sent
-    (RegistryError, 400),
-]
 
 
 class ProblemError(Exception):
@@ -98,31 +66,6 @@ def _title(status: int) -> str:
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every exception into a problem document."""
 
-    @app.exception_handler(RegistryError)
-    async def registry_error(_r: Request, exc: RegistryError) -> JSONResponse:
-        status = next(code for kind, code in _STATUS if isinstance(exc, kind))
-        if status >= 500 and not isinstance(exc, Unavailable):
-            log.error("registry error: %s", exc)
-        detail = exc.reason if status < 500 or isinstance(exc, Unavailable) else "internal error"
-        return problem(status, detail, code=exc.code, field=exc.field)
-
-    @app.exception_handler(InvalidHyperparameter)
-    async def bad_hyper(_r: Request, exc: InvalidHyperparameter) -> JSONResponse:
-        return problem(422, exc.reason, code="invalid_hyperparameter", field=exc.field)
-
-    @app.exception_handler(InvalidDataset)
-    async def bad_dataset(_r: Request, exc: InvalidDataset) -> JSONResponse:
-        return problem(422, exc.where + exc.reason, code="invalid_dataset", field=exc.field,
-                       line=exc.line, record=exc.record)  # fmt: skip
-
-    @app.exception_handler(InvalidCheckpoint)
-    async def bad_checkpoint(_r: Request, exc: InvalidCheckpoint) -> JSONResponse:
-        return problem(422, str(exc), code="invalid_checkpoint")
-
-    @app.exception_handler(IncompatibleAdapter)
-    async def bad_adapter(_r: Request, exc: IncompatibleAdapter) -> JSONResponse:
-        return problem(422, str(exc), code="incompatible_adapter", field="adapter")
-
     @app.exception_handler(ProblemError)
     async def api_problem(_r: Request, exc: ProblemError) -> JSONResponse:
         return problem(exc.status, exc.detail, code=exc.code, field=exc.field)
@@ -147,8 +90,24 @@ def install(app: FastAPI) -> None:
         )
         return problem(exc.status_code, str(exc.detail), code=code)
 
+    async def coded(_r: Request, exc: Exception) -> JSONResponse:
+        """An error with a code of `services.errors.STATUS` (the registry's, the training
+        library's, a worker's reply), with that code's status; any other is a 500."""
+        if code_of(exc) is None:
+            log.error("unexpected error", exc_info=exc)
+            return problem(500, "internal error", code=INTERNAL)
+        d = describe(exc)
+        if d.status >= 500:
+            log.warning("%s: %s", d.code, exc)
+        return problem(d.status, d.detail, code=d.code, field=d.field, **d.extra)
+
+    # the classes coded errors derive from (the training library's are ValueErrors), so that
+    # they are answered by the app's exception middleware, not re-raised past it as 500s are
+    for base in (RegistryError, ValueError, RemoteError, PredictTimeout):
+        app.add_exception_handler(base, coded)  # type: ignore[arg-type]
+
     @app.exception_handler(Exception)
     async def unexpected(_r: Request, exc: Exception) -> JSONResponse:
         # Not logged here: Starlette re-raises the exception once this response is sent, and
         # the server logs it with its traceback (logging it here too printed it twice).
-        return problem(500, "internal error", code="internal_error")
+        return problem(500, "internal error", code=INTERNAL)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from continual.metrics import AccuracyMatrix
 from registry.entities import EvaluationMatrix, LineageEdge, LineageGraph, NodeRef
+from services.evaluations import accuracy_matrix
 
 
 def lineage_tree(graph: LineageGraph) -> str:
@@ -35,17 +35,6 @@ def lineage_tree(graph: LineageGraph) -> str:
 
     walk(graph.root, "")
     return "\n".join(lines)
-
-
-def accuracy_matrix(matrix: EvaluationMatrix) -> AccuracyMatrix:
-    """The learned part of the registry's matrix (T rows, the first T tasks) as a
-    `continual.metrics.AccuracyMatrix`, which computes ACC, BWT, FWT and forgetting."""
-    learned = len(matrix.values)
-    base = matrix.baseline[:learned]
-    return AccuracyMatrix(
-        values=tuple(row[:learned] for row in matrix.values),
-        baseline=tuple(b for b in base if b is not None) if None not in base else None,
-    )
 
 
 def matrix_report(matrix: EvaluationMatrix) -> str:

@@ -44,7 +44,8 @@ from registry.artifacts import read_manifest
 from registry.artifacts.weights import tensor_file
 from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
-from workers.models import fetch_tree, load_snapshot, store_derived, store_model
+from services.trees import fetch_tree
+from workers.models import load_snapshot, store_derived, store_model
 from workers.streams import create_stream
 
 logger = logging.getLogger("consolidation_io")

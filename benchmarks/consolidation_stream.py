@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api.render import accuracy_matrix
 from continual.data import load_cl_benchmark
 from registry.entities import JobKind, JobState
 from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
+from services.evaluations import accuracy_matrix
+from services.streams import submit_task
 from workers.runner import run_job
-from workers.streams import create_stream, submit_task
+from workers.streams import create_stream
 
 log = logging.getLogger("consolidation_stream")
 

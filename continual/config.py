@@ -22,6 +22,11 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 MAX_RANK = 4096  # past any hidden size trained here; a larger r only allocates
+# how each method's adapters fold into a base snapshot (`continual.fold`): exactly, or by a
+# fit whose accuracy the consolidation job checks
+EXACT_METHODS = ("seq-lora", "inc-lora", "o-lora")
+GATED_METHODS = ("am-lora",)
+FOLDABLE = EXACT_METHODS + GATED_METHODS
 RELORA_PRUNE_DEFAULT = 0.99  # ReLoRA's magnitude pruning of the optimizer state at a reset
 
 

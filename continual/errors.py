@@ -1,4 +1,6 @@
-"""Errors raised by the training library; callers map them to API responses."""
+"""Errors raised by the training library. Each has a stable `code` (and, where one input is at
+fault, its `field`); the service's one table (`services.errors.STATUS`) maps codes to HTTP
+statuses, and a failed job records the code."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ NESTED = "JSON nested too deeply"  # json's parser recurses per level: Recursion
 
 class InvalidHyperparameter(ValueError):
     """A training hyperparameter (or strategy option) is out of range or of the wrong type."""
+
+    code = "invalid_hyperparameter"
 
     def __init__(self, *, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
@@ -17,6 +21,8 @@ class InvalidHyperparameter(ValueError):
 class InvalidDataset(ValueError):
     """A dataset is malformed; `line` is the 1-based line of a line-based file (JSONL), `record`
     the 1-based record of a JSON list, when known. `where` says which, for messages."""
+
+    code = "invalid_dataset"
 
     def __init__(
         self, *, field: str, reason: str, line: int | None = None, record: int | None = None
@@ -34,17 +40,28 @@ class InvalidDataset(ValueError):
             return f"line {self.line}: "
         return f"record {self.record}: " if self.record is not None else ""
 
+    @property
+    def detail(self) -> str:
+        """What was wrong, and where: `line 4: missing "completion"`."""
+        return self.where + self.reason
+
 
 class TrainingCancelled(Exception):
     """Training stopped early because `should_stop()` returned True."""
+
+    code = "cancelled"
 
 
 class EvaluationCancelled(Exception):
     """Scoring or generation stopped early because `should_stop()` returned True."""
 
+    code = "cancelled"
+
 
 class InvalidCheckpoint(ValueError):
     """A training checkpoint is unreadable or belongs to another model or run."""
+
+    code = "invalid_checkpoint"
 
 
 class IncompatibleAdapter(ValueError):
@@ -52,15 +69,24 @@ class IncompatibleAdapter(ValueError):
     LoRA matrices' shapes do not match the layer's, or its files are not a safetensors PEFT
     adapter. Raised before anything is loaded."""
 
+    code = "incompatible_adapter"
+    field = "adapter"
+
     def __init__(self, *, adapter: str, reason: str) -> None:
         super().__init__(f"adapter {adapter}: {reason}")
         self.adapter = adapter
         self.reason = reason
 
+    @property
+    def detail(self) -> str:
+        return str(self)
+
 
 class MissingWeights(ValueError):
     """A checkpoint lacks weights the model needs. transformers would fill them with random
     values (and a GGUF load can leave them uninitialised); a model like that is refused."""
+
+    code = "missing_weights"
 
     def __init__(self, *, path: str, keys: list[str]) -> None:
         shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.batching import encode_pair
+from continual.config import EXACT_METHODS, FOLDABLE, GATED_METHODS  # noqa: F401  (re-exported)
 from continual.consolidation import (
     MEMORY_DIR,
     Subspace,
@@ -62,9 +63,6 @@ FOLD_ATOL_HALF = 5e-2  # bf16 / fp16 weights round to ~3 significant digits when
 PROBES_PER_TASK = 16  # sequences of each adapter's task: the exact check, am-lora's fold
 RIDGE = 1e-2  # am-lora's fold: pull towards the mean-gate fold, relative to the input energy
 FOLD_BY_BLOCK = False  # am-lora's fold: True fits block by block on partly folded inputs
-EXACT_METHODS = ("seq-lora", "inc-lora", "o-lora")
-GATED_METHODS = ("am-lora",)
-FOLDABLE = EXACT_METHODS + GATED_METHODS
 WITH_MEMORY = ("o-lora", "am-lora")  # methods that keep a memory of the folded tasks
 
 

@@ -84,12 +84,14 @@ class StrataSettings(BaseSettings):
     # serve more requests per second than many: they take turns on one GIL. The database pool
     # keeps at least this many connections open so that no request opens its own.
     api_threads: int = Field(default=8, ge=1, le=256)
-    # Predict (it runs in the API process): at most `predict_concurrency` requests at once per
-    # process (more: 429 with Retry-After); an input or label of more than
+    # Predict (a `predict` queue's worker runs the model; the embedded server, a thread of its
+    # own): at most `predict_concurrency` requests at once per API process (more get 429), each
+    # waits at most `predict_timeout_s` for its answer (then 504). An input or label over
     # `predict_max_input_bytes` is refused before it is tokenised; a request may put at most
     # `predict_max_tokens` tokens through the model (inputs, after they are cut to the stream's
-    # max_length, x (input tokens + max_new_tokens); when ranking, prompts + inputs x labels).
+    # `max_length`, times what each costs).
     predict_concurrency: int = Field(default=2, ge=1, le=64)
+    predict_timeout_s: float = Field(default=120.0, gt=0, le=3600)
     predict_max_input_bytes: int = Field(default=64 * 1024, ge=64)
     predict_max_tokens: int = Field(default=16_384, ge=64)
     # Base models from files (`hf` directories, `gguf` files) are imported only from under these

@@ -99,7 +99,7 @@ def run_bench(
     cfg: BenchConfig,
     *,
     out_dir: Path,
-    callbacks_for: Callable[[str], TrainingCallbacks | None] = lambda _m: None,
+    on_step: Callable[[str, int, int, float], None] | None = None,
     on_row: Callable[[str, int, tuple[float, ...]], None] | None = None,
     on_scored: Callable[[str, int, int], None] | None = None,
     on_fold: Callable[[str, FoldReport], None] | None = None,
@@ -107,8 +107,9 @@ def run_bench(
     """Learn the sequence once per method; every method starts from the same base model, whose
     row (the baseline of forward transfer) is measured once for all of them.
 
-    `on_row(method, t, row)` reports every measured row (t = -1: the untrained base),
-    `on_fold(method, report)` each consolidation (`--consolidate-after`), and
+    `on_step(method, step, total_steps, loss)` reports every training step (its step count
+    starts again at 1 with each task), `on_row(method, t, row)` every measured row (t = -1:
+    the untrained base), `on_fold(method, report)` each consolidation (`--consolidate-after`), and
     `on_scored(method, n, row_total)` the evaluation's progress: n more of a row's `row_total`
     test examples done."""
     hyper = LoraHyperparams.from_dict({"seed": cfg.seed, **cfg.hyperparams})
@@ -121,6 +122,13 @@ def run_bench(
         fresh: PreTrainedModel = copy.deepcopy(pristine)
         fresh.to(torch.device(cfg.device))  # type: ignore[arg-type]  # in place; HF typing
         return fresh
+
+    def callbacks_for(method: str) -> TrainingCallbacks | None:
+        if on_step is None:
+            return None
+        return TrainingCallbacks(
+            on_step=lambda info: on_step(method, info.step, info.total_steps, info.loss)
+        )
 
     def report(method: str) -> Callable[[int, tuple[float, ...]], None] | None:
         return None if on_row is None else lambda t, row: on_row(method, t, row)

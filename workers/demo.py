@@ -9,9 +9,10 @@ from continual.data import synthetic_tasks
 from registry.entities import Job, Snapshot, Stream
 from registry.errors import NotFound
 from registry.instance import Instance
+from services.streams import submit_task
 from workers.reporting import Listener
 from workers.runner import run_job
-from workers.streams import create_stream, submit_task
+from workers.streams import create_stream
 
 log = logging.getLogger(__name__)
 

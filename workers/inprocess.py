@@ -15,8 +15,8 @@ import threading
 
 from registry.entities import Job
 from registry.instance import Instance
+from services.scheduler import run_scheduler
 from workers.execution import execute
-from workers.scheduler import run_scheduler
 
 log = logging.getLogger(__name__)
 

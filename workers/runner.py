@@ -11,17 +11,14 @@ import logging
 from collections.abc import Callable
 
 from continual.errors import (
-    ConsolidationRegressed,
-    IncompatibleAdapter,
-    InvalidCheckpoint,
-    InvalidDataset,
-    InvalidHyperparameter,
     TrainingCancelled,
 )
 from registry.entities import Job, JobKind, JobState
-from registry.errors import RegistryError, Unavailable
+from registry.errors import Unavailable
 from registry.instance import Instance
-from workers.consolidation import consolidate, queue_if_due
+from services.errors import INTERNAL, code_of
+from services.policy import queue_if_due
+from workers.consolidation import consolidate
 from workers.imports import import_job
 from workers.jobs import evaluate_job, train_job
 from workers.reporting import JobReporter, Listener
@@ -73,34 +70,18 @@ def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -
             reporter.event(f"{exc.reason}; the job will be retried", level="warning")
             return jobs.transition(job.id, JobState.QUEUED)  # the reconciler sends it again
         return _fail(inst, reporter, job.id, code=exc.code, message=str(exc))
-    except (
-        RegistryError,
-        InvalidHyperparameter,
-        InvalidDataset,
-        InvalidCheckpoint,
-        IncompatibleAdapter,
-        ConsolidationRegressed,
-    ) as exc:
-        return _fail(inst, reporter, job.id, code=_code(exc), message=str(exc))
-    except Exception as exc:
-        log.exception("job %s failed", job.id)
-        return _fail(inst, reporter, job.id, code="internal_error", message=repr(exc))
+    except Exception as exc:  # a coded error is the job's input's fault; others are ours
+        code = code_of(exc)
+        if code is None:
+            log.exception("job %s failed", job.id)
+            return _fail(inst, reporter, job.id, code=INTERNAL, message=repr(exc))
+        return _fail(inst, reporter, job.id, code=code, message=str(exc))
     if job.kind in (JobKind.TRAIN, JobKind.RETRAIN) and job.stream_id is not None:
         queued = queue_if_due(inst, job.stream_id, after_job=job.id)
         if queued is not None:
             reporter.event(f"queued consolidation job {queued.id}: {queued.params['reason']}")
     reporter.event("succeeded")
     return jobs.transition(job.id, JobState.SUCCEEDED)
-
-
-def _code(exc: Exception) -> str:
-    if isinstance(exc, RegistryError | ConsolidationRegressed):
-        return exc.code
-    if isinstance(exc, InvalidCheckpoint):
-        return "invalid_checkpoint"
-    if isinstance(exc, IncompatibleAdapter):
-        return "incompatible_adapter"
-    return "invalid_hyperparameter" if isinstance(exc, InvalidHyperparameter) else "invalid_dataset"
 
 
 def _fail(inst: Instance, reporter: JobReporter, job_id: int, *, code: str, message: str) -> Job:

@@ -1,94 +1,20 @@
-"""Creating streams (importing their base model) and submitting tasks to them."""
+"""Creating a stream in this process (`strata demo`, benchmarks, tests): its base model is
+imported here, not by a job. The API's way is `services.streams.queue_stream`."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from continual.data import TaskData
-from registry.entities import Dataset, Job, Snapshot, Stream, StreamState, Task
-from registry.errors import AlreadyExists, NotFound
+from registry.entities import Snapshot, Stream
 from registry.instance import Instance
-from registry.validation import check_name
-from workers.consolidation import check_policy
-from workers.datasets import dataset_blob
+from services.streams import DEFAULT_METHOD, check_request
 from workers.imports import check_import
-from workers.jobs import TrainingSetup, training_setup
 from workers.models import load_source, store_model
 
 log = logging.getLogger(__name__)
-
-DEFAULT_METHOD = "seq-lora"
-
-
-@dataclass(frozen=True)
-class _StreamRequest:
-    """A new stream's checked settings."""
-
-    source: dict[str, Any]  # the base model's source, normalised
-    setup: TrainingSetup
-    policy: dict[str, Any]  # when to consolidate
-
-
-def _check_request(
-    inst: Instance,
-    *,
-    name: str,
-    base: dict[str, Any],
-    method: str,
-    hyperparams: dict[str, Any] | None,
-    method_options: dict[str, Any] | None,
-    consolidation: dict[str, Any] | None,
-    roots: Sequence[Path] | None,
-    exact: bool,
-) -> _StreamRequest:
-    """Everything about a new stream that needs no model: its name (free, or held by a stream
-    whose import failed), method, hyperparameters, options and policy, then its base source
-    (`workers.imports.check_import`: under `roots` unless None, its size within the limits)."""
-    check_name(name, field="name")
-    setup = training_setup(
-        method=method, hyperparams=dict(hyperparams or {}), params={}, options=method_options or {}
-    )
-    policy = check_policy(consolidation or {}, method=method)
-    try:
-        existing = inst.registry.streams.get(name)
-    except NotFound:
-        pass
-    else:
-        if existing.state is not StreamState.FAILED:
-            raise AlreadyExists(f"stream '{name}' already exists", field="name")
-    max_params = inst.settings.import_max_params
-    source = check_import(base, roots=roots, max_params=max_params, exact=exact)
-    return _StreamRequest(source=source, setup=setup, policy=policy)
-
-
-def queue_stream(
-    inst: Instance,
-    *,
-    name: str,
-    base: dict[str, Any],
-    method: str = DEFAULT_METHOD,
-    hyperparams: dict[str, Any] | None = None,
-    method_options: dict[str, Any] | None = None,
-    consolidation: dict[str, Any] | None = None,
-    roots: Sequence[Path],
-) -> tuple[Stream, Job]:
-    """Create a stream whose base model a worker imports (the API's way, `POST /v1/streams`).
-
-    Everything is checked first (`_check_request`, with the `hf`/`gguf` path under `roots`);
-    then the stream, in state `importing`, and its queued import job are written in one
-    transaction. The caller sends the job after the commit (`workers.execution.enqueue`)."""
-    req = _check_request(
-        inst, name=name, base=base, method=method, hyperparams=hyperparams,
-        method_options=method_options, consolidation=consolidation, roots=roots, exact=False,
-    )  # fmt: skip
-    return inst.registry.streams.begin_import(
-        name=name, base_source=req.source, method=method, hyperparams=req.setup.hyper.to_dict(),
-        method_options=req.setup.options, consolidation=req.policy,
-    )  # fmt: skip
 
 
 def create_stream(
@@ -105,72 +31,23 @@ def create_stream(
     """Import the base model as snapshot v0 of a new stream, in this process (`strata demo`,
     benchmarks, tests): the stream is ready when this returns.
 
-    Everything is checked before the (slow) import (`_check_request`); a `hf` or `gguf` path
+    Everything is checked before the (slow) import (`services.streams.check_request`, then
+    the checks that need transformers, `workers.imports.check_import`); a `hf` or `gguf` path
     must lie under `roots`, unless None (the caller's own files). The weights are stored
     before the rows, and the stream and its snapshot are written in one transaction.
     """
-    req = _check_request(
+    req = check_request(
         inst, name=name, base=base, method=method, hyperparams=hyperparams,
-        method_options=method_options, consolidation=consolidation, roots=roots, exact=True,
+        method_options=method_options, consolidation=consolidation, roots=roots,
     )  # fmt: skip
-    model, tokenizer = load_source(req.source)
+    max_params = inst.settings.import_max_params
+    source = check_import(req.source, roots=None, max_params=max_params)
+    model, tokenizer = load_source(source)
     digest = store_model(inst, model, tokenizer)
     stream = inst.registry.streams.create(
-        name=name, base_source=req.source, method=method, hyperparams=req.setup.hyper.to_dict(),
+        name=name, base_source=source, method=method, hyperparams=req.setup.hyper.to_dict(),
         base_digest=digest, method_options=req.setup.options, consolidation=req.policy,
     )  # fmt: skip
     snapshot = inst.registry.streams.current_snapshot(stream.id)
     log.info("stream %s created with base snapshot %s", name, digest[:12])
     return stream, snapshot
-
-
-def submit_task(
-    inst: Instance,
-    *,
-    stream: Stream,
-    name: str,
-    data: TaskData,
-    format: str,
-    params: dict[str, Any] | None = None,
-) -> tuple[Task, Job]:
-    """Append a task that trains on `data` and queue its training job.
-
-    Everything that could refuse it is checked before anything is stored: the name, the
-    parameters, the stream, a task of that name, the dataset. Then the dataset's blob is stored
-    and its row, the task and the job are written in one transaction, so a refusal stores
-    nothing. A failure after the blob (the database lost, the name taken meanwhile by another
-    submission) leaves the blob unreferenced: it is content-addressed, so the same data
-    submitted again reuses it, and removing unreferenced blobs is the blob collector's work
-    (not written yet)."""
-    check_name(name, field="name")
-    params = dict(params or {})
-    training_setup(
-        method=stream.method, hyperparams=stream.hyperparams, params=params,
-        options=stream.method_options,
-    )  # fmt: skip
-    blob, dataset = dataset_blob(data, format=format)
-    inst.registry.tasks.check_submit(stream_id=stream.id, name=name, dataset=dataset)
-    inst.artifacts.put_bytes(blob)  # blob first: a dataset row always points at a stored blob
-    return inst.registry.tasks.submit(
-        stream_id=stream.id, name=name, new_dataset=dataset, params=params
-    )
-
-
-def submit_existing(
-    inst: Instance,
-    *,
-    stream: Stream,
-    name: str,
-    dataset: Dataset,
-    params: dict[str, Any] | None = None,
-) -> tuple[Task, Job]:
-    """Append a task that trains on an already stored dataset (referenced by digest)."""
-    check_name(name, field="name")
-    params = dict(params or {})
-    training_setup(
-        method=stream.method, hyperparams=stream.hyperparams, params=params,
-        options=stream.method_options,
-    )  # fmt: skip
-    return inst.registry.tasks.submit(
-        stream_id=stream.id, name=name, dataset_id=dataset.id, params=params
-    )

@@ -24,7 +24,7 @@ from api.schemas import (
 from registry.entities import AdapterVersion, Snapshot, Stream
 from registry.errors import Conflict
 from registry.instance import Instance
-from workers.archives import MEDIA_TYPES, ArchiveFormat, tree_archive
+from services.archives import MEDIA_TYPES, ArchiveFormat, tree_archive
 
 router = APIRouter(tags=["adapters"])
 

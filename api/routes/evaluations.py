@@ -7,11 +7,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
-from api.render import accuracy_matrix
 from api.schemas import EvaluateRequest, EvaluationsPublic, JobPublic
 from registry.entities import JobKind, StreamState
 from registry.errors import Conflict
-from workers.execution import enqueue
+from services.dispatch import enqueue
+from services.evaluations import accuracy_matrix
 
 router = APIRouter(tags=["evaluations"])
 SUMMARY = ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")

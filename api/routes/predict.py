@@ -1,10 +1,13 @@
 """Predict: complete (or classify) a handful of inputs with a stream's current state, or with a
 named adapter version on its task's prompt format, so users can check what they trained.
 
-A prediction runs the model in the API process, so each is bounded (workers.predict: input
-sizes, prompts cut to `max_length`, a token budget), at most `STRATA_PREDICT_CONCURRENCY` run at
-once per process (more are refused with 429 and Retry-After, not queued), and one whose client
-goes away stops at its next input or generated token."""
+The model runs elsewhere: the app's `Predictor` (`services.predict`) hands the query to a
+worker of the `predict` queue (a thread of the embedded server), and this process never loads
+one. Each prediction is bounded there (`workers.predict`: input sizes, prompts cut to
+`max_length`, a token budget); here at most `STRATA_PREDICT_CONCURRENCY` wait at once per
+process (more are refused with 429 and Retry-After, not queued), each at most
+`STRATA_PREDICT_TIMEOUT_S` (then 504), and one whose client goes away is stopped at its next
+input or generated token."""
 
 from __future__ import annotations
 
@@ -13,19 +16,17 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Request
 
-from api.deps import InstDep, ReadToken, StreamDep
+from api.deps import ReadToken, StreamDep
 from api.errors import ProblemError
 from api.schemas import MAX_PREDICT_INPUTS, MAX_PREDICT_LABELS, PredictRequest, PredictResponse
-from continual.errors import EvaluationCancelled
 from registry.settings import StrataSettings
-from workers.predict import PredictResult, predict
+from services.predict import PredictCancelled, Predictor, PredictQuery
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["predict"])
@@ -67,37 +68,43 @@ class Slots:
 
 @router.post("/streams/{stream}/predict", response_model=PredictResponse)
 async def run_predict(
-    stream: StreamDep, body: PredictRequest, inst: InstDep, _: ReadToken, request: Request
+    stream: StreamDep, body: PredictRequest, _: ReadToken, request: Request
 ) -> object:
     """With `task`, each input is rendered by the task's prompt template (shown as `prompt`)
     and a classification task's labels are ranked as evaluation ranks them. Inputs are cut to
     the adapter's `max_length` tokens as training cut them (`truncated`). 422 for an input over
     STRATA_PREDICT_MAX_INPUT_BYTES or a request over STRATA_PREDICT_MAX_TOKENS; 429 with
-    Retry-After when STRATA_PREDICT_CONCURRENCY predictions are running."""
-    ref: int | str = int(body.version) if body.version.isdigit() else body.version
+    Retry-After when STRATA_PREDICT_CONCURRENCY predictions are waiting; 504 when no worker
+    answered within STRATA_PREDICT_TIMEOUT_S."""
+    predictor: Predictor | None = request.app.state.predictor
+    if predictor is None:
+        raise ProblemError(503, "this server has no predictor", code="unavailable")
+    query = PredictQuery(
+        stream=stream.name, inputs=tuple(body.inputs), task=body.task,
+        ref=int(body.version) if body.version.isdigit() else body.version,
+        labels=None if body.labels is None else tuple(body.labels),
+        max_new_tokens=body.max_new_tokens, template=body.template,
+    )  # fmt: skip
     slots: Slots = request.app.state.predict_slots
     with slots.hold():
-        work = partial(
-            predict, inst, stream, body.inputs, task=body.task, ref=ref, labels=body.labels,
-            max_new_tokens=body.max_new_tokens, template=body.template,
-        )  # fmt: skip
         try:
-            result = await until_disconnected(request, lambda cancel: work(cancel=cancel))
-        except EvaluationCancelled:
+            return await until_disconnected(
+                request, lambda cancel: predictor.predict(query, cancel=cancel)
+            )
+        except PredictCancelled:
             log.info("prediction on stream %s stopped: its client went away", stream.name)
             raise ProblemError(CLIENT_GONE, "the client went away", code="client_gone") from None
-    return _response(body, result)
 
 
 async def until_disconnected(
-    request: Request, work: Callable[[threading.Event], PredictResult]
-) -> PredictResult:
+    request: Request, work: Callable[[threading.Event], dict[str, Any]]
+) -> dict[str, Any]:
     """`work(cancel)` on a worker thread; `cancel` is set as soon as the client disconnects (or
     this coroutine is cancelled), and the work checks it between steps. Waits for the thread
     to end either way, so that a slot is held exactly as long as its work runs."""
     cancel = threading.Event()
 
-    def run() -> tuple[PredictResult | None, Exception | None]:
+    def run() -> tuple[dict[str, Any] | None, Exception | None]:
         try:
             return work(cancel), None
         except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
@@ -122,27 +129,3 @@ async def _watch(request: Request, cancel: threading.Event) -> None:
         log.info("predict: the client went away; stopping its prediction")
     finally:
         cancel.set()
-
-
-def _response(body: PredictRequest, result: PredictResult) -> dict[str, Any]:
-    predictions = [
-        {
-            "input": text,
-            "prompt": prompt,
-            "output": out,
-            "scores": None if result.scores is None else result.scores[i],
-            "truncated": result.truncated[i],
-        }
-        for i, (text, prompt, out) in enumerate(
-            zip(body.inputs, result.prompts, result.outputs, strict=True)
-        )
-    ]
-    fmt = result.fmt
-    return {
-        "snapshot_version": result.snapshot.version,
-        "adapters": [f"{a.task_name}@v{a.version}" for a in result.adapters],
-        "prompt_template": None if fmt is None else fmt.prompt,
-        "completion_template": None if fmt is None else fmt.completion,
-        "max_length": result.max_length,
-        "predictions": predictions,
-    }

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 
 from api.deps import IdPath, InstDep, ReadToken, StreamDep, WriteToken
 from api.schemas import ScheduleCreate, SchedulePublic, SchedulesPublic
-from workers.scheduler import create_schedule
+from services.scheduler import create_schedule
 
 router = APIRouter(tags=["schedules"])
 

@@ -18,9 +18,9 @@ from api.schemas import (
 )
 from registry.entities import JobKind
 from registry.errors import InvalidValue
-from workers.consolidation import FOLDABLE, check_policy
-from workers.execution import enqueue
-from workers.streams import queue_stream
+from services.dispatch import enqueue
+from services.policy import FOLDABLE, check_policy
+from services.streams import queue_stream
 
 router = APIRouter(prefix="/streams", tags=["streams"])
 

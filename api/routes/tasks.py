@@ -10,10 +10,10 @@ from fastapi import APIRouter, File, Form, UploadFile
 from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
 from api.errors import ProblemError
 from api.schemas import TasksPublic, TaskSubmitted
-from continual.errors import NESTED, InvalidDataset
-from workers.datasets import UploadLimits, load_dataset, parse_upload
-from workers.execution import enqueue
-from workers.streams import submit_existing, submit_task
+from services.datasets import UploadLimits, load_dataset, parse_upload
+from services.dispatch import enqueue
+from services.streams import submit_existing, submit_task
+from services.uploads import NESTED
 
 router = APIRouter(prefix="/streams/{stream}/tasks", tags=["tasks"])
 
@@ -50,7 +50,12 @@ def submit(
     job_params = _json_form("params", params, dict) or {}
     if dataset is not None:
         if train is not None or test is not None:
-            raise InvalidDataset(field="dataset", reason="give a dataset digest or files, not both")
+            raise ProblemError(
+                422,
+                "give a dataset digest or files, not both",
+                field="dataset",
+                code="invalid_dataset",
+            )
         stored = inst.registry.tasks.get_dataset(dataset)
         load_dataset(inst, stored)  # verified against its digest before it is used
         task, job = submit_existing(
@@ -58,7 +63,9 @@ def submit(
         )
     else:
         if train is None:
-            raise InvalidDataset(field="train", reason="upload a train file or name a dataset")
+            raise ProblemError(
+                422, "upload a train file or name a dataset", field="train", code="invalid_dataset"
+            )
         settings = inst.settings
         data = parse_upload(
             name=name,

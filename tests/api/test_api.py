@@ -24,9 +24,9 @@ from api.app import create_app, freeze_startup_objects
 from continual.data import synthetic_tasks
 from registry.instance import open_instance
 from registry.settings import StrataSettings
+from services.datasets import load_dataset
 from tests.api.conftest import Api, Recorder
 from tests.conftest import PG_ADMIN_URL
-from workers.datasets import load_dataset
 from workers.models import load_snapshot
 
 FAST = {"max_steps": 4, "batch_size": 8}

@@ -21,9 +21,9 @@ from api.client import ApiError, StrataClient
 from registry.artifacts import ArtifactStore, put_tree, read_manifest
 from registry.entities import Snapshot
 from registry.instance import Instance
+from services.trees import tree_cache_path
 from tests.api.conftest import SETTINGS, Recorder
 from tests.harness import serve
-from workers.models import tree_cache_path
 from workers.streams import create_stream
 
 

@@ -17,9 +17,10 @@ from api.client import ApiError, StrataClient
 from continual.data import Example, PromptFormat, synthetic_tasks
 from continual.evaluation import label_scores
 from continual.strategies import get_strategy
+from services.trees import fetch_tree
 from tests.api.conftest import Api
 from tests.api.test_api import _problem, _stream, _wait
-from workers.models import fetch_tree, load_snapshot
+from workers.models import load_snapshot
 
 # topic: a CL_Benchmark upload (an instruction template, completions " {label}");
 # color: a labelled JSONL upload whose completions are written without the leading space

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from registry.settings import StrataSettings
+from services.imports import NOT_IMPORTABLE
+from services.scheduler import fire_due
 from tests.api.conftest import SETTINGS, Api
 from tests.api.test_api import FAST, _problem, _submit
 from tests.workers.test_import import _hf_dir
-from workers.imports import NOT_IMPORTABLE
 from workers.runner import run_job
-from workers.scheduler import fire_due
 
 
 def _with_roots(api: Api, *roots: Path, **settings: Any) -> Api:

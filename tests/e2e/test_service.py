@@ -27,11 +27,11 @@ from api.app import create_app
 from continual.data import synthetic_tasks
 from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
+from services.broker import CeleryDispatcher, make_celery
+from services.dispatch import Dispatcher
+from services.scheduler import tick
 from tests.harness import celery_workers, serve, server_env, settings_kwargs
-from workers.celery_app import CeleryDispatcher, make_celery
-from workers.execution import Dispatcher
 from workers.inprocess import InProcessWorker
-from workers.scheduler import tick
 
 pytestmark = pytest.mark.slow
 

@@ -18,6 +18,10 @@ from continual.data import synthetic_tasks
 from registry.entities import Job, JobState
 from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
+from services.broker import CeleryDispatcher, make_celery
+from services.dispatch import enqueue
+from services.scheduler import tick
+from services.streams import submit_task
 from tests.harness import (
     PrivateRedis,
     Workers,
@@ -26,10 +30,6 @@ from tests.harness import (
     server_env,
     settings_kwargs,
 )
-from workers.celery_app import CeleryDispatcher, make_celery
-from workers.execution import enqueue
-from workers.scheduler import tick
-from workers.streams import submit_task
 
 KNOBS = {
     "STRATA_HEARTBEAT_S": "0.5", "STRATA_LEASE_S": "10", "STRATA_STALE_AFTER_S": "4",

@@ -32,12 +32,14 @@ from registry.entities import JobState
 from registry.instance import Instance
 from registry.settings import StrataSettings
 from registry.store import SqlRegistry
+from services.broker import CeleryDispatcher, make_celery
+from services.dispatch import reconcile
+from services.streams import submit_task
 from tests.conftest import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, fresh_database
 from tests.faults.test_store_faults import S3
 from tests.harness import FreezableProxy, freezable_proxy, private_redis, serve
-from workers.celery_app import CeleryDispatcher, make_celery
-from workers.execution import execute, reconcile
-from workers.streams import create_stream, submit_task
+from workers.execution import execute
+from workers.streams import create_stream
 
 pytestmark = pytest.mark.slow
 

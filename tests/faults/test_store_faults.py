@@ -20,9 +20,11 @@ from registry.entities import Job, JobState
 from registry.instance import Instance
 from registry.settings import StrataSettings
 from registry.store import SqlRegistry
+from services.dispatch import reconcile
+from services.streams import submit_task
 from tests.conftest import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY
-from workers.execution import execute, reconcile
-from workers.streams import create_stream, submit_task
+from workers.execution import execute
+from workers.streams import create_stream
 
 pytestmark = pytest.mark.slow
 

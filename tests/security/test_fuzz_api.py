@@ -18,7 +18,8 @@ from continual.data import synthetic_tasks
 from registry.entities import Job
 from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
-from workers.streams import create_stream, submit_task
+from services.streams import submit_task
+from workers.streams import create_stream
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from registry.artifacts import ArtifactStore, put_tree, read_manifest
 from registry.artifacts.base import CHUNK_SIZE
 from registry.errors import IntegrityError
 from registry.instance import Instance
-from workers.archives import QUEUED_CHUNKS, tree_archive
-from workers.models import fetch_tree, tree_cache_path
+from services.archives import QUEUED_CHUNKS, tree_archive
+from services.trees import fetch_tree, tree_cache_path
 
 
 def _tree(root: Path) -> dict[str, bytes]:

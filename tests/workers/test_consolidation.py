@@ -17,12 +17,14 @@ from registry.entities import Job, JobKind, JobState, NodeKind, NodeRef
 from registry.errors import InvalidValue
 from registry.instance import Instance
 from registry.settings import StrataSettings
+from services.setup import recorded_setup
+from services.streams import submit_task
+from services.trees import fetch_tree
 from workers import consolidation
 from workers.execution import execute
-from workers.jobs import recorded_setup
-from workers.models import fetch_tree, load_snapshot, memory_dirs
+from workers.models import load_snapshot, memory_dirs
 from workers.predict import predict
-from workers.streams import create_stream, submit_task
+from workers.streams import create_stream
 
 QV = {"target_modules": ["q_proj", "v_proj"], "max_steps": 6, "batch_size": 8, "rank": 4}
 

@@ -18,7 +18,7 @@ from continual.data import label_of
 from continual.errors import InvalidDataset
 from continual.evaluation import label_scores
 from continual.models import build_tiny_llama
-from workers.datasets import UploadLimits, parse_upload
+from services.datasets import UploadLimits, parse_upload
 from workers.models import smollm2_gguf
 
 LIMITS = UploadLimits(max_examples=1000, max_line_bytes=10_000)

@@ -14,10 +14,11 @@ from registry.artifacts import get_tree
 from registry.entities import AdapterStatus, JobState, NodeKind, NodeRef
 from registry.errors import AlreadyExists, InvalidValue
 from registry.instance import Instance
+from services.streams import submit_task
 from workers.demo import run_demo
 from workers.models import load_snapshot
 from workers.runner import run_job
-from workers.streams import create_stream, submit_task
+from workers.streams import create_stream
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,13 @@ from registry.entities import Job, JobKind, JobState
 from registry.errors import InvalidValue, NotFound
 from registry.instance import Instance
 from registry.settings import StrataSettings
-from workers.execution import enqueue, execute, reconcile
+from services.dispatch import enqueue, reconcile
+from services.scheduler import create_schedule, fire_due, tick
+from services.streams import submit_task
+from workers.execution import execute
 from workers.inprocess import InProcessWorker
 from workers.runner import run_claimed
-from workers.scheduler import create_schedule, fire_due, tick
-from workers.streams import create_stream, submit_task
+from workers.streams import create_stream
 
 FAST = {"max_steps": 6, "batch_size": 8}
 

@@ -16,10 +16,10 @@ from registry.artifacts import read_manifest
 from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
 from registry.settings import StrataSettings
-from workers.imports import NOT_IMPORTABLE, check_import
+from services.imports import NOT_IMPORTABLE, check_source
+from services.trees import fetch_tree
+from workers.imports import check_import
 from workers.models import (
-    check_source,
-    fetch_tree,
     load_snapshot,
     load_source,
     store_derived,

@@ -14,9 +14,10 @@ from continual.data import synthetic_tasks
 from continual.errors import InvalidHyperparameter
 from registry.entities import Job, JobState
 from registry.instance import Instance
+from services.streams import submit_task
+from services.trees import fetch_tree
 from workers.execution import execute
-from workers.models import fetch_tree
-from workers.streams import create_stream, submit_task
+from workers.streams import create_stream
 
 
 class Recorder:

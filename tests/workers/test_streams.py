@@ -14,8 +14,8 @@ from registry.errors import AlreadyExists, NotFound
 from registry.instance import Instance
 from registry.store import tasks as task_store
 from registry.tables import DatasetRow
-from workers.datasets import dataset_blob, load_dataset
-from workers.streams import submit_task
+from services.datasets import dataset_blob, load_dataset
+from services.streams import submit_task
 
 
 def _datasets(inst: Instance) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from continual.errors import NESTED, InvalidDataset
-from workers.uploads import CHUNK, decode_utf8, json_records, read_chunks, split_lines
+from services.uploads import CHUNK, decode_utf8, json_records, read_chunks, split_lines
 
 
 class Endless(io.RawIOBase):

@@ -33,7 +33,7 @@ from registry.artifacts import TreeManifest, get_tree, read_manifest
 from registry.artifacts.base import CHUNK_SIZE
 from registry.errors import IntegrityError, InvalidValue
 from registry.instance import Instance
-from workers.models import tree_cache_path
+from services.trees import tree_cache_path
 
 logger = logging.getLogger(__name__)
 

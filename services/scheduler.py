@@ -25,8 +25,8 @@ from croniter import croniter
 from registry.entities import Job, JobKind, Schedule, Stream
 from registry.errors import InvalidValue, RegistryError
 from registry.instance import Instance
-from workers.execution import Dispatcher, enqueue, safe_reconcile, worker_id
-from workers.jobs import training_setup
+from services.dispatch import Dispatcher, enqueue, safe_reconcile, worker_id
+from services.setup import training_setup
 
 log = logging.getLogger(__name__)
 

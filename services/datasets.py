@@ -23,7 +23,7 @@ from continual.data import (
 from continual.errors import InvalidDataset
 from registry.entities import Dataset, NewDataset
 from registry.instance import Instance
-from workers.uploads import decode_utf8, json_records, read_chunks, split_lines
+from services.uploads import decode_utf8, json_records, read_chunks, split_lines
 
 
 def dataset_blob(data: TaskData, *, format: str) -> tuple[bytes, NewDataset]:
@@ -73,7 +73,7 @@ def parse_upload(
 
     The files are read as they stream from their (spooled) uploads, twice: first every example
     is checked, one line or record in memory at a time, and every limit is refused as soon as it
-    is passed (`workers.uploads`); only an upload that passed is read again and held. So a
+    is passed (`services.uploads`); only an upload that passed is read again and held. So a
     refused upload never holds its examples, and a compression bomb is never held expanded.
 
     Without a test file, a seeded `holdout` fraction of the training examples (default 10%)

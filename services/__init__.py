@@ -1,0 +1,15 @@
+"""The service layer: what the API's routes call, with neither torch nor transformers.
+
+- `streams`: creating streams (their import is a job) and submitting tasks; `setup`: how a job
+  trains (method, options, hyperparameters), checked before anything is stored; `imports`: a
+  base model's source checked from its files' headers; `policy`: when a stream consolidates.
+- `datasets`, `uploads`: reading and checking task data, streamed, and its canonical blob.
+- `dispatch`: sending jobs to workers (the `Dispatcher` seam: Celery, or the in-process worker)
+  and the reconciler; `broker`: the Celery client side (sending jobs, asking a worker for a
+  prediction); `scheduler`: stored cron schedules and the single-leader loop that fires them.
+- `archives`, `trees`: downloads of stored trees as tar archives, and their local copies.
+
+The arrows point one way: `api` -> `services` -> `registry` and `continual`'s light modules
+(config, data, errors, metrics); `workers` (Celery tasks, job handlers, model loading) ->
+`services`, `registry`, `continual`. Nothing here imports `api` or `workers`.
+"""
