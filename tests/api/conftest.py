@@ -16,6 +16,7 @@ from registry.entities import Job
 from registry.instance import Instance
 from registry.settings import StrataSettings
 from workers.inprocess import InProcessWorker
+from workers.predict import InProcessPredictor
 from workers.runner import run_job
 
 
@@ -74,7 +75,8 @@ def api(instance: Instance) -> Iterator[Api]:
     """Routes only: jobs are queued and recorded, not run."""
     inst = dataclasses.replace(instance, settings=SETTINGS)
     recorder = Recorder()
-    with TestClient(create_app(inst, recorder), raise_server_exceptions=False) as client:
+    app = create_app(inst, recorder, InProcessPredictor(inst))
+    with TestClient(app, raise_server_exceptions=False) as client:
         yield Api(client=client, inst=inst, dispatcher=recorder, tokens=_tokens(inst))
 
 
@@ -84,7 +86,8 @@ def live_api(instance: Instance) -> Iterator[Api]:
     inst = dataclasses.replace(instance, settings=SETTINGS)
     worker = InProcessWorker(inst, threads=1, scheduler=False).start()
     try:
-        with TestClient(create_app(inst, worker), raise_server_exceptions=False) as client:
+        app = create_app(inst, worker, InProcessPredictor(inst))
+        with TestClient(app, raise_server_exceptions=False) as client:
             yield Api(client=client, inst=inst, dispatcher=Recorder(), tokens=_tokens(inst))
     finally:
         worker.stop(timeout=30)

@@ -30,6 +30,7 @@ from tests.api.test_predict import _InProcess
 from tests.harness import serve
 from workers import predict as predict_module
 from workers.models import load_snapshot
+from workers.predict import InProcessPredictor
 from workers.streams import create_stream
 
 MAX_LENGTH = 16  # the stream's hyperparameter: prompts are cut to 16 tokens, bos included
@@ -41,7 +42,7 @@ LONG = "Which colour?\nInput: " + "grass and trees and more grass " * 20 + "\nAn
 def _app(instance: Instance) -> tuple[Instance, Any]:
     inst = dataclasses.replace(instance, settings=SETTINGS.model_copy(update=LIMITS))
     create_stream(inst, name="s1", base={"kind": "tiny"}, hyperparams={"max_length": MAX_LENGTH})
-    return inst, create_app(inst, Recorder())
+    return inst, create_app(inst, Recorder(), InProcessPredictor(inst))
 
 
 @pytest.fixture
@@ -153,7 +154,7 @@ def test_predictions_over_the_concurrency_limit_get_429_with_retry_after(
         assert release.wait(60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("api.routes.predict.predict", held)
+    monkeypatch.setattr("workers.predict.predict", held)
     first: list[Any] = []
     thread = threading.Thread(target=lambda: first.append(_post(api, inputs=["a"])))
     thread.start()

@@ -32,6 +32,7 @@ from services.dispatch import Dispatcher
 from services.scheduler import tick
 from tests.harness import celery_workers, serve, server_env, settings_kwargs
 from workers.inprocess import InProcessWorker
+from workers.predict import InProcessPredictor
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +69,7 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]
         inst = open_instance(settings)
         worker = InProcessWorker(inst, threads=2, scheduler=False).start()
         try:
-            with serve(create_app(inst, worker)) as url:
+            with serve(create_app(inst, worker, InProcessPredictor(inst))) as url:
                 yield _service(url, inst, worker)
         finally:
             worker.stop(timeout=60)

@@ -19,6 +19,7 @@ from registry.entities import Job
 from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
 from services.streams import submit_task
+from workers.predict import InProcessPredictor
 from workers.streams import create_stream
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]
     data = synthetic_tasks(seed=0, train_size=8, test_size=2)[0]
     submit_task(inst, stream=stream, name="t", data=data, format="synthetic")
     _, secret = inst.registry.tokens.create(name="fuzz", scopes=["admin"])
-    yield create_app(inst, Recorder()), secret
+    yield create_app(inst, Recorder(), InProcessPredictor(inst)), secret
     inst.close()
     log.warning("RELIABILITY fuzz: %s", json.dumps(CASES))
 
