@@ -175,6 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg, out_dir=out, on_step=progress.step, on_row=progress.row,
             on_fold=progress.fold,
             on_scored=progress.scored,
+            on_result=lambda done: write_reports(cfg, done, out),  # kept if the run is stopped
         )  # fmt: skip
     except Exception as exc:  # the task data's or the settings' fault: said, not traced
         if code_of(exc) is None:

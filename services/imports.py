@@ -150,10 +150,11 @@ def read_config(directory: Path) -> dict[str, Any]:
     return raw
 
 
-def check_config(config: dict[str, Any], *, max_params: int) -> None:
+def check_config(config: dict[str, Any], *, max_params: int, exact: bool = False) -> None:
     """Every dimension within `DIMENSION_LIMITS` (in the config and its `text_config`), every
     other integer within `ANY_INT_LIMIT`, and the input embedding it describes (vocab_size x
-    hidden_size, a lower bound of any causal LM's size) within `max_params`."""
+    hidden_size, a lower bound of any causal LM's size) within `max_params`, unless the caller
+    counts the model's parameters exactly (`exact`)."""
     scopes = [
         config,
         *([config["text_config"]] if isinstance(config.get("text_config"), dict) else []),
@@ -167,7 +168,7 @@ def check_config(config: dict[str, Any], *, max_params: int) -> None:
         if abs(value) > ANY_INT_LIMIT:
             raise InvalidValue(f"{value} is over the limit of {ANY_INT_LIMIT}",
                                field=f"base.config.{key}")  # fmt: skip
-    for scope in scopes:
+    for scope in [] if exact else scopes:
         vocab, hidden = scope.get("vocab_size"), scope.get("hidden_size")
         if isinstance(vocab, int) and isinstance(hidden, int) and vocab * hidden > max_params:
             raise too_many("the config describes at least", vocab * hidden, max_params)

@@ -103,6 +103,7 @@ def run_bench(
     on_row: Callable[[str, int, tuple[float, ...]], None] | None = None,
     on_scored: Callable[[str, int, int], None] | None = None,
     on_fold: Callable[[str, FoldReport], None] | None = None,
+    on_result: Callable[[Sequence[MethodResult]], None] | None = None,
 ) -> list[MethodResult]:
     """Learn the sequence once per method; every method starts from the same base model, whose
     row (the baseline of forward transfer) is measured once for all of them.
@@ -111,7 +112,8 @@ def run_bench(
     starts again at 1 with each task), `on_row(method, t, row)` every measured row (t = -1:
     the untrained base), `on_fold(method, report)` each consolidation (`--consolidate-after`), and
     `on_scored(method, n, row_total)` the evaluation's progress: n more of a row's `row_total`
-    test examples done."""
+    test examples done. `on_result(results)` is called with the results so far each time a
+    method finishes, so that a long run that is stopped keeps what it measured."""
     hyper = LoraHyperparams.from_dict({"seed": cfg.seed, **cfg.hyperparams})
     check_bench(cfg)  # fail on a typo before the slow part
     tasks = load_tasks(cfg)
@@ -157,6 +159,8 @@ def run_bench(
                     cfg, make_base, tokenizer, tasks, hyper, work, callbacks_for, scored(method)
                 )
             )
+            if on_result is not None:
+                on_result(results)
             continue
         res = learn_stream(
             strategy=bench_strategy(method, cfg.options.get(method, {})), make_base=make_base,
@@ -175,6 +179,8 @@ def run_bench(
                 folds=res.folds,
             )
         )  # fmt: skip
+        if on_result is not None:
+            on_result(results)
     return results
 
 

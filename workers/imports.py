@@ -74,7 +74,7 @@ def model_shapes(config: PretrainedConfig, *, max_params: int) -> dict[str, tupl
     model on the meta device (no memory) once its dimensions are known to be in bounds; the
     model's parameter count must not exceed `max_params`."""
     for c in {id(c): c for c in (config, config.get_text_config())}.values():
-        check_config(c.to_dict(), max_params=max_params)
+        check_config(c.to_dict(), max_params=max_params, exact=True)  # counted below
     try:
         with MODEL_INIT_LOCK, torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

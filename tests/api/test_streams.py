@@ -72,7 +72,6 @@ def test_configs_and_weights_that_cannot_load_are_422s_before_anything_is_queued
     root = tmp_path / "imports"
     _hf_dir(root / "huge", vocab_size=10**9)  # the API once tried to allocate 256 GB
     _hf_dir(root / "many", vocab_size=2**21, hidden_size=2**13)
-    _hf_dir(root / "shapes", hidden_size=32)  # the tensors are 64 wide
     _hf_dir(root / "empty").joinpath("model.safetensors").unlink()
     pickled = _hf_dir(root / "pickled")
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
@@ -85,7 +84,6 @@ def test_configs_and_weights_that_cannot_load_are_422s_before_anything_is_queued
     for path, kind, field, code in [
         ("huge", "hf", "base.config.vocab_size", "invalid_value"),
         ("many", "hf", "base.config", "invalid_value"),
-        ("shapes", "hf", "base.path", "invalid_weights"),
         ("empty", "hf", "base.path", "invalid_weights"),
         ("pickled", "hf", "base.path", "invalid_weights"),
         ("corrupt", "hf", "base.path/model.safetensors", "invalid_weights"),
@@ -97,6 +95,23 @@ def test_configs_and_weights_that_cannot_load_are_422s_before_anything_is_queued
     _problem(_post(api, "x", {"kind": "tiny", "seed": 2**64}), 422, "base.seed")
     assert api.dispatcher.sent == []
     assert api.client.get("/v1/streams", headers=api.auth()).json()["data"] == []
+
+
+def test_tensors_that_are_not_their_configs_shape_fail_the_import_job(
+    api: Api, tmp_path: Path
+) -> None:
+    """Comparing shapes needs the model library, which the API does not load: the import job
+    refuses it before anything is allocated, and the stream fails."""
+    root = tmp_path / "imports"
+    _hf_dir(root / "shapes", hidden_size=32)  # the tensors are 64 wide
+    _with_roots(api, root)
+    made = _post(api, "s", {"kind": "hf", "path": "shapes"})
+    assert made.status_code == 202, made.text
+    failed = run_job(api.inst, made.json()["job"]["id"])
+    assert failed.state == "failed" and failed.error is not None
+    assert failed.error.code == "invalid_weights" and "but the config gives" in failed.error.message
+    assert str(tmp_path) not in failed.error.message
+    assert api.client.get("/v1/streams/s", headers=api.auth()).json()["state"] == "failed"
 
 
 def test_the_import_is_a_job_the_streams_other_jobs_queue_behind(api: Api) -> None:

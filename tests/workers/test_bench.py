@@ -77,6 +77,29 @@ def test_bench_writes_json_markdown_and_heat_maps(
     assert printed.count("seq-lora after task") == 2 and printed.count("o-lora after task") == 2
 
 
+def test_a_stopped_bench_keeps_the_methods_it_finished(
+    cl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bench runs take hours on a CPU: results.json is rewritten as each method finishes."""
+    import workers.bench
+
+    def stopped(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workers.bench, "_multitask", stopped)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main([
+            "bench", "--data", str(cl_dir), "--order", "sport_food,food_weather",
+            "--methods", "seq-lora,multitask", "--model", "tiny", "--train-per-task", "16",
+            "--eval-per-task", "4", "--out", str(out),
+        ])  # fmt: skip
+    kept = json.loads((out / "results.json").read_text())
+    assert [m["method"] for m in kept["methods"]] == ["seq-lora"]
+    assert len(kept["methods"][0]["matrix"]) == 2
+    assert "| seq-lora |" in (out / "results.md").read_text()
+
+
 def test_bench_exact_match_metric_and_method_options(cl_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = main([
