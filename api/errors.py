@@ -104,7 +104,7 @@ def install(app: FastAPI) -> None:
     # the classes coded errors derive from (the training library's are ValueErrors), so that
     # they are answered by the app's exception middleware, not re-raised past it as 500s are
     for base in (RegistryError, ValueError, RemoteError, PredictTimeout):
-        app.add_exception_handler(base, coded)  # type: ignore[arg-type]
+        app.add_exception_handler(base, coded)
 
     @app.exception_handler(Exception)
     async def unexpected(_r: Request, exc: Exception) -> JSONResponse:
