@@ -26,6 +26,7 @@ from registry.entities import (
     NodeRef,
     Relation,
 )
+from services.options import METHODS, options_help
 
 Command = Callable[[StrataClient, argparse.Namespace], int]
 
@@ -368,13 +369,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     streams = group("streams", "create, list and show streams")
     p = command(streams, "create", streams_create)
+    p.epilog, p.formatter_class = options_help(), argparse.RawDescriptionHelpFormatter
     p.add_argument("name")
     p.add_argument("--base", default="tiny", help="tiny, smollm2, hf:DIR or gguf:FILE (a path "
                    "under the server's import roots)")  # fmt: skip
-    p.add_argument("--method", default="seq-lora")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--method", default="seq-lora", choices=METHODS)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a LoRA or optimiser hyperparameter, e.g. rank=16")  # fmt: skip
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of the method, e.g. lambda1=0.1 for o-lora")  # fmt: skip
+                   help="an option of the method (listed below), e.g. lambda1=0.1")  # fmt: skip
     p.add_argument("--every-tasks", type=int, help="consolidate every N tasks")
     p.add_argument("--max-drop", type=float, help=MAX_DROP_HELP)
     p.add_argument("--no-wait", action="store_true", help="do not follow the import job")

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from registry.store.adapters import MAX_VERSION
+from services.options import METHODS, options_schema
 
 
 class _Out(BaseModel):
@@ -53,12 +54,14 @@ class ConsolidationPolicy(_In):
 class StreamCreate(_In):
     name: str = Field(description="1-64 letters, digits, '.', '_' or '-'.")
     base: BaseSource
-    method: str = Field(default="seq-lora", description="seq-lora, inc-lora, o-lora or am-lora.")
+    method: str = Field(default="seq-lora", description=f"One of {', '.join(METHODS)}.")
     hyperparams: dict[str, Any] = Field(
         default_factory=dict, description="LoRA and optimiser settings (continual.LoraHyperparams)."
     )
     method_options: dict[str, Any] = Field(
-        default_factory=dict, description="The method's own options, e.g. o-lora's lambda1."
+        default_factory=dict,
+        description="The method's own options (by method below), e.g. o-lora's lambda1.",
+        json_schema_extra={"anyOf": [options_schema(m) for m in METHODS]},
     )
     consolidation: ConsolidationPolicy = Field(
         default_factory=ConsolidationPolicy,

@@ -20,8 +20,9 @@ import torch
 from continual.batching import completion_loss, encode_pair, pad_batch, pad_id_of
 from continual.config import LoraHyperparams
 from continual.data import load_cl_benchmark
+from continual.options import LAMBDA1_NORMS
 from continual.strategies import OLora, get_strategy
-from continual.strategies.o_lora import LAMBDA1_NORMS, overlap_penalty
+from continual.strategies.o_lora import overlap_penalty
 from continual.training import train
 from workers.models import load_source
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from continual.config import LoraHyperparams
 from continual.errors import InvalidHyperparameter
+from continual.options import method_options
 from registry.entities import AdapterVersion
 
 if TYPE_CHECKING:
@@ -17,9 +18,7 @@ if TYPE_CHECKING:
 
 def check_method_options(method: str, options: dict[str, Any]) -> None:
     """InvalidHyperparameter (with the field) for an unknown method or a bad option."""
-    from continual.strategies import get_strategy
-
-    get_strategy(method, **options)
+    method_options(method, options)
 
 
 JOB_PARAMS = frozenset(

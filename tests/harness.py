@@ -79,19 +79,23 @@ def settings_kwargs(env: dict[str, str]) -> dict[str, str]:
 
 @dataclass
 class Workers:
-    """Celery worker processes (solo pool, queues train and default), each with its data dir."""
+    """Celery worker processes, each with its data dir: by default a solo pool on the queues
+    train and default (a training worker); `queues="predict", pool="threads"` makes one that
+    answers the API's predictions."""
 
     env: dict[str, str]
     root: Path
     app: str = "workers.celery_app"  # the module `celery -A` loads
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, *, queues: str = "train,default", pool: str = "solo"
+    ) -> subprocess.Popen[bytes]:
         log = (self.root / f"{name}.log").open("ab")
         env = {**os.environ, **self.env, "STRATA_DATA_DIR": str(self.root / name)}
-        cmd = [sys.executable, "-m", "celery", "-A", self.app, "worker", "-Q",
-               "train,default", "-P", "solo", "-c", "1", "-n", f"{name}@%h", "--without-gossip",
-               "--without-mingle", "--loglevel=INFO"]  # fmt: skip
+        cmd = [sys.executable, "-m", "celery", "-A", self.app, "worker", "-Q", queues,
+               "-P", pool, "-c", "1" if pool == "solo" else "2", "-n", f"{name}@%h",
+               "--without-gossip", "--without-mingle", "--loglevel=INFO"]  # fmt: skip
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.procs[name] = proc

@@ -67,8 +67,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from continual.config import LoraHyperparams, check_number
+from continual.config import LoraHyperparams
 from continual.errors import InvalidHyperparameter
+from continual.options import AmLoraOptions
 from continual.strategies.am_lora_files import (
     SELECTOR_FILE,
     Memory,
@@ -95,7 +96,7 @@ from continual.strategies.common import (
     PEFT_PREFIX,
     check_adapter_fits,
 )
-from continual.strategies.o_lora import LAMBDA1_NORMS, PenaltyGroup, overlap_penalty, penalty_groups
+from continual.strategies.o_lora import PenaltyGroup, overlap_penalty, penalty_groups
 from continual.training import set_lr_scale
 
 logger = logging.getLogger(__name__)
@@ -109,27 +110,8 @@ class AmLora:
 
     name = "am-lora"
 
-    def __init__(
-        self,
-        *,
-        sparsity_weight: float = 0.01,
-        selector_lr_scale: float = 1.0,
-        routing_weight: float = 1.0,
-        lambda1: float = 0.0,
-        lambda2: float = 0.0,
-        lambda1_norm: str = "mean",
-    ) -> None:
-        self.sparsity_weight = check_number(sparsity_weight, field="sparsity_weight", low=0.0)
-        self.selector_lr_scale = check_number(
-            selector_lr_scale, field="selector_lr_scale", low=0.0, low_inclusive=False
-        )
-        self.routing_weight = check_number(routing_weight, field="routing_weight", low=0.0)
-        self.lambda1 = check_number(lambda1, field="lambda1", low=0.0)
-        self.lambda2 = check_number(lambda2, field="lambda2", low=0.0)
-        if lambda1_norm not in LAMBDA1_NORMS:
-            reason = f"must be one of {', '.join(LAMBDA1_NORMS)}, got {lambda1_norm!r}"
-            raise InvalidHyperparameter(field="lambda1_norm", reason=reason)
-        self.lambda1_norm = lambda1_norm
+    def __init__(self, options: AmLoraOptions | None = None) -> None:
+        self.options = AmLoraOptions() if options is None else options
         self._overlap: tuple[weakref.ref[nn.Module], tuple[PenaltyGroup, ...]] | None = None
 
     def prepare(
@@ -157,12 +139,13 @@ class AmLora:
                 selector_weight=weight,
                 selector_bias=bias,
             )
-            set_lr_scale(layer.selector_weight, self.selector_lr_scale)  # 1: the run's group
-            set_lr_scale(layer.selector_bias, self.selector_lr_scale)
+            scale = self.options.selector_lr_scale  # 1: the run's group
+            set_lr_scale(layer.selector_weight, scale)
+            set_lr_scale(layer.selector_bias, scale)
             base.set_submodule(path, layer)
         routed = self._route(base, memory=memory, adapters=adapters, learning=True)
         # the earlier rows are copied for the overlap term only when it is on
-        groups = _overlap_groups(base, memory=memory) if self.lambda1 > 0 else ()
+        groups = _overlap_groups(base, memory=memory) if self.options.lambda1 > 0 else ()
         self._overlap = (weakref.ref(base), groups)
         logger.info(
             "am-lora: %d layers, %d earlier adapters, %d folded tasks, %s",
@@ -181,7 +164,7 @@ class AmLora:
     ) -> bool:
         """Install a `TaskRouter` on the AM-LoRA model `base` when routing is on and every task
         (folded or with an adapter) has statistics; whether it did."""
-        if self.routing_weight == 0:
+        if self.options.routing_weight == 0:
             return False
         embedding = base.get_input_embeddings()
         if not isinstance(embedding, nn.Embedding):
@@ -214,7 +197,7 @@ class AmLora:
             means=stats[MEANS],
             counts=stats[COUNTS],
             within=stats[WITHIN],
-            weight=self.routing_weight,
+            weight=self.options.routing_weight,
             learning=learning,
             num_folded=folded,
         ).to(embedding.weight.device)
@@ -228,7 +211,7 @@ class AmLora:
         adapter's A and the folded tasks' subspace, `lambda2` x the norms of its A and B."""
         terms: list[Tensor] = []
         layers = am_lora_layers(model)
-        if self.sparsity_weight > 0:
+        if self.options.sparsity_weight > 0:
             values = []
             for layer in layers.values():
                 if layer.last_impurity is not None:
@@ -236,18 +219,19 @@ class AmLora:
                     layer.last_impurity = None  # do not keep the graph alive past this step
             if not values:
                 raise RuntimeError("am-lora extra_loss needs a forward pass of the AM-LoRA model")
-            terms.append(self.sparsity_weight * torch.stack(values).mean())
-        if self.lambda1 > 0:
+            terms.append(self.options.sparsity_weight * torch.stack(values).mean())
+        if self.options.lambda1 > 0:
             if self._overlap is None or self._overlap[0]() is not model:
                 raise ValueError("am-lora extra_loss needs the model this strategy prepared last")
             if self._overlap[1]:
                 terms.append(
-                    self.lambda1 * overlap_penalty(self._overlap[1], norm=self.lambda1_norm)
+                    self.options.lambda1
+                    * overlap_penalty(self._overlap[1], norm=self.options.lambda1_norm)
                 )
-        if self.lambda2 > 0:
+        if self.options.lambda2 > 0:
             params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
             norms = [torch.linalg.vector_norm(p) for p in params if p is not None]
-            terms.append(self.lambda2 * torch.stack(norms).sum())
+            terms.append(self.options.lambda2 * torch.stack(norms).sum())
         if not terms:
             return None
         return torch.stack(terms).sum()

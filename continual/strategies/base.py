@@ -11,8 +11,7 @@ every `prepare` / `inference_model` call.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -22,11 +21,13 @@ from transformers import PreTrainedModel
 
 from continual.config import LoraHyperparams
 from continual.errors import InvalidHyperparameter
+from continual.options import MethodOptions, method_options
 
 
 @runtime_checkable
 class Strategy(Protocol):
     name: str
+    options: MethodOptions  # the method's options (`continual.options`)
 
     def prepare(
         self, base: PreTrainedModel, *, history: Sequence[Path], hyper: LoraHyperparams
@@ -65,22 +66,10 @@ def register_strategy(cls: _S) -> _S:
 
 
 def get_strategy(name: str, **options: Any) -> Strategy:
-    """Instantiate the strategy registered as `name` with its options (keyword arguments)."""
+    """The strategy registered as `name`, with its options (`continual.options`) built from
+    `options`; InvalidHyperparameter names the field of a bad or unknown one."""
     cls = STRATEGIES.get(name)
     if cls is None:
         known = ", ".join(sorted(STRATEGIES)) or "none"
         raise InvalidHyperparameter(field="method", reason=f"unknown method {name!r} ({known})")
-    _check_options(cls, name=name, options=options)
-    try:
-        return cls(**options)
-    except TypeError as exc:  # e.g. a required option is missing
-        raise InvalidHyperparameter(field="options", reason=f"{name}: {exc}") from exc
-
-
-def _check_options(factory: Callable[..., Any], *, name: str, options: dict[str, Any]) -> None:
-    parameters = inspect.signature(factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    for key in options:
-        if key not in parameters:
-            raise InvalidHyperparameter(field=key, reason=f"not an option of method {name!r}")
+    return cls(method_options(name, options))  # type: ignore[call-arg]  # each takes its options

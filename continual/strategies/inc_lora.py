@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from continual.config import LoraHyperparams
+from continual.options import IncLoraOptions
 from continual.strategies.base import register_strategy
 from continual.strategies.common import check_adapter_fits, lora_config, save_peft_adapter
 
@@ -102,6 +103,9 @@ class IncLora:
     """Train a new adapter per task on top of the frozen sum of the earlier ones."""
 
     name = "inc-lora"
+
+    def __init__(self, options: IncLoraOptions | None = None) -> None:
+        self.options = IncLoraOptions() if options is None else options
 
     def prepare(
         self, base: PreTrainedModel, *, history: Sequence[Path], hyper: LoraHyperparams

@@ -44,7 +44,6 @@ and in inference; inference needs no task id.
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from continual.config import LoraHyperparams
-from continual.errors import InvalidHyperparameter
+from continual.options import OLoraOptions
 from continual.strategies.base import register_strategy
 from continual.strategies.common import save_peft_adapter
 from continual.strategies.inc_lora import (
@@ -73,8 +72,6 @@ from continual.strategies.inc_lora import (
 logger = logging.getLogger(__name__)
 
 HISTORY_ADAPTER = "history"  # the folded earlier adapters
-LAMBDA2_NORMS = ("params", "update")  # what lambda2 weighs: the paper's, or the weight change
-LAMBDA1_NORMS = ("sum", "mean")  # the overlap summed (the paper's), or per layer and earlier rank
 
 
 @dataclass
@@ -284,34 +281,8 @@ class OLora:
 
     name = "o-lora"
 
-    def __init__(
-        self,
-        *,
-        lambda1: float = 0.5,
-        lambda2: float = 0.0,
-        orthogonal_init: bool = False,
-        lambda2_norm: str = "params",
-        lambda1_norm: str = "sum",
-    ) -> None:
-        for field, value in (("lambda1", lambda1), ("lambda2", lambda2)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise InvalidHyperparameter(field=field, reason=f"must be a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise InvalidHyperparameter(field=field, reason=f"must be >= 0, got {value}")
-        if not isinstance(orthogonal_init, bool):
-            reason = f"must be true or false, got {orthogonal_init!r}"
-            raise InvalidHyperparameter(field="orthogonal_init", reason=reason)
-        if lambda2_norm not in LAMBDA2_NORMS:
-            reason = f"must be one of {', '.join(LAMBDA2_NORMS)}, got {lambda2_norm!r}"
-            raise InvalidHyperparameter(field="lambda2_norm", reason=reason)
-        if lambda1_norm not in LAMBDA1_NORMS:
-            reason = f"must be one of {', '.join(LAMBDA1_NORMS)}, got {lambda1_norm!r}"
-            raise InvalidHyperparameter(field="lambda1_norm", reason=reason)
-        self.lambda1 = float(lambda1)
-        self.lambda1_norm = lambda1_norm
-        self.lambda2 = float(lambda2)
-        self.lambda2_norm = lambda2_norm
-        self.orthogonal_init = orthogonal_init
+    def __init__(self, options: OLoraOptions | None = None) -> None:
+        self.options = OLoraOptions() if options is None else options
         self._prepared: _Prepared | None = None
 
     def prepare(
@@ -327,7 +298,7 @@ class OLora:
             load_frozen_adapters(base, history), name=new, hyper=hyper, seed=seed
         )
         old = [task_adapter_name(i) for i in range(len(history))]
-        if self.orthogonal_init:
+        if self.options.orthogonal_init:
             project_out_history(model, old_names=old, new_name=new)
         groups = _penalty_groups(model, old_names=old, new_name=new)  # before folding: raw A_i
         folded = fold_adapters(model, old)
@@ -348,14 +319,17 @@ class OLora:
         if prepared is None or prepared.model() is not model:
             raise ValueError("o-lora extra_loss needs the model this strategy prepared last")
         terms: list[Tensor] = []
-        if self.lambda1 > 0 and prepared.groups:
-            terms.append(self.lambda1 * overlap_penalty(prepared.groups, norm=self.lambda1_norm))
-        if self.lambda2 > 0 and self.lambda2_norm == "update":
+        if self.options.lambda1 > 0 and prepared.groups:
+            terms.append(
+                self.options.lambda1
+                * overlap_penalty(prepared.groups, norm=self.options.lambda1_norm)
+            )
+        if self.options.lambda2 > 0 and self.options.lambda2_norm == "update":
             norms = torch.cat([g.update_norms() for g in prepared.updates])
-            terms.append(self.lambda2 * norms.sum())
-        elif self.lambda2 > 0:
+            terms.append(self.options.lambda2 * norms.sum())
+        elif self.options.lambda2 > 0:
             norms = torch.stack([torch.linalg.vector_norm(p) for p in prepared.new_params])
-            terms.append(self.lambda2 * norms.sum())
+            terms.append(self.options.lambda2 * norms.sum())
         if not terms:
             return None
         return terms[0] if len(terms) == 1 else terms[0] + terms[1]

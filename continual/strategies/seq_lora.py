@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from continual.config import LoraHyperparams
 from continual.errors import InvalidHyperparameter
+from continual.options import SeqLoraOptions
 from continual.strategies.base import register_strategy
 from continual.strategies.common import check_adapter_fits, lora_config, save_peft_adapter
 
@@ -24,6 +25,9 @@ class SeqLora:
 
     name = "seq-lora"
     adapter_name = "default"
+
+    def __init__(self, options: SeqLoraOptions | None = None) -> None:
+        self.options = SeqLoraOptions() if options is None else options
 
     def prepare(
         self, base: PreTrainedModel, *, history: Sequence[Path], hyper: LoraHyperparams

@@ -10,9 +10,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from api.cli import main
 from registry.settings import StrataSettings
 from services.imports import NOT_IMPORTABLE
 from services.scheduler import fire_due
@@ -201,3 +203,31 @@ def test_the_worker_checks_the_source_again_with_its_own_settings(api: Api, tmp_
     assert job.state == "failed" and job.error is not None
     assert job.error.code == "invalid_value" and "STRATA_IMPORT_MAX_PARAMS" in job.error.message
     assert api.client.get("/v1/streams/s", headers=api.auth()).json()["state"] == "failed"
+
+
+def test_method_options_are_documented_per_method_and_checked_by_field(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = api.client.get("/openapi.json").json()
+    options = spec["components"]["schemas"]["StreamCreate"]["properties"]["method_options"]
+    by_method = {s["title"]: s for s in options["anyOf"]}
+    assert set(by_method) == {"seq-lora options", "inc-lora options", "o-lora options",
+                              "am-lora options"}  # fmt: skip
+    lambda1 = by_method["o-lora options"]["properties"]["lambda1"]
+    assert lambda1["type"] == "number" and lambda1["default"] == 0.5 and lambda1["minimum"] == 0
+    assert by_method["am-lora options"]["properties"]["lambda1_norm"]["enum"] == ["sum", "mean"]
+    assert by_method["seq-lora options"]["properties"] == {}
+    h = api.auth("write")
+    for method, bad, field in [
+        ("o-lora", {"lambda1": -1}, "lambda1"),
+        ("am-lora", {"lambda1_norm": "max"}, "lambda1_norm"),
+        ("inc-lora", {"lambda1": 0.5}, "lambda1"),
+    ]:
+        body = {"name": "s", "base": {"kind": "tiny"}, "method": method, "method_options": bad}
+        _problem(api.client.post("/v1/streams", json=body, headers=h), 422, field)
+    assert api.dispatcher.sent == []
+    with pytest.raises(SystemExit):
+        main(["streams", "create", "--help"])
+    shown = capsys.readouterr().out
+    assert "o-lora:" in shown and "lambda1_norm (default 'sum')" in shown
+    assert "sparsity_weight (default 0.01)" in shown

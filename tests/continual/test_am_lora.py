@@ -78,12 +78,12 @@ def _reference(layer: AmLoraLinear, x: torch.Tensor, adapters: Sequence[tuple]) 
 
 def test_registry_and_options() -> None:
     assert STRATEGIES["am-lora"] is AmLora
-    assert get_strategy("am-lora", sparsity_weight=0.5).sparsity_weight == 0.5  # type: ignore[attr-defined]
+    assert get_strategy("am-lora", sparsity_weight=0.5).options.sparsity_weight == 0.5  # type: ignore[attr-defined]
     for bad in (-1.0, float("nan"), float("inf"), True, "0.1"):
         with pytest.raises(InvalidHyperparameter) as info:
             get_strategy("am-lora", sparsity_weight=bad)
         assert info.value.field == "sparsity_weight"
-    assert get_strategy("am-lora", selector_lr_scale=20).selector_lr_scale == 20.0  # type: ignore[attr-defined]
+    assert get_strategy("am-lora", selector_lr_scale=20).options.selector_lr_scale == 20.0  # type: ignore[attr-defined]
     for bad in (0, -1.0, float("nan"), float("inf"), True, "10"):
         with pytest.raises(InvalidHyperparameter) as info:
             get_strategy("am-lora", selector_lr_scale=bad)

@@ -55,8 +55,8 @@ def _stream(
 
 
 def test_routing_weight_option() -> None:
-    assert get_strategy("am-lora").routing_weight == 1.0  # type: ignore[attr-defined]
-    assert get_strategy("am-lora", routing_weight=0).routing_weight == 0.0  # type: ignore[attr-defined]
+    assert get_strategy("am-lora").options.routing_weight == 1.0  # type: ignore[attr-defined]
+    assert get_strategy("am-lora", routing_weight=0).options.routing_weight == 0.0  # type: ignore[attr-defined]
     for bad in (-1.0, float("nan"), float("inf"), True, "1"):
         with pytest.raises(InvalidHyperparameter) as info:
             get_strategy("am-lora", routing_weight=bad)

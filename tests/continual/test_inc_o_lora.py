@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from continual.config import LoraHyperparams
 from continual.data import Example, synthetic_tasks
 from continual.errors import InvalidHyperparameter
+from continual.options import OLoraOptions
 from continual.strategies import ADAPTER_FILES, STRATEGIES, Strategy, get_strategy
 from continual.strategies.inc_lora import IncLora
 from continual.strategies.o_lora import OLora, fold_adapters, subspace_overlap
@@ -103,11 +104,12 @@ def test_registry_and_options() -> None:
     for name in ("inc-lora", "o-lora"):
         assert isinstance(get_strategy(name), Strategy)
     strategy = get_strategy("o-lora", lambda1=0.1, lambda2=1)
-    assert isinstance(strategy, OLora) and (strategy.lambda1, strategy.lambda2) == (0.1, 1.0)
+    assert isinstance(strategy, OLora)
+    assert (strategy.options.lambda1, strategy.options.lambda2) == (0.1, 1.0)
     bad: list[tuple[str, object, str]] = [
         ("lambda1", -0.5, ">= 0"),
-        ("lambda1", float("nan"), ">= 0"),
-        ("lambda2", float("inf"), ">= 0"),
+        ("lambda1", float("nan"), "finite"),
+        ("lambda2", float("inf"), "finite"),
         ("lambda2", "0.1", "a number"),
         ("lambda1", True, "a number"),
     ]
@@ -154,10 +156,10 @@ def test_inc_lora_sums_frozen_adapters_and_trains_only_the_new_one(
 def test_o_lora_penalty_matches_reference_and_reaches_only_the_new_adapter(
     make_base: MakeBase, history: list[Path]
 ) -> None:
-    first = OLora(lambda2=0.0)
+    first = OLora(OLoraOptions(lambda2=0.0))
     model = first.prepare(make_base(), history=[], hyper=HYPER)
     assert first.extra_loss(model) is None  # no earlier task, no L2
-    strategy = OLora(lambda1=0.5, lambda2=0.01)
+    strategy = OLora(OLoraOptions(lambda1=0.5, lambda2=0.01))
     model = strategy.prepare(make_base(), history=history, hyper=HYPER)
     assert model.base_model.active_adapters == ["history", "task2"]
     extra = strategy.extra_loss(model)
@@ -170,7 +172,7 @@ def test_o_lora_penalty_matches_reference_and_reaches_only_the_new_adapter(
     torch.testing.assert_close(extra.double(), expected, rtol=1e-5, atol=0)
     model.train()
     _grads_only_on(model, "task2", extra)
-    l1_only = OLora(lambda1=2.0)
+    l1_only = OLora(OLoraOptions(lambda1=2.0))
     model = l1_only.prepare(make_base(), history=history[:1], hyper=HYPER)
     assert model.base_model.active_adapters == ["task0", "task1"]  # one earlier: nothing folded
     extra = l1_only.extra_loss(model)
@@ -183,10 +185,10 @@ def test_o_lora_penalty_matches_reference_and_reaches_only_the_new_adapter(
 def test_o_lora_mean_norm_averages_the_overlap_over_layers_per_earlier_rank(
     make_base: MakeBase, history: list[Path]
 ) -> None:
-    summed = OLora(lambda1=0.5)
+    summed = OLora(OLoraOptions(lambda1=0.5))
     model = summed.prepare(make_base(), history=history, hyper=HYPER)
     raw = summed.extra_loss(model)
-    mean = OLora(lambda1=0.5, lambda1_norm="mean")
+    mean = OLora(OLoraOptions(lambda1=0.5, lambda1_norm="mean"))
     model = mean.prepare(make_base(), history=history, hyper=HYPER)
     states = [load_file(adapter / "adapter_model.safetensors") for adapter in history]
     per_layer = []
@@ -201,7 +203,7 @@ def test_o_lora_mean_norm_averages_the_overlap_over_layers_per_earlier_rank(
     torch.testing.assert_close(extra.double(), expected, rtol=1e-5, atol=0)
     assert float(raw) > 10 * float(extra)  # same adapters (same seeds), far smaller term
     with pytest.raises(InvalidHyperparameter) as info:
-        OLora(lambda1_norm="max")
+        OLora(OLoraOptions(lambda1_norm="max"))
     assert info.value.field == "lambda1_norm" and "sum, mean" in info.value.reason
 
 
@@ -217,15 +219,15 @@ def _new_matrices(model: PeftModel, name: str) -> list[tuple[torch.nn.Parameter,
 def test_o_lora_update_norm_is_the_weight_change_and_leaves_a_alone_while_b_is_zero(
     make_base: MakeBase, history: list[Path]
 ) -> None:
-    params_norm = OLora(lambda1=0.0, lambda2=0.01)
-    update_norm = OLora(lambda1=0.0, lambda2=0.01, lambda2_norm="update")
+    params_norm = OLora(OLoraOptions(lambda1=0.0, lambda2=0.01))
+    update_norm = OLora(OLoraOptions(lambda1=0.0, lambda2=0.01, lambda2_norm="update"))
     grads = {}
     for strategy in (params_norm, update_norm):
         model = strategy.prepare(make_base(), history=history, hyper=HYPER)
         extra = strategy.extra_loss(model)
         assert extra is not None
         extra.backward()
-        grads[strategy.lambda2_norm] = [float(a.grad.abs().sum()) for a, _, _ in
+        grads[strategy.options.lambda2_norm] = [float(a.grad.abs().sum()) for a, _, _ in
                                         _new_matrices(model, "task2")]  # fmt: skip
     # B = 0 at the start: the weight change and its gradient on A are 0, the paper's term's not
     assert len(grads["update"]) == 2 * 7 and not any(grads["update"])
@@ -246,7 +248,7 @@ def test_o_lora_update_norm_is_the_weight_change_and_leaves_a_alone_while_b_is_z
     model.train()
     _grads_only_on(model, "task2", extra)
     with pytest.raises(InvalidHyperparameter) as info:
-        OLora(lambda2_norm="squared")
+        OLora(OLoraOptions(lambda2_norm="squared"))
     assert info.value.field == "lambda2_norm" and "params, update" in info.value.reason
 
 
@@ -317,7 +319,7 @@ def test_o_lora_overlap_falls_during_training(
     hyper = LoraHyperparams(rank=4, max_steps=30, batch_size=2, learning_rate=1e-2)
     overlaps: dict[str, tuple[float, float]] = {}
     models: dict[str, PeftModel] = {}
-    for strategy in (IncLora(), OLora(lambda1=0.5)):
+    for strategy in (IncLora(), OLora(OLoraOptions(lambda1=0.5))):
         model = strategy.prepare(make_base(), history=history, hyper=hyper)
         before = subspace_overlap(model)
         state = {k: v.clone() for k, v in model.state_dict().items() if ".task2." not in k}
@@ -383,7 +385,7 @@ def test_o_lora_orthogonal_init_starts_the_penalty_at_zero(
 ) -> None:
     random_init = OLora()
     plain = random_init.prepare(make_base(), history=history, hyper=HYPER)
-    strategy = OLora(orthogonal_init=True)
+    strategy = OLora(OLoraOptions(orthogonal_init=True))
     model = strategy.prepare(make_base(), history=history, hyper=HYPER)
     assert subspace_overlap(plain) > 0.02
     assert subspace_overlap(model) < 1e-10
@@ -399,4 +401,4 @@ def test_o_lora_orthogonal_init_starts_the_penalty_at_zero(
     train(model, tokenizer, EXAMPLES, hyper, extra_loss=strategy.extra_loss)
     assert subspace_overlap(model) < 0.02  # the penalty keeps it near orthogonal
     with pytest.raises(InvalidHyperparameter):
-        OLora(orthogonal_init="yes")  # type: ignore[arg-type]
+        OLora(OLoraOptions(orthogonal_init="yes"))  # type: ignore[arg-type]

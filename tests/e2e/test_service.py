@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +28,9 @@ from api.app import create_app
 from continual.data import synthetic_tasks
 from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
-from services.broker import CeleryDispatcher, make_celery
+from services.broker import CeleryDispatcher, CeleryPredictor, make_celery
 from services.dispatch import Dispatcher
+from services.predict import PredictQuery
 from services.scheduler import tick
 from tests.harness import celery_workers, serve, server_env, settings_kwargs
 from workers.inprocess import InProcessWorker
@@ -57,10 +59,14 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]
         env.update({f"STRATA_{k.upper()}": v for k, v in WORKER_KNOBS.items()})
         settings = StrataSettings(**settings_kwargs(env))
         inst = open_instance(settings, upgrade=False)
-        dispatcher: Dispatcher = CeleryDispatcher(make_celery(settings))
-        workers = celery_workers(env, tmp_path / "workers", count=2)
-        with workers, serve(create_app(inst, dispatcher)) as url:
-            yield _service(url, inst, dispatcher)
+        celery = make_celery(settings)
+        dispatcher: Dispatcher = CeleryDispatcher(celery)
+        # the API process asks a predict worker (a third process) and never loads a model
+        predictor = CeleryPredictor(celery, timeout_s=120)
+        with celery_workers(env, tmp_path / "workers", count=2) as workers:
+            workers.start("predict", queues="predict", pool="threads")
+            with serve(create_app(inst, dispatcher, predictor)) as url:
+                yield _service(url, inst, dispatcher)
         redis.Redis.from_url(settings.broker_url).flushdb()
     else:
         knobs = {k: float(v) if "." in v or k.endswith("_s") else int(v)
@@ -161,6 +167,18 @@ def test_two_streams_train_in_order_side_by_side_with_lineage_cancel_and_schedul
     assert f"snapshot:{snap['id']}" in nodes
     ev = httpx.get(f"{svc.url}/v1/streams/news/evaluations", headers=svc.headers).json()
     assert len(ev["values"]) == 3 and ev["backward_transfer"] is not None
+
+    # a prediction through the app's predictor (the server's runs on the predict worker) is
+    # the one this process computes from the same stored state
+    query = {"inputs": ["some words to classify", "and more"], "task": "n1"}
+    said = httpx.post(f"{svc.url}/v1/streams/news/predict", json=query, headers=svc.headers,
+                      timeout=120)  # fmt: skip
+    assert said.status_code == 200, said.text
+    here = InProcessPredictor(svc.inst).predict(
+        PredictQuery(stream="news", inputs=tuple(query["inputs"]), task="n1"),
+        cancel=threading.Event(),
+    )
+    assert said.json() == here and len(here["predictions"]) == 2
 
     # cancelling a running job ends it `cancelled`, with nothing published
     long = _submit(svc, "reviews", "slow", seed=5, max_steps=100_000, batch_size=8, rank=4)
