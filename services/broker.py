@@ -52,6 +52,9 @@ def make_celery(settings: StrataSettings) -> Celery:
         task_publish_retry_policy={
             "max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5,
         },
+        # the result backend (predictions' answers) is the broker's Redis, with its timeouts
+        redis_socket_timeout=settings.broker_timeout_s,
+        redis_socket_connect_timeout=settings.broker_timeout_s,
         broker_transport_options={
             "visibility_timeout": settings.broker_visibility_timeout_s,
             "socket_timeout": settings.broker_timeout_s,
@@ -87,7 +90,11 @@ class CeleryDispatcher:
         if time.monotonic() < self._down_until:
             raise Unavailable("the broker did not answer a moment ago; not trying again yet")
         try:
-            self.celery.send_task(RUN_JOB, args=[job.id], queue=queue_for(job.kind))
+            # no result: a job's state is in the database (and with a result, the send would
+            # also subscribe to the result backend, one more connection that could hang)
+            self.celery.send_task(
+                RUN_JOB, args=[job.id], queue=queue_for(job.kind), ignore_result=True
+            )
         except Exception:
             with self._lock:
                 self._down_until = time.monotonic() + self._timeout_s

@@ -30,10 +30,11 @@ LONG_RUNNING = {
     "api",
     "worker",
     "worker-default",
+    "worker-predict",
     "scheduler",
     "flower",
 }
-APP = {"api", "worker", "worker-default", "scheduler", "flower"}
+APP = {"api", "worker", "worker-default", "worker-predict", "scheduler", "flower"}
 # What a worker or the API needs before its first query, upload or message.
 READY = {
     "migrate": "service_completed_successfully",
@@ -107,7 +108,6 @@ def test_config_refuses_a_missing_secret(tmp_path: Path, name: str, value: str |
 def test_services(config: dict[str, Any]) -> None:
     services = config["services"]
     assert set(services) == ONE_SHOT | LONG_RUNNING
-    assert len(services) == 10
     for name in ONE_SHOT:
         assert services[name]["restart"] == "no", name
     for name in LONG_RUNNING:
@@ -125,6 +125,8 @@ def test_commands_and_ports(config: dict[str, Any]) -> None:
     default = " ".join(services["worker-default"]["command"])
     assert default.startswith("celery -A workers.celery_app worker -Q default -P threads -c 4")
     assert "-n default@%h" in default
+    predict = " ".join(services["worker-predict"]["command"])  # the API's predictions
+    assert predict.startswith("celery -A workers.celery_app worker -Q predict -P threads")
     assert services["scheduler"]["command"] == ["strata", "scheduler"]
     assert services["flower"]["command"][:4] == ["celery", "-A", "workers.celery_app", "flower"]
     assert "--port=5555" in services["flower"]["command"]
@@ -152,7 +154,7 @@ def test_start_order(config: dict[str, Any]) -> None:
     def conditions(name: str) -> dict[str, str]:
         return {dep: c["condition"] for dep, c in services[name].get("depends_on", {}).items()}
 
-    for name in ("api", "worker", "worker-default"):
+    for name in ("api", "worker", "worker-default", "worker-predict"):
         assert conditions(name) == READY, name
     assert conditions("scheduler") == {
         "migrate": "service_completed_successfully",
