@@ -39,9 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # uvicorn's supervisor pings each server process and replaces one that does not answer in time
-# (5 s by default). A starting process imports the training stack (torch, transformers: about
-# 6 s on a quiet 2-core machine, more on a busy one), so the default replaced processes that were
-# only slow to start, again and again (tests/api/test_cli_service.py, under a full suite).
+# (5 s by default). The API process no longer imports the training stack, but a starting process
+# on a busy 2-core machine still took longer than that (tests/api/test_cli_service.py under a full
+# suite), and the default replaced processes that were only slow to start, again and again.
 HEALTHCHECK_TIMEOUT_S = 60
 
 

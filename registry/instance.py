@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from registry.artifacts import ArtifactStore, LocalStore, MinioStore
+from registry.artifacts import ArtifactStore, LocalStore
 from registry.settings import StrataSettings
 from registry.store import Registry, SqlRegistry, open_registry
 
@@ -28,6 +28,8 @@ def open_artifact_store(settings: StrataSettings, *, retry_s: float | None = Non
     if settings.artifact_backend == "local":
         return LocalStore(settings.resolved_artifact_dir)
     assert settings.minio_access_key and settings.minio_secret_key  # checked by the settings
+    from registry.artifacts.minio import MinioStore  # only on the server deployment
+
     return MinioStore(
         endpoint=settings.minio_endpoint,
         access_key=settings.minio_access_key.get_secret_value(),
