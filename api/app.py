@@ -21,7 +21,17 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
-from api.routes import adapters, evaluations, jobs, lineage, predict, schedules, streams, tasks
+from api.routes import (
+    adapters,
+    datasets,
+    evaluations,
+    jobs,
+    lineage,
+    predict,
+    schedules,
+    streams,
+    tasks,
+)
 from api.routes import tokens as token_routes
 from registry.errors import RegistryError
 from registry.instance import Instance
@@ -69,8 +79,8 @@ def create_app(
     app.state.predict_slots = predict.Slots(inst.settings.predict_concurrency)
     errors.install(app)
     v1 = APIRouter(prefix=f"/{API_VERSION}")
-    for module in (streams, tasks, jobs, adapters, lineage, evaluations, predict, schedules,
-                   token_routes):  # fmt: skip
+    for module in (streams, tasks, datasets, jobs, adapters, lineage, evaluations, predict,
+                   schedules, token_routes):  # fmt: skip
         v1.include_router(module.router)
     app.include_router(v1)
 

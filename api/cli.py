@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from api import cli_client, cli_service
+from api import cli_client, cli_datasets, cli_service
 from api.render import lineage_tree, matrix_report
 from registry.entities import JobState, NodeKind, NodeRef
 from registry.errors import InvalidValue, RegistryError
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=cmd_migrate)
     cli_service.register(sub)
     cli_client.register(sub)
+    cli_datasets.register(sub)
     return parser
 
 

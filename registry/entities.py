@@ -133,6 +133,16 @@ class NewDataset:
 
 
 @dataclass(frozen=True)
+class DatasetVersion:
+    """Version `version` of a task's data (1: what the task was submitted with)."""
+
+    task_id: int
+    version: int
+    dataset: Dataset
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class Task:
     id: int
     stream_id: int

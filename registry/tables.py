@@ -122,6 +122,19 @@ class TaskRow(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class TaskDatasetRow(Base):
+    """A task's dataset versions, 1, 2, ... in upload order: version 1 is the dataset the task
+    was submitted with; a retrain may train on any of them."""
+
+    __tablename__ = "task_datasets"
+    __table_args__ = (UniqueConstraint("task_id", "version"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class JobRow(Base):
     __tablename__ = "jobs"
     __table_args__ = (Index("ix_jobs_stream_state", "stream_id", "state"),)

@@ -23,7 +23,7 @@ def check_method_options(method: str, options: dict[str, Any]) -> None:
 
 JOB_PARAMS = frozenset(
     {"method", "hyperparams", "options", "eval_limit", "checkpoint_every", "dataset_id",
-     "schedule_id"}
+     "schedule_id", "dataset_version", "replay"}
 )  # fmt: skip
 
 
@@ -70,7 +70,7 @@ def training_setup(
         raise InvalidHyperparameter(
             field=unknown[0], reason=f"not a job parameter (known: {sorted(JOB_PARAMS)})"
         )
-    for key in ("eval_limit", "checkpoint_every", "dataset_id", "schedule_id"):
+    for key in ("eval_limit", "checkpoint_every", "dataset_id", "schedule_id", "dataset_version"):
         value = params.get(key)
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1

@@ -5,6 +5,7 @@ The handlers of train, retrain and evaluate jobs (`workers.runner` dispatches to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -16,10 +17,11 @@ from continual.data import TaskData
 from continual.strategies import Strategy
 from continual.training import train
 from registry.artifacts import put_tree
-from registry.entities import AdapterStatus, AdapterVersion, Job, Snapshot, Task
+from registry.entities import AdapterStatus, AdapterVersion, Job, JobKind, Snapshot, Task
 from registry.errors import Conflict
 from registry.instance import Instance
 from services.datasets import load_dataset
+from services.retraining import replay_examples
 from services.setup import TrainingSetup, recorded_setup, training_setup
 from services.trees import fetch_tree
 from workers.evaluation import evaluate_row
@@ -82,6 +84,8 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     checkpoint, and a job whose adapter is already published only re-evaluates."""
     reg = inst.registry
     plan = _plan(inst, job)
+    if plan.published is None and _already_trained(inst, job, plan, reporter):
+        return
     strategy = plan.setup.strategy()
     memory = memory_dirs(inst, plan.snapshot, plan.setup.method)  # O-LoRA: folded tasks
     history_dirs = memory + [fetch_tree(inst, v.artifact_digest or "") for v in plan.history]
@@ -96,6 +100,7 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
         reporter.event(f"adapter {plan.task.name} v{version.version} was published by this job")
     else:
         data = load_dataset(inst, reg.tasks.get_dataset_by_id(plan.dataset_id))
+        data = _with_replay(inst, job, plan, data, reporter)
         model = strategy.prepare(base, history=history_dirs, hyper=plan.setup.hyper)
         digest, metrics = _fit(inst, job, reporter, model=model, strategy=strategy,
                                tokenizer=tokenizer, plan=plan, data=data,
@@ -122,6 +127,42 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     own = [s for s in scores if s.task.id == plan.task.id]
     if own:
         reg.adapters.update_metrics(version.id, {own[0].metric: own[0].value})
+
+
+def _already_trained(inst: Instance, job: Job, plan: _TrainPlan, reporter: JobReporter) -> bool:
+    """A scheduled retrain of the task's newest data that an adapter of the task was already
+    trained on has nothing to learn: it ends with the event "no new data"."""
+    version = job.params.get("dataset_version")
+    if job.kind is not JobKind.RETRAIN or "schedule_id" not in job.params or version is None:
+        return False
+    versions = inst.registry.adapters.list_versions(
+        stream_id=plan.task.stream_id, task_id=plan.task.id, limit=10_000
+    )
+    trained = [v for v in versions
+               if v.dataset_id == plan.dataset_id and v.status is AdapterStatus.READY]  # fmt: skip
+    if not trained:
+        return False
+    reporter.event(
+        f"no new data: dataset version {version} of {plan.task.name} is already trained "
+        f"(adapter v{trained[-1].version}); nothing to retrain"
+    )
+    return True
+
+
+def _with_replay(
+    inst: Instance, job: Job, plan: _TrainPlan, data: TaskData, reporter: JobReporter
+) -> TaskData:
+    """The job's training data with `params.replay` of the earlier versions' examples mixed in
+    (drawn with the job's seed: a re-run draws the same)."""
+    share = float(job.params.get("replay") or 0.0)
+    version = job.params.get("dataset_version")
+    if share <= 0 or version is None:
+        return data
+    extra = replay_examples(inst, task_id=plan.task.id, before_version=int(version), share=share,
+                            seed=plan.setup.hyper.seed + job.id)  # fmt: skip
+    reporter.event(f"replaying {len(extra)} examples of earlier dataset versions "
+                   f"with {len(data.train)} of version {version}")  # fmt: skip
+    return dataclasses.replace(data, train=(*data.train, *extra))
 
 
 def _fit(

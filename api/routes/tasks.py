@@ -47,7 +47,7 @@ def submit(
     ] = None,
 ) -> object:
     """Queue a task: its training job runs after the stream's earlier jobs, in order."""
-    job_params = _json_form("params", params, dict) or {}
+    job_params = json_form("params", params, dict) or {}
     if dataset is not None:
         if train is not None or test is not None:
             raise ProblemError(
@@ -72,7 +72,7 @@ def submit(
             format=format,
             train=train.file,  # read as it streams from the spooled file, never whole
             test=test.file if test is not None else None,
-            labels=_json_form("labels", labels, list),
+            labels=json_form("labels", labels, list),
             holdout=holdout,
             limits=UploadLimits(
                 max_examples=settings.max_examples,
@@ -93,7 +93,7 @@ def list_tasks(stream: StreamDep, inst: InstDep, _: ReadToken) -> object:
     return {"data": tasks, "count": len(tasks)}
 
 
-def _json_form(field: str, raw: str | None, kind: type) -> Any:
+def json_form(field: str, raw: str | None, kind: type) -> Any:
     if raw is None or raw == "":
         return None
     try:

@@ -18,7 +18,7 @@ from registry.errors import Conflict, InvalidReference, InvalidValue, NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database
 from registry.store.jobs import insert_job
-from registry.tables import ScheduleRow, StreamRow, TaskRow, utcnow
+from registry.tables import ScheduleRow, StreamRow, TaskDatasetRow, TaskRow, utcnow
 
 SCHEDULE_KINDS = (JobKind.RETRAIN, JobKind.CONSOLIDATE)
 
@@ -101,14 +101,25 @@ class SqlScheduleStore:
             if stream.deleted_at is not None or stream.state == StreamState.FAILED.value:
                 row.deleted_at = now  # its stream's import failed: it can never run
                 return None
-            dataset_id = None
-            if row.task_id is not None:
-                dataset_id = (
-                    row.params.get("dataset_id") or s.get_one(TaskRow, row.task_id).dataset_id
+            params: dict[str, Any] = {**row.params, "schedule_id": row.id}
+            dataset_id = row.params.get("dataset_id")  # a schedule may pin one dataset
+            if row.task_id is not None and dataset_id is None:
+                # the task's newest data when it fires (the job skips it if already trained)
+                newest = s.scalar(
+                    select(TaskDatasetRow)
+                    .where(TaskDatasetRow.task_id == row.task_id)
+                    .order_by(TaskDatasetRow.version.desc())
+                    .limit(1)
                 )
+                if newest is None:
+                    dataset_id = s.get_one(TaskRow, row.task_id).dataset_id
+                else:
+                    dataset_id = newest.dataset_id
+                    params["dataset_version"] = newest.version
+                params["dataset_id"] = dataset_id
             job = insert_job(
                 s, kind=JobKind(row.kind), stream_id=row.stream_id, task_id=row.task_id,
-                params={**row.params, "schedule_id": row.id}, dataset_id=dataset_id,
+                params=params, dataset_id=dataset_id,
             )  # fmt: skip
             row.last_run_at, row.last_job_id, row.next_run_at = now, job.id, next_run_at
             return convert.job(job)

@@ -8,12 +8,12 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from registry.entities import Dataset, Job, JobKind, NewDataset, Task
+from registry.entities import Dataset, DatasetVersion, Job, JobKind, NewDataset, Task
 from registry.errors import AlreadyExists, InvalidReference, InvalidValue, NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database, lock
 from registry.store.jobs import insert_job
-from registry.tables import DatasetRow, StreamRow, TaskRow
+from registry.tables import DatasetRow, StreamRow, TaskDatasetRow, TaskRow
 from registry.validation import check_digest, check_name
 
 
@@ -107,6 +107,7 @@ class SqlTaskStore:
             row = TaskRow(stream_id=stream_id, name=name, position=position, dataset_id=dataset.id)
             s.add(row)
             s.flush()
+            s.add(TaskDatasetRow(task_id=row.id, version=1, dataset_id=dataset.id))
             job = insert_job(
                 s,
                 kind=JobKind.TRAIN,
@@ -118,6 +119,65 @@ class SqlTaskStore:
             return convert.task(row, dataset.digest), convert.job(job)
 
         return self._db.allocate(attempt, what="a task position")
+
+    # -- dataset versions -----------------------------------------------------------------------
+    def add_version(self, task_id: int, new: NewDataset) -> tuple[DatasetVersion, bool]:
+        """A new version of the task's data (its blob already stored), numbered after the
+        newest; `(version, True)`. The same content as the newest version is that version:
+        `(newest, False)`. Content seen before under another digest's row is reused."""
+        _check_dataset(new)
+
+        def attempt(s: Session) -> tuple[DatasetVersion, bool]:
+            task = lock(s, TaskRow, task_id)
+            if task is None or task.deleted_at is not None:
+                raise NotFound(f"task {task_id} not found", field="task")
+            newest = _newest(s, task_id)
+            dataset = _dataset_row(s, new)
+            if newest is not None and newest.dataset_id == dataset.id:
+                return _version(s, newest), False
+            row = TaskDatasetRow(task_id=task_id, version=(newest.version if newest else 0) + 1,
+                                 dataset_id=dataset.id)  # fmt: skip
+            s.add(row)
+            s.flush()
+            return _version(s, row), True
+
+        return self._db.allocate(attempt, what="a dataset version")
+
+    def list_versions(self, task_id: int) -> list[DatasetVersion]:
+        with self._db.tx() as s:
+            rows = s.scalars(
+                select(TaskDatasetRow)
+                .where(TaskDatasetRow.task_id == task_id)
+                .order_by(TaskDatasetRow.version)
+            )
+            return [_version(s, r) for r in rows]
+
+    def get_version(self, task_id: int, ref: str | int = "latest") -> DatasetVersion:
+        """Version `ref` of the task's data: "latest", a version number, or a dataset digest
+        (its newest version). NotFound names the field `dataset`."""
+        with self._db.tx() as s:
+            query = select(TaskDatasetRow).where(TaskDatasetRow.task_id == task_id)
+            if isinstance(ref, int) and not isinstance(ref, bool):
+                row = s.scalar(query.where(TaskDatasetRow.version == ref))
+            elif ref == "latest":
+                row = _newest(s, task_id)
+            elif isinstance(ref, str) and ref.isdigit():
+                row = s.scalar(query.where(TaskDatasetRow.version == int(ref)))
+            elif isinstance(ref, str):
+                check_digest(ref, field="dataset")
+                row = s.scalar(
+                    query.join(DatasetRow, DatasetRow.id == TaskDatasetRow.dataset_id)
+                    .where(DatasetRow.digest == ref)
+                    .order_by(TaskDatasetRow.version.desc())
+                    .limit(1)
+                )
+            else:
+                raise InvalidValue("must be 'latest', a version number or a digest",
+                                   field="dataset")  # fmt: skip
+            if row is None:
+                raise NotFound(f"dataset version {ref} of task {task_id} not found",
+                               field="dataset")  # fmt: skip
+            return _version(s, row)
 
     def get(self, *, stream_id: int, name: str) -> Task:
         check_name(name, field="task")
@@ -148,6 +208,21 @@ class SqlTaskStore:
                 .order_by(TaskRow.position)
             )
             return [_task(s, r) for r in rows]
+
+
+def _newest(s: Session, task_id: int) -> TaskDatasetRow | None:
+    return s.scalar(
+        select(TaskDatasetRow)
+        .where(TaskDatasetRow.task_id == task_id)
+        .order_by(TaskDatasetRow.version.desc())
+        .limit(1)
+    )
+
+
+def _version(s: Session, row: TaskDatasetRow) -> DatasetVersion:
+    dataset = convert.dataset(s.get_one(DatasetRow, row.dataset_id))
+    return DatasetVersion(task_id=row.task_id, version=row.version, dataset=dataset,
+                          created_at=convert.aware(row.created_at))  # fmt: skip
 
 
 def _task(s: Session, row: TaskRow) -> Task:

@@ -1,0 +1,48 @@
+"""dataset versions: a task's data may grow (task_datasets, version 1 = its submitted dataset)
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-04 12:00:00
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def upgrade() -> None:
+    op.create_table(
+        "task_datasets",
+        sa.Column("id", Id, nullable=False),
+        sa.Column("task_id", Id, nullable=False),
+        sa.Column("version", sa.Integer(), nullable=False),
+        sa.Column("dataset_id", Id, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["task_id"], ["tasks.id"], name=op.f("fk_task_datasets_task_id_tasks")
+        ),
+        sa.ForeignKeyConstraint(
+            ["dataset_id"], ["datasets.id"], name=op.f("fk_task_datasets_dataset_id_datasets")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_task_datasets")),
+        sa.UniqueConstraint("task_id", "version", name=op.f("uq_task_datasets_task_id_version")),
+    )
+    # every task written before has one version: the dataset it was submitted with
+    op.execute(
+        "INSERT INTO task_datasets (task_id, version, dataset_id, created_at) "
+        "SELECT id, 1, dataset_id, created_at FROM tasks"
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("task_datasets")
