@@ -20,7 +20,7 @@ import torch
 from continual.batching import completion_loss, encode_pair, pad_batch, pad_id_of
 from continual.config import LoraHyperparams
 from continual.data import load_cl_benchmark
-from continual.options import LAMBDA1_NORMS
+from continual.options import LAMBDA1_NORMS, OLoraOptions
 from continual.strategies import OLora, get_strategy
 from continual.strategies.o_lora import overlap_penalty
 from continual.training import train
@@ -39,7 +39,7 @@ def main() -> None:
     model = inc.prepare(copy.deepcopy(base), history=[], hyper=hyper)
     train(model, tok, first.train, hyper)
     inc.save_adapter(model, work / "t0")
-    olora = OLora(lambda1=0.0, lambda2=0.0)
+    olora = OLora(OLoraOptions(lambda1=0.0, lambda2=0.0))
     model = olora.prepare(copy.deepcopy(base), history=[work / "t0"], hyper=hyper)
     train(model, tok, second.train, hyper)
     assert olora._prepared is not None

@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from continual.config import LoraHyperparams
 from continual.data import Example, synthetic_tasks
 from continual.errors import InvalidHyperparameter
+from continual.options import AmLoraOptions
 from continual.strategies import ADAPTER_FILES, STRATEGIES, AmLora, get_strategy
 from continual.strategies.am_lora import SELECTOR_FILE, am_lora_layers
 from continual.strategies.am_lora_layer import AmLoraLinear, stack_adapters
@@ -166,7 +167,7 @@ def test_only_the_new_adapter_and_the_selector_train(
     make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
     history = _history(make_base, tmp_path, 2)
-    strategy = AmLora(sparsity_weight=0.1)
+    strategy = AmLora(AmLoraOptions(sparsity_weight=0.1))
     model = strategy.prepare(make_base(), history=history, hyper=HYPER)
     trainable = {name.rsplit(".", 1)[-1] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A", "lora_B", "selector_weight", "selector_bias"}
@@ -193,7 +194,7 @@ def test_selector_lr_scale_trains_the_selector_faster(
 ) -> None:
     """Adam's first step moves each entry by about its group's rate: the selector's is 30x."""
     history = _history(make_base, tmp_path, 1)
-    strategy = AmLora(selector_lr_scale=30.0)
+    strategy = AmLora(AmLoraOptions(selector_lr_scale=30.0))
     model = strategy.prepare(make_base(), history=history, hyper=HYPER)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hyper = dataclasses.replace(HYPER, max_steps=1, warmup_ratio=0.0, weight_decay=0.0)
@@ -239,7 +240,7 @@ def test_sparsity_penalty_lowers_the_selector_entropy(
     for weight in (0.0, 0.1, 1.0):
         # The selector at the run's rate (1e-2, ten times a real run's): at 30x it settles on
         # one adapter within these 20 steps even without the penalty.
-        strategy = AmLora(sparsity_weight=weight, selector_lr_scale=1.0)
+        strategy = AmLora(AmLoraOptions(sparsity_weight=weight, selector_lr_scale=1.0))
         model = strategy.prepare(make_base(), history=history, hyper=hyper)
         assert _entropy(model, IDS) == pytest.approx(start, abs=1e-5)
         train(model, tokenizer, examples, hyper, extra_loss=strategy.extra_loss)
@@ -250,10 +251,10 @@ def test_sparsity_penalty_lowers_the_selector_entropy(
 
 def test_sparsity_term_is_the_gini_impurity(make_base: MakeBase, tmp_path: Path) -> None:
     model = AmLora().prepare(make_base(), history=_history(make_base, tmp_path, 1), hyper=HYPER)
-    strategy = AmLora(sparsity_weight=0.5)
+    strategy = AmLora(AmLoraOptions(sparsity_weight=0.5))
     with pytest.raises(RuntimeError, match="needs a forward pass"):
         strategy.extra_loss(model)
-    assert AmLora(sparsity_weight=0.0).extra_loss(model) is None
+    assert AmLora(AmLoraOptions(sparsity_weight=0.0)).extra_loss(model) is None
     model.train()
     model(input_ids=IDS)
     layers = am_lora_layers(model).values()

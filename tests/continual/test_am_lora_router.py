@@ -17,6 +17,7 @@ from continual.config import LoraHyperparams
 from continual.data import TaskData, synthetic_tasks
 from continual.errors import InvalidHyperparameter
 from continual.evaluation import label_scores
+from continual.options import AmLoraOptions
 from continual.strategies import AmLora, get_strategy
 from continual.strategies.am_lora import SELECTOR_FILE, am_lora_layers
 from continual.strategies.am_lora_router import COUNTS, MEANS, ROUTER_MODULE, WITHIN, TaskRouter
@@ -185,7 +186,7 @@ def test_a_stream_started_without_routing_is_mixed_by_the_selector_alone(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    unrouted = AmLora(routing_weight=0)
+    unrouted = AmLora(AmLoraOptions(routing_weight=0))
     history = _stream(make_base, tokenizer, SMALL[:2], tmp_path, strategy=unrouted)
     assert not set(load_file(str(history[-1] / SELECTOR_FILE))) & {MEANS, COUNTS, WITHIN}
     routed = AmLora()

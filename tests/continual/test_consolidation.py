@@ -17,6 +17,7 @@ from continual.consolidation import (
     load_memory_adapter,
     save_memory_adapter,
 )
+from continual.options import OLoraOptions
 from continual.strategies.inc_lora import IncLora
 from continual.strategies.o_lora import OLora
 from tests.continual.test_inc_o_lora import IDS, _random_adapter, _summed_reference
@@ -117,6 +118,6 @@ def test_o_lora_keeps_new_adapters_orthogonal_to_folded_tasks(
     model = strategy.prepare(make_base(), history=[tmp_path / "memory"], hyper=hyper)
     penalty = strategy.extra_loss(model)
     assert penalty is not None and float(penalty.detach()) > 0.1
-    orthogonal = OLora(orthogonal_init=True)
+    orthogonal = OLora(OLoraOptions(orthogonal_init=True))
     model = orthogonal.prepare(make_base(), history=[tmp_path / "memory"], hyper=hyper)
     assert float(orthogonal.extra_loss(model) or 0) < 1e-4
