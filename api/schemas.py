@@ -175,6 +175,7 @@ class AdapterVersionPublic(_Out):
     status: str
     created_at: datetime
     aliases: list[str]
+    tags: dict[str, str] = Field(description="Free-form key: value labels (PUT .../tags).")
 
 
 class AdapterVersionsPublic(_Out):

@@ -171,6 +171,7 @@ class AdapterVersion:
     status: AdapterStatus
     created_at: datetime
     aliases: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

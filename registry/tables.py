@@ -240,6 +240,7 @@ class AdapterVersionRow(Base):
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    tags: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # NULL: none (before 0006)
 
 
 class AdapterAliasRow(Base):

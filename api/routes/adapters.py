@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Generator
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 import anyio
@@ -22,7 +22,7 @@ from api.schemas import (
     SnapshotsPublic,
 )
 from registry.entities import AdapterVersion, Snapshot, Stream
-from registry.errors import Conflict
+from registry.errors import Conflict, InvalidValue
 from registry.instance import Instance
 from services.archives import MEDIA_TYPES, ArchiveFormat, tree_archive
 
@@ -55,12 +55,44 @@ def list_adapters(
     task: Annotated[str | None, Query(description="Only this task's versions")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: Cursor = 0,
+    tag: Annotated[
+        list[str] | None, Query(description="key:value; repeat it for versions with every one")
+    ] = None,
+    min_accuracy: Annotated[
+        float | None, Query(ge=0, le=1, description="metrics.accuracy at least this (0-1)")
+    ] = None,
+    order_by: Annotated[
+        Literal["id", "accuracy"], Query(description="id (oldest first) or accuracy (best first)")
+    ] = "id",
 ) -> object:
+    """The stream's adapter versions, a page at a time; with `tag`, `min_accuracy` or
+    `order_by=accuracy`, a search whose first `limit` matches are the one page."""
     task_id = inst.registry.tasks.get(stream_id=stream.id, name=task).id if task else None
+    tags: dict[str, str] = {}
+    for pair in tag or []:
+        key, colon, value = pair.partition(":")
+        if not colon or not key:
+            raise InvalidValue(f"expects key:value, got {pair!r}", field="tag")
+        tags[key] = value
     page = inst.registry.adapters.list_versions(
-        stream_id=stream.id, task_id=task_id, limit=limit, after_id=cursor
-    )
-    return {"data": page, "next_cursor": page[-1].id if len(page) == limit else None}
+        stream_id=stream.id, task_id=task_id, limit=limit, after_id=cursor, tags=tags,
+        min_accuracy=min_accuracy, order_by=order_by,
+    )  # fmt: skip
+    search = bool(tags) or min_accuracy is not None or order_by != "id"
+    more = len(page) == limit and not search
+    return {"data": page, "next_cursor": page[-1].id if more else None}
+
+
+@router.put(
+    "/streams/{stream}/tasks/{task}/adapters/{ref}/tags", response_model=AdapterVersionPublic
+)
+def set_tags(
+    stream: StreamDep, task: str, ref: str, body: dict[str, str], inst: InstDep, _: WriteToken
+) -> object:
+    """Replace the version's tags with `body`, an object of names to strings (an empty
+    object clears them)."""
+    version = _version(inst, stream, task, ref)
+    return inst.registry.adapters.set_tags(version.id, body)
 
 
 @router.get("/streams/{stream}/tasks/{task}/adapters/{ref}", response_model=AdapterVersionPublic)

@@ -1,4 +1,5 @@
-"""dataset versions: a task's data may grow (task_datasets, version 1 = its submitted dataset)
+"""retraining: dataset versions (task_datasets, version 1 = a task's submitted dataset) and
+tags on adapter versions
 
 Revision ID: 0006
 Revises: 0005
@@ -42,7 +43,9 @@ def upgrade() -> None:
         "INSERT INTO task_datasets (task_id, version, dataset_id, created_at) "
         "SELECT id, 1, dataset_id, created_at FROM tasks"
     )
+    op.add_column("adapter_versions", sa.Column("tags", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("adapter_versions", "tags")
     op.drop_table("task_datasets")

@@ -117,6 +117,7 @@ def adapter(row: AdapterVersionRow, task_name: str, aliases: tuple[str, ...]) ->
         status=AdapterStatus(row.status),
         created_at=aware(row.created_at),
         aliases=aliases,
+        tags=dict(row.tags or {}),
     )
 
 

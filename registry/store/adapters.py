@@ -13,6 +13,7 @@ from registry.entities import AdapterStatus, AdapterVersion, NodeKind, Relation
 from registry.errors import Conflict, InvalidReference, InvalidValue, NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database, add_edges, lock, ref
+from registry.store._search import ORDERS, check_tags, search
 from registry.tables import (
     AdapterAliasRow,
     AdapterVersionRow,
@@ -127,6 +128,15 @@ class SqlAdapterStore:
             row.metrics = {**row.metrics, **metrics}
             return _entity(s, row)
 
+    def set_tags(self, version_id: int, tags: dict[str, str]) -> AdapterVersion:
+        """Replace the version's tags: at most 32, each a name (as task names are) with a
+        string of at most 256 characters."""
+        tags = check_tags(tags)
+        with self._db.tx() as s:
+            row = _row(s, version_id)
+            row.tags = tags
+            return _entity(s, row)
+
     def get(self, *, task_id: int, ref_: int | str) -> AdapterVersion:
         """Resolve a version number, an alias, or `latest` (the newest ready version)."""
         with self._db.tx() as s:
@@ -143,7 +153,17 @@ class SqlAdapterStore:
         task_id: int | None = None,
         limit: int = 100,
         after_id: int = 0,
+        tags: dict[str, str] | None = None,
+        min_accuracy: float | None = None,
+        order_by: str = "id",
     ) -> list[AdapterVersion]:
+        """A page of the stream's live versions, oldest first (after `after_id`). A search
+        (`tags` all held, `metrics.accuracy` at least `min_accuracy`, or `order_by="accuracy"`,
+        best first, versions without one last) answers its first `limit` matches in one page."""
+        if order_by not in ORDERS:
+            raise InvalidValue(f"must be one of {', '.join(ORDERS)}", field="order_by")
+        if tags or min_accuracy is not None or order_by != "id":
+            return self._search(stream_id, task_id, tags or {}, min_accuracy, order_by, limit)
         query = (
             select(AdapterVersionRow)
             .where(
@@ -158,6 +178,27 @@ class SqlAdapterStore:
             query = query.where(AdapterVersionRow.task_id == task_id)
         with self._db.tx() as s:
             return _entities(s, list(s.scalars(query)))
+
+    def _search(
+        self,
+        stream_id: int,
+        task_id: int | None,
+        tags: dict[str, str],
+        min_accuracy: float | None,
+        order_by: str,
+        limit: int,
+    ) -> list[AdapterVersion]:
+        # filtered here, not in SQL: JSON queries differ between SQLite and PostgreSQL, and a
+        # stream holds hundreds of versions, not millions
+        query = select(AdapterVersionRow).where(
+            AdapterVersionRow.stream_id == stream_id, AdapterVersionRow.deleted_at.is_(None)
+        )
+        if task_id is not None:
+            query = query.where(AdapterVersionRow.task_id == task_id)
+        with self._db.tx() as s:
+            rows = list(s.scalars(query.order_by(AdapterVersionRow.id)))
+            found = search(rows, tags=tags, min_accuracy=min_accuracy, order_by=order_by)
+            return _entities(s, found[:limit])
 
     def set_alias(self, *, task_id: int, alias: str, version_id: int) -> AdapterVersion:
         check_alias(alias)

@@ -190,7 +190,16 @@ def test_two_streams_train_in_order_side_by_side_with_lineage_cancel_and_schedul
                      headers=svc.headers).json()["data"]  # fmt: skip
     assert slow == []
 
-    # a schedule fires once per due time, only from the leading scheduler
+    # n1's data grows (dataset version 2, uploaded over HTTP); then a schedule fires once per
+    # due time, only from the leading scheduler, and retrains n1 on its newest version
+    task = synthetic_tasks(seed=7, train_size=32, test_size=6)[1]
+    grown = httpx.post(
+        f"{svc.url}/v1/streams/news/tasks/n1/datasets", headers=svc.headers, timeout=60,
+        data={"labels": json.dumps(list(task.labels or ()))},
+        files={"train": ("train.jsonl", _jsonl(task.train)),
+               "test": ("test.jsonl", _jsonl(task.test))},
+    )  # fmt: skip
+    assert grown.status_code == 201 and grown.json()["version"] == 2, grown.text
     made = httpx.post(f"{svc.url}/v1/streams/news/schedules", headers=svc.headers, json={
         "kind": "retrain", "cron": "*/5 * * * *", "task": "n1"}).json()  # fmt: skip
     due = datetime.fromisoformat(made["next_run_at"])
@@ -199,6 +208,7 @@ def test_two_streams_train_in_order_side_by_side_with_lineage_cancel_and_schedul
     jobs = httpx.get(f"{svc.url}/v1/jobs", params={"stream": "news"}, headers=svc.headers).json()
     retrains = [j for j in jobs["data"] if j["kind"] == "retrain"]
     assert len(retrains) == 1 and retrains[0]["params"]["schedule_id"] == made["id"]
+    assert retrains[0]["params"]["dataset_version"] == 2
     assert _wait(svc, [retrains[0]["id"]])[0]["state"] == "succeeded"
     n1 = httpx.get(f"{svc.url}/v1/streams/news/adapters", params={"task": "n1"},
                    headers=svc.headers).json()["data"]  # fmt: skip
