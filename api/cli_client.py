@@ -452,7 +452,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("inputs", nargs="+")
     p.add_argument("--task", help="use this task's adapter version and prompt template: inputs "
                    "are its {text}, its labels are ranked")  # fmt: skip
-    p.add_argument("--version", default="latest", help="a version number or alias of --task")
+    p.add_argument("--version", default="production", help="a version number or alias of --task "
+                   "(default production: latest until a version is promoted)")  # fmt: skip
     p.add_argument(
         "--raw",
         action="store_true",

@@ -97,7 +97,7 @@ class StrataClient:
         inputs: list[str],
         *,
         task: str | None = None,
-        version: str = "latest",
+        version: str = "production",
         labels: list[str] | None = None,
         template: bool = True,
         max_new_tokens: int = 16,

@@ -79,6 +79,10 @@ class StreamPublic(_Out):
     consolidation: dict[str, Any]
     state: str = Field(description="importing (its import job has not finished), ready, or "
                        "failed (the import failed: the name may be used again)")  # fmt: skip
+    promotion: dict[str, Any] = Field(
+        default_factory=dict, description="The promotion gate's settings ({}: the defaults, "
+        "task_tolerance 1 and max_other_drop 2 points)."
+    )  # fmt: skip
     created_at: datetime
 
 
@@ -119,6 +123,10 @@ class JobPublic(_Out):
     error: JobErrorPublic | None
     cancel_requested: bool
     attempts: int
+    result: dict[str, Any] | None = Field(
+        default=None, description="What the job decided: for train and retrain jobs, "
+        "`promotion` {promoted, alias, reasons, table, gate}."
+    )  # fmt: skip
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -292,7 +300,10 @@ class PredictRequest(_In):
         "completion template, and a classification task's own labels are ranked when `labels` "
         "is omitted, scored exactly as evaluation scores them."
     )  # fmt: skip
-    version: str = Field(default="latest", description="A version number or alias of `task`.")
+    version: str = Field(
+        default="production", description="A version number or alias of `task`; `production` "
+        "(the default) is `latest` for a task that has no production version yet."
+    )  # fmt: skip
     template: bool = Field(
         default=True, description="With `task`: false sends the inputs raw (as without a task: "
         "unrendered, explicit labels scored as `\" label\"`, generation when `labels` is "

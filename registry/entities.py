@@ -87,6 +87,7 @@ class Stream:
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options
     consolidation: dict[str, Any] = field(default_factory=dict)  # when to fold (see workers)
     state: StreamState = StreamState.READY
+    promotion: dict[str, Any] = field(default_factory=dict)  # its gate (empty: the defaults)
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ class Job:
     worker: str | None = None  # who runs (or last ran) it
     checkpoint_digest: str | None = None  # the newest training checkpoint (an artifact tree)
     checkpoint_step: int = 0
+    result: dict[str, Any] | None = None  # what the job decided (e.g. its promotion)
 
     @property
     def sequenced(self) -> bool:

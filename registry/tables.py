@@ -61,6 +61,7 @@ class StreamRow(Base):
     method_options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     consolidation: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # policy
     state: Mapped[str] = mapped_column(String(16), server_default="ready")  # StreamState
+    promotion: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # gate; NULL: the defaults
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -157,6 +158,7 @@ class JobRow(Base):
     worker: Mapped[str | None] = mapped_column(String(128))
     checkpoint_digest: Mapped[str | None] = mapped_column(String(64))
     checkpoint_step: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # what a finished job decided
     # A stream runs its state-changing jobs in `order_key` order: 2 * id (submission order), or
     # 2 * id + 1 of the job a job must follow directly (a consolidation a policy queued after a
     # task runs before the tasks submitted meanwhile).

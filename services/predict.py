@@ -27,7 +27,7 @@ class PredictQuery:
     stream: str
     inputs: tuple[str, ...]
     task: str | None = None
-    ref: int | str = "latest"
+    ref: int | str = "production"  # `latest` until a version is promoted
     labels: tuple[str, ...] | None = None
     max_new_tokens: int = 16
     template: bool = True

@@ -23,7 +23,7 @@ def check_method_options(method: str, options: dict[str, Any]) -> None:
 
 JOB_PARAMS = frozenset(
     {"method", "hyperparams", "options", "eval_limit", "checkpoint_every", "dataset_id",
-     "schedule_id", "dataset_version", "replay"}
+     "schedule_id", "dataset_version", "replay", "promotion"}
 )  # fmt: skip
 
 

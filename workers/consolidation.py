@@ -74,7 +74,7 @@ def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:
         job.params.get("max_drop", stream.consolidation.get("max_drop", DEFAULT_MAX_DROP))
     )
     tasks = reg.tasks.list_tasks(job.stream_id)
-    datasets = [(t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id))) for t in tasks]
+    datasets = [(t, load_dataset(inst, reg.tasks.get_version(t.id).dataset)) for t in tasks]
     reporter.event(f"folding {len(adapters)} {method} adapters into snapshot v{snapshot.version}")
     fold, scores = _fold_checked(
         inst, job, reporter, snapshot, adapters, datasets, max_drop=max_drop

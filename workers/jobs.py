@@ -26,6 +26,7 @@ from services.setup import TrainingSetup, recorded_setup, training_setup
 from services.trees import fetch_tree
 from workers.evaluation import evaluate_row
 from workers.models import load_snapshot, memory_dirs
+from workers.promotion import promote
 from workers.reporting import JobReporter
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def _plan(inst: Instance, job: Job) -> _TrainPlan:
         state = reg.adapters.stream_state(stream_id=stream.id, snapshot_id=snapshot.id)
         history = [v for v in state if tasks[v.task_id] < task.position]
     datasets = [
-        (t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id)))
+        (t, load_dataset(inst, reg.tasks.get_version(t.id).dataset))
         for t in reg.tasks.list_tasks(stream.id)
     ]
     return _TrainPlan(
@@ -95,6 +96,7 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     _evaluate_baselines(
         inst, reporter, base, tokenizer, plan.datasets, plan.snapshot.id, limit, max_length
     )
+    before = reg.evaluations.matrix(plan.task.stream_id)  # the stream's scores before this job
     version = plan.published
     if version is not None and version.status is AdapterStatus.READY:
         reporter.event(f"adapter {plan.task.name} v{version.version} was published by this job")
@@ -126,7 +128,9 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     )  # fmt: skip
     own = [s for s in scores if s.task.id == plan.task.id]
     if own:
-        reg.adapters.update_metrics(version.id, {own[0].metric: own[0].value})
+        version = reg.adapters.update_metrics(version.id, {own[0].metric: own[0].value})
+    promote(inst, job, reporter, stream=reg.streams.get_by_id(plan.task.stream_id),
+            task=plan.task, version=version, before=before, scores=scores)  # fmt: skip
 
 
 def _already_trained(inst: Instance, job: Job, plan: _TrainPlan, reporter: JobReporter) -> bool:
@@ -249,7 +253,7 @@ def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     tasks = reg.tasks.list_tasks(job.stream_id)
     if not tasks:  # the route refuses this; a job queued otherwise fails as clearly
         raise Conflict("the stream has no tasks to evaluate yet", field="stream")
-    datasets = [(t, load_dataset(inst, reg.tasks.get_dataset_by_id(t.dataset_id))) for t in tasks]
+    datasets = [(t, load_dataset(inst, reg.tasks.get_version(t.id).dataset)) for t in tasks]
     limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
     base, tokenizer = load_snapshot(inst, snapshot)
     if not adapters:  # the untrained base, cut as the stream's training jobs cut prompts

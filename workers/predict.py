@@ -37,10 +37,11 @@ from continual.errors import EvaluationCancelled
 from continual.evaluation import evaluating, generate, label_scores
 from continual.strategies import get_strategy
 from registry.entities import AdapterVersion, Snapshot, Stream, StreamState
-from registry.errors import Conflict, InvalidValue
+from registry.errors import Conflict, InvalidValue, NotFound
 from registry.instance import Instance
 from services.datasets import load_dataset
 from services.predict import PredictCancelled, PredictQuery, error_reply, unwrap
+from services.promotion import PRODUCTION
 from services.setup import recorded_setup
 from services.trees import fetch_tree
 from workers.models import load_snapshot, memory_dirs
@@ -81,7 +82,13 @@ def state_of(
     if task is None:
         snapshot = reg.streams.current_snapshot(stream.id)
         return snapshot, reg.adapters.stream_state(stream_id=stream.id, snapshot_id=snapshot.id)
-    version = reg.adapters.get(task_id=reg.tasks.get(stream_id=stream.id, name=task).id, ref_=ref)
+    task_id = reg.tasks.get(stream_id=stream.id, name=task).id
+    try:
+        version = reg.adapters.get(task_id=task_id, ref_=ref)
+    except NotFound:
+        if ref != PRODUCTION:
+            raise
+        version = reg.adapters.get(task_id=task_id, ref_="latest")  # nothing promoted yet
     history = [reg.adapters.get_by_id(i) for i in version.depends_on]
     return reg.streams.get_snapshot_by_id(version.base_snapshot_id), [*history, version]
 
@@ -104,7 +111,7 @@ def predict(
     inputs: Sequence[str],
     *,
     task: str | None = None,
-    ref: int | str = "latest",
+    ref: int | str = PRODUCTION,
     max_new_tokens: int = 16,
     labels: Sequence[str] | None = None,
     template: bool = True,

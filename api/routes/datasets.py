@@ -14,6 +14,7 @@ from api.schemas import JobPublic
 from registry.entities import DatasetVersion
 from services.datasets import UploadLimits, parse_upload
 from services.dispatch import enqueue
+from services.promotion import check_gate
 from services.retraining import DEFAULT_REPLAY, add_dataset_version, retrain_task
 
 router = APIRouter(prefix="/streams/{stream}/tasks/{task}", tags=["datasets"])
@@ -45,6 +46,10 @@ class RetrainRequest(BaseModel):
     params: dict[str, Any] = Field(
         default_factory=dict, description="Job parameters: hyperparams, options, eval_limit..."
     )
+    promotion: dict[str, Any] | None = Field(
+        default=None, description="This retrain's promotion gate: task_tolerance and "
+        "max_other_drop (points), overriding the stream's.",
+    )  # fmt: skip
 
 
 def _public(v: DatasetVersion) -> dict[str, Any]:
@@ -109,9 +114,12 @@ def retrain(
 ) -> object:
     """Queue a retrain of the task on one of its dataset versions (default the newest), after
     the stream's earlier jobs: it publishes the task's next adapter version."""
+    params = dict(body.params)
+    if body.promotion is not None:
+        params["promotion"] = check_gate(body.promotion, field_prefix="promotion.")
     *_, job = retrain_task(
         inst, stream=stream, task_name=task, dataset=body.dataset, replay=body.replay,
-        params=body.params,
+        params=params,
     )  # fmt: skip
     enqueue(inst, dispatcher, job)
     return inst.registry.jobs.get(job.id)

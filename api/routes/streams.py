@@ -20,6 +20,7 @@ from registry.entities import JobKind
 from registry.errors import InvalidValue
 from services.dispatch import enqueue
 from services.policy import FOLDABLE, check_policy
+from services.promotion import check_gate
 from services.streams import queue_stream
 
 router = APIRouter(prefix="/streams", tags=["streams"])
@@ -62,6 +63,14 @@ def list_streams(
 @router.get("/{stream}", response_model=StreamPublic)
 def get(stream: StreamDep, _: ReadToken) -> object:
     return stream
+
+
+@router.put("/{stream}/promotion", response_model=StreamPublic)
+def set_promotion(stream: StreamDep, body: dict[str, Any], inst: InstDep, _: WriteToken) -> object:
+    """Replace the stream's promotion gate: `task_tolerance` (the points a new version may
+    score below production on its own task) and `max_other_drop` (the points any other task may
+    lose), each in 0..100; absent ones take the defaults (1 and 2)."""
+    return inst.registry.streams.set_promotion(stream.id, check_gate(body))
 
 
 @router.put("/{stream}/consolidation", response_model=StreamPublic)

@@ -1,5 +1,5 @@
-"""retraining: dataset versions (task_datasets, version 1 = a task's submitted dataset) and
-tags on adapter versions
+"""retraining: dataset versions (task_datasets, version 1 = a task's submitted dataset), tags
+on adapter versions, a stream's promotion gate and a job's result
 
 Revision ID: 0006
 Revises: 0005
@@ -44,8 +44,12 @@ def upgrade() -> None:
         "SELECT id, 1, dataset_id, created_at FROM tasks"
     )
     op.add_column("adapter_versions", sa.Column("tags", sa.JSON(), nullable=True))
+    op.add_column("streams", sa.Column("promotion", sa.JSON(), nullable=True))
+    op.add_column("jobs", sa.Column("result", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("jobs", "result")
+    op.drop_column("streams", "promotion")
     op.drop_column("adapter_versions", "tags")
     op.drop_table("task_datasets")

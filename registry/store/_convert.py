@@ -55,6 +55,7 @@ def stream(row: StreamRow) -> Stream:
         method_options=dict(row.method_options or {}),
         consolidation=dict(row.consolidation or {}),
         state=StreamState(row.state),
+        promotion=dict(row.promotion or {}),
     )
 
 
@@ -144,6 +145,7 @@ def job(row: JobRow) -> Job:
         worker=row.worker,
         checkpoint_digest=row.checkpoint_digest,
         checkpoint_step=row.checkpoint_step,
+        result=row.result,
     )
 
 

@@ -288,6 +288,13 @@ class SqlJobStore:
                 _import_ended(s, row)
             return convert.job(row)
 
+    def set_result(self, job_id: int, result: dict[str, Any]) -> Job:
+        """Record what the job decided (JSON), replacing an earlier run's."""
+        with self._db.tx() as s:
+            row = _job_row(s, job_id)
+            row.result = result
+            return convert.job(row)
+
     def add_event(
         self,
         job_id: int,

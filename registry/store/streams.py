@@ -137,6 +137,13 @@ class SqlStreamStore:
             row.consolidation = dict(policy)
             return convert.stream(row)
 
+    def set_promotion(self, stream_id: int, gate: dict[str, Any]) -> Stream:
+        """Replace the stream's promotion gate (validated by the caller; {}: the defaults)."""
+        with self._db.tx() as s:
+            row = _stream_row(s, stream_id, for_update=True)
+            row.promotion = dict(gate)
+            return convert.stream(row)
+
     # -- snapshots ------------------------------------------------------------------------------
     def add_snapshot(
         self,
