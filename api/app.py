@@ -31,6 +31,7 @@ from api.routes import (
     schedules,
     streams,
     tasks,
+    webhooks,
 )
 from api.routes import tokens as token_routes
 from registry.errors import RegistryError
@@ -80,7 +81,7 @@ def create_app(
     errors.install(app)
     v1 = APIRouter(prefix=f"/{API_VERSION}")
     for module in (streams, tasks, datasets, jobs, adapters, lineage, evaluations, predict,
-                   schedules, token_routes):  # fmt: skip
+                   schedules, token_routes, webhooks):  # fmt: skip
         v1.include_router(module.router)
     app.include_router(v1)
 

@@ -355,3 +355,33 @@ class LineageGraph:
     direction: str  # "ancestors" | "descendants"
     nodes: tuple[LineageNode, ...]
     edges: tuple[LineageEdge, ...]
+
+
+WEBHOOK_EVENTS = ("job.finished", "adapter.promoted", "adapter.refused", "snapshot.created")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A subscriber to `events`, POSTed JSON signed with its secret (never shown again)."""
+
+    id: int
+    url: str
+    events: tuple[str, ...]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """One event for one subscriber, and how its delivery went."""
+
+    id: int
+    webhook_id: int
+    event: str
+    payload: dict[str, Any]
+    state: str  # pending, delivered, failed (gave up)
+    attempts: int
+    next_attempt_at: datetime
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None

@@ -27,10 +27,12 @@ from registry.errors import InvalidValue, RegistryError
 from registry.instance import Instance
 from services.dispatch import Dispatcher, enqueue, safe_reconcile, worker_id
 from services.setup import training_setup
+from services.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
 
 LEADER_LEASE = "scheduler"
+WEBHOOKS_PER_TICK = 20  # deliveries attempted per tick (each waits at most 5 s)
 
 
 def check_cron(cron: object) -> str:
@@ -108,6 +110,7 @@ def tick(inst: Instance, dispatcher: Dispatcher, *, holder: str, now: datetime) 
         if not inst.registry.leases.acquire(LEADER_LEASE, holder=holder, ttl_s=ttl):
             return False
         fire_due(inst, dispatcher, now=now)
+        deliver_due(inst, now=now, limit=WEBHOOKS_PER_TICK)  # webhooks, from the outbox
     except RegistryError as exc:  # e.g. the database restarts: try again next tick
         log.warning("scheduler tick failed: %s", exc)
         return False

@@ -71,4 +71,10 @@ def promote(
         reporter.event(f"adapter.refused: {task.name} v{version.version} is not {PRODUCTION}: "
                        + "; ".join(decision.reasons), level="warning")  # fmt: skip
     reg.jobs.set_result(job.id, {**(job.result or {}), "promotion": decision.to_json()})
+    event = "adapter.promoted" if decision.promoted else "adapter.refused"
+    reg.webhooks.emit(event, {
+        "stream": stream.name, "task": task.name, "job_id": job.id,
+        "adapter": {"id": version.id, "version": version.version},
+        "promotion": decision.to_json(),
+    })  # fmt: skip
     return decision

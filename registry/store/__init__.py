@@ -18,6 +18,7 @@ from registry.store.base import (
     StreamStore,
     TaskStore,
     TokenStore,
+    WebhookStore,
 )
 from registry.store.evaluations import SqlEvaluationStore
 from registry.store.jobs import SqlJobStore
@@ -27,6 +28,7 @@ from registry.store.schedules import SqlScheduleStore
 from registry.store.streams import SqlStreamStore
 from registry.store.tasks import SqlTaskStore
 from registry.store.tokens import SqlTokenStore
+from registry.store.webhooks import SqlWebhookStore
 
 
 class SqlRegistry:
@@ -44,6 +46,7 @@ class SqlRegistry:
         self.leases: LeaseStore = SqlLeaseStore(db)
         self.tokens: TokenStore = SqlTokenStore(db)
         self.schedules: ScheduleStore = SqlScheduleStore(db)
+        self.webhooks: WebhookStore = SqlWebhookStore(db)
 
     def close(self) -> None:
         self.engine.dispose()

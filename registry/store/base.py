@@ -25,6 +25,8 @@ from registry.entities import (
     Snapshot,
     Stream,
     Task,
+    Webhook,
+    WebhookDelivery,
 )
 
 
@@ -251,6 +253,26 @@ class ScheduleStore(Protocol):
     def fire(self, schedule_id: int, *, now: datetime, next_run_at: datetime) -> Job | None: ...
 
 
+class WebhookStore(Protocol):
+    def create(self, *, url: str, events: Sequence[str], secret: str) -> Webhook: ...
+    def list_webhooks(self) -> list[Webhook]: ...
+    def get(self, webhook_id: int) -> Webhook: ...
+    def secret(self, webhook_id: int) -> tuple[str, str]: ...
+    def delete(self, webhook_id: int) -> None: ...
+    def emit(self, event: str, payload: dict[str, Any]) -> int: ...
+    def deliveries(self, webhook_id: int, *, limit: int = 100) -> list[WebhookDelivery]: ...
+    def due(self, *, now: datetime, limit: int = 50) -> list[WebhookDelivery]: ...
+    def record_attempt(
+        self,
+        delivery_id: int,
+        *,
+        delivered: bool,
+        status: int | None,
+        error: str | None,
+        next_attempt_at: datetime | None,
+    ) -> WebhookDelivery: ...
+
+
 class Registry(Protocol):
     """Everything the registry stores about streams, grouped by resource."""
 
@@ -263,3 +285,4 @@ class Registry(Protocol):
     leases: LeaseStore
     tokens: TokenStore
     schedules: ScheduleStore
+    webhooks: WebhookStore

@@ -24,6 +24,7 @@ from registry.errors import Conflict, InvalidReference, InvalidValue, NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database, add_edges, lock, ref
 from registry.store.leases import release_lease, renew_lease, take_lease
+from registry.store.webhooks import emit
 from registry.tables import DatasetRow, JobEventRow, JobRow, StreamRow, TaskRow, utcnow
 from registry.validation import check_digest
 
@@ -168,6 +169,8 @@ class SqlJobStore:
             s.refresh(row)
             if to in (JobState.FAILED, JobState.CANCELLED):
                 _import_ended(s, row)
+            if to.terminal:
+                _finished(s, row)
             return convert.job(row)
 
     def claim(self, job_id: int, *, worker: str, lease_s: float = DEFAULT_LEASE_S) -> Claim:
@@ -286,6 +289,7 @@ class SqlJobStore:
                 row.state = JobState.CANCELLED.value
                 row.finished_at = utcnow()
                 _import_ended(s, row)
+                _finished(s, row)
             return convert.job(row)
 
     def set_result(self, job_id: int, result: dict[str, Any]) -> Job:
@@ -353,6 +357,15 @@ def _import_ended(s: Session, job: JobRow) -> None:
         row.state, row.finished_at = JobState.FAILED.value, utcnow()
         row.error_code, row.error_message = "import_failed", message
         s.add(JobEventRow(job_id=row.id, level="error", message=f"failed: {message}"))
+        _finished(s, row)
+
+
+def _finished(s: Session, row: JobRow) -> None:
+    """The `job.finished` webhook event, in the transaction that ends the job."""
+    emit(s, "job.finished", {
+        "job": {"id": row.id, "kind": row.kind, "state": row.state, "stream_id": row.stream_id,
+                "task_id": row.task_id, "error_code": row.error_code},
+    })  # fmt: skip
 
 
 def stream_lease(stream_id: int) -> str:

@@ -13,6 +13,7 @@ from registry.errors import AlreadyExists, Conflict, InvalidReference, NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database, add_edges, lock, ref
 from registry.store.jobs import insert_job
+from registry.store.webhooks import emit
 from registry.tables import (
     AdapterVersionRow,
     JobRow,
@@ -104,6 +105,7 @@ class SqlStreamStore:
                 raise InvalidReference(f"job {job_id} does not exist", field="job_id")
             snap = _add_base(s, row, artifact_digest=artifact_digest, job_id=job_id)
             row.state = StreamState.READY.value
+            _created(s, row, snap)
             return _with_folds(s, snap)
 
     def get(self, name: str) -> Stream:
@@ -185,6 +187,7 @@ class SqlStreamStore:
             add_edges(s, ref(NodeKind.SNAPSHOT, row.id), parents)
             if make_current:
                 _move_alias(s, stream_id, CURRENT, row.id)
+            _created(s, s.get_one(StreamRow, stream_id), row)
             return convert.snapshot(row, tuple(folded_adapter_ids))
 
         return self._db.allocate(attempt, what="a snapshot version")
@@ -350,3 +353,11 @@ def _with_folds(s: Session, row: SnapshotRow) -> Snapshot:
         .order_by(LineageEdgeRow.parent_id)
     )
     return convert.snapshot(row, tuple(folded))
+
+
+def _created(s: Session, stream: StreamRow, snap: SnapshotRow) -> None:
+    """The `snapshot.created` webhook event, in the transaction that adds the snapshot."""
+    emit(s, "snapshot.created", {
+        "stream": stream.name, "snapshot": {"id": snap.id, "version": snap.version,
+                                            "artifact_digest": snap.artifact_digest},
+    })  # fmt: skip
