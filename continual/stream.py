@@ -215,7 +215,7 @@ def _consolidate(
     if fold.exact and not (fold.max_logit_diff or 0.0) <= fold_tolerance(fold.model):
         raise ValueError(f"the fold changed the logits by {fold.max_logit_diff:.3g}")
     folded = evaluate_all(fold.model)
-    checks = [TaskCheck(task=f"task {i}", before=b, after=a)
+    checks = [TaskCheck(task=f"task {i}", before=b, after=a, learned=i <= after_task)
               for i, (b, a) in enumerate(zip(routed, folded, strict=True))]  # fmt: skip
     table, published = drop_table(checks), True
     try:

@@ -166,7 +166,10 @@ def _check_drops(
     """Report routed against folded accuracy per task; raise ConsolidationRegressed when a
     task drops more than `max_drop` points."""
     routed = {s.task.id: s.value for s in before if s.metric == "accuracy"}
-    checks = [TaskCheck(task=s.task.name, before=routed.get(s.task.id), after=s.value)
+    folded_tasks = {a.task_id for a in adapters}
+    learned = max((s.task.position for s in before if s.task.id in folded_tasks), default=-1)
+    checks = [TaskCheck(task=s.task.name, before=routed.get(s.task.id), after=s.value,
+                        learned=s.task.position <= learned)
               for s in after if s.metric == "accuracy"]  # fmt: skip
     metrics: dict[str, float] = {**laps, "max_drop": max_drop}
     for check in checks:

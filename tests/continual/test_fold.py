@@ -15,7 +15,14 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from continual.config import LoraHyperparams
 from continual.data import synthetic_tasks
 from continual.errors import ConsolidationRegressed, InvalidHyperparameter
-from continual.fold import TaskCheck, check_drops, fold_state, mean_gates, probe_sequences
+from continual.fold import (
+    TaskCheck,
+    check_drops,
+    drop_table,
+    fold_state,
+    mean_gates,
+    probe_sequences,
+)
 from continual.strategies import get_strategy
 from continual.strategies.am_lora import am_lora_layers
 from continual.strategies.am_lora_files import is_memory
@@ -169,6 +176,10 @@ def test_the_drop_check_names_every_task_past_max_drop_and_bad_options_are_refus
         check_drops(checks, max_drop=2.0)
     assert exc.value.tasks == ["b"] and exc.value.code == "consolidation_regressed"
     assert "b" in exc.value.table and "10.0" in exc.value.table and "-" in exc.value.table
+    # a task the folded state has not learned yet (queued after the fold) is shown, not gated
+    later = [*checks[:1], TaskCheck("d", 0.75, 0.50, learned=False)]
+    check_drops(later, max_drop=2.0)
+    assert "(not learned yet)" in drop_table(later)
     for options, field in (({"lambda1": -1}, "lambda1"), ({"lambda2": "x"}, "lambda2"),
                            ({"lambda1_norm": "max"}, "lambda1_norm")):  # fmt: skip
         with pytest.raises(InvalidHyperparameter) as bad:
