@@ -58,6 +58,8 @@ class StrataSettings(BaseSettings):
     stale_after_s: float = Field(default=180.0, gt=0)
     resend_after_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    # A deleted stream or adapter version can be restored for this many days.
+    retention_days: float = Field(default=7.0, ge=0)
     checkpoint_every: int = Field(default=50, ge=1)
     scheduler_tick_s: float = Field(default=5.0, gt=0)
     # Where a worker runs models (training, evaluation, consolidation, predictions): "cpu",

@@ -62,6 +62,7 @@ class StreamRow(Base):
     consolidation: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # policy
     state: Mapped[str] = mapped_column(String(16), server_default="ready")  # StreamState
     promotion: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # gate; NULL: the defaults
+    deleted_name: Mapped[str | None] = mapped_column(String(64))  # its name, while deleted
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

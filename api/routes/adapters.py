@@ -117,6 +117,31 @@ def download_adapter(
     return _archive_response(inst, version.artifact_digest, name, format, version.created_at)
 
 
+@router.delete(
+    "/streams/{stream}/tasks/{task}/adapters/{version}", response_model=AdapterVersionPublic
+)
+def delete_adapter(
+    stream: StreamDep, task: str, version: VersionPath, inst: InstDep, _: WriteToken
+) -> object:
+    """Soft-delete a version: 404 afterwards (`latest` moves to the newest live one); 409 while
+    an alias (`production` included) points at it or a job of the stream runs. `POST
+    .../adapters/{version}/restore` brings it back within STRATA_RETENTION_DAYS."""
+    return inst.registry.adapters.delete(_version(inst, stream, task, str(version)).id)
+
+
+@router.post(
+    "/streams/{stream}/tasks/{task}/adapters/{version}/restore",
+    response_model=AdapterVersionPublic,
+)
+def restore_adapter(
+    stream: StreamDep, task: str, version: VersionPath, inst: InstDep, _: WriteToken
+) -> object:
+    task_id = inst.registry.tasks.get(stream_id=stream.id, name=task).id
+    return inst.registry.adapters.restore(
+        task_id=task_id, version=version, retention_days=inst.settings.retention_days
+    )
+
+
 @router.put("/streams/{stream}/tasks/{task}/aliases/{alias}", response_model=AdapterVersionPublic)
 def set_alias(
     stream: StreamDep, task: str, alias: str, body: AliasSet, inst: InstDep, _: WriteToken

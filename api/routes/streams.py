@@ -65,6 +65,21 @@ def get(stream: StreamDep, _: ReadToken) -> object:
     return stream
 
 
+@router.delete("/{stream}", response_model=StreamPublic)
+def delete_stream(stream: StreamDep, inst: InstDep, _: WriteToken) -> object:
+    """Soft-delete the stream: 404 afterwards, its name free, its queued jobs cancelled; 409
+    while one of its jobs runs. `POST /v1/streams/{name}/restore` brings it back within
+    STRATA_RETENTION_DAYS (default 7)."""
+    return inst.registry.streams.delete(stream.id)
+
+
+@router.post("/{name}/restore", response_model=StreamPublic)
+def restore_stream(name: str, inst: InstDep, _: WriteToken) -> object:
+    """The newest stream deleted under `name` within the retention period, live again (its
+    cancelled jobs stay cancelled); 409 when a stream has taken the name since."""
+    return inst.registry.streams.restore(name, retention_days=inst.settings.retention_days)
+
+
 @router.put("/{stream}/promotion", response_model=StreamPublic)
 def set_promotion(stream: StreamDep, body: dict[str, Any], inst: InstDep, _: WriteToken) -> object:
     """Replace the stream's promotion gate: `task_tolerance` (the points a new version may

@@ -46,6 +46,7 @@ def upgrade() -> None:
     )
     op.add_column("adapter_versions", sa.Column("tags", sa.JSON(), nullable=True))
     op.add_column("streams", sa.Column("promotion", sa.JSON(), nullable=True))
+    op.add_column("streams", sa.Column("deleted_name", sa.String(length=64), nullable=True))
     op.add_column("jobs", sa.Column("result", sa.JSON(), nullable=True))
     op.create_table(
         "webhooks",
@@ -83,6 +84,7 @@ def downgrade() -> None:
     op.drop_table("webhook_deliveries")
     op.drop_table("webhooks")
     op.drop_column("jobs", "result")
+    op.drop_column("streams", "deleted_name")
     op.drop_column("streams", "promotion")
     op.drop_column("adapter_versions", "tags")
     op.drop_table("task_datasets")

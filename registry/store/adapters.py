@@ -13,6 +13,7 @@ from registry.entities import AdapterStatus, AdapterVersion, NodeKind, Relation
 from registry.errors import Conflict, InvalidReference, InvalidValue, NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database, add_edges, lock, ref
+from registry.store._deletion import check_no_running_job, restore_version
 from registry.store._search import ORDERS, check_tags, search
 from registry.tables import (
     AdapterAliasRow,
@@ -20,6 +21,7 @@ from registry.tables import (
     DatasetRow,
     JobRow,
     SnapshotRow,
+    StreamRow,
     TaskRow,
     utcnow,
 )
@@ -234,9 +236,11 @@ class SqlAdapterStore:
             s.delete(row)
 
     def delete(self, version_id: int) -> AdapterVersion:
-        """Soft delete: the row and its artifact stay for lineage; aliases must move first."""
+        """Soft delete: the row and its artifact stay for lineage; aliases (`production`
+        included) must move first, and no job of its stream may be running."""
         with self._db.tx() as s:
             row = _row(s, version_id)
+            check_no_running_job(s, s.get_one(StreamRow, row.stream_id, with_for_update=True))
             aliases = _aliases(s, row.id)
             if aliases:
                 raise Conflict(
@@ -245,6 +249,11 @@ class SqlAdapterStore:
                 )
             row.deleted_at = utcnow()
             return _entity(s, row)
+
+    def restore(self, *, task_id: int, version: int, retention_days: float) -> AdapterVersion:
+        """A version deleted within `retention_days`, live again (NotFound otherwise)."""
+        with self._db.tx() as s:
+            return _entity(s, restore_version(s, task_id, version, retention_days))
 
     def stream_state(self, *, stream_id: int, snapshot_id: int) -> list[AdapterVersion]:
         """The newest ready version of each task trained on `snapshot_id`, in task order."""

@@ -170,7 +170,7 @@ class SqlJobStore:
             if to in (JobState.FAILED, JobState.CANCELLED):
                 _import_ended(s, row)
             if to.terminal:
-                _finished(s, row)
+                finished(s, row)
             return convert.job(row)
 
     def claim(self, job_id: int, *, worker: str, lease_s: float = DEFAULT_LEASE_S) -> Claim:
@@ -289,7 +289,7 @@ class SqlJobStore:
                 row.state = JobState.CANCELLED.value
                 row.finished_at = utcnow()
                 _import_ended(s, row)
-                _finished(s, row)
+                finished(s, row)
             return convert.job(row)
 
     def set_result(self, job_id: int, result: dict[str, Any]) -> Job:
@@ -357,10 +357,10 @@ def _import_ended(s: Session, job: JobRow) -> None:
         row.state, row.finished_at = JobState.FAILED.value, utcnow()
         row.error_code, row.error_message = "import_failed", message
         s.add(JobEventRow(job_id=row.id, level="error", message=f"failed: {message}"))
-        _finished(s, row)
+        finished(s, row)
 
 
-def _finished(s: Session, row: JobRow) -> None:
+def finished(s: Session, row: JobRow) -> None:
     """The `job.finished` webhook event, in the transaction that ends the job."""
     emit(s, "job.finished", {
         "job": {"id": row.id, "kind": row.kind, "state": row.state, "stream_id": row.stream_id,

@@ -8,10 +8,19 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from registry.entities import Job, JobKind, NodeKind, Relation, Snapshot, Stream, StreamState
+from registry.entities import (
+    Job,
+    JobKind,
+    NodeKind,
+    Relation,
+    Snapshot,
+    Stream,
+    StreamState,
+)
 from registry.errors import AlreadyExists, Conflict, InvalidReference, NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database, add_edges, lock, ref
+from registry.store._deletion import delete_stream, restore_stream
 from registry.store.jobs import insert_job
 from registry.store.webhooks import emit
 from registry.tables import (
@@ -138,6 +147,16 @@ class SqlStreamStore:
             row = _stream_row(s, stream_id, for_update=True)
             row.consolidation = dict(policy)
             return convert.stream(row)
+
+    def delete(self, stream_id: int) -> Stream:
+        """Soft-delete the stream (`registry.store._deletion.delete_stream`)."""
+        with self._db.tx() as s:
+            return delete_stream(s, stream_id)
+
+    def restore(self, name: str, *, retention_days: float) -> Stream:
+        """The newest stream deleted under `name` within `retention_days`, live again."""
+        with self._db.tx() as s:
+            return restore_stream(s, name, retention_days=retention_days)
 
     def set_promotion(self, stream_id: int, gate: dict[str, Any]) -> Stream:
         """Replace the stream's promotion gate (validated by the caller; {}: the defaults)."""
