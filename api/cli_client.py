@@ -356,8 +356,11 @@ def schedules_delete(c: StrataClient, a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("STRATA_URL", DEFAULT_URL))
-    common.add_argument("--token", default=os.environ.get("STRATA_TOKEN"))
+    common.add_argument("--url", default=os.environ.get("STRATA_URL", DEFAULT_URL),
+                        help="the server (STRATA_URL; now %(default)s)")  # fmt: skip
+    common.add_argument("--token", default=os.environ.get("STRATA_TOKEN"),
+                        help="a bearer token (STRATA_TOKEN; `strata tokens create` or the one "
+                        "`strata serve` printed)")  # fmt: skip
 
     def group(name: str, help_: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
         return sub.add_parser(name, help=help_).add_subparsers(dest="action", required=True)

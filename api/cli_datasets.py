@@ -51,7 +51,7 @@ def retrain(c: StrataClient, a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("STRATA_URL", DEFAULT_URL),
-                        help="the server (STRATA_URL; default %(default)s)")  # fmt: skip
+                        help="the server (STRATA_URL; now %(default)s)")  # fmt: skip
     common.add_argument("--token", default=os.environ.get("STRATA_TOKEN"),
                         help="a bearer token (STRATA_TOKEN)")  # fmt: skip
     group = sub.add_parser("datasets", help="a task's dataset versions: add new data, list them")

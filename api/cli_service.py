@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -22,6 +23,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from workers.inprocess import InProcessWorker
     from workers.predict import InProcessPredictor
 
+    try:  # the port first: a busy one must not cost the first admin token (printed once)
+        sock = _listen(args.host, args.port)
+    except OSError as exc:
+        print(
+            f"error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); is "
+            "another server running there? Choose another with --port",
+            file=sys.stderr,
+        )
+        return 2
     settings = StrataSettings(data_dir=args.data_dir) if args.data_dir else StrataSettings()
     settings = settings.embedded()  # base models import from the data dir's imports/
     (settings.data_dir / "imports").mkdir(parents=True, exist_ok=True)
@@ -31,7 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         app = create_app(inst, worker, InProcessPredictor(inst))
         freeze_startup_objects()
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         worker.stop(timeout=5)
         inst.close()
@@ -99,6 +110,21 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (OSError when it is taken)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def _first_token(inst: Instance) -> None:
     """A fresh embedded instance gets an admin token, printed once."""
     if inst.registry.tokens.list_tokens():
@@ -109,15 +135,16 @@ def _first_token(inst: Instance) -> None:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="API + in-process worker, no servers needed")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s; the "
+                       "CLI's STRATA_URL must name it)")  # fmt: skip
     serve.add_argument("--data-dir", type=Path, help="default: STRATA_DATA_DIR or .strata")
-    serve.add_argument("--workers", type=int, default=1, help="training threads")
+    serve.add_argument("--workers", type=int, default=1, help="training threads (default: 1)")
     serve.set_defaults(func=cmd_serve)
 
     api = sub.add_parser("api", help="the service API (jobs go to Celery workers)")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    api.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     api.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     api.add_argument(
         "--healthcheck-timeout", type=_seconds, default=HEALTHCHECK_TIMEOUT_S, metavar="S",

@@ -204,3 +204,26 @@ def _read(tar: tarfile.TarFile, name: str) -> bytes:
     member = tar.extractfile(name)
     assert member is not None, name
     return member.read()
+
+
+def test_serve_on_a_busy_port_says_so_and_creates_no_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The port is taken before anything is created: the first admin token, printed once, is
+    printed by the run that serves."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code = main(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data")])
+    assert code == 2
+    err = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1:{port}" in err.err and "--port" in err.err
+    assert "STRATA_TOKEN" not in err.out
+    assert not (tmp_path / "data").exists()  # no database, no token
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "(default: 8000" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["streams", "list", "--help"])
+    assert "STRATA_URL" in capsys.readouterr().out

@@ -9,6 +9,8 @@ a cancelled job ends `cancelled`, and a schedule fires once per due time.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import json
 import threading
@@ -32,7 +34,8 @@ from services.broker import CeleryDispatcher, CeleryPredictor, make_celery
 from services.dispatch import Dispatcher
 from services.predict import PredictQuery
 from services.scheduler import tick
-from tests.harness import celery_workers, serve, server_env, settings_kwargs
+from services.webhooks import deliver_due
+from tests.harness import Receiver, celery_workers, serve, server_env, settings_kwargs
 from workers.inprocess import InProcessWorker
 from workers.predict import InProcessPredictor
 
@@ -41,6 +44,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"max_steps": 6, "batch_size": 8, "rank": 4}
 TIMEOUT_S = 420
+HOOK_SECRET = "e2e-webhook-secret-1"
 WORKER_KNOBS = {"heartbeat_s": "1", "lease_s": "30", "stale_after_s": "60", "checkpoint_every": "3"}
 
 
@@ -129,6 +133,11 @@ def test_two_streams_train_in_order_side_by_side_with_lineage_cancel_and_schedul
     service: Service,
 ) -> None:
     svc = service
+    receiver = Receiver()  # a webhook receiver on loopback, down at first
+    receiver.down = True
+    hook = {"url": receiver.url, "events": ["job.finished", "adapter.promoted",
+            "adapter.refused"], "secret": HOOK_SECRET}  # fmt: skip
+    assert httpx.post(f"{svc.url}/v1/webhooks", json=hook, headers=svc.headers).status_code == 201
     for name in ("news", "reviews"):
         body = {"name": name, "base": {"kind": "tiny"}, "hyperparams": FAST}
         r = httpx.post(f"{svc.url}/v1/streams", headers=svc.headers, timeout=60, json=body)
@@ -215,3 +224,21 @@ def test_two_streams_train_in_order_side_by_side_with_lineage_cancel_and_schedul
     assert [v["version"] for v in n1] == [1, 2]
     listed = httpx.get(f"{svc.url}/v1/streams/news/schedules", headers=svc.headers).json()
     assert listed["data"][0]["last_job_id"] == retrains[0]["id"]
+
+    # every train job decided its promotion; the webhook receiver, down while the ticks above
+    # delivered, gets every event signed once it is back
+    for job in done:
+        assert _job(svc, job["id"])["result"]["promotion"]["alias"] == "production"
+    assert receiver.got == []
+    receiver.down = False
+    deliver_due(svc.inst, now=due + timedelta(days=1))
+    events = []
+    for headers, raw in receiver.got:
+        sign = "sha256=" + hmac.new(HOOK_SECRET.encode(), raw, hashlib.sha256).hexdigest()
+        assert headers["X-Strata-Signature"] == sign
+        events.append(json.loads(raw))
+    finished = {e["data"]["job"]["id"] for e in events if e["event"] == "job.finished"}
+    assert {j["id"] for j in done} | {retrains[0]["id"], long["id"]} <= finished
+    decided = [e for e in events if e["event"] in ("adapter.promoted", "adapter.refused")]
+    assert len(decided) >= 6  # five train jobs and the retrain
+    receiver.server.shutdown()

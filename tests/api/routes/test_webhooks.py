@@ -6,48 +6,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 
 from services.webhooks import deliver_due
 from tests.api.conftest import Api
 from tests.api.test_api import FAST, _problem, _stream, _submit
-from tests.harness import free_port
+from tests.harness import Receiver, free_port
 from workers.runner import run_job
 
 SECRET = "s3cret-for-the-receiver"
 ALL = ["job.finished", "adapter.promoted", "adapter.refused", "snapshot.created"]
-
-
-class Receiver:
-    """An HTTP server on loopback that records what it is sent; while `down` it answers 503."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple[dict[str, str], bytes]] = []
-        self.down = False
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if receiver.down:
-                    self.send_response(503)
-                else:
-                    receiver.got.append((dict(self.headers), body))
-                    self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *_a: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @pytest.fixture
