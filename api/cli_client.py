@@ -413,7 +413,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("name")
     p.add_argument("--train", type=Path)
     p.add_argument("--test", type=Path)
-    p.add_argument("--format", default="jsonl", choices=["jsonl", "cl_benchmark"])
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "jsonl", "cl_benchmark"],
+        help="auto (default): a JSON list is cl_benchmark, JSON Lines jsonl",
+    )
     p.add_argument("--labels", help="a labels.json file")
     p.add_argument("--dataset", help="digest of a stored dataset (instead of --train)")
     p.add_argument("--method")

@@ -62,7 +62,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("task")
     p.add_argument("--train", type=Path, required=True)
     p.add_argument("--test", type=Path)
-    p.add_argument("--format", default="jsonl", choices=["jsonl", "cl_benchmark"])
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "jsonl", "cl_benchmark"],
+        help="auto (default): a JSON list is cl_benchmark, JSON Lines jsonl",
+    )
     p.add_argument("--labels", help="a labels.json file")
     p = actions.add_parser("list", parents=[common], help="the task's dataset versions")
     p.set_defaults(func=lambda args: _run(datasets_list, args))

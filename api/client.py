@@ -68,7 +68,7 @@ class StrataClient:
         name: str,
         train: Path | None,
         test: Path | None = None,
-        format: str = "jsonl",
+        format: str = "auto",
         labels: list[str] | None = None,
         params: dict[str, Any] | None = None,
         dataset: str | None = None,

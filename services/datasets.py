@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +49,27 @@ def load_dataset(inst: Instance, dataset: Dataset) -> TaskData:
 
 
 UPLOAD_FORMATS = ("jsonl", "cl_benchmark")
+AUTO = "auto"  # the format told by the train file's first character: `[` or `{`
+SNIFF_BYTES = 4096
+
+
+def resolve_format(format: str, train: BinaryIO) -> str:
+    """`format`, or with "auto" the train file's: a JSON list (`[`) is CL_Benchmark, anything
+    else JSONL. The file (gzipped or not) is read back to where it was."""
+    if format != AUTO:
+        return format
+    start = train.tell()
+    head = train.read(SNIFF_BYTES)
+    train.seek(start)
+    if head[:2] == b"\x1f\x8b":  # gzip: look at the start of what it expands to
+        try:
+            head = gzip.GzipFile(fileobj=io.BytesIO(head)).read(SNIFF_BYTES)
+        except (OSError, EOFError):
+            head = head[:0]
+    # anything else is read as JSONL, whose errors name the line at fault
+    return "cl_benchmark" if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[" else "jsonl"
+
+
 DEFAULT_HOLDOUT = 0.1
 
 

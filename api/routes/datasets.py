@@ -12,7 +12,7 @@ from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
 from api.routes.tasks import json_form
 from api.schemas import JobPublic
 from registry.entities import DatasetVersion
-from services.datasets import UploadLimits, parse_upload
+from services.datasets import AUTO, UploadLimits, parse_upload, resolve_format
 from services.dispatch import enqueue
 from services.promotion import check_gate
 from services.retraining import DEFAULT_REPLAY, add_dataset_version, retrain_task
@@ -67,7 +67,7 @@ def add_dataset(
     _: WriteToken,
     response: Response,
     train: Annotated[UploadFile, File(description="The training examples.")],
-    format: Annotated[str, Form(description="jsonl or cl_benchmark")] = "jsonl",
+    format: Annotated[str, Form(description="jsonl, cl_benchmark or auto (the default)")] = AUTO,
     test: Annotated[UploadFile | None, File(description="Test examples (optional).")] = None,
     labels: Annotated[str | None, Form(description="JSON list of the labels")] = None,
     holdout: Annotated[
@@ -80,6 +80,7 @@ def add_dataset(
     """Add a version of the task's data, checked as a task submission is (201). The same
     content as the newest version is that version (200): nothing new is stored."""
     settings = inst.settings
+    format = resolve_format(format, train.file)
     data = parse_upload(
         name=task, format=format, train=train.file,
         test=test.file if test is not None else None, labels=json_form("labels", labels, list),

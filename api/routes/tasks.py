@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
 from api.errors import ProblemError
 from api.schemas import TasksPublic, TaskSubmitted
-from services.datasets import UploadLimits, load_dataset, parse_upload
+from services.datasets import AUTO, UploadLimits, load_dataset, parse_upload, resolve_format
 from services.dispatch import enqueue
 from services.streams import submit_existing, submit_task
 from services.uploads import NESTED
@@ -28,10 +28,11 @@ def submit(
     format: Annotated[
         str,
         Form(
-            description="jsonl ({prompt, completion} lines) or "
-            "cl_benchmark (a JSON list of {sentence, label})"
+            description="jsonl ({prompt, completion} lines), cl_benchmark (a JSON list of "
+            "{sentence, label}), or auto (the default: told by the train file's first "
+            "character)"
         ),
-    ] = "jsonl",
+    ] = AUTO,
     train: Annotated[UploadFile | None, File(description="The training examples.")] = None,
     test: Annotated[UploadFile | None, File(description="Test examples (optional).")] = None,
     labels: Annotated[str | None, Form(description="JSON list of the labels")] = None,
@@ -67,6 +68,7 @@ def submit(
                 422, "upload a train file or name a dataset", field="train", code="invalid_dataset"
             )
         settings = inst.settings
+        format = resolve_format(format, train.file)
         data = parse_upload(
             name=name,
             format=format,

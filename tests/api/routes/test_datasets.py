@@ -168,3 +168,40 @@ def test_the_cli_adds_lists_and_retrains(
     assert "retrain of t1 on dataset v2: job" in capsys.readouterr().out
     assert main(["retrain", "s1", "t1", "--dataset", "7"]) == 2
     assert "error (404)" in capsys.readouterr().err
+
+
+def test_the_format_is_told_by_the_train_file_when_not_given(api: Api) -> None:
+    import gzip
+
+    _stream(api, hyperparams=FAST)
+    h = api.auth("write")
+    records = [{"sentence": f"word{i} sport", "label": "sport"} for i in range(8)] + [
+        {"sentence": f"word{i} food", "label": "food"} for i in range(8)
+    ]  # fmt: skip
+    cl_json = json.dumps(records, indent=1)  # a JSON list, as CL_Benchmark ships it
+    labels = json.dumps(["sport", "food"])
+    made = api.client.post("/v1/streams/s1/tasks", headers=h, data={"name": "cl", "labels": labels},
+                           files={"train": ("train.json", "\n  " + cl_json)})  # fmt: skip
+    assert made.status_code == 202, made.text
+    stored = api.inst.registry.tasks.get_dataset(made.json()["task"]["dataset_digest"])
+    assert stored.format == "cl_benchmark"
+    train, test, jl_labels = _task_files(seed=5)
+    files = {"train": ("t.jsonl", train), "test": ("s.jsonl", test)}
+    form = {"name": "jl", "labels": json.dumps(jl_labels)}
+    made = api.client.post("/v1/streams/s1/tasks", headers=h, data=form, files=files)
+    assert made.status_code == 202, made.text
+    stored = api.inst.registry.tasks.get_dataset(made.json()["task"]["dataset_digest"])
+    assert stored.format == "jsonl"
+    zipped = gzip.compress(cl_json.encode())  # a gzipped list: told from what it expands to
+    grown = api.client.post("/v1/streams/s1/tasks/cl/datasets", headers=h, data={"labels": labels},
+                            files={"train": ("t.json.gz", zipped)})  # fmt: skip
+    assert grown.status_code in (200, 201), grown.text
+    plain = {"train": ("t.txt", "plain text\n")}
+    _problem(
+        api.client.post("/v1/streams/s1/tasks", headers=h, data={"name": "x"}, files=plain),
+        422,
+        "train",
+    )  # read as JSONL: "line 1: ..."
+    no_labels = api.client.post("/v1/streams/s1/tasks", headers=h, data={"name": "y"},
+                                files={"train": ("t.json", cl_json)})  # fmt: skip
+    _problem(no_labels, 422, "labels")  # a CL_Benchmark list needs its labels
