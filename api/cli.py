@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -13,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from api import cli_client, cli_datasets, cli_service
+from api.pairs import parse_pairs
 from api.render import lineage_tree, matrix_report
 from registry.entities import JobState, NodeKind, NodeRef
 from registry.errors import InvalidValue, RegistryError
@@ -132,24 +132,10 @@ class _BenchProgress:
         tqdm.write(f"{method} fold after task {report.after_task + 1} ({state}):\n{report.table}")
 
 
-def _parse_sets(pairs: list[str], *, flag: str = "--set") -> dict[str, Any]:
-    """`key=value` pairs; values are read as JSON when they parse, else as strings."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise InvalidValue(f"expects key=value, got {pair!r}", field=flag)
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
 def _parse_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
     """`--option METHOD.KEY=VALUE` pairs grouped by method."""
     out: dict[str, dict[str, Any]] = {}
-    for key, value in _parse_sets(pairs, flag="--option").items():
+    for key, value in parse_pairs(pairs, flag="--option").items():
         method, dot, option = key.rpartition(".")
         if not dot or not method or not option:
             raise InvalidValue(f"expects METHOD.KEY=VALUE, got {key!r}", field="--option")
@@ -167,7 +153,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             data=args.data, order=tuple(args.order.split(",")),
             methods=tuple(args.methods.split(",")), model=args.model,
             train_per_task=args.train_per_task, eval_per_task=args.eval_per_task, seed=args.seed,
-            device=args.device, hyperparams=_parse_sets(args.set), metric=args.metric,
+            device=args.device, hyperparams=parse_pairs(args.set), metric=args.metric,
             options=_parse_options(args.option), consolidate_after=args.consolidate_after,
             max_drop=args.max_drop,
         )  # fmt: skip

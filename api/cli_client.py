@@ -15,6 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from api.client import DEFAULT_URL, StrataClient
+from api.pairs import parse_pairs
 from api.render import lineage_tree, matrix_report
 from registry.entities import (
     EvaluationMatrix,
@@ -26,6 +27,7 @@ from registry.entities import (
     NodeRef,
     Relation,
 )
+from registry.errors import InvalidValue
 from services.options import METHODS, options_help
 
 Command = Callable[[StrataClient, argparse.Namespace], int]
@@ -45,15 +47,8 @@ def _base(spec: str) -> dict[str, Any]:
     return {"kind": kind, "path": path} if path else {"kind": kind}
 
 
-def _sets(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, raw = pair.partition("=")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
+def _sets(pairs: list[str], flag: str = "--set") -> dict[str, Any]:
+    return parse_pairs(pairs, flag=flag)
 
 
 # -- streams and tasks ---------------------------------------------------------------------------
@@ -66,7 +61,7 @@ def streams_create(c: StrataClient, a: argparse.Namespace) -> int:
         "base": _base(a.base),
         "method": a.method,
         "hyperparams": _sets(a.set),
-        "method_options": _sets(a.option),
+        "method_options": _sets(a.option, "--option"),
         "consolidation": {"every_tasks": a.every_tasks, "max_drop": a.max_drop},
     }
     made = c.request("POST", "/streams", json=body)
@@ -499,6 +494,9 @@ def _run(fn: Command, args: argparse.Namespace) -> int:
         return fn(client, args)
     except ApiError as exc:
         print(f"error ({exc.status}): {exc}", file=sys.stderr)
+        return 2
+    except InvalidValue as exc:  # a bad KEY=VALUE pair, before anything was sent
+        print(f"error: {exc.field}: {exc}", file=sys.stderr)
         return 2
     except (httpx.HTTPError, urllib3.exceptions.HTTPError) as exc:  # unreachable, or cut short
         print(f"error: {args.url}: {exc}", file=sys.stderr)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from api.pairs import parse_pairs
 from continual.data import load_cl_benchmark
 from registry.entities import JobKind, JobState
 from registry.instance import Instance, open_instance
@@ -81,14 +82,7 @@ def learn(
 
 
 def _sets(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, raw = pair.partition("=")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
+    return parse_pairs(pairs)
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:

@@ -75,3 +75,20 @@ def test_matrix_report_covers_learned_tasks_only() -> None:
     assert "ACC 0.750  BWT -0.200  FWT -0.200  forgetting +0.200" in report
     empty = EvaluationMatrix(task_names=("x",), values=(), baseline=(None,), metric="accuracy")
     assert matrix_report(empty) == "no evaluations yet"
+
+
+def test_key_value_pairs_have_one_parser() -> None:
+    from api.pairs import parse_pairs
+    from registry.errors import InvalidValue
+
+    assert parse_pairs(["rank=8", "lr=1e-3", 'mods=["q_proj"]', "name=plain", "empty="]) == {
+        "rank": 8, "lr": 0.001, "mods": ["q_proj"], "name": "plain", "empty": ""}  # fmt: skip
+    for bad in ("rank", "=8"):
+        with pytest.raises(InvalidValue) as info:
+            parse_pairs([bad], flag="--option")
+        assert info.value.field == "--option" and "KEY=VALUE" in str(info.value)
+
+
+def test_a_bad_pair_is_an_error_before_anything_is_sent(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["streams", "create", "s", "--set", "rank", "--url", "http://127.0.0.1:9"]) == 2
+    assert "--set: expects KEY=VALUE" in capsys.readouterr().err

@@ -162,7 +162,7 @@ def test_bench_consolidates_after_task_k_through_the_fold_jobs_use(
         (["--methods", "nope"], "method"),
         (["--order", "sport_food,missing"], "not found"),
         (["--set", "rank=-3"], "rank"),
-        (["--set", "rank"], "key=value"),
+        (["--set", "rank"], "KEY=VALUE"),
         (["--methods", "o-lora", "--option", "o-lora.nope=1"], "nope"),
         (["--methods", "o-lora", "--option", "o-lora.lambda1=-1"], "lambda1"),
         (["--methods", "seq-lora", "--option", "o-lora.lambda1=1"], "o-lora"),
