@@ -31,7 +31,6 @@ zero-padded as the new adapter's rank outgrows them (zero rows add nothing, and 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,10 +140,7 @@ class _AmLoraSlot:
         return float(self.layer.scaling)
 
     def reinit(self) -> None:
-        lora_A, lora_B = self.layer.lora_A, self.layer.lora_B
-        assert lora_A is not None and lora_B is not None  # only layers with a new adapter
-        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # as AmLoraLinear (and PEFT) start it
-        nn.init.zeros_(lora_B)
+        self.layer.reset_lora_parameters()  # PEFT's semantics: A kaiming-uniform, B zero
 
     def fit(self, rank: int) -> None:
         layer = self.layer

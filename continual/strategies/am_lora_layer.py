@@ -109,7 +109,7 @@ class AmLoraLinear(nn.Module):
         if rank is not None:
             self.lora_A = nn.Parameter(weight.new_empty(rank, weight.shape[1]))
             self.lora_B = nn.Parameter(weight.new_zeros(weight.shape[0], rank))
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.reset_lora_parameters()
         self.selector_weight = nn.Parameter(
             _selector_init(selector_weight, (n, weight.shape[0]), weight), train_selector
         )
@@ -126,6 +126,15 @@ class AmLoraLinear(nn.Module):
         self.held_bias: Tensor | None
         self.register_buffer("held_weight", None, persistent=False)
         self.register_buffer("held_bias", None, persistent=False)
+
+    def reset_lora_parameters(self) -> None:
+        """The new adapter as PEFT's `LoraLayer.reset_lora_parameters(name, True)` starts one:
+        A kaiming-uniform (a = sqrt(5), `nn.Linear`'s default), B zero, so B A = 0."""
+        if self.lora_A is None or self.lora_B is None:
+            raise ValueError("this AM-LoRA layer has no new adapter to reset")
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
 
     def hold_history_rows(self) -> None:
         """Keep the earlier adapters' selector rows and the zero logit as they are now: the

@@ -122,6 +122,25 @@ def test_layer_matches_the_branch_by_branch_reference(new_rank: int | None) -> N
     assert layer.num_adapters == n
 
 
+def test_the_new_adapter_resets_as_peft_resets_a_lora_layer() -> None:
+    """`AmLoraLinear.reset_lora_parameters` (what merge-and-reinit calls) starts the new
+    adapter as PEFT's `reset_lora_parameters(name, True)` does: B zero, A kaiming-uniform."""
+    base = torch.nn.Linear(64, 32)
+    stack = stack_adapters([(torch.randn(4, 64), torch.randn(32, 4), 1.0)])
+    layer = AmLoraLinear(base, frozen=stack, rank=8, alpha=16.0)
+    assert layer.lora_A is not None and layer.lora_B is not None
+    with torch.no_grad():
+        layer.lora_A.fill_(7.0)
+        layer.lora_B.fill_(3.0)
+    layer.reset_lora_parameters()
+    assert torch.count_nonzero(layer.lora_B) == 0
+    bound = 1 / math.sqrt(64)  # kaiming_uniform_(a=sqrt(5)) on fan_in 64
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > bound / 4
+    frozen_only = AmLoraLinear(base, frozen=stack, rank=None, alpha=16.0)
+    with pytest.raises(ValueError, match="no new adapter"):
+        frozen_only.reset_lora_parameters()
+
+
 def test_every_branch_runs_in_the_same_ops() -> None:
     """The branches are batched: the ops a forward+backward runs do not grow with adapters."""
 
