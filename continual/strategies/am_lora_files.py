@@ -15,17 +15,17 @@ adapter that still sits on the snapshot, oldest first:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from peft import LoraConfig, PeftConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from continual.errors import InvalidHyperparameter
+from continual.errors import IncompatibleAdapter, InvalidHyperparameter
 from continual.strategies.am_lora_layer import FrozenAdapters, stack_adapters
 from continual.strategies.am_lora_router import COUNTS, MEANS, WITHIN
 from continual.strategies.common import (
@@ -130,22 +130,29 @@ def load_adapters(history: Sequence[Path], *, modules: list[str]) -> dict[str, F
 
 
 def read_lora_config(adapter_dir: Path) -> tuple[float, bool]:
-    """(lora_alpha, use_rslora) of a plain PEFT LoRA adapter; other variants are refused."""
-    path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise ValueError(f"{adapter_dir} is not a PEFT adapter (no {ADAPTER_CONFIG})")
-    config = json.loads(path.read_text())
+    """(lora_alpha, use_rslora) of a plain PEFT LoRA adapter, read by PEFT
+    (`PeftConfig.from_pretrained`, local files only); other variants are refused
+    (`IncompatibleAdapter`)."""
+    name = Path(adapter_dir).name
+    if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
+        raise IncompatibleAdapter(adapter=name, reason=f"not a PEFT adapter (no {ADAPTER_CONFIG})")
+    try:
+        config = PeftConfig.from_pretrained(str(adapter_dir), local_files_only=True)
+    except Exception as exc:  # PEFT's own errors for a config it cannot read vary
+        raise IncompatibleAdapter(adapter=name, reason=f"{ADAPTER_CONFIG}: {exc}") from exc
+    if not isinstance(config, LoraConfig):
+        raise IncompatibleAdapter(adapter=name, reason=f"a {config.peft_type} adapter, not LoRA")
     unsupported = {
-        "peft_type": config.get("peft_type") != "LORA",
-        "use_dora": bool(config.get("use_dora")),
-        "alpha_pattern": bool(config.get("alpha_pattern")),
-        "lora_bias": bool(config.get("lora_bias")),
-        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "use_dora": bool(config.use_dora),
+        "alpha_pattern": bool(config.alpha_pattern),
+        "lora_bias": bool(getattr(config, "lora_bias", False)),
+        "fan_in_fan_out": bool(config.fan_in_fan_out),
     }
     bad = [key for key, flag in unsupported.items() if flag]
     if bad:
-        raise ValueError(f"{adapter_dir}: am-lora reads plain LoRA adapters only ({bad})")
-    return float(config["lora_alpha"]), bool(config.get("use_rslora"))
+        raise IncompatibleAdapter(adapter=name, reason=f"am-lora reads plain LoRA adapters only "
+                                  f"({bad})")  # fmt: skip
+    return float(config.lora_alpha), bool(config.use_rslora)
 
 
 def load_selector(

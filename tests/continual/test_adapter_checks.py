@@ -101,3 +101,29 @@ def test_missing_layers_pickles_and_odd_keys_are_refused(
     with pytest.raises(IncompatibleAdapter, match="unreadable weights"):
         check_adapter_fits(make_base(), garbage)
     assert json.loads(config)["peft_type"] == "LORA"
+
+
+def test_am_lora_reads_adapter_configs_through_peft(tmp_path: Path) -> None:
+    import json
+
+    from peft import LoraConfig
+
+    from continual.errors import IncompatibleAdapter
+    from continual.strategies.am_lora_files import read_lora_config
+
+    LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj"]).save_pretrained(
+        tmp_path
+    )
+    assert read_lora_config(tmp_path) == (8.0, True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for change, reason in [({"use_dora": True}, "use_dora"), ({"peft_type": "IA3"}, "not LoRA")]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(IncompatibleAdapter, match=reason) as info:
+            read_lora_config(tmp_path)
+        assert info.value.field == "adapter"
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(IncompatibleAdapter, match=r"adapter_config\.json"):
+        read_lora_config(tmp_path)
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(IncompatibleAdapter, match="not a PEFT adapter"):
+        read_lora_config(tmp_path)
