@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import urllib3
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DOWNLOAD_CHUNK = 1024 * 1024
+SSE_RECONNECTS = 5  # cuts of a job's event stream in a row before following it gives up
 
 
 class ApiError(Exception):
@@ -115,24 +117,38 @@ class StrataClient:
         result: dict[str, Any] = self.request("POST", f"/streams/{stream}/predict", json=body)
         return result
 
-    def job_events(self, job_id: int, *, after: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
-        """The job's server-sent events, (event, data), until it ends."""
-        headers = {"Accept": "text/event-stream"}
-        with self.http.stream(
-            "GET", f"/jobs/{job_id}/events/stream", params={"cursor": after}, headers=headers
-        ) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise ApiError(response.status_code, _problem(response))
-            event, data = "message", ""
-            for line in response.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data += line[5:].strip()
-                elif not line and data:
-                    yield event, json.loads(data)
-                    event, data = "message", ""
+    def job_events(
+        self, job_id: int, *, after: int = 0, reconnects: int = SSE_RECONNECTS
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The job's server-sent events, (event, data), until it ends. A stream cut before its
+        `end` event is opened again with `Last-Event-ID` (the last `id:` seen), so no event is
+        shown twice or lost; after `reconnects` cuts in a row without an event the error is
+        raised."""
+        last_id, failures = after, 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_id:
+                headers["Last-Event-ID"] = str(last_id)
+            try:
+                with self.http.stream("GET", f"/jobs/{job_id}/events/stream", headers=headers,
+                                      params={"cursor": after}) as response:  # fmt: skip
+                    if response.status_code >= 400:
+                        response.read()
+                        raise ApiError(response.status_code, _problem(response))
+                    for event_id, event, data in sse_events(response.iter_lines()):
+                        failures = 0
+                        if event_id is not None:
+                            last_id = int(event_id)
+                        yield event, json.loads(data)
+                        if event == "end":
+                            return
+            except (httpx.TransportError, urllib3.exceptions.HTTPError):
+                if failures >= reconnects:
+                    raise
+            failures += 1
+            if failures > reconnects:
+                raise httpx.RemoteProtocolError("the event stream ended before the job did")
+            time.sleep(min(0.2 * 2**failures, 5.0))
 
     def download(
         self,
@@ -185,3 +201,27 @@ def _problem_of(content: bytes, reason: str | None) -> dict[str, Any]:
     except ValueError:
         return {"detail": content.decode(errors="replace")[:500] or reason}
     return body if isinstance(body, dict) else {"detail": str(body)}
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str | None, str, str]]:
+    """(id, event, data) of each server-sent event in `lines`, parsed as the SSE spec says:
+    `id`, `event` and `data` fields (several `data` lines joined by newlines), comments
+    (`:`) ignored, a blank line ending the event; an event without data is not dispatched."""
+    event_id: str | None = None
+    event, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield event_id, event, "\n".join(data)
+            event, data, event_id = "message", [], None
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            event = value
+        elif field == "id" and "\0" not in value:
+            event_id = value

@@ -92,3 +92,58 @@ def test_key_value_pairs_have_one_parser() -> None:
 def test_a_bad_pair_is_an_error_before_anything_is_sent(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["streams", "create", "s", "--set", "rank", "--url", "http://127.0.0.1:9"]) == 2
     assert "--set: expects KEY=VALUE" in capsys.readouterr().err
+
+
+def test_sse_is_parsed_as_the_spec_says() -> None:
+    from api.client import sse_events
+
+    lines = [": a comment", "id: 7", "event: job-event", 'data: {"a":', "data: 1}", "",
+             "event: state", "data: {}", "", "id: 8", ""]  # fmt: skip
+    assert list(sse_events(lines)) == [("7", "job-event", '{"a":\n1}'), (None, "state", "{}")]
+
+
+def test_a_cut_event_stream_resumes_with_last_event_id() -> None:
+    """The server cuts the stream after two events; the client opens it again with
+    Last-Event-ID and shows every event once."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from api.client import StrataClient
+
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Last-Event-ID"))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            if len(seen) == 1:  # cut: a body shorter than announced, then the socket closes
+                body = "".join(f"id: {i}\nevent: job-event\ndata: {json.dumps({'n': i})}\n\n"
+                               for i in (1, 2)).encode()  # fmt: skip
+                self.send_header("Content-Length", str(len(body) + 100))
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            body = (f"id: 3\nevent: job-event\ndata: {json.dumps({'n': 3})}\n\n"
+                    'event: end\ndata: {"state": "succeeded"}\n\n').encode()  # fmt: skip
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_a: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = StrataClient(f"http://127.0.0.1:{server.server_port}", token="t")
+        events = list(client.job_events(1))
+    finally:
+        server.shutdown()
+    assert [d.get("n", d.get("state")) for _, d in events] == [1, 2, 3, "succeeded"]
+    assert seen == [None, "2"]
