@@ -139,7 +139,8 @@ def freeze_startup_objects() -> None:
     """Leave what a server process holds from its start (the imports of torch, transformers and
     the app: about 500,000 objects) out of the cyclic garbage collector's passes. They live as
     long as the process, and a full pass would otherwise scan them all: a pause of about 0.4 s
-    on a 2-core machine, paid by whichever request set it off (BENCHMARKS.md). Call it once
+    on a 2-core machine, paid by whichever request set it off
+    (docs/notes/2026-11-23-api-under-load.md). Call it once
     the app is built."""
     gc.collect()  # what is garbage now is freed, not frozen
     gc.freeze()

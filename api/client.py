@@ -35,7 +35,8 @@ class StrataClient:
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         # Downloads go through urllib3: httpx reads a response 64 KiB at a time (httpcore's
         # fixed read size), which held a loopback download to about a third of the server's
-        # rate; urllib3 reads what the caller asks for (BENCHMARKS.md, "Downloads over the API").
+        # rate; urllib3 reads what the caller asks for (docs/notes/
+        # 2026-11-23-artifacts-vs-minio.md, "Downloads over the API").
         self._downloads = urllib3.PoolManager(
             headers=headers, timeout=urllib3.Timeout(total=None, connect=timeout, read=timeout),
             retries=False,

@@ -16,7 +16,8 @@
   (a regression merge in the manner of RegMean, with the routed mixture as its target). With a
   gate that is the same for every token, D = P and the fold is exact. All layers are fitted on
   the routed model's inputs at once; `by_block` fits decoder block after block on the inputs
-  the blocks folded before it give (the same accuracy on the generated tasks, BENCHMARKS.md,
+  the blocks folded before it give (the same accuracy on the generated tasks,
+  docs/notes/2026-12-03-folding-am-lora.md,
   for one pass over the probes per block). The folded tasks are then
   served by the snapshot itself: the memory keeps the router's statistics of every folded task,
   and a later task's router sends their inputs to no adapter (the zero adapter). The fold is

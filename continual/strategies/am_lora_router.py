@@ -1,7 +1,8 @@
 """Task routing for AM-LoRA: which task's adapter an input sequence belongs to, from statistics.
 
 The selector alone cannot route by input: it is trained on the new task's data only, so nothing
-teaches it to keep the new adapter away from earlier tasks' inputs (BENCHMARKS.md, "Why am-lora
+teaches it to keep the new adapter away from earlier tasks' inputs
+(docs/notes/2026-12-03-strategy-comparison-cl-benchmark.md, "Why am-lora
 forgot"). The router adds what it lacks without keeping any earlier data:
 
 - **Statistics, not examples.** While a task trains, the router sums each training sequence's

@@ -3,8 +3,9 @@ status (every client polling its jobs) and job events (every progress stream, tw
 
 Through the stores, each read is an ORM session run on the threadpool: a thread hop, a session,
 a ping on checkout, BEGIN, SELECT, COMMIT and the ORM's row loading, about 2 ms of CPU for the
-two reads of a status request, which the threads take in turns on one GIL (BENCHMARKS.md, "API
-under load"). On PostgreSQL, `PgReads` runs them over psycopg's async connection pool instead:
+two reads of a status request, which the threads take in turns on one GIL
+(docs/notes/2026-11-23-api-under-load.md). On PostgreSQL, `PgReads` runs them over psycopg's async
+connection pool instead:
 one statement each on an autocommit connection, no thread hop. The statements are compiled once
 from the tables the stores use, and the rows become entities through the same functions
 (`_convert`, `tokens.admit`), so both paths give the same answers. `ThreadedReads` runs the
@@ -128,7 +129,8 @@ class PgReads:
     statement needs no transaction of its own).
 
     A checkout is not pinged first, as the stores' engine does: the ping is a round trip per
-    read, 1.2x the reads per second without it (BENCHMARKS.md). Instead a read that finds its
+    read, 1.2x the reads per second without it (docs/notes/2026-11-23-api-under-load.md). Instead a
+    read that finds its
     connection broken (a database restart cuts every pooled connection) runs again on another,
     which is safe because each read is one idempotent statement; the pool drops the broken one.
     A database that cannot be reached is `Unavailable`."""
