@@ -189,7 +189,9 @@ def test_a_due_schedule_fires_once_and_skips_missed_times(registry: SqlRegistry)
     nxt = t0 + timedelta(hours=4)
     job = registry.schedules.fire(sched.id, now=now, next_run_at=nxt)
     assert job is not None and job.kind is JobKind.RETRAIN and job.task_id == task.id
-    assert job.params == {"hyperparams": {"rank": 4}, "schedule_id": sched.id}
+    # a retrain takes the task's newest dataset version when it fires (here its first)
+    assert job.params == {"hyperparams": {"rank": 4}, "schedule_id": sched.id,
+                          "dataset_id": task.dataset_id, "dataset_version": 1}  # fmt: skip
     assert registry.schedules.fire(sched.id, now=now, next_run_at=nxt) is None  # fired already
     assert registry.schedules.due(now=now) == []
     fired = registry.schedules.get(sched.id)
