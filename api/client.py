@@ -124,12 +124,12 @@ class StrataClient:
         """The job's server-sent events, (event, data), until it ends. A stream cut before its
         `end` event is opened again with `Last-Event-ID` (the last `id:` seen), so no event is
         shown twice or lost; after `reconnects` cuts in a row without an event the error is
-        raised."""
-        last_id, failures = after, 0
+        raised. The id is sent back as it came (an opaque string; an empty `id:` clears it)."""
+        last_id, failures = str(after) if after else "", 0
         while True:
             headers = {"Accept": "text/event-stream"}
             if last_id:
-                headers["Last-Event-ID"] = str(last_id)
+                headers["Last-Event-ID"] = last_id
             try:
                 with self.http.stream("GET", f"/jobs/{job_id}/events/stream", headers=headers,
                                       params={"cursor": after}) as response:  # fmt: skip
@@ -139,7 +139,7 @@ class StrataClient:
                     for event_id, event, data in sse_events(response.iter_lines()):
                         failures = 0
                         if event_id is not None:
-                            last_id = int(event_id)
+                            last_id = event_id
                         yield event, json.loads(data)
                         if event == "end":
                             return
@@ -213,7 +213,7 @@ def sse_events(lines: Iterable[str]) -> Iterator[tuple[str | None, str, str]]:
     for line in lines:
         if not line:
             if data:
-                yield event_id, event, "\n".join(data)
+                yield event_id, event or "message", "\n".join(data)
             event, data, event_id = "message", [], None
             continue
         if line.startswith(":"):

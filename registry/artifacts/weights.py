@@ -24,31 +24,6 @@ logger = logging.getLogger(__name__)
 MAX_HEADER_SIZE = 100_000_000
 """The same cap as the reference implementation: a larger header is refused unread."""
 
-_DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8,
-    "F8_E5M2FNUZ": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-}
-
 
 def validate_safetensors(path: Path, *, name: str | None = None) -> None:
     """Raise InvalidWeights (``field`` = ``name`` or the file name) unless ``path`` is well formed.

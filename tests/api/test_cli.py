@@ -98,13 +98,15 @@ def test_sse_is_parsed_as_the_spec_says() -> None:
     from api.client import sse_events
 
     lines = [": a comment", "id: 7", "event: job-event", 'data: {"a":', "data: 1}", "",
-             "event: state", "data: {}", "", "id: 8", ""]  # fmt: skip
-    assert list(sse_events(lines)) == [("7", "job-event", '{"a":\n1}'), (None, "state", "{}")]
+             "event: state", "data: {}", "", "id: 8", "", "event:", "id:", "data", ""]  # fmt: skip
+    assert list(sse_events(lines)) == [
+        ("7", "job-event", '{"a":\n1}'), (None, "state", "{}"), ("", "message", "")]  # fmt: skip
 
 
-def test_a_cut_event_stream_resumes_with_last_event_id() -> None:
+@pytest.mark.parametrize("prefix", ["", "e-"])
+def test_a_cut_event_stream_resumes_with_last_event_id(prefix: str) -> None:
     """The server cuts the stream after two events; the client opens it again with
-    Last-Event-ID and shows every event once."""
+    Last-Event-ID (the last id as it came, an opaque string) and shows every event once."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -112,6 +114,9 @@ def test_a_cut_event_stream_resumes_with_last_event_id() -> None:
     from api.client import StrataClient
 
     seen: list[str | None] = []
+
+    def job_event(i: int) -> str:
+        return f"id: {prefix}{i}\nevent: job-event\ndata: {json.dumps({'n': i})}\n\n"
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -121,16 +126,14 @@ def test_a_cut_event_stream_resumes_with_last_event_id() -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             if len(seen) == 1:  # cut: a body shorter than announced, then the socket closes
-                body = "".join(f"id: {i}\nevent: job-event\ndata: {json.dumps({'n': i})}\n\n"
-                               for i in (1, 2)).encode()  # fmt: skip
+                body = "".join(job_event(i) for i in (1, 2)).encode()
                 self.send_header("Content-Length", str(len(body) + 100))
                 self.end_headers()
                 self.wfile.write(body)
                 self.wfile.flush()
                 self.close_connection = True
                 return
-            body = (f"id: 3\nevent: job-event\ndata: {json.dumps({'n': 3})}\n\n"
-                    'event: end\ndata: {"state": "succeeded"}\n\n').encode()  # fmt: skip
+            body = (job_event(3) + 'event: end\ndata: {"state": "succeeded"}\n\n').encode()
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -146,4 +149,4 @@ def test_a_cut_event_stream_resumes_with_last_event_id() -> None:
     finally:
         server.shutdown()
     assert [d.get("n", d.get("state")) for _, d in events] == [1, 2, 3, "succeeded"]
-    assert seen == [None, "2"]
+    assert seen == [None, f"{prefix}2"]
