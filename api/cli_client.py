@@ -344,8 +344,13 @@ def schedules_list(c: StrataClient, a: argparse.Namespace) -> int:
 
 
 def schedules_delete(c: StrataClient, a: argparse.Namespace) -> int:
-    c.request("DELETE", f"/schedules/{a.id}")
-    print(f"schedule {a.id} deleted")
+    """`schedules delete STREAM ID` (or the older `schedules delete ID`)."""
+    *stream, raw = a.target
+    if len(stream) > 1 or not raw.isdigit():
+        raise InvalidValue("expects STREAM ID (or a schedule id)", field="schedule")
+    path = f"/streams/{stream[0]}/schedules/{raw}" if stream else f"/schedules/{raw}"
+    c.request("DELETE", path)
+    print(f"schedule {raw} deleted")
     return 0
 
 
@@ -474,7 +479,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--task")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     command(schedules, "list", schedules_list).add_argument("stream")
-    command(schedules, "delete", schedules_delete).add_argument("id", type=int)
+    command(schedules, "delete", schedules_delete).add_argument(
+        "target", nargs="+", metavar="STREAM ID", help="the stream and the schedule's id"
+    )
 
 
 def _archive_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
-"""`strata datasets add | list` and `strata retrain`: a task's dataset versions and retraining
-it on one of them, from a terminal (STRATA_URL, STRATA_TOKEN)."""
+"""`strata datasets add | list`, `strata retrain` and `strata evaluate`: a task's dataset
+versions, retraining it on one of them, and evaluating a stream's current state, from a terminal
+(STRATA_URL, STRATA_TOKEN)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,12 @@ def retrain(c: StrataClient, a: argparse.Namespace) -> int:
     return watch(c, job["id"]) if a.watch else 0
 
 
+def evaluate(c: StrataClient, a: argparse.Namespace) -> int:
+    job = c.request("POST", f"/streams/{a.stream}/evaluate", json={"eval_limit": a.eval_limit})
+    print(f"evaluation of {a.stream}: job {job['id']} queued")
+    return watch(c, job["id"]) if a.watch else 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("STRATA_URL", DEFAULT_URL),
@@ -86,4 +93,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=0.0,
         help="share (0-1) of the earlier versions' examples mixed in (default 0)",
     )
+    p.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="evaluate the stream's current state on every task")  # fmt: skip
+    p.set_defaults(func=lambda args: _run(evaluate, args))
+    p.add_argument("stream")
+    p.add_argument("--eval-limit", type=int, default=200,
+                   help="test examples per task (default 200)")  # fmt: skip
     p.add_argument("--watch", action="store_true", help="follow the job with a progress bar")

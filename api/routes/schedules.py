@@ -7,6 +7,7 @@ from fastapi import APIRouter
 
 from api.deps import IdPath, InstDep, ReadToken, StreamDep, WriteToken
 from api.schemas import ScheduleCreate, SchedulePublic, SchedulesPublic
+from registry.errors import NotFound
 from services.scheduler import create_schedule
 
 router = APIRouter(tags=["schedules"])
@@ -30,4 +31,14 @@ def list_schedules(stream: StreamDep, inst: InstDep, _: ReadToken) -> object:
 
 @router.delete("/schedules/{schedule_id}", status_code=204)
 def delete(schedule_id: IdPath, inst: InstDep, _: WriteToken) -> None:
+    inst.registry.schedules.delete(schedule_id)
+
+
+@router.delete("/streams/{stream}/schedules/{schedule_id}", status_code=204)
+def delete_of_stream(stream: StreamDep, schedule_id: IdPath, inst: InstDep, _: WriteToken) -> None:
+    """Delete one of the stream's schedules (404 for a schedule of another stream)."""
+    ours = {s.id for s in inst.registry.schedules.list_schedules(stream_id=stream.id)}
+    if schedule_id not in ours:
+        raise NotFound(f"schedule {schedule_id} not found in stream '{stream.name}'",
+                       field="schedule")  # fmt: skip
     inst.registry.schedules.delete(schedule_id)

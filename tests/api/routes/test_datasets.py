@@ -143,7 +143,7 @@ class _InProcess(StrataClient):
         r = self.api.client.request(method, "/v1" + path, headers=self.api.auth("write"), **kwargs)
         if r.status_code >= 400:
             raise ApiError(r.status_code, r.json())
-        return r.json()
+        return r.json() if r.content else None
 
     def close(self) -> None:
         pass
