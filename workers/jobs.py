@@ -6,6 +6,7 @@ The handlers of train, retrain and evaluate jobs (`workers.runner` dispatches to
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -209,7 +210,32 @@ def _fit(
         metrics["relora_resets"] = result.relora_resets
     with tempfile.TemporaryDirectory(prefix="strata-adapter-") as tmp:
         strategy.save_adapter(model, Path(tmp))
+        name_base(Path(tmp), base_name(inst, plan.snapshot))
         return put_tree(inst.artifacts, Path(tmp)), metrics
+
+
+HUB_NAMES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # imported by kind, by hub id
+
+
+def base_name(inst: Instance, snapshot: Snapshot) -> str:
+    """What an exported adapter names as its base: the hub id of an imported well-known model
+    (its snapshot v0), else `strata:<stream>/snapshots/<version>` (`strata snapshots
+    download <stream> <version>` gives it), never a path on a server."""
+    stream = inst.registry.streams.get_by_id(snapshot.stream_id)
+    kind = stream.base_source.get("kind")
+    if snapshot.version == 0 and kind in HUB_NAMES:
+        return HUB_NAMES[kind]
+    return f"strata:{stream.name}/snapshots/{snapshot.version}"
+
+
+def name_base(adapter_dir: Path, name: str) -> None:
+    """Write `name` as the adapter config's `base_model_name_or_path` (PEFT writes the local
+    path the base was loaded from)."""
+    path = adapter_dir / "adapter_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config["base_model_name_or_path"] = name
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _save_checkpoint(inst: Instance, reporter: JobReporter, job_id: int, state: TrainState) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+import json
 import os
 import tarfile
 import threading
@@ -21,9 +22,11 @@ from api.client import ApiError, StrataClient
 from registry.artifacts import ArtifactStore, put_tree, read_manifest
 from registry.entities import Snapshot
 from registry.instance import Instance
-from services.trees import tree_cache_path
-from tests.api.conftest import SETTINGS, Recorder
+from services.trees import fetch_tree, tree_cache_path
+from tests.api.conftest import SETTINGS, Api, Recorder
+from tests.api.test_api import FAST, _stream, _submit
 from tests.harness import serve
+from workers.runner import run_job
 from workers.streams import create_stream
 
 
@@ -127,3 +130,22 @@ def test_a_client_that_goes_away_stops_the_fetch_and_leaves_no_copy(
 
 def _fetching() -> bool:
     return any(t.name.startswith("fetch-") for t in threading.enumerate())
+
+
+def test_an_adapter_names_its_base_not_a_server_path(api: Api) -> None:
+    """PEFT writes the local path the base was loaded from; an exported adapter names the
+    snapshot instead (`strata snapshots download s1 0` gives it)."""
+    from workers.jobs import base_name
+
+    _stream(api, hyperparams=FAST)
+    made = _submit(api, "s1", "t1")
+    assert run_job(api.inst, made.json()["job"]["id"]).state == "succeeded"
+    inst = api.inst
+    task = inst.registry.tasks.get(stream_id=inst.registry.streams.get("s1").id, name="t1")
+    version = inst.registry.adapters.get(task_id=task.id, ref_="latest")
+    tree = fetch_tree(inst, version.artifact_digest or "")
+    config = json.loads((tree / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "strata:s1/snapshots/0"
+    assert base_name(inst, inst.registry.streams.current_snapshot(task.stream_id)) == (
+        "strata:s1/snapshots/0"
+    )
