@@ -140,7 +140,7 @@ def freeze_startup_objects() -> None:
     the app: about 500,000 objects) out of the cyclic garbage collector's passes. They live as
     long as the process, and a full pass would otherwise scan them all: a pause of about 0.4 s
     on a 2-core machine, paid by whichever request set it off
-    (docs/notes/2026-11-23-api-under-load.md). Call it once
+    (docs/notes/2026-11-23-api-status-reads.md, "Freezing"). Call it once
     the app is built."""
     gc.collect()  # what is garbage now is freed, not frozen
     gc.freeze()

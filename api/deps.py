@@ -28,7 +28,7 @@ _IMPLIED = {"read": {"read", "write", "admin"}, "write": {"write", "admin"}, "ad
 
 
 # Dependencies that do no I/O are `async`: FastAPI runs a plain `def` one on the threadpool, a
-# thread hop per request each (docs/notes/2026-11-23-api-under-load.md).
+# thread hop per request each (docs/notes/2026-11-22-api-under-load.md).
 async def get_instance(request: Request) -> Instance:
     inst: Instance = request.app.state.inst
     return inst

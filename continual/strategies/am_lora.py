@@ -15,7 +15,7 @@ Design choices:
   Padding tokens count like the others (the layer does not see the attention mask).
 - **Task routing** (`routing_weight`, default 1; 0 turns it off): the selector alone cannot
   route by input (trained on the new task's data only, it gives every task's tokens the same
-  mixture; docs/notes/2026-12-03-strategy-comparison-cl-benchmark.md, "Why am-lora forgot"). A
+  mixture; docs/notes/2026-11-23-am-lora-task-routing.md, "Why am-lora forgot"). A
   `TaskRouter` (see `am_lora_router`) keeps
   statistics of each task's training sequences (their mean token embedding's mean, and a pooled
   scatter matrix: no examples) and adds `routing_weight * log p(task | tokens so far)` from a

@@ -2,8 +2,8 @@
 
 The selector alone cannot route by input: it is trained on the new task's data only, so nothing
 teaches it to keep the new adapter away from earlier tasks' inputs
-(docs/notes/2026-12-03-strategy-comparison-cl-benchmark.md, "Why am-lora
-forgot"). The router adds what it lacks without keeping any earlier data:
+(docs/notes/2026-11-23-am-lora-task-routing.md, "Why am-lora forgot"). The router adds what it
+lacks without keeping any earlier data:
 
 - **Statistics, not examples.** While a task trains, the router sums each training sequence's
   representation: the mean of its token embeddings (the frozen base's input embedding, over the

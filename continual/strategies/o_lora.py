@@ -23,15 +23,14 @@ near chance; the default 160 learn them), and a larger lambda1 trades plasticity
 `lambda2_norm="update"` replaces the second term by lambda2 * sum_layers || s B_t A_t ||_F, the
 norm of the new adapter's weight change (s = alpha / r). What protects earlier tasks is a bound on
 how far the new adapter moves the outputs they read; orthogonal A matrices alone do not bound that
-(docs/notes/2026-12-03-strategy-comparison-cl-benchmark.md). The paper's norm of the parameters
+(docs/notes/2026-11-22-strategy-comparison-cl-benchmark.md). The paper's norm of the parameters
 bounds it too, but its gradient on A (the
 Kaiming-initialised down projection) is there from the first step, while B = 0 leaves A no task
 gradient, so under Adam the term can shrink A before the task loss reaches it. The update's norm
 is 0 with zero gradient on A while B = 0, and grows only with the change the adapter makes. It is
 computed from r x r Gram matrices, ||B A||_F^2 = sum((B^T B) * (A A^T)), never forming B A. On the
-SmolLM2 pilot in docs/notes/2026-12-03-strategy-comparison-cl-benchmark.md both forms learned and
-retained alike, so the paper's stays the
-default.
+SmolLM2 pilot (docs/notes/2026-11-22-strategy-comparison-cl-benchmark.md, "What limits o-lora's
+learning") both forms learned and retained alike, so the paper's stays the default.
 
 With `orthogonal_init` the new A starts orthogonal to the earlier ones (`project_out_history`),
 so the penalty starts at zero and only has to keep it there; off by default, as in the paper.

@@ -1,15 +1,15 @@
 """The API's hottest reads, awaited on its event loop: token authentication (every request), job
 status (every client polling its jobs) and job events (every progress stream, twice a second).
 
-Through the stores, each read is an ORM session run on the threadpool: a thread hop, a session,
-a ping on checkout, BEGIN, SELECT, COMMIT and the ORM's row loading, about 2 ms of CPU for the
-two reads of a status request, which the threads take in turns on one GIL
-(docs/notes/2026-11-23-api-under-load.md). On PostgreSQL, `PgReads` runs them over psycopg's async
-connection pool instead:
-one statement each on an autocommit connection, no thread hop. The statements are compiled once
-from the tables the stores use, and the rows become entities through the same functions
-(`_convert`, `tokens.admit`), so both paths give the same answers. `ThreadedReads` runs the
-stores on the threadpool: SQLite (the embedded default) and any other registry.
+Through the stores, each read is an ORM session run on the threadpool: a thread hop, a session, a
+ping on checkout, BEGIN, SELECT, COMMIT and the ORM's row loading, about 2 ms of CPU for the two
+reads of a status request, which the threads take in turns on one GIL
+(docs/notes/2026-11-23-api-status-reads.md). On PostgreSQL, `PgReads` runs them over psycopg's async
+connection pool instead: one statement each on an autocommit connection, no thread hop. The
+statements are compiled once from the tables the stores use, and the rows become entities through
+the same functions (`_convert`, `tokens.admit`), so both paths give the same answers.
+`ThreadedReads` runs the stores on the threadpool: SQLite (the embedded default) and any other
+registry.
 
     reads = open_reads(registry, size=8)
     await reads.open()
@@ -128,12 +128,11 @@ class PgReads:
     """The reads on PostgreSQL over an async pool of autocommit connections (a single
     statement needs no transaction of its own).
 
-    A checkout is not pinged first, as the stores' engine does: the ping is a round trip per
-    read, 1.2x the reads per second without it (docs/notes/2026-11-23-api-under-load.md). Instead a
-    read that finds its
-    connection broken (a database restart cuts every pooled connection) runs again on another,
-    which is safe because each read is one idempotent statement; the pool drops the broken one.
-    A database that cannot be reached is `Unavailable`."""
+    A checkout is not pinged first, as the stores' engine does: the ping is a round trip per read,
+    1.2x the reads per second without it (docs/notes/2026-11-23-api-status-reads.md). Instead a read
+    that finds its connection broken (a database restart cuts every pooled connection) runs again on
+    another, which is safe because each read is one idempotent statement; the pool drops the broken
+    one. A database that cannot be reached is `Unavailable`."""
 
     def __init__(self, conninfo: str, *, size: int, timeout_s: float = 5.0) -> None:
         self._size = size
