@@ -44,7 +44,10 @@ def save_peft_adapter(model: PeftModel, out_dir: Path, *, adapter_name: str) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".save-") as scratch:
-        model.save_pretrained(scratch, selected_adapters=[adapter_name], safe_serialization=True)
+        # no embedding layers are adapted: "auto" would look the base's name up (on the Hub,
+        # for a name that is not a local path) to decide whether to save them
+        model.save_pretrained(scratch, selected_adapters=[adapter_name], safe_serialization=True,
+                              save_embedding_layers=False)  # fmt: skip
         source = Path(scratch) if adapter_name == "default" else Path(scratch) / adapter_name
         for name in ADAPTER_FILES:
             (source / name).replace(out_dir / name)
