@@ -25,8 +25,7 @@ from api.routes.predict import max_body_bytes
 from registry.entities import Snapshot
 from registry.instance import Instance
 from tests.api.conftest import SETTINGS, Api, Recorder, _tokens
-from tests.api.test_api import _problem
-from tests.api.test_predict import _InProcess
+from tests.api.helpers import _InProcess, _problem
 from tests.harness import serve
 from workers import predict as predict_module
 from workers.models import load_snapshot

@@ -10,7 +10,7 @@ from typing import Any
 
 from continual.data import Example, synthetic_tasks
 from tests.api.conftest import Api
-from tests.api.test_api import _problem, _stream
+from tests.api.helpers import _problem, _stream
 from workers.runner import run_job
 
 STEADY: dict[str, Any] = {}  # the defaults: 10 epochs, enough for the tiny model to learn

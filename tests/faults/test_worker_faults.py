@@ -76,7 +76,7 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(cluster: Cluster) ->
     defers acknowledgements to its event loop, which the solo pool blocks while the job runs.
     Redis therefore re-delivers the message of a job running past the visibility timeout (1 s
     here, swept every second by `sweep_app`), to the other worker; each copy finds the job
-    claimed and starts nothing (`test_service_store` tests claims directly)."""
+    claimed and starts nothing (`tests/registry/store/test_jobs.py` tests claims directly)."""
     stream, _ = create_stream(cluster.inst, name="s", base={"kind": "tiny"})
     job = cluster.submit(stream, "long", seed=0, max_steps=600)  # about 10 s on a quiet machine
     started = cluster.wait([job.id], until=("running", "succeeded"))[0]

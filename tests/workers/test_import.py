@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from registry.settings import StrataSettings
 from services.imports import NOT_IMPORTABLE, check_source
 from services.imports import check_import as cheap_check
 from services.trees import fetch_tree
+from tests.workers.helpers import _hf_dir
 from workers.imports import check_import
 from workers.models import (
     load_snapshot,
@@ -133,16 +133,6 @@ def test_a_derived_snapshot_writes_only_the_tensors_that_changed(instance: Insta
 
 
 # -- what may be imported, checked before anything is loaded --------------------------------------
-def _hf_dir(path: Path, **config: object) -> Path:
-    """A tiny Llama saved as a model directory, its config.json then changed by `config`."""
-    model, tok = build_tiny_llama(seed=3)
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    raw = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**raw, **config}))
-    return path
-
-
 def test_paths_outside_the_import_roots_get_the_same_answer_as_absent_ones(tmp_path: Path) -> None:
     root, elsewhere = tmp_path / "imports", tmp_path / "private"
     model = _hf_dir(root / "models" / "m")

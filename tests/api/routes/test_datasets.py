@@ -14,7 +14,7 @@ from api.cli import main
 from api.client import ApiError, StrataClient
 from services.scheduler import fire_due
 from tests.api.conftest import Api
-from tests.api.test_api import FAST, _problem, _stream, _submit, _task_files
+from tests.api.helpers import FAST, _problem, _stream, _submit, _task_files
 from workers.runner import run_job
 
 

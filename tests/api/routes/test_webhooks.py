@@ -13,7 +13,7 @@ import pytest
 
 from services.webhooks import deliver_due
 from tests.api.conftest import Api
-from tests.api.test_api import FAST, _problem, _stream, _submit
+from tests.api.helpers import FAST, _problem, _stream, _submit
 from tests.harness import Receiver, free_port
 from workers.runner import run_job
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.api.conftest import Api
-from tests.api.test_api import FAST, _problem, _stream, _submit
+from tests.api.helpers import FAST, _problem, _stream, _submit
 from workers.runner import run_job
 
 

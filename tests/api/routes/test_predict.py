@@ -13,13 +13,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from api.cli import main
-from api.client import ApiError, StrataClient
 from continual.data import Example, PromptFormat, synthetic_tasks
 from continual.evaluation import label_scores
 from continual.strategies import get_strategy
 from services.trees import fetch_tree
 from tests.api.conftest import Api
-from tests.api.test_api import _problem, _stream, _wait
+from tests.api.helpers import _InProcess, _problem, _stream, _wait
 from workers.models import load_snapshot
 
 # topic: a CL_Benchmark upload (an instruction template, completions " {label}");
@@ -160,22 +159,6 @@ def test_predict_raw_text_and_bad_requests(live_api: Api) -> None:
         ({"inputs": [text], "prompt_template": "{text}"}, "prompt_template"),
     ):
         _problem(c.post("/v1/streams/s1/predict", json=bad, headers=h), 422, field)
-
-
-class _InProcess(StrataClient):
-    """The CLI's client, answered by the test's app instead of a server."""
-
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        r = self.api.client.request(method, "/v1" + path, headers=self.api.auth("read"), **kwargs)
-        if r.status_code >= 400:
-            raise ApiError(r.status_code, r.json())
-        return r.json()
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.mark.slow

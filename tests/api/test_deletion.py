@@ -8,7 +8,7 @@ import dataclasses
 
 from registry.settings import StrataSettings
 from tests.api.conftest import Api
-from tests.api.test_api import FAST, _problem, _stream, _submit
+from tests.api.helpers import FAST, _problem, _stream, _submit
 from workers.runner import run_job
 
 

@@ -1,6 +1,7 @@
-"""`POST /v1/streams`: the base source checked without loading it (import roots, config size,
-tensor shapes; every refusal a 422 that names no server path), then imported by a job that the
-stream's other jobs queue behind; a failed import fails the stream and frees its name."""
+"""`/v1/streams`: created, listed and read, bad input refused by field; the base source checked
+without loading it (import roots, config size, tensor shapes; every refusal a 422 that names no
+server path), then imported by a job that the stream's other jobs queue behind; a failed import
+fails the stream and frees its name; consolidation policies and folds."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from registry.settings import StrataSettings
 from services.imports import NOT_IMPORTABLE
 from services.scheduler import fire_due
 from tests.api.conftest import SETTINGS, Api
-from tests.api.test_api import FAST, _problem, _submit
-from tests.workers.test_import import _hf_dir
+from tests.api.helpers import DEEP, FAST, _problem, _stream, _submit, _task_files
+from tests.workers.helpers import _hf_dir
 from workers.runner import run_job
 
 
@@ -231,3 +232,107 @@ def test_method_options_are_documented_per_method_and_checked_by_field(
     shown = capsys.readouterr().out
     assert "o-lora:" in shown and "lambda1_norm (default 'sum')" in shown
     assert "sparsity_weight (default 0.01)" in shown
+
+
+def test_streams_create_list_get_and_refuse_bad_input(api: Api) -> None:
+    c, h = api.client, api.auth("write")
+    created = _stream(api)
+    assert created["name"] == "s1" and created["hyperparams"]["max_steps"] == 4
+    assert c.get("/v1/streams/s1", headers=h).json()["id"] == created["id"]
+    assert [s["name"] for s in c.get("/v1/streams", headers=h).json()["data"]] == ["s1"]
+    _problem(c.post("/v1/streams", json={"name": "s1", "base": {"kind": "tiny"}}, headers=h),
+             409, "name")  # fmt: skip
+    cases = [
+        ({"name": "../x", "base": {"kind": "tiny"}}, "name"),
+        ({"name": "ok", "base": {"kind": "pickle"}}, "base.kind"),
+        ({"name": "ok", "base": {"kind": "hf", "path": "/nonexistent"}}, "base.path"),
+        ({"name": "ok", "base": {"kind": "tiny"}, "hyperparams": {"rank": -1}}, "rank"),
+        ({"name": "ok", "base": {"kind": "tiny"}, "hyperparams": {"nope": 1}}, "nope"),
+        ({"name": "ok", "base": {"kind": "tiny"}, "method": "magic"}, "method"),
+        ({"name": "ok", "base": {"kind": "tiny"}, "extra": 1}, "extra"),
+        ({"base": {"kind": "tiny"}}, "name"),
+    ]
+    for body, field in cases:
+        _problem(c.post("/v1/streams", json=body, headers=h), 422, field)
+    _problem(c.get("/v1/streams/missing", headers=h), 404, "stream")
+    _problem(c.post("/v1/streams", content=b"{not json", headers={**h, "content-type":
+             "application/json"}), 422)  # fmt: skip
+    assert [s["name"] for s in c.get("/v1/streams", headers=h).json()["data"]] == ["s1"]
+
+
+def test_relora_hyperparameters_are_validated_as_one_setting(api: Api) -> None:
+    """ReLoRA's three hyperparameters are checked together: a stream's defaults or a task's
+    overrides that do not fit are a 422 naming the field, and nothing is queued."""
+    c, h = api.client, api.auth("write")
+    tiny = {"name": "r", "base": {"kind": "tiny"}}
+    for hyper, field in [
+        ({"relora_every": 0}, "relora_every"),
+        ({"relora_every": 10, "relora_warmup": 10}, "relora_warmup"),
+        ({"relora_every": 10, "relora_prune": 1.0}, "relora_prune"),
+        ({"relora_warmup": 5}, "relora_warmup"),  # ReLoRA is off
+    ]:
+        body = _problem(c.post("/v1/streams", json={**tiny, "hyperparams": hyper}, headers=h),
+                        422, field)  # fmt: skip
+        assert body["code"] == "invalid_hyperparameter"
+    made = _stream(api, "r", hyperparams={**FAST, "relora_every": 2})
+    assert made["hyperparams"]["relora_every"] == 2
+    imported = list(api.dispatcher.sent)  # the import job
+    train, test, labels = _task_files()
+    files = {"train": ("train.jsonl", train), "test": ("test.jsonl", test)}
+    off_with_prune = {"relora_every": None, "relora_prune": 0.5}
+    for params, field in [
+        ({"relora_warmup": 2}, "relora_warmup"),
+        (off_with_prune, "relora_prune"),
+    ]:
+        data = {"name": "t", "labels": json.dumps(labels),
+                "params": json.dumps({"hyperparams": params})}  # fmt: skip
+        _problem(c.post("/v1/streams/r/tasks", data=data, files=files, headers=h), 422, field)
+    assert api.dispatcher.sent == imported
+    assert c.get("/v1/streams/r/tasks", headers=h).json()["count"] == 0
+
+
+def test_consolidation_routes_refuse_what_cannot_be_folded(api: Api) -> None:
+    c, h = api.client, api.auth("write")
+    made = api.create_stream({"name": "s", "base": {"kind": "tiny"},
+                              "consolidation": {"every_tasks": 2}})  # fmt: skip
+    assert made["consolidation"] == {"every_tasks": 2}
+    imported = list(api.dispatcher.sent)
+    # nothing to evaluate yet: refused up front, and no job is queued
+    _problem(c.post("/v1/streams/s/evaluate", json={}, headers=h), 409, "stream")
+    assert api.dispatcher.sent == imported
+    assert [j["kind"] for j in c.get("/v1/jobs", headers=h).json()["data"]] == ["import"]
+    policy = c.put("/v1/streams/s/consolidation", json={"max_rank": 64}, headers=h)
+    assert policy.json()["consolidation"] == {"max_rank": 64}
+    _problem(c.put("/v1/streams/s/consolidation", json={"max_rank": 0}, headers=h), 422, "max_rank")
+    _problem(c.put("/v1/streams/s/consolidation", json={"often": 1}, headers=h), 422, "often")
+    queued = c.post("/v1/streams/s/consolidate", json={}, headers=h)
+    assert queued.status_code == 202 and queued.json()["kind"] == "consolidate"
+    assert api.dispatcher.sent == [*imported, queued.json()["id"]]
+    api.create_stream({"name": "am", "base": {"kind": "tiny"}, "method": "am-lora"})
+    # am-lora streams fold too, gated by max_drop (the request's, else the policy's)
+    folding = c.post("/v1/streams/am/consolidate", json={"max_drop": 5}, headers=h)
+    assert folding.status_code == 202 and folding.json()["params"]["max_drop"] == 5
+    _problem(c.post("/v1/streams/am/consolidate", json={"max_drop": -1}, headers=h), 422,
+             "max_drop")  # fmt: skip
+    policy = c.put("/v1/streams/am/consolidation", json={"every_tasks": 2, "max_drop": 3.5},
+                   headers=h)  # fmt: skip
+    assert policy.status_code == 200
+    assert policy.json()["consolidation"] == {"every_tasks": 2, "max_drop": 3.5}
+    _problem(c.put("/v1/streams/am/consolidation", json={"max_drop": 101}, headers=h), 422,
+             "max_drop")  # fmt: skip
+    am2 = {"name": "am2", "base": {"kind": "tiny"}, "method": "am-lora",
+           "consolidation": {"every_tasks": 1}}  # fmt: skip
+    assert c.post("/v1/streams", headers=h, json=am2).status_code == 202
+    _problem(c.post("/v1/streams/s/snapshots/7/activate", headers=h), 404)
+    activated = c.post("/v1/streams/s/snapshots/0/activate", headers=h)
+    assert activated.status_code == 200 and activated.json()["current"] is True
+    _problem(c.post("/v1/streams/s/snapshots/0/activate", headers=api.auth("read")), 403)
+
+
+def test_json_bodies_nested_deeper_than_the_parser_recurses_are_refused(api: Api) -> None:
+    # FastAPI answers a body its JSON parser cannot read with 400 (multipart fields: 422 above)
+    body = '{"name": "s", "base": {"kind": "tiny"}, "hyperparams": {"x": ' + DEEP + "}}"
+    r = api.client.post("/v1/streams", content=body, headers={**api.auth("write"),
+                        "content-type": "application/json"})  # fmt: skip
+    assert "error parsing the body" in _problem(r, 400)["detail"]
+    assert api.client.get("/v1/streams", headers=api.auth()).json()["data"] == []

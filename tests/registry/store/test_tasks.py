@@ -1,5 +1,6 @@
-"""Submitting a task with a new dataset: the dataset's row, the task and its job are written in
-one transaction, on SQLite and PostgreSQL, and a refusal writes none of them."""
+"""The task store: datasets are content-addressed; submitting a task writes the task and its job
+together, and with a new dataset the dataset's row, the task and its job are written in one
+transaction, on SQLite and PostgreSQL, and a refusal writes none of them."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from registry.entities import NewDataset
-from registry.errors import AlreadyExists, InvalidValue, NotFound
+from registry.entities import JobKind, JobState, NewDataset
+from registry.errors import AlreadyExists, InvalidReference, InvalidValue, NotFound
 from registry.store import SqlRegistry
 from registry.store import tasks as task_store
-from registry.tables import DatasetRow
+from registry.tables import DatasetRow, JobRow, TaskRow
+from tests.registry.store.helpers import _dataset
 
 D2, D3 = "b" * 64, "c" * 64
 NEW = NewDataset(digest=D2, format="jsonl", num_train=3, num_test=1, size_bytes=10, labels=("x",))
@@ -90,3 +92,33 @@ def test_a_failure_after_the_dataset_row_leaves_no_row(
     with pytest.raises(NotFound):
         registry.tasks.get_dataset(D3)
     assert registry.tasks.list_tasks(stream_id) == []
+
+
+def test_datasets_are_content_addressed(registry: SqlRegistry) -> None:
+    first = _dataset(registry)
+    assert _dataset(registry) == first
+    assert registry.tasks.get_dataset(D2).labels == ("x", "y")
+    with pytest.raises(InvalidValue):
+        registry.tasks.get_dataset("../../etc/passwd")
+    with pytest.raises(NotFound):
+        registry.tasks.get_dataset("f" * 64)
+
+
+def test_submit_task_writes_task_and_job_together(registry: SqlRegistry) -> None:
+    stream_id = _stream(registry)
+    ds = _dataset(registry)
+    t0, job = registry.tasks.submit(stream_id=stream_id, name="a", dataset_id=ds, params={"x": 1})
+    t1, _ = registry.tasks.submit(stream_id=stream_id, name="b", dataset_id=ds)
+    assert (t0.position, t1.position) == (0, 1)
+    assert job.kind is JobKind.TRAIN and job.state is JobState.QUEUED and job.task_id == t0.id
+    assert job.params == {"x": 1} and t0.dataset_digest == D2
+    with pytest.raises(AlreadyExists):
+        registry.tasks.submit(stream_id=stream_id, name="a", dataset_id=ds)
+    with pytest.raises(InvalidReference):
+        registry.tasks.submit(stream_id=stream_id, name="c", dataset_id=12345)
+    with pytest.raises(NotFound):
+        registry.tasks.submit(stream_id=999, name="c", dataset_id=ds)
+    with registry.engine.connect() as conn:  # the refused submissions left no rows behind
+        assert conn.scalar(select(func.count()).select_from(JobRow)) == 2
+        assert conn.scalar(select(func.count()).select_from(TaskRow)) == 2
+    assert [t.name for t in registry.tasks.list_tasks(stream_id)] == ["a", "b"]
