@@ -8,6 +8,10 @@
   and the reconciler; `broker`: the Celery client side (sending jobs, asking a worker for a
   prediction); `scheduler`: stored cron schedules and the single-leader loop that fires them.
 - `archives`, `trees`: downloads of stored trees as tar archives, and their local copies.
+- `retraining`: a task's dataset versions and retrain jobs (with replay); `promotion`: the gate
+  that decides whether a new adapter version becomes `production`; `webhooks`: subscriptions
+  checked and the outbox delivered, signed; `options`: each method's options described for
+  OpenAPI and `--help`; `errors`: the one table of error codes to HTTP statuses.
 
 The arrows point one way: `api` -> `services` -> `registry` and `continual`'s light modules
 (config, data, errors, metrics); `workers` (Celery tasks, job handlers, model loading) ->
