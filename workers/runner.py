@@ -8,6 +8,7 @@ and the workers (`workers.execution.execute`, for Celery and the in-process work
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from continual.errors import (
@@ -49,7 +50,22 @@ def run_job(
 
 
 def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -> Job:
-    """Run a job this worker has claimed (state running) to a terminal state."""
+    """Run a job this worker has claimed (state running) to a terminal state; one log line
+    when it starts and one when it ends, for whoever reads the worker's (or server's) log."""
+    where = "".join(f", {k} {v}" for k, v in (("stream", job.stream_id), ("task", job.task_id))
+                    if v is not None)  # fmt: skip
+    log.info("job %s (%s%s) started on %s, attempt %s", job.id, job.kind.value, where,
+             job.worker, job.attempts)  # fmt: skip
+    start = time.monotonic()
+    ended = _run_claimed(inst, job, listener=listener)
+    error = f": {ended.error.code}: {ended.error.message}" if ended.error else ""
+    log.log(logging.WARNING if ended.state is JobState.FAILED else logging.INFO,
+            "job %s (%s) %s in %.1f s%s", ended.id, ended.kind.value, ended.state.value,
+            time.monotonic() - start, error[:300])  # fmt: skip
+    return ended
+
+
+def _run_claimed(inst: Instance, job: Job, *, listener: Listener | None) -> Job:
     jobs = inst.registry.jobs
     reporter = JobReporter(inst, job.id, listener=listener, worker=job.worker)
     handler = HANDLERS.get(job.kind)

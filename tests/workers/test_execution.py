@@ -243,3 +243,24 @@ def test_a_streams_method_options_reach_its_jobs_and_are_recorded(inst: Instance
         submit_task(inst, stream=stream, name="c", data=data, format="synthetic",
                     params=_submit_params)  # fmt: skip
     assert getattr(exc.value, "field", None) == "sparsity_weight"
+
+
+def test_every_job_logs_a_line_when_it_starts_and_when_it_ends(
+    inst: Instance, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the server's (or a worker's) log shows of a job: its start and its end, whatever
+    the progress bars of the libraries print."""
+    import logging
+    import re
+
+    from workers.runner import run_job
+
+    stream, _ = create_stream(inst, name="s", base={"kind": "tiny"})
+    job = _submit(inst, stream, "t1")
+    with caplog.at_level(logging.INFO, logger="workers.runner"):
+        ended = run_job(inst, job.id)
+    assert ended.state is JobState.SUCCEEDED
+    lines = [r.getMessage() for r in caplog.records if r.name == "workers.runner"]
+    assert lines[0] == (f"job {job.id} (train, stream {stream.id}, task {job.task_id}) started "
+                        "on embedded, attempt 1")  # fmt: skip
+    assert re.fullmatch(rf"job {job.id} \(train\) succeeded in [\d.]+ s", lines[-1]), lines
