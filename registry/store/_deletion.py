@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from registry.entities import JobState, Stream
 from registry.errors import AlreadyExists, Conflict, NotFound
 from registry.store import _convert as convert
-from registry.store.jobs import finished
+from registry.store.webhooks import job_finished as finished
 from registry.tables import AdapterVersionRow, JobRow, StreamRow, utcnow
 from registry.validation import check_name
 

@@ -24,7 +24,7 @@ from registry.errors import Conflict, InvalidReference, InvalidValue, NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database, add_edges, lock, ref
 from registry.store.leases import release_lease, renew_lease, take_lease
-from registry.store.webhooks import emit
+from registry.store.webhooks import job_finished as finished
 from registry.tables import DatasetRow, JobEventRow, JobRow, StreamRow, TaskRow, utcnow
 from registry.validation import check_digest
 
@@ -358,14 +358,6 @@ def _import_ended(s: Session, job: JobRow) -> None:
         row.error_code, row.error_message = "import_failed", message
         s.add(JobEventRow(job_id=row.id, level="error", message=f"failed: {message}"))
         finished(s, row)
-
-
-def finished(s: Session, row: JobRow) -> None:
-    """The `job.finished` webhook event, in the transaction that ends the job."""
-    emit(s, "job.finished", {
-        "job": {"id": row.id, "kind": row.kind, "state": row.state, "stream_id": row.stream_id,
-                "task_id": row.task_id, "error_code": row.error_code},
-    })  # fmt: skip
 
 
 def stream_lease(stream_id: int) -> str:

@@ -15,7 +15,7 @@ from registry.entities import WEBHOOK_EVENTS, Webhook, WebhookDelivery
 from registry.errors import NotFound
 from registry.store import _convert as convert
 from registry.store._db import Database
-from registry.tables import WebhookDeliveryRow, WebhookRow, utcnow
+from registry.tables import JobRow, WebhookDeliveryRow, WebhookRow, utcnow
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
@@ -32,6 +32,14 @@ def emit(s: Session, event: str, payload: dict[str, Any]) -> int:
                                      state=PENDING, attempts=0, next_attempt_at=now))  # fmt: skip
             count += 1
     return count
+
+
+def job_finished(s: Session, row: JobRow) -> None:
+    """The `job.finished` event, in the transaction that ends the job."""
+    emit(s, "job.finished", {
+        "job": {"id": row.id, "kind": row.kind, "state": row.state, "stream_id": row.stream_id,
+                "task_id": row.task_id, "error_code": row.error_code},
+    })  # fmt: skip
 
 
 def _hook(row: WebhookRow) -> Webhook:
