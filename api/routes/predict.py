@@ -24,7 +24,12 @@ from fastapi import APIRouter, Request
 
 from api.deps import ReadToken, StreamDep
 from api.errors import ProblemError
-from api.schemas import MAX_PREDICT_INPUTS, MAX_PREDICT_LABELS, PredictRequest, PredictResponse
+from api.schemas_predict import (
+    MAX_PREDICT_INPUTS,
+    MAX_PREDICT_LABELS,
+    PredictRequest,
+    PredictResponse,
+)
 from registry.settings import StrataSettings
 from services.predict import PredictCancelled, Predictor, PredictQuery
 
