@@ -228,12 +228,7 @@ def schedules_delete(c: StrataClient, a: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("STRATA_URL", DEFAULT_URL),
-                        help="the server (STRATA_URL; now %(default)s)")  # fmt: skip
-    common.add_argument("--token", default=os.environ.get("STRATA_TOKEN"),
-                        help="a bearer token (STRATA_TOKEN; `strata tokens create` or the one "
-                        "`strata serve` printed)")  # fmt: skip
+    common = connection_options()
 
     def group(name: str, help_: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
         return sub.add_parser(name, help=help_).add_subparsers(dest="action", required=True)
@@ -286,12 +281,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("name")
     p.add_argument("--train", type=Path)
     p.add_argument("--test", type=Path)
-    p.add_argument(
-        "--format",
-        default="auto",
-        choices=["auto", "jsonl", "cl_benchmark"],
-        help="auto (default): a JSON list is cl_benchmark, JSON Lines jsonl",
-    )
+    upload_format_argument(p)
     p.add_argument("--labels", help="a labels.json file")
     p.add_argument("--dataset", help="digest of a stored dataset (instead of --train)")
     p.add_argument("--method")
@@ -354,6 +344,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     command(schedules, "list", schedules_list).add_argument("stream")
     command(schedules, "delete", schedules_delete).add_argument(
         "target", nargs="+", metavar="STREAM ID", help="the stream and the schedule's id"
+    )
+
+
+def connection_options() -> argparse.ArgumentParser:
+    """--url and --token, the parent of every command that talks to a server."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("STRATA_URL", DEFAULT_URL),
+                        help="the server (STRATA_URL; now %(default)s)")  # fmt: skip
+    common.add_argument("--token", default=os.environ.get("STRATA_TOKEN"),
+                        help="a bearer token (STRATA_TOKEN; `strata tokens create` or the one "
+                        "`strata serve` printed)")  # fmt: skip
+    return common
+
+
+def upload_format_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "jsonl", "cl_benchmark"],
+        help="auto (default): a JSON list is cl_benchmark, JSON Lines is jsonl",
     )
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from api.cli_client import _run, watch
-from api.client import DEFAULT_URL, StrataClient
+from api.cli_client import _run, connection_options, upload_format_argument, watch
+from api.client import StrataClient
 
 
 def datasets_add(c: StrataClient, a: argparse.Namespace) -> int:
@@ -56,11 +55,7 @@ def evaluate(c: StrataClient, a: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("STRATA_URL", DEFAULT_URL),
-                        help="the server (STRATA_URL; now %(default)s)")  # fmt: skip
-    common.add_argument("--token", default=os.environ.get("STRATA_TOKEN"),
-                        help="a bearer token (STRATA_TOKEN)")  # fmt: skip
+    common = connection_options()
     group = sub.add_parser("datasets", help="a task's dataset versions: add new data, list them")
     actions = group.add_subparsers(dest="action", required=True)
     p = actions.add_parser("add", parents=[common], help="upload the task's next dataset version")
@@ -69,12 +64,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("task")
     p.add_argument("--train", type=Path, required=True)
     p.add_argument("--test", type=Path)
-    p.add_argument(
-        "--format",
-        default="auto",
-        choices=["auto", "jsonl", "cl_benchmark"],
-        help="auto (default): a JSON list is cl_benchmark, JSON Lines jsonl",
-    )
+    upload_format_argument(p)
     p.add_argument("--labels", help="a labels.json file")
     p = actions.add_parser("list", parents=[common], help="the task's dataset versions")
     p.set_defaults(func=lambda args: _run(datasets_list, args))

@@ -9,10 +9,10 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
-from api.routes.tasks import json_form
+from api.routes.tasks import read_upload
 from api.schemas import JobPublic
 from registry.entities import DatasetVersion
-from services.datasets import AUTO, UploadLimits, parse_upload, resolve_format
+from services.datasets import AUTO
 from services.dispatch import enqueue
 from services.promotion import check_gate
 from services.retraining import DEFAULT_REPLAY, add_dataset_version, retrain_task
@@ -79,16 +79,7 @@ def add_dataset(
 ) -> object:
     """Add a version of the task's data, checked as a task submission is (201). The same
     content as the newest version is that version (200): nothing new is stored."""
-    settings = inst.settings
-    format = resolve_format(format, train.file)
-    data = parse_upload(
-        name=task, format=format, train=train.file,
-        test=test.file if test is not None else None, labels=json_form("labels", labels, list),
-        holdout=holdout,
-        limits=UploadLimits(max_examples=settings.max_examples,
-                            max_line_bytes=settings.max_line_bytes,
-                            max_expanded_bytes=settings.max_expanded_bytes),
-    )  # fmt: skip
+    format, data = read_upload(inst, task, format, train, test, labels, holdout)
     version, created = add_dataset_version(
         inst, stream=stream, task_name=task, data=data, format=format
     )

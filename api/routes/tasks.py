@@ -10,6 +10,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from api.deps import DispatcherDep, InstDep, ReadToken, StreamDep, WriteToken
 from api.errors import ProblemError
 from api.schemas import TasksPublic, TaskSubmitted
+from registry.instance import Instance
 from services.datasets import AUTO, UploadLimits, load_dataset, parse_upload, resolve_format
 from services.dispatch import enqueue
 from services.streams import submit_existing, submit_task
@@ -67,21 +68,7 @@ def submit(
             raise ProblemError(
                 422, "upload a train file or name a dataset", field="train", code="invalid_dataset"
             )
-        settings = inst.settings
-        format = resolve_format(format, train.file)
-        data = parse_upload(
-            name=name,
-            format=format,
-            train=train.file,  # read as it streams from the spooled file, never whole
-            test=test.file if test is not None else None,
-            labels=json_form("labels", labels, list),
-            holdout=holdout,
-            limits=UploadLimits(
-                max_examples=settings.max_examples,
-                max_line_bytes=settings.max_line_bytes,
-                max_expanded_bytes=settings.max_expanded_bytes,
-            ),
-        )
+        format, data = read_upload(inst, name, format, train, test, labels, holdout)
         task, job = submit_task(
             inst, stream=stream, name=name, data=data, format=format, params=job_params
         )
@@ -93,6 +80,35 @@ def submit(
 def list_tasks(stream: StreamDep, inst: InstDep, _: ReadToken) -> object:
     tasks = inst.registry.tasks.list_tasks(stream.id)
     return {"data": tasks, "count": len(tasks)}
+
+
+def read_upload(
+    inst: Instance,
+    name: str,
+    format: str,
+    train: UploadFile,
+    test: UploadFile | None,
+    labels: str | None,
+    holdout: float | None,
+) -> tuple[str, Any]:  # (str, continual.data.TaskData)
+    """A multipart task upload (its format told from the train file unless given), read as it
+    streams from the spooled files under the instance's limits; (the format, the task)."""
+    settings = inst.settings
+    format = resolve_format(format, train.file)
+    data = parse_upload(
+        name=name,
+        format=format,
+        train=train.file,  # read as it streams from the spooled file, never whole
+        test=test.file if test is not None else None,
+        labels=json_form("labels", labels, list),
+        holdout=holdout,
+        limits=UploadLimits(
+            max_examples=settings.max_examples,
+            max_line_bytes=settings.max_line_bytes,
+            max_expanded_bytes=settings.max_expanded_bytes,
+        ),
+    )
+    return format, data
 
 
 def json_form(field: str, raw: str | None, kind: type) -> Any:
