@@ -1,4 +1,5 @@
-"""`strata serve | api | scheduler | tokens`: running Strata and bootstrapping access."""
+"""`strata serve | api | scheduler | tokens | gc`: running Strata, bootstrapping access and
+collecting garbage."""
 
 from __future__ import annotations
 
@@ -110,6 +111,29 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Purge rows past their retention and blobs nothing references, directly in the
+    configured database and store (safe while the service runs: see services.gc)."""
+    from tqdm import tqdm
+
+    from services.gc import collect_garbage
+
+    inst = open_instance(StrataSettings(), upgrade=False)
+    with tqdm(desc="looking at blobs", unit="blob", disable=None) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = collect_garbage(inst, grace_s=args.grace, dry_run=args.dry_run,
+                                 on_progress=progress)  # fmt: skip
+    inst.close()
+    for name in report.purged.streams:
+        print(f"purged stream '{name}' (deleted more than the retention period ago)")
+    print(report.summary())
+    return 0
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket on host:port (OSError when it is taken)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -166,3 +190,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     revoke = actions.add_parser("revoke")
     revoke.add_argument("id", type=int)
     tokens.set_defaults(func=cmd_tokens)
+
+    gc = sub.add_parser(
+        "gc", help="purge expired deletions and unreferenced blobs (the scheduler also does, "
+        "every STRATA_GC_INTERVAL_S)",
+    )  # fmt: skip
+    gc.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
+    gc.add_argument("--grace", type=_seconds, default=None, metavar="S",
+                    help="keep blobs written or reused within S seconds, referenced or not "
+                    "(default STRATA_GC_GRACE_S, 86400)")  # fmt: skip
+    gc.set_defaults(func=cmd_gc)

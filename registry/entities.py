@@ -385,3 +385,20 @@ class WebhookDelivery:
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Purged:
+    """What a garbage collection removed from the registry."""
+
+    streams: list[str]  # the names they had
+    adapter_versions: int  # whose artifact was dropped (their rows stay)
+    datasets: int
+
+
+@dataclass(frozen=True)
+class References:
+    """The digests live registry rows name: `trees` are manifests (their files count too)."""
+
+    trees: frozenset[str]
+    blobs: frozenset[str]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,13 @@ class Instance:
     artifacts: ArtifactStore
     cache_dir: Path  # verified copies of trees, keyed by digest; safe to delete
     settings: StrataSettings = field(default_factory=StrataSettings)
+
+    def __post_init__(self) -> None:
+        # a put reusing a blob and gc removing it exclude each other (see services.gc)
+        self.artifacts.set_guard(self._blob_lease)
+
+    def _blob_lease(self, digest: str) -> AbstractContextManager[None]:
+        return self.registry.leases.hold(f"blob:{digest[:56]}", ttl_s=60, wait_s=120)
 
     def close(self) -> None:
         if isinstance(self.registry, SqlRegistry):

@@ -60,6 +60,11 @@ class StrataSettings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     # A deleted stream or adapter version can be restored for this many days.
     retention_days: float = Field(default=7.0, ge=0)
+    # Garbage collection (`strata gc`, and the scheduler every `gc_interval_s`; 0: never) keeps
+    # every blob written or reused within `gc_grace_s`, referenced or not: an upload's rows
+    # commit after its blobs, and must find them there.
+    gc_interval_s: float = Field(default=3600.0, ge=0)
+    gc_grace_s: float = Field(default=86400.0, ge=0)
     checkpoint_every: int = Field(default=50, ge=1)
     scheduler_tick_s: float = Field(default=5.0, gt=0)
     # Where a worker runs models (training, evaluation, consolidation, predictions): "cpu",

@@ -2,7 +2,8 @@
 
 `strata scheduler` runs `run_scheduler`: every tick, the process that holds the `scheduler`
 lease fires the schedules that are due (each due time queues exactly one job: `fire` moves the
-schedule under a row lock in the job's transaction) and runs a reconciler pass. Several
+schedule under a row lock in the job's transaction), delivers due webhooks, runs a reconciler
+pass and, once per `gc_interval_s`, collects garbage (`services.gc`). Several
 scheduler processes may run for availability; one leads at a time, and a leader that dies is
 replaced when its lease expires. Missed due times (the scheduler was down) collapse into one
 run: the next due time is computed from now, not from the missed one.
@@ -26,6 +27,7 @@ from registry.entities import Job, JobKind, Schedule, Stream
 from registry.errors import InvalidValue, RegistryError
 from registry.instance import Instance
 from services.dispatch import Dispatcher, enqueue, safe_reconcile, worker_id
+from services.gc import maybe_collect
 from services.setup import training_setup
 from services.webhooks import deliver_due
 
@@ -115,6 +117,10 @@ def tick(inst: Instance, dispatcher: Dispatcher, *, holder: str, now: datetime) 
         log.warning("scheduler tick failed: %s", exc)
         return False
     safe_reconcile(inst, dispatcher, now=now)
+    try:
+        maybe_collect(inst, holder=holder)  # garbage collection, once per `gc_interval_s`
+    except RegistryError as exc:
+        log.warning("garbage collection failed: %s", exc)
     return True
 
 

@@ -9,13 +9,17 @@ already present. Backends only move bytes (``_stat``, ``_write_bytes``, ``_write
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from registry.errors import BlobNotFound, IntegrityError
@@ -23,14 +27,25 @@ from registry.validation import check_digest
 
 logger = logging.getLogger(__name__)
 
+BLOB_PREFIX = "sha256/"
+_DIGEST = re.compile("[0-9a-f]{64}")
 CHUNK_SIZE = 1024 * 1024
 """Bytes read or written at a time when streaming (files are never read whole)."""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """A stored blob as a listing shows it: `modified` is when it was last written or reused."""
+
+    digest: str
+    size: int
+    modified: datetime
 
 
 def blob_key(digest: str) -> str:
     """The store-relative key of a blob: ``sha256/<first 2 hex>/<digest>``."""
     check_digest(digest)
-    return f"sha256/{digest[:2]}/{digest}"
+    return f"{BLOB_PREFIX}{digest[:2]}/{digest}"
 
 
 def hash_file(path: Path) -> tuple[str, int]:
@@ -59,8 +74,20 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+BlobGuard = Callable[[str], AbstractContextManager[object]]
+"""Excludes, across processes, a put's reuse of blob ``digest`` and gc's removal of it."""
+
+
 class ArtifactStore(ABC):
     """Immutable content-addressed blobs, keyed by the sha256 of their content."""
+
+    _guard: BlobGuard | None = None
+
+    def set_guard(self, guard: BlobGuard) -> None:
+        """Coordinate reuses and removals of a blob through ``guard`` (an `Instance` sets the
+        registry's leases): without it, a put that reuses a blob between gc's last look at it and
+        its removal would count on a blob that is gone."""
+        self._guard = guard
 
     # -- public API -------------------------------------------------------------------------
 
@@ -157,6 +184,26 @@ class ArtifactStore(ABC):
         """Return if the store answers; `Unavailable` if it does not."""
         self._stat(blob_key("0" * 64))
 
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        """Every stored blob (anything else under the store's prefix is not listed)."""
+        for key, size, modified in self._list(BLOB_PREFIX):
+            digest = key.rsplit("/", 1)[-1]
+            if _DIGEST.fullmatch(digest) and key == f"{BLOB_PREFIX}{digest[:2]}/{digest}":
+                yield BlobInfo(digest, size, modified)
+
+    def delete_unless_used_since(self, digest: str, cutoff: datetime) -> bool:
+        """Remove blob ``digest`` unless it was written or reused at or after ``cutoff``, as the
+        store says now (a put of the same content since it was listed keeps it); whether it
+        was removed. Only garbage collection deletes blobs (`services.gc`)."""
+        key = blob_key(digest)
+        with self._guarded(digest):
+            modified = self._modified(key)
+            if modified is None or modified >= cutoff:
+                return False
+            self._delete(key)
+        logger.info("removed blob %s (last used %s)", digest, modified.isoformat())
+        return True
+
     # -- backend primitives -----------------------------------------------------------------
 
     @abstractmethod
@@ -176,6 +223,22 @@ class ArtifactStore(ABC):
     def _open_chunks(self, key: str) -> AbstractContextManager[Iterator[bytes]]:
         """Open the object at ``key`` as an iterator of chunks; BlobNotFound if absent."""
 
+    @abstractmethod
+    def _list(self, prefix: str) -> Iterator[tuple[str, int, datetime]]:
+        """(key, size, last modified) of every object whose key starts with ``prefix``."""
+
+    @abstractmethod
+    def _modified(self, key: str) -> datetime | None:
+        """When the object at ``key`` was last written or freshened; None if there is none."""
+
+    @abstractmethod
+    def _delete(self, key: str) -> None:
+        """Remove the object at ``key`` (no error if it is already gone)."""
+
+    @abstractmethod
+    def _freshen(self, key: str) -> bool:
+        """Mark the object at ``key`` as used now (its modified time); False if it is gone."""
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _create_bytes(self, key: str, data: bytes) -> bool:
@@ -189,6 +252,9 @@ class ArtifactStore(ABC):
         self._write_bytes(key, data)
         return True
 
+    def _guarded(self, digest: str) -> AbstractContextManager[object]:
+        return (self._guard or _guarded_none)(digest)
+
     def _should_write(self, key: str, size: int) -> bool:
         """False if the object is already there (objects are immutable, never rewritten).
 
@@ -199,9 +265,17 @@ class ArtifactStore(ABC):
         if stored is None:
             return True
         if stored == size:
-            return False
+            # A put that finds its content stored reuses it: the blob counts as written now, so
+            # a garbage collection that listed it as old and unused does not remove it (see
+            # `delete_unless_used_since`); gone meanwhile, it is written again.
+            with self._guarded(key.rsplit("/", 1)[-1]):
+                return not self._freshen(key)
         logger.warning("blob %s has %d bytes instead of %d; repairing it", key, stored, size)
         return True
+
+
+def _guarded_none(_digest: str) -> AbstractContextManager[object]:
+    return contextlib.nullcontext()
 
 
 def _check_match(expected: str, actual: str) -> None:

@@ -6,12 +6,14 @@ place with ``os.replace``, so a reader sees either no blob or a complete one, ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,6 +79,32 @@ class LocalStore(ArtifactStore):
     def _open_chunks(self, key: str) -> AbstractContextManager[Iterator[bytes]]:
         return self._chunks(key)
 
+    def _list(self, prefix: str) -> Iterator[tuple[str, int, datetime]]:
+        base = self._path(prefix.rstrip("/"))
+        for path in sorted(base.glob("*/*")) if base.is_dir() else []:
+            if path.name.startswith(".tmp-"):  # a write in progress (or one that died)
+                continue
+            with contextlib.suppress(FileNotFoundError):  # removed since it was listed
+                st = path.stat()
+                yield path.relative_to(self.root).as_posix(), st.st_size, _time(st.st_mtime)
+
+    def _modified(self, key: str) -> datetime | None:
+        try:
+            return _time(self._path(key).stat().st_mtime)
+        except FileNotFoundError:
+            return None
+
+    def _delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+        fsync_path(self._path(key).parent)
+
+    def _freshen(self, key: str) -> bool:
+        try:
+            os.utime(self._path(key))
+        except FileNotFoundError:
+            return False
+        return True
+
     def _atomic_write(self, key: str, fill: Callable[[BinaryIO], None]) -> None:
         """Write via ``fill`` to a temp file next to the target, fsync, rename into place."""
         target = self._path(key)
@@ -94,3 +122,7 @@ class LocalStore(ArtifactStore):
             tmp.unlink(missing_ok=True)
             raise
         fsync_path(target.parent)
+
+
+def _time(mtime: float) -> datetime:
+    return datetime.fromtimestamp(mtime, UTC)

@@ -28,12 +28,15 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, TypeVar, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
 import certifi
 import urllib3
 from minio import Minio
+from minio.commonconfig import REPLACE, CopySource
+from minio.datatypes import Object
 from minio.error import S3Error, ServerError
 from urllib3.exceptions import HTTPError
 
@@ -213,15 +216,47 @@ class MinioStore(ArtifactStore):
         # _should_write: the right bytes repair it).
         return super()._create_bytes(key, data)
 
-    def _stat(self, key: str) -> int | None:
+    def _stat_object(self, key: str) -> Object | None:
         self._ensure_bucket()
         try:
-            stat = self._call("stat", lambda: self.client.stat_object(self.bucket, key))
+            return self._call("stat", lambda: self.client.stat_object(self.bucket, key))
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
                 return None
             raise
-        return int(stat.size or 0)
+
+    def _stat(self, key: str) -> int | None:
+        stat = self._stat_object(key)
+        return None if stat is None else int(stat.size or 0)
+
+    def _modified(self, key: str) -> datetime | None:
+        stat = self._stat_object(key)
+        return None if stat is None else stat.last_modified
+
+    def _list(self, prefix: str) -> Iterator[tuple[str, int, datetime]]:
+        self._ensure_bucket()
+        objects = self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+        for obj in self._call("list", lambda: iter(objects)):
+            if obj.object_name and obj.last_modified:
+                yield obj.object_name, int(obj.size or 0), obj.last_modified
+
+    def _delete(self, key: str) -> None:
+        self._call("delete", lambda: self.client.remove_object(self.bucket, key))
+
+    def _freshen(self, key: str) -> bool:
+        # S3 has no "touch": copying the object onto itself with new metadata renews its
+        # modified time, inside the store (no bytes pass through here).
+        used = {"strata-used": datetime.now(UTC).isoformat()}
+        try:
+            self._call("freshen", lambda: self.client.copy_object(
+                self.bucket, key, CopySource(self.bucket, key),
+                metadata=cast(Any, used), metadata_directive=REPLACE,
+            ))  # fmt: skip
+        except S3Error as exc:
+            if exc.code in _MISSING_CODES:
+                return False
+            raise
+        return True
 
     def _write_bytes(self, key: str, data: bytes) -> None:
         self._ensure_bucket()

@@ -10,6 +10,7 @@ from registry.store.adapters import SqlAdapterStore
 from registry.store.base import (
     AdapterStore,
     EvaluationStore,
+    GcStore,
     JobStore,
     LeaseStore,
     LineageStore,
@@ -21,6 +22,7 @@ from registry.store.base import (
     WebhookStore,
 )
 from registry.store.evaluations import SqlEvaluationStore
+from registry.store.gc import SqlGcStore
 from registry.store.jobs import SqlJobStore
 from registry.store.leases import SqlLeaseStore
 from registry.store.lineage import SqlLineageStore
@@ -47,6 +49,7 @@ class SqlRegistry:
         self.tokens: TokenStore = SqlTokenStore(db)
         self.schedules: ScheduleStore = SqlScheduleStore(db)
         self.webhooks: WebhookStore = SqlWebhookStore(db)
+        self.gc: GcStore = SqlGcStore(db)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -66,6 +69,7 @@ def open_registry(
 __all__ = [
     "AdapterStore",
     "EvaluationStore",
+    "GcStore",
     "JobStore",
     "LeaseStore",
     "LineageStore",

@@ -47,7 +47,7 @@ def maybe_aware(value: datetime | None) -> datetime | None:
 def stream(row: StreamRow) -> Stream:
     return Stream(
         id=row.id,
-        name=row.name,
+        name=row.deleted_name or row.name,  # a deleted stream by the name it had
         base_source=dict(row.base_source),
         method=row.method,
         hyperparams=dict(row.hyperparams),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -21,6 +22,8 @@ from registry.entities import (
     LineageGraph,
     NewDataset,
     NodeRef,
+    Purged,
+    References,
     Schedule,
     Snapshot,
     Stream,
@@ -228,6 +231,7 @@ class LineageStore(Protocol):
 class LeaseStore(Protocol):
     def acquire(self, name: str, *, holder: str, ttl_s: float) -> bool: ...
     def release(self, name: str, *, holder: str) -> None: ...
+    def hold(self, name: str, *, ttl_s: float, wait_s: float) -> AbstractContextManager[None]: ...
     def holder(self, name: str) -> str | None: ...
 
 
@@ -276,6 +280,11 @@ class WebhookStore(Protocol):
     ) -> WebhookDelivery: ...
 
 
+class GcStore(Protocol):
+    def purge_expired(self, *, retention_days: float) -> Purged: ...
+    def references(self) -> References: ...
+
+
 class Registry(Protocol):
     """Everything the registry stores about streams, grouped by resource."""
 
@@ -289,3 +298,4 @@ class Registry(Protocol):
     tokens: TokenStore
     schedules: ScheduleStore
     webhooks: WebhookStore
+    gc: GcStore

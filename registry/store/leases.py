@@ -7,11 +7,16 @@ only need the lease (the scheduler's leader election).
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
+from registry.errors import Unavailable
 from registry.store._convert import aware
 from registry.store._db import Database
 from registry.tables import LeaseRow, utcnow
@@ -61,6 +66,23 @@ class SqlLeaseStore:
     def release(self, name: str, *, holder: str) -> None:
         with self._db.tx() as s:
             release_lease(s, name=name, holder=holder)
+
+    @contextmanager
+    def hold(self, name: str, *, ttl_s: float, wait_s: float) -> Iterator[None]:
+        """Hold lease `name` for the block, waiting up to `wait_s` for another holder to let
+        go (then `Unavailable`): a lock across processes for short critical sections."""
+        holder = f"hold:{uuid.uuid4().hex}"
+        deadline = time.monotonic() + wait_s
+        delay = 0.005
+        while not self.acquire(name, holder=holder, ttl_s=ttl_s):
+            if time.monotonic() > deadline:
+                raise Unavailable(f"lease {name!r} is held by another process; retry shortly")
+            time.sleep(delay)
+            delay = min(2 * delay, 0.2)
+        try:
+            yield
+        finally:
+            self.release(name, holder=holder)
 
     def holder(self, name: str) -> str | None:
         """The unexpired holder of `name`, if any."""

@@ -227,3 +227,27 @@ def test_serve_on_a_busy_port_says_so_and_creates_no_token(
     with pytest.raises(SystemExit):
         main(["streams", "list", "--help"])
     assert "STRATA_URL" in capsys.readouterr().out
+
+
+def test_gc_reports_then_removes_what_nothing_references(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from registry.instance import open_instance
+    from registry.settings import StrataSettings
+
+    monkeypatch.setenv("STRATA_DATA_DIR", str(tmp_path / "data"))
+    inst = open_instance(StrataSettings())
+    stray = inst.artifacts.put_bytes(b"nothing references this")
+    inst.close()
+    time.sleep(1.1)
+
+    assert main(["gc", "--dry-run", "--grace", "1"]) == 0
+    assert "would remove 1 of 1 blobs (23 bytes)" in capsys.readouterr().out
+    assert main(["gc"]) == 0  # the default grace period (a day) keeps it
+    kept = "removed 0 of 1 blobs (0 bytes); kept 0 referenced and 1 recent"
+    assert kept in capsys.readouterr().out
+    assert main(["gc", "--grace", "1"]) == 0
+    assert "removed 1 of 1 blobs" in capsys.readouterr().out
+    inst = open_instance(StrataSettings())
+    assert not inst.artifacts.exists(stray)
+    inst.close()

@@ -24,6 +24,7 @@ def test_a_deleted_stream_is_gone_until_restored(api: Api) -> None:
     waiting = _submit(api, "s1", "t2").json()["job"]
     gone = c.delete("/v1/streams/s1", headers=h)
     assert gone.status_code == 200, gone.text
+    assert gone.json()["name"] == "s1"  # the name it had, not the one it is set aside under
     _problem(c.get("/v1/streams/s1", headers=h), 404, "stream")
     assert c.get(f"/v1/jobs/{waiting['id']}", headers=h).json()["state"] == "cancelled"
     assert [s["name"] for s in c.get("/v1/streams", headers=h).json()["data"]] == []
