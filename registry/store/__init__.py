@@ -15,6 +15,7 @@ from registry.store.base import (
     LineageStore,
     Registry,
     ScheduleStore,
+    StatsStore,
     StreamStore,
     TaskStore,
     TokenStore,
@@ -25,6 +26,7 @@ from registry.store.jobs import SqlJobStore
 from registry.store.leases import SqlLeaseStore
 from registry.store.lineage import SqlLineageStore
 from registry.store.schedules import SqlScheduleStore
+from registry.store.stats import SqlStatsStore
 from registry.store.streams import SqlStreamStore
 from registry.store.tasks import SqlTaskStore
 from registry.store.tokens import SqlTokenStore
@@ -47,6 +49,7 @@ class SqlRegistry:
         self.tokens: TokenStore = SqlTokenStore(db)
         self.schedules: ScheduleStore = SqlScheduleStore(db)
         self.webhooks: WebhookStore = SqlWebhookStore(db)
+        self.stats: StatsStore = SqlStatsStore(db)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -72,6 +75,7 @@ __all__ = [
     "Registry",
     "ScheduleStore",
     "SqlRegistry",
+    "StatsStore",
     "StreamStore",
     "TaskStore",
     "TokenStore",

@@ -276,6 +276,10 @@ class WebhookStore(Protocol):
     ) -> WebhookDelivery: ...
 
 
+class StatsStore(Protocol):
+    def job_counts(self) -> dict[tuple[str, str], int]: ...
+
+
 class Registry(Protocol):
     """Everything the registry stores about streams, grouped by resource."""
 
@@ -289,3 +293,4 @@ class Registry(Protocol):
     tokens: TokenStore
     schedules: ScheduleStore
     webhooks: WebhookStore
+    stats: StatsStore
