@@ -42,12 +42,21 @@ REQUEST_SECONDS = Histogram(
 
 
 def route_template(scope: Scope) -> str:
-    """The template of the route that served `scope` (set by routing), or UNMATCHED."""
+    """The template of the route that served `scope` (set by routing), or UNMATCHED.
+
+    A route of an included router may carry only its own part of the template (FastAPI 0.165:
+    `/streams/{stream}` under `/v1`): the prefix is then the request path's leading segments,
+    those the route's own part does not cover."""
     route = scope.get("route")
     if isinstance(route, Mount):
         return f"{route.path}/{{path}}"
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else UNMATCHED
+    template = getattr(route, "path", None)
+    if not isinstance(template, str):
+        return UNMATCHED
+    if ":path}" in template:  # a parameter that spans segments: no prefix to recover
+        return template
+    parts = str(scope.get("path", "")).split("/")
+    return "/".join(parts[: max(1, len(parts) - template.count("/"))]) + template
 
 
 class HttpMetrics:
