@@ -108,6 +108,6 @@ def install(app: FastAPI, inst: Instance, dispatcher: Dispatcher) -> None:
         body = await anyio.to_thread.run_sync(exposition, registry, limiter=limiter)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    app.add_api_route(PATH, metrics, methods=["GET"], tags=["health"], include_in_schema=True,
-                      response_class=Response)  # fmt: skip
+    # not in the OpenAPI document: it is Prometheus's, in its format, not a client's
+    app.add_api_route(PATH, metrics, methods=["GET"], include_in_schema=False)
     app.add_middleware(HttpMetrics)
