@@ -41,8 +41,9 @@ REQUEST_SECONDS = Histogram(
 )
 
 
-def route_template(scope: Scope) -> str:
-    """The template of the route that served `scope` (set by routing), or UNMATCHED.
+def route_template(scope: Scope, *, root_path: str = "") -> str:
+    """The template of the route that served `scope` (set by routing), or UNMATCHED;
+    `root_path`: the scope's before routing (a mount adds its path to it).
 
     A route of an included router may carry only its own part of the template (FastAPI 0.165:
     `/streams/{stream}` under `/v1`): the prefix is then the request path's leading segments,
@@ -52,7 +53,8 @@ def route_template(scope: Scope) -> str:
         return f"{route.path}/{{path}}"
     template = getattr(route, "path", None)
     if not isinstance(template, str):
-        return UNMATCHED
+        mounted = str(scope.get("root_path", ""))[len(root_path) :]
+        return f"{mounted}/{{path}}" if mounted else UNMATCHED
     if ":path}" in template:  # a parameter that spans segments: no prefix to recover
         return template
     parts = str(scope.get("path", "")).split("/")
@@ -72,6 +74,7 @@ class HttpMetrics:
             return
         start = time.perf_counter()
         status = 500
+        root_path = str(scope.get("root_path", ""))
 
         async def sending(message: Message) -> None:
             nonlocal status
@@ -84,7 +87,9 @@ class HttpMetrics:
         finally:
             method = scope.get("method", "")
             REQUEST_SECONDS.labels(
-                method if method in METHODS else "other", route_template(scope), str(status)
+                method if method in METHODS else "other",
+                route_template(scope, root_path=root_path),
+                str(status),
             ).observe(time.perf_counter() - start)
 
 

@@ -137,3 +137,40 @@ def test_strata_api_with_two_processes_adds_up_their_request_counts(tmp_path: Pa
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert err.count("Started server process") == 2, err
+
+
+def test_templates_of_mounts_and_nested_routers_and_a_request_that_raised() -> None:
+    from fastapi import APIRouter, FastAPI
+    from starlette.staticfiles import StaticFiles
+
+    from api.metrics import HttpMetrics
+
+    app = FastAPI()
+    inner = APIRouter(prefix="/things")
+
+    @inner.get("/{thing}/parts/{part}")
+    async def part(thing: str, part: str) -> str:
+        return part
+
+    @inner.get("/{thing}/boom")
+    async def boom(thing: str) -> str:
+        raise RuntimeError("a bug")
+
+    outer = APIRouter(prefix="/x1")
+    outer.include_router(inner)
+    app.include_router(outer)
+    app.mount("/static", StaticFiles(directory=str(REPO / "deploy")), name="static")
+    app.add_middleware(HttpMetrics)
+    routes = [("/x1/things/{thing}/parts/{part}", 200), ("/x1/things/{thing}/boom", 500),
+              ("/static/{path}", 200), ("/static/{path}", 404)]  # fmt: skip
+    before = {r: _count(*r) for r in routes}
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.get("/x1/things/a/parts/b").status_code == 200
+        assert c.get("/x1/things/things/parts/x1").status_code == 200  # values like segments
+        assert c.get("/x1/things/a/boom").status_code == 500
+        assert c.get("/static/prometheus.yml").status_code == 200
+        assert c.get("/static/nothing.txt").status_code == 404
+    assert {r: _count(*r) - before[r] for r in routes} == {
+        ("/x1/things/{thing}/parts/{part}", 200): 2, ("/x1/things/{thing}/boom", 500): 1,
+        ("/static/{path}", 200): 1, ("/static/{path}", 404): 1,
+    }  # fmt: skip
