@@ -62,5 +62,10 @@ def serve_metrics(port: int, host: str) -> None:
     if path is None:
         log.warning("metrics on port %d: multiprocess mode is off, so the jobs of a prefork "
                     "pool's processes are not counted", port)  # fmt: skip
-    start_http_server(port, addr=host, registry=metrics_registry())
+    try:
+        start_http_server(port, addr=host, registry=metrics_registry())
+    except OSError as exc:  # the jobs matter more than their metrics: run them anyway
+        log.error("cannot serve metrics on %s:%d (%s); this worker runs without", host, port,
+                  exc.strerror or exc)  # fmt: skip
+        return
     log.info("metrics on http://%s:%d/metrics (pid %d, files in %s)", host, port, os.getpid(), path)

@@ -100,3 +100,18 @@ def test_a_prefork_worker_serves_its_pools_job_metrics_on_its_port(
     # the pool's process read the base snapshot and wrote checkpoints to the S3 store
     assert got[("strata_artifact_downloaded_bytes_total", (("store", "minio"),))] > 0
     assert got[("strata_artifact_uploaded_bytes_total", (("store", "minio"),))] > 0
+
+
+def test_a_busy_metrics_port_is_logged_and_the_worker_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import socket
+
+    from workers.metrics import serve_metrics
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        serve_metrics(port, "127.0.0.1")  # returns: no exception for the worker's start
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in caplog.text
