@@ -20,7 +20,7 @@ from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors
+from api import errors, metrics
 from api.routes import (
     adapters,
     datasets,
@@ -118,6 +118,7 @@ def create_app(
 
     predict_limit = (predict.BODY_PATH, predict.max_body_bytes(inst.settings))
     app.add_middleware(BodyLimit, max_bytes=inst.settings.max_upload_bytes, limits=[predict_limit])
+    metrics.install(app, inst, dispatcher)  # GET /metrics; its middleware times every request
     return app
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import socket
 import sys
 import threading
@@ -68,14 +70,33 @@ def _seconds(text: str) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    """The service's API process: jobs go to Celery workers through the broker."""
+    """The service's API process: jobs go to Celery workers through the broker. With several
+    server processes, /metrics adds up their counts through prometheus_client's multiprocess
+    directory: PROMETHEUS_MULTIPROC_DIR, emptied first, or a fresh temporary one."""
+    from services import metrics_dir
+
+    temporary = None
+    if args.workers > 1 or metrics_dir.multiprocess_dir() is not None:
+        given = metrics_dir.multiprocess_dir()
+        path = metrics_dir.prepare(prefix="strata-api-metrics-")
+        temporary = None if given else path
+        log.info("metrics of the %d server processes are kept in %s", args.workers, path)
+    try:
+        _run_uvicorn(args)
+    finally:
+        if temporary is not None:  # ours: gone with the server
+            os.environ.pop(metrics_dir.ENV, None)
+            shutil.rmtree(temporary, ignore_errors=True)
+    return 0
+
+
+def _run_uvicorn(args: argparse.Namespace) -> None:
     import uvicorn
 
     uvicorn.run(
         "api.asgi:service_app", factory=True, host=args.host, port=args.port,
         workers=args.workers, timeout_worker_healthcheck=args.healthcheck_timeout,
     )  # fmt: skip
-    return 0
 
 
 def cmd_scheduler(_args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """Deployment settings, read from the environment (prefix ``STRATA_``) or secret files.
 
-Secrets never live in code: `STRATA_DATABASE_URL`, `STRATA_BROKER_URL`, `STRATA_MINIO_ACCESS_KEY`
-and `STRATA_MINIO_SECRET_KEY` come from the environment, or from the file that
-`STRATA_<NAME>_FILE` names (Docker and Kubernetes secrets), never both.
+Secrets never live in code: `STRATA_DATABASE_URL`, `STRATA_BROKER_URL`, `STRATA_MINIO_ACCESS_KEY`,
+`STRATA_MINIO_SECRET_KEY` and `STRATA_METRICS_TOKEN` come from the environment, or from the file
+that `STRATA_<NAME>_FILE` names (Docker and Kubernetes secrets), never both.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-SECRET_FILES = ("database_url", "broker_url", "minio_access_key", "minio_secret_key")
+SECRET_FILES = (
+    "database_url", "broker_url", "minio_access_key", "minio_secret_key", "metrics_token",
+)  # fmt: skip
 
 
 class StrataSettings(BaseSettings):
@@ -108,6 +110,12 @@ class StrataSettings(BaseSettings):
     # whose config describes more than `import_max_params` parameters is refused unloaded.
     import_roots: Annotated[tuple[Path, ...] | None, NoDecode] = None
     import_max_params: int = Field(default=8_000_000_000, ge=1)
+    # Metrics (README, "Metrics"): the API's /metrics needs `Authorization: Bearer
+    # <metrics_token>` when one is set (unset: open, like /health). A Celery worker with a
+    # `metrics_port` serves its own metrics there, on `metrics_host`.
+    metrics_token: SecretStr | None = None
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "0.0.0.0"
 
     @field_validator("import_roots", mode="before")
     @classmethod

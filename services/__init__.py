@@ -12,6 +12,8 @@
   that decides whether a new adapter version becomes `production`; `webhooks`: subscriptions
   checked and the outbox delivered, signed; `options`: each method's options described for
   OpenAPI and `--help`; `errors`: the one table of error codes to HTTP statuses.
+- `metrics`: what `/metrics` reads when Prometheus scrapes (jobs, queue depths) and the text it
+  answers; `metrics_dir`: prometheus_client's multiprocess directory, for several processes.
 
 The arrows point one way: `api` -> `services` -> `registry` and `continual`'s light modules
 (config, data, errors, metrics); `workers` (Celery tasks, job handlers, model loading) ->

@@ -28,6 +28,9 @@ RUN_JOB = "strata.run_job"
 PREDICT = "strata.predict"
 CANCEL_KEY = "strata:predict:cancel:"  # + the task id: set when its client went away
 POLL_S = 0.25  # how often a waiting API thread looks for its client
+# kombu's Redis transport keeps a queue's messages of priority p > 0 in the list
+# f"{queue}{PRIORITY_SEP}{p}", for p in its priority steps
+PRIORITY_SEP, PRIORITY_STEPS = "\x06\x16", (3, 6, 9)
 
 
 def make_celery(settings: StrataSettings) -> Celery:
@@ -99,6 +102,29 @@ class CeleryDispatcher:
             with self._lock:
                 self._down_until = time.monotonic() + self._timeout_s
             raise
+
+    def queue_depths(self) -> dict[str, int]:
+        """Messages waiting in each of the app's queues: the lengths of its Redis lists (one
+        per priority step; kombu's names) in one round trip, bounded by the broker's timeout.
+        Messages a worker holds are not waiting and are not counted."""
+        url = self.celery.conf.broker_url or ""
+        if not url.startswith(("redis://", "rediss://")):
+            return {}
+        queues = [q.name for q in self.celery.conf.task_queues or ()]
+        keys = {q: [q, *(f"{q}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS)] for q in queues}
+        timeout = self._timeout_s
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for names in keys.values():
+                    for key in names:
+                        pipe.llen(key)
+                lengths = iter(pipe.execute())
+        except redis.RedisError as exc:
+            raise Unavailable(f"the broker is unavailable: {exc}") from exc
+        finally:
+            client.close()
+        return {q: sum(next(lengths) for _ in names) for q, names in keys.items()}
 
     def ping(self) -> None:
         """One round trip to the broker, bounded by its timeout (`Unavailable` otherwise)."""

@@ -33,6 +33,7 @@ LONG_RUNNING = {
     "worker-predict",
     "scheduler",
     "flower",
+    "prometheus",
 }
 APP = {"api", "worker", "worker-default", "worker-predict", "scheduler", "flower"}
 # What a worker or the API needs before its first query, upload or message.
@@ -132,7 +133,9 @@ def test_commands_and_ports(config: dict[str, Any]) -> None:
     assert "--port=5555" in services["flower"]["command"]
     # Flower runs without a login: published on loopback only.
     assert published_ports(services["flower"]) == {5555: "127.0.0.1"}
-    for name in set(services) - {"api", "flower"}:
+    # Prometheus has no login either
+    assert published_ports(services["prometheus"]) == {9090: "127.0.0.1"}
+    for name in set(services) - {"api", "flower", "prometheus"}:
         assert "ports" not in services[name], name
 
 
@@ -239,3 +242,31 @@ def test_env_example_lists_every_variable() -> None:
     assert referenced == listed
     assert set(SECRETS) <= referenced
     assert "`.env`" in example
+
+
+def test_prometheus_scrapes_the_api_and_each_workers_metrics_port(config: dict[str, Any]) -> None:
+    services = config["services"]
+    prometheus = services["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    mounts = {}  # target -> (source, read-only), from short (v1) or long syntax
+    for v in prometheus["volumes"]:
+        if isinstance(v, dict):
+            mounts[v["target"]] = (v["source"], bool(v.get("read_only")))
+        else:
+            source, target, *mode = str(v).split(":")
+            mounts[target] = (source, mode == ["ro"])
+    source, read_only = mounts["/etc/prometheus/prometheus.yml"]
+    assert Path(source) == REPO / "deploy" / "prometheus.yml" and read_only
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert "/-/ready" in " ".join(prometheus["healthcheck"]["test"])
+    workers = {"worker", "worker-default", "worker-predict"}
+    for name in workers:  # each worker serves its own metrics: no pushgateway
+        assert services[name]["environment"]["STRATA_METRICS_PORT"] == "9100", name
+    for name in set(services) - workers:
+        assert "STRATA_METRICS_PORT" not in services[name].get("environment", {}), name
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())["scrape_configs"]
+    targets = {
+        (name, sd["port"], job.get("metrics_path", "/metrics"))
+        for job in scrape for sd in job["dns_sd_configs"] for name in sd["names"]
+    }  # fmt: skip
+    assert targets == {("api", 8000, "/metrics")} | {(w, 9100, "/metrics") for w in workers}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from functools import cache
 from typing import Any
@@ -30,8 +31,10 @@ from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
 from services.broker import CANCEL_KEY, PREDICT, RUN_JOB, CeleryDispatcher, default_app
 from services.dispatch import worker_id
+from services.metrics_dir import multiprocess_dir
 from services.predict import PredictQuery
 from workers.execution import execute
+from workers.metrics import serve_metrics
 from workers.models import model_device
 from workers.predict import answer
 
@@ -48,6 +51,24 @@ def _announce_device(**_: object) -> None:
         log.info("models run on %s", model_device(StrataSettings().device))
     except InvalidValue as exc:
         log.error("STRATA_DEVICE: %s; every job that loads a model will fail", exc.reason)
+
+
+@signals.worker_init.connect
+def _serve_metrics(**_: object) -> None:
+    """With `STRATA_METRICS_PORT`, serve this worker's metrics there (README, "Metrics")."""
+    settings = StrataSettings()
+    if settings.metrics_port is not None:
+        serve_metrics(settings.metrics_port, settings.metrics_host)
+
+
+@signals.worker_process_shutdown.connect
+def _process_gone(pid: int | None = None, **_: object) -> None:
+    """A prefork pool's process ends: its live gauges stop counting."""
+    path = multiprocess_dir()
+    if path is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid(), str(path))
 
 
 @cache

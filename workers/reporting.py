@@ -11,6 +11,7 @@ from typing import Any
 from continual.training import StepInfo, TrainingCallbacks
 from registry.entities import JobState
 from registry.instance import Instance
+from workers.metrics import THROUGHPUT
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class JobReporter:
         lo, hi = span
 
         def on_step(info: StepInfo) -> None:
+            THROUGHPUT.report(self.job_id, info.tokens_per_s)
             if self.listener:
                 self.listener("step", info.__dict__)
             now = time.monotonic()

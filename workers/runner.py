@@ -22,6 +22,7 @@ from services.policy import queue_if_due
 from workers.consolidation import consolidate
 from workers.imports import import_job
 from workers.jobs import evaluate_job, train_job
+from workers.metrics import JOB_SECONDS, THROUGHPUT
 from workers.reporting import JobReporter, Listener
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,18 @@ def run_job(
 
 def run_claimed(inst: Instance, job: Job, *, listener: Listener | None = None) -> Job:
     """Run a job this worker has claimed (state running) to a terminal state; one log line
-    when it starts and one when it ends, for whoever reads the worker's (or server's) log."""
+    when it starts and one when it ends, for whoever reads the worker's (or server's) log, and
+    its duration in `strata_job_duration_seconds`."""
     where = "".join(f", {k} {v}" for k, v in (("stream", job.stream_id), ("task", job.task_id))
                     if v is not None)  # fmt: skip
     log.info("job %s (%s%s) started on %s, attempt %s", job.id, job.kind.value, where,
              job.worker, job.attempts)  # fmt: skip
     start = time.monotonic()
-    ended = _run_claimed(inst, job, listener=listener)
+    try:
+        ended = _run_claimed(inst, job, listener=listener)
+    finally:
+        THROUGHPUT.ended(job.id)
+    JOB_SECONDS.labels(ended.kind.value, ended.state.value).observe(time.monotonic() - start)
     error = f": {ended.error.code}: {ended.error.message}" if ended.error else ""
     log.log(logging.WARNING if ended.state is JobState.FAILED else logging.INFO,
             "job %s (%s) %s in %.1f s%s", ended.id, ended.kind.value, ended.state.value,

@@ -5,6 +5,10 @@ content. The public methods live here, once: they validate digests (which also k
 inside the store's directory or bucket), hash, verify on read and skip writes of blobs that are
 already present. Backends only move bytes (``_stat``, ``_write_bytes``, ``_write_file``,
 ``_open_chunks``), so both backends share one behaviour and one test suite.
+
+The bytes each process moves are counted here too, by backend (`strata_artifact_uploaded_bytes`
+and `strata_artifact_downloaded_bytes`, README "Metrics"): blobs actually written (a blob that
+was already stored costs no upload) and blobs read.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import ClassVar
+
+from prometheus_client import Counter
 
 from registry.errors import BlobNotFound, IntegrityError
 from registry.validation import check_digest
@@ -31,6 +38,13 @@ BLOB_PREFIX = "sha256/"
 _DIGEST = re.compile("[0-9a-f]{64}")
 CHUNK_SIZE = 1024 * 1024
 """Bytes read or written at a time when streaming (files are never read whole)."""
+
+UPLOADED = Counter(
+    "strata_artifact_uploaded_bytes", "Bytes of blobs written to the artifact store", ["store"]
+)
+DOWNLOADED = Counter(
+    "strata_artifact_downloaded_bytes", "Bytes of blobs read from the artifact store", ["store"]
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,8 @@ BlobGuard = Callable[[str], AbstractContextManager[object]]
 class ArtifactStore(ABC):
     """Immutable content-addressed blobs, keyed by the sha256 of their content."""
 
+    backend: ClassVar[str] = "other"
+    """The `store` label of this backend's metrics."""
     _guard: BlobGuard | None = None
 
     def set_guard(self, guard: BlobGuard) -> None:
@@ -95,6 +111,7 @@ class ArtifactStore(ABC):
         """Store ``data``; return its sha256 hex digest. Idempotent."""
         digest = hashlib.sha256(data).hexdigest()
         if self._create_bytes(blob_key(digest), data):
+            UPLOADED.labels(self.backend).inc(len(data))
             logger.debug("stored blob %s (%d bytes)", digest, len(data))
         return digest
 
@@ -109,6 +126,7 @@ class ArtifactStore(ABC):
         key = blob_key(digest)
         if self._should_write(key, size):
             self._write_file(key, path, digest=digest, size=size)
+            UPLOADED.labels(self.backend).inc(size)
             logger.debug("stored blob %s from %s (%d bytes)", digest, path, size)
         return digest
 
@@ -120,10 +138,13 @@ class ArtifactStore(ABC):
         key = blob_key(digest)
         sha = hashlib.sha256()
         parts: list[bytes] = []
-        with self._open_chunks(key) as chunks:
-            for chunk in chunks:
-                sha.update(chunk)
-                parts.append(chunk)
+        try:
+            with self._open_chunks(key) as chunks:
+                for chunk in chunks:
+                    sha.update(chunk)
+                    parts.append(chunk)
+        finally:
+            DOWNLOADED.labels(self.backend).inc(sum(map(len, parts)))
         _check_match(digest, sha.hexdigest())
         return b"".join(parts)
 
@@ -147,10 +168,12 @@ class ArtifactStore(ABC):
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         tmp = Path(tmp_name)
+        read = 0
         try:
             sha = hashlib.sha256()
             with os.fdopen(fd, "wb") as out, self._open_chunks(key) as chunks:
                 for chunk in chunks:
+                    read += len(chunk)
                     sha.update(chunk)
                     out.write(chunk)
                     if tee is not None:
@@ -164,6 +187,8 @@ class ArtifactStore(ABC):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            DOWNLOADED.labels(self.backend).inc(read)
         if durable:
             fsync_path(dest.parent)
         return dest

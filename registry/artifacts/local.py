@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 class LocalStore(ArtifactStore):
     """Content-addressed blobs under ``root`` (created if missing)."""
 
+    backend = "local"
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)

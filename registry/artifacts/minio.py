@@ -108,6 +108,8 @@ class MinioStore(ArtifactStore):
     between tries of an operation that failed for a transient reason (0: one try).
     """
 
+    backend = "minio"
+
     def __init__(
         self,
         *,

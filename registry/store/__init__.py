@@ -16,6 +16,7 @@ from registry.store.base import (
     LineageStore,
     Registry,
     ScheduleStore,
+    StatsStore,
     StreamStore,
     TaskStore,
     TokenStore,
@@ -27,6 +28,7 @@ from registry.store.jobs import SqlJobStore
 from registry.store.leases import SqlLeaseStore
 from registry.store.lineage import SqlLineageStore
 from registry.store.schedules import SqlScheduleStore
+from registry.store.stats import SqlStatsStore
 from registry.store.streams import SqlStreamStore
 from registry.store.tasks import SqlTaskStore
 from registry.store.tokens import SqlTokenStore
@@ -50,6 +52,7 @@ class SqlRegistry:
         self.schedules: ScheduleStore = SqlScheduleStore(db)
         self.webhooks: WebhookStore = SqlWebhookStore(db)
         self.gc: GcStore = SqlGcStore(db)
+        self.stats: StatsStore = SqlStatsStore(db)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -76,6 +79,7 @@ __all__ = [
     "Registry",
     "ScheduleStore",
     "SqlRegistry",
+    "StatsStore",
     "StreamStore",
     "TaskStore",
     "TokenStore",

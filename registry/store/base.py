@@ -285,6 +285,10 @@ class GcStore(Protocol):
     def references(self) -> References: ...
 
 
+class StatsStore(Protocol):
+    def job_counts(self) -> dict[tuple[str, str], int]: ...
+
+
 class Registry(Protocol):
     """Everything the registry stores about streams, grouped by resource."""
 
@@ -299,3 +303,4 @@ class Registry(Protocol):
     schedules: ScheduleStore
     webhooks: WebhookStore
     gc: GcStore
+    stats: StatsStore

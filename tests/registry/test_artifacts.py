@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from minio import Minio
 from minio.error import S3Error
+from prometheus_client import REGISTRY
 
 from registry.artifacts import ArtifactStore, LocalStore, MinioStore
 from registry.artifacts import base as artifacts_base
@@ -303,3 +304,27 @@ def test_file_changed_after_hashing_is_not_stored(
         artifact_store.put_file(source)
 
     assert not artifact_store.exists(stale_digest)
+
+
+def test_bytes_moved_are_counted_by_backend(artifact_store: ArtifactStore, tmp_path: Path) -> None:
+    """`strata_artifact_{uploaded,downloaded}_bytes_total{store}`: blobs written (a blob
+    already stored costs no upload), small and multipart, and blobs read, whole or to a file."""
+    store = artifact_store.backend
+    assert store == ("local" if isinstance(artifact_store, LocalStore) else "minio")
+
+    def moved() -> tuple[float, float]:
+        up = REGISTRY.get_sample_value("strata_artifact_uploaded_bytes_total", {"store": store})
+        down = REGISTRY.get_sample_value("strata_artifact_downloaded_bytes_total", {"store": store})
+        return up or 0.0, down or 0.0
+
+    up0, down0 = moved()
+    small = artifact_store.put_bytes(b"x" * 1000)
+    artifact_store.put_bytes(b"x" * 1000)  # already stored: nothing sent
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(6 * 1024 * 1024))  # past the minio fixture's part size
+    digest = artifact_store.put_file(big)
+    artifact_store.put_file(big)
+    assert moved() == (up0 + 1000 + 6 * 1024 * 1024, down0)
+    assert artifact_store.get_bytes(small) == b"x" * 1000
+    artifact_store.get_file(digest, tmp_path / "copy.bin")
+    assert moved() == (up0 + 1000 + 6 * 1024 * 1024, down0 + 1000 + 6 * 1024 * 1024)

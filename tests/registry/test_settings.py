@@ -68,3 +68,17 @@ def test_import_roots_none_in_the_service_the_data_dirs_imports_when_embedded(
     monkeypatch.setenv("STRATA_IMPORT_MAX_PARAMS", "0")
     with pytest.raises(ValidationError, match="import_max_params"):
         StrataSettings()
+
+
+def test_the_metrics_token_and_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert StrataSettings().metrics_token is None  # /metrics is open unless it is set
+    (tmp_path / "token").write_text(SECRET + "\n")
+    monkeypatch.setenv("STRATA_METRICS_TOKEN_FILE", str(tmp_path / "token"))
+    monkeypatch.setenv("STRATA_METRICS_PORT", "9100")
+    settings = StrataSettings()
+    assert settings.metrics_token is not None
+    assert settings.metrics_token.get_secret_value() == SECRET and SECRET not in repr(settings)
+    assert (settings.metrics_port, settings.metrics_host) == (9100, "0.0.0.0")
+    monkeypatch.setenv("STRATA_METRICS_PORT", "70000")
+    with pytest.raises(ValidationError, match="metrics_port"):
+        StrataSettings()
