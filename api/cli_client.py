@@ -311,9 +311,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("version", type=int, nargs="?")
     p.add_argument("--delete", action="store_true")
 
-    p = command(sub, "lineage", lineage, "ancestors (or descendants) of a node, as a tree")
+    p = command(sub, "lineage", lineage, "ancestors (or descendants) of a node, as a tree: "
+                "`adapter STREAM TASK REF`, `snapshot STREAM VERSION`, or KIND ID")  # fmt: skip
     p.add_argument("kind", choices=[k.value for k in NodeKind])
-    p.add_argument("id", type=int)
+    p.add_argument("node", nargs="+", metavar="NAME",
+                   help="adapter: STREAM TASK REF (a version, alias or latest); snapshot: "
+                   "STREAM VERSION; any kind: its id (as a lineage graph shows it)")  # fmt: skip
     p.add_argument("--descendants", action="store_true")
     p.add_argument("--depth", type=int, default=100)
     command(sub, "evaluations", evaluations, "the stream's accuracy matrix").add_argument("stream")

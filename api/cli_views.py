@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from tqdm import tqdm
 
@@ -22,6 +23,7 @@ from registry.entities import (
     NodeRef,
     Relation,
 )
+from registry.errors import InvalidValue
 
 
 def _show(value: Any) -> None:
@@ -80,8 +82,22 @@ def adapters_alias(c: StrataClient, a: argparse.Namespace) -> int:
 def lineage(c: StrataClient, a: argparse.Namespace) -> int:
     direction = "descendants" if a.descendants else "ancestors"
     params = {"direction": direction, "depth": a.depth}
-    print(lineage_tree(graph_of(c.request("GET", f"/lineage/{a.kind}/{a.id}", params=params))))
+    print(lineage_tree(graph_of(c.request("GET", lineage_path(a.kind, a.node), params=params))))
     return 0
+
+
+def lineage_path(kind: str, node: list[str]) -> str:
+    """The API path of a node named as `strata lineage` takes it."""
+    if kind == "adapter" and len(node) == 3:
+        stream, task, ref = (quote(part, safe="") for part in node)
+        return f"/streams/{stream}/tasks/{task}/adapters/{ref}/lineage"
+    if kind == "snapshot" and len(node) == 2 and node[1].isdigit():
+        return f"/streams/{quote(node[0], safe='')}/snapshots/{node[1]}/lineage"
+    if len(node) == 1 and node[0].isdigit():
+        return f"/lineage/{kind}/{node[0]}"
+    usage = {"adapter": "STREAM TASK REF or an id", "snapshot": "STREAM VERSION or an id"}
+    raise InvalidValue(f"expects {usage.get(kind, 'an id')}, not {' '.join(node)!r}",
+                       field=kind)  # fmt: skip
 
 
 def graph_of(body: dict[str, Any]) -> LineageGraph:

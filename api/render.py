@@ -9,7 +9,9 @@ from services.evaluations import accuracy_matrix
 
 
 def lineage_tree(graph: LineageGraph) -> str:
-    """Draw a lineage graph as a tree from its root; a node reached twice is drawn once."""
+    """Draw a lineage graph as a tree from its root; a node reached twice is drawn once. Up the
+    tree (ancestors) a line reads `<relation>: <parent>` of the node above it; down the tree
+    (descendants) `<child> ─<relation>→ ↑`, the node above being the parent."""
     labels = {NodeRef(n.kind, n.id): n.label for n in graph.nodes}
     branches: dict[NodeRef, list[LineageEdge]] = defaultdict(list)
     for edge in graph.edges:
@@ -25,8 +27,12 @@ def lineage_tree(graph: LineageGraph) -> str:
             last = i == len(edges) - 1
             again = far in seen
             label = labels.get(far, str(far))
+            # an edge reads `child relation parent` both ways: up, the parent follows the
+            # relation; down, the child comes first and points at the node it hangs from
+            text = (f"{edge.relation.value}: {label}" if graph.direction == "ancestors"
+                    else f"{label} ─{edge.relation.value}→ ↑")  # fmt: skip
             lines.append(
-                f"{indent}{'└── ' if last else '├── '}{edge.relation.value}: {label}"
+                f"{indent}{'└── ' if last else '├── '}{text}"
                 + (" (shown above)" if again and branches[far] else "")
             )
             if not again:

@@ -42,7 +42,8 @@ def _ref(ref: str) -> int | str:
     return int(ref) if ref.isdigit() else ref
 
 
-def _version(inst: Instance, stream: Stream, task: str, ref: str) -> AdapterVersion:
+def resolve_version(inst: Instance, stream: Stream, task: str, ref: str) -> AdapterVersion:
+    """A task's adapter version by number, alias or `latest` (NotFound otherwise)."""
     task_id = inst.registry.tasks.get(stream_id=stream.id, name=task).id
     return inst.registry.adapters.get(task_id=task_id, ref_=_ref(ref))
 
@@ -91,14 +92,14 @@ def set_tags(
 ) -> object:
     """Replace the version's tags with `body`, an object of names to strings (an empty
     object clears them)."""
-    version = _version(inst, stream, task, ref)
+    version = resolve_version(inst, stream, task, ref)
     return inst.registry.adapters.set_tags(version.id, body)
 
 
 @router.get("/streams/{stream}/tasks/{task}/adapters/{ref}", response_model=AdapterVersionPublic)
 def get_adapter(stream: StreamDep, task: str, ref: str, inst: InstDep, _: ReadToken) -> object:
     """`ref`: a version number, an alias, or `latest`."""
-    return _version(inst, stream, task, ref)
+    return resolve_version(inst, stream, task, ref)
 
 
 @router.get(
@@ -110,7 +111,7 @@ def download_adapter(
     stream: StreamDep, task: str, ref: str, inst: InstDep, _: ReadToken, format: FormatQuery = "tar"
 ) -> StreamingResponse:
     """The adapter as a tar archive of a PEFT directory (`PeftModel.from_pretrained` loads it)."""
-    version = _version(inst, stream, task, ref)
+    version = resolve_version(inst, stream, task, ref)
     if version.artifact_digest is None:
         raise Conflict(f"adapter version {version.version} is {version.status}", field="ref")
     name = f"{stream.name}-{task}-v{version.version}"
@@ -126,7 +127,7 @@ def delete_adapter(
     """Soft-delete a version: 404 afterwards (`latest` moves to the newest live one); 409 while
     an alias (`production` included) points at it or a job of the stream runs. `POST
     .../adapters/{version}/restore` brings it back within STRATA_RETENTION_DAYS."""
-    return inst.registry.adapters.delete(_version(inst, stream, task, str(version)).id)
+    return inst.registry.adapters.delete(resolve_version(inst, stream, task, str(version)).id)
 
 
 @router.post(
@@ -147,7 +148,7 @@ def set_alias(
     stream: StreamDep, task: str, alias: str, body: AliasSet, inst: InstDep, _: WriteToken
 ) -> object:
     """Point `alias` at a version (moving it if it exists)."""
-    version = _version(inst, stream, task, str(body.version))
+    version = resolve_version(inst, stream, task, str(body.version))
     return inst.registry.adapters.set_alias(
         task_id=version.task_id, alias=alias, version_id=version.id
     )

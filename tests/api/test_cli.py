@@ -150,3 +150,23 @@ def test_a_cut_event_stream_resumes_with_last_event_id(prefix: str) -> None:
         server.shutdown()
     assert [d.get("n", d.get("state")) for _, d in events] == [1, 2, 3, "succeeded"]
     assert seen == [None, f"{prefix}2"]
+
+
+def test_descendant_edges_read_child_relation_parent_too() -> None:
+    a, s, d = (NodeRef(NodeKind.ADAPTER, 1), NodeRef(NodeKind.SNAPSHOT, 2),
+               NodeRef(NodeKind.DATASET, 1))  # fmt: skip
+    graph = LineageGraph(
+        root=d,
+        direction="descendants",
+        nodes=(
+            LineageNode(NodeKind.DATASET, 1, 0, "D"),
+            LineageNode(NodeKind.ADAPTER, 1, 1, "A"),
+            LineageNode(NodeKind.SNAPSHOT, 2, 2, "S"),
+        ),
+        edges=(LineageEdge(a, d, Relation.TRAINED_WITH), LineageEdge(s, a, Relation.FOLDS)),
+    )
+    assert lineage_tree(graph).splitlines() == [
+        "D",
+        "└── A ─trained_with→ ↑",  # A trained_with D
+        "    └── S ─folds→ ↑",  # S folds A
+    ]

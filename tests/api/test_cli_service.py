@@ -103,8 +103,13 @@ def test_serve_and_the_cli_from_stream_to_download(
     assert "job 3 queued" in out and "job 3 succeeded" in out
     assert "succeeded" in run("jobs", "list", "--stream", "news")
     assert "after topic" in run("evaluations", "news") and "ACC" in run("evaluations", "news")
-    tree = run("lineage", "adapter", "1")
+    tree = run("lineage", "adapter", "news", "topic", "latest")  # by the names a user knows
     assert "trained_on: news snapshot v0" in tree and "trained_with: dataset" in tree
+    assert run("lineage", "adapter", "1") == tree  # or by the id a graph shows
+    down = run("lineage", "snapshot", "news", "0", "--descendants")
+    assert "topic v1 (seq-lora, ready) ─trained_on→ ↑" in down, down  # child relation parent
+    assert main(["lineage", "snapshot", "news", *auth]) == 2
+    assert "expects STREAM VERSION or an id" in capsys.readouterr().err
     assert "topic" in run("adapters", "list", "news")
     archive = tmp_path / "topic.tar"
     run("adapters", "download", "news", "topic", "latest", "-o", str(archive))

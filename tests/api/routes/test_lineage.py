@@ -93,3 +93,28 @@ def test_lineage_refuses_unknown_nodes_and_bad_parameters(api: Api) -> None:
     for params, field in bad:
         _problem(c.get(f"/v1/lineage/snapshot/{ids['v0']}", params=params, headers=h), 422, field)
     _problem(c.get(f"/v1/lineage/snapshot/{ids['v0']}"), 401, "authorization")
+
+
+def test_an_adapter_and_a_snapshot_are_named_as_a_user_knows_them(api: Api) -> None:
+    ids = _graph(api)
+    c, h = api.client, api.auth("read")
+    by_id = c.get(f"/v1/lineage/adapter/{ids['adapter']}", headers=h).json()
+    for ref in ("1", "latest"):
+        named = c.get(f"/v1/streams/s1/tasks/a/adapters/{ref}/lineage", headers=h)
+        assert named.status_code == 200, named.text
+        assert named.json() == by_id
+    v0_down = c.get("/v1/streams/s1/snapshots/0/lineage", params={"direction": "descendants",
+                    "depth": 1}, headers=h).json()  # fmt: skip
+    assert v0_down == c.get(f"/v1/lineage/snapshot/{ids['v0']}", headers=h,
+                            params={"direction": "descendants", "depth": 1}).json()  # fmt: skip
+    assert v0_down["root"] == f"snapshot:{ids['v0']}"
+    v1_up = c.get("/v1/streams/s1/snapshots/1/lineage", headers=h).json()
+    assert (f"snapshot:{ids['v1']}", "folds", f"adapter:{ids['adapter']}") in _edges(v1_up)
+
+    _problem(c.get("/v1/streams/nope/snapshots/0/lineage", headers=h), 404, "stream")
+    _problem(c.get("/v1/streams/s1/snapshots/7/lineage", headers=h), 404, "version")
+    _problem(c.get("/v1/streams/s1/tasks/zz/adapters/1/lineage", headers=h), 404, "task")
+    _problem(c.get("/v1/streams/s1/tasks/a/adapters/9/lineage", headers=h), 404)
+    _problem(c.get("/v1/streams/s1/tasks/a/adapters/1/lineage", params={"depth": 0},
+                   headers=h), 422, "depth")  # fmt: skip
+    _problem(c.get("/v1/streams/s1/snapshots/0/lineage"), 401, "authorization")
