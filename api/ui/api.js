@@ -106,13 +106,16 @@ export function parseEvent(block) {
 }
 
 // Read a text/event-stream body, calling onEvent for each event; true once `end` arrives.
-async function readEvents(body, onEvent) {
+export async function readEvents(body, onEvent) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return false;
-    buffer = (buffer + value).replace(/\r\n?/g, "\n");
+    buffer += value;
+    // lines end in \n, \r\n or \r; a \r that ends a chunk may be half of a \r\n: kept as it is
+    const tail = buffer.endsWith("\r") ? 1 : 0;
+    buffer = buffer.slice(0, buffer.length - tail).replace(/\r\n?/g, "\n") + (tail ? "\r" : "");
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
       const event = parseEvent(buffer.slice(0, cut));

@@ -288,3 +288,37 @@ def test_a_wrong_token_and_a_missing_stream_show_the_problem_detail(page: Any, s
     page.wait_for_selector("#problem-detail")
     assert page.inner_text("#problem-detail") == missing.json()["detail"]
     assert "404" in page.inner_text("#problem") and "Back to the streams" in page.inner_text("main")
+
+
+READ = """async (chunks) => {
+  const { parseEvent, readEvents } = await import("/ui/api.js");
+  const body = new ReadableStream({ start(c) {
+    for (const chunk of chunks) c.enqueue(new TextEncoder().encode(chunk));
+    c.close();
+  } });
+  const seen = [];
+  const ended = await readEvents(body, (e) => seen.push(e));
+  return { ended, seen, comment: parseEvent(": keep-alive"), bare: parseEvent("data:x") };
+}"""
+
+
+@pytest.mark.slow
+def test_the_event_stream_reader_splits_events_across_chunks(page: Any, site: Site) -> None:
+    """The page's reader of text/event-stream: events split anywhere between network chunks
+    (a CR LF too), comments skipped, data lines joined, JSON parsed, nothing read past `end`."""
+    page.goto(f"{site.url}/ui/")
+    chunks = [
+        "event: job-ev",
+        'ent\r\ndata: {"x": 1}\r',  # the CR here, its LF in the next chunk
+        "\nid: 1\r\n\r\n: keep-alive\n\n",
+        "event: state\ndata: a\ndata: b\n\nevent: end\ndata: {}\n\n",
+        "data: late\n\n",
+    ]
+    got = page.evaluate(READ, chunks)
+    assert got["ended"] is True
+    assert got["seen"] == [
+        {"event": "job-event", "id": "1", "data": {"x": 1}},
+        {"event": "state", "id": None, "data": "a\nb"},
+        {"event": "end", "id": None, "data": {}},
+    ]
+    assert got["comment"] is None and got["bare"] == {"event": "message", "id": None, "data": "x"}
