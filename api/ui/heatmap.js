@@ -4,19 +4,28 @@
 
 import { fixed, h } from "./dom.js";
 
-// Red (0) through yellow to green (1); the text stays dark enough to read on each.
-function colour(cell, value) {
-  if (value === null || value === undefined) return;
-  const v = Math.max(0, Math.min(1, value));
+// Red (worst) through yellow to green (best); the text stays dark enough to read on each.
+function colour(cell, goodness) {
+  const v = Math.max(0, Math.min(1, goodness));
   cell.style.backgroundColor = `hsl(${Math.round(120 * v)}, 70%, ${Math.round(86 - 16 * v)}%)`;
 }
 
-function cells(values, columns) {
+// How good a value is, 0-1: an accuracy as it is; a loss against the largest one shown.
+function scale(evals) {
+  if (evals.metric !== "loss") return (v) => v;
+  const all = [...evals.baseline, ...evals.states.flatMap((st) => st.values)].filter((v) => v !== null);
+  const worst = Math.max(1e-9, ...all);
+  return (v) => 1 - v / worst;
+}
+
+function cells(values, columns, goodness) {
   return Array.from({ length: columns }, (_, i) => {
     const value = values[i];
     const td = h("td", { class: "cell", dataset: { task: String(i) } }, fixed(value));
-    if (value !== null && value !== undefined) td.dataset.value = String(value);
-    colour(td, value);
+    if (value !== null && value !== undefined) {
+      td.dataset.value = String(value);
+      colour(td, goodness(value));
+    }
     return td;
   });
 }
@@ -61,19 +70,22 @@ function header(evals) {
 
 export function heatmap(evals, tasks) {
   if (evals.values.length === 0) {
-    return h("p", { class: "empty" }, "No evaluations yet: a task's training job measures "
-      + "every task when it publishes.");
+    return h("p", { class: "empty", id: "no-evaluations" }, evals.metric === "loss"
+      ? "No loss measured: free-form tasks are scored by completion loss, classification tasks "
+        + "by accuracy."
+      : "No accuracy measured yet: a task's training job measures every task when it publishes.");
   }
   const columns = evals.task_names.length;
+  const goodness = scale(evals);
   const { rows, baseline } = rowStates(evals, tasks);
   const body = [];
   if (evals.baseline.some((v) => v !== null)) {
     body.push(h("tr", { class: "baseline" }, rowHead("baseline", baseline),
-      cells(evals.baseline, columns)));
+      cells(evals.baseline, columns, goodness)));
   }
   evals.values.forEach((values, t) => {
     body.push(h("tr", { dataset: { row: String(t) } },
-      rowHead(`after ${evals.task_names[t]}`, rows[t]), cells(values, columns)));
+      rowHead(`after ${evals.task_names[t]}`, rows[t]), cells(values, columns, goodness)));
   });
   const matrix = h("table", { class: "heatmap", id: "matrix" }, header(evals), h("tbody", {}, body));
   return h("div", {}, h("p", { class: "muted" },
@@ -85,10 +97,11 @@ export function heatmap(evals, tasks) {
 export function statesTable(evals) {
   if (evals.states.length === 0) return h("p", { class: "empty" }, "No measured states.");
   const columns = evals.task_names.length;
+  const goodness = scale(evals);
   const rows = evals.states.map((st) => {
     const after = st.after_position < 0 ? "base" : `after ${evals.task_names[st.after_position] ?? st.after_position}`;
     const title = `${st.kind}, ${after}${st.in_lineage ? "" : " (outside the current lineage)"}`;
-    return h("tr", { class: st.in_lineage ? "" : "outside" }, rowHead(title, st), cells(st.values, columns));
+    return h("tr", { class: st.in_lineage ? "" : "outside" }, rowHead(title, st), cells(st.values, columns, goodness));
   });
   return h("table", { class: "heatmap", id: "states" }, header(evals), h("tbody", {}, rows));
 }

@@ -22,13 +22,16 @@ export async function streamsPage(_parts, ctx) {
 }
 
 // ---- one stream ----------------------------------------------------------------------------
-export async function streamPage([name], ctx) {
+export async function streamPage([name, metric = "accuracy"], ctx) {
   const { signal } = ctx;
+  if (!["accuracy", "loss"].includes(metric)) {
+    throw new Problem(0, { detail: `the matrix is of accuracy or loss, not ${metric}` });
+  }
   const path = `/streams/${enc(name)}`;
   const stream = await api(path, { signal }); // a missing stream: its 404 detail, nothing else
   const [tasks, evals, snapshots, adapters, jobs, schedules] = await Promise.allSettled([
     api(`${path}/tasks`, { signal }),
-    api(`${path}/evaluations`, { signal }),
+    api(`${path}/evaluations?metric=${metric}`, { signal }),
     api(`${path}/snapshots`, { signal }),
     allPages(`${path}/adapters`, { signal }),
     allPages(`/jobs?stream=${enc(name)}`, { signal }),
@@ -41,12 +44,20 @@ export async function streamPage([name], ctx) {
     h("h1", {}, stream.name, " ", h("span", { class: "muted" }, `(${stream.state})`)),
     overview(stream, ctx),
     section("Tasks", "tasks", part(tasks, (t) => tasksTable(t.data))),
-    section("Accuracy matrix", "evaluations", part(evals, (e) => [heatmap(e, taskList),
+    section(metric === "loss" ? "Loss matrix" : "Accuracy matrix", "evaluations",
+      metricSwitch(name, metric), part(evals, (e) => [heatmap(e, taskList),
       h("details", {}, h("summary", {}, "Every measured state"), statesTable(e))])),
     section("Snapshots", "snapshots", part(snapshots, (s) => snapshotsPart(s.data))),
     section("Adapters", "adapters", part(adapters, adaptersTable)),
     section("Jobs", "jobs", part(jobs, (j) => jobsTable(j, ctx))),
     section("Schedules", "schedules", part(schedules, (s) => schedulesTable(s.data, taskList))));
+}
+
+// Classification tasks are scored by accuracy, free-form ones by completion loss.
+function metricSwitch(name, metric) {
+  const choice = (m, ...route) => (m === metric ? h("b", {}, m) : h("a", { href: href(...route), id: `metric-${m}` }, m));
+  return h("p", { class: "muted" }, "metric: ", choice("accuracy", "streams", name), " · ",
+    choice("loss", "streams", name, "loss"));
 }
 
 function overview(stream, ctx) {

@@ -219,6 +219,12 @@ def test_log_in_and_see_a_streams_heat_map(page: Any, site: Site) -> None:
     assert "sentiment" in adapters and "production" in adapters and "latest" in adapters
     assert page.locator("#jobs progress[data-state=succeeded]").count() >= 3
     assert "0 4 * * *" in page.inner_text("#schedules")
+    page.screenshot(path=str(ARTIFACTS / "heat-map.png"), full_page=True)
+    # free-form tasks' matrix is of completion loss; these tasks are classification ones
+    assert site.http.get("/streams/news/evaluations?metric=loss").json()["values"] == []
+    page.click("#metric-loss")
+    page.wait_for_selector("#no-evaluations")
+    assert page.url.endswith("#/streams/news/loss") and "Loss matrix" in page.inner_text("main")
 
 
 @pytest.mark.slow
