@@ -6,7 +6,7 @@
 // Any failed request shows the server's problem+json `detail` above the page.
 
 import { api, Problem, token } from "./api.js";
-import { h, problemText } from "./dom.js";
+import { h } from "./dom.js";
 import { jobPage, lineagePage, streamPage, streamsPage } from "./views.js";
 
 const ROUTES = { streams: streamsPage, jobs: jobPage, lineage: lineagePage };
@@ -43,8 +43,9 @@ function showLogin() {
   const input = h("input", { type: "password", id: "token", name: "token", autocomplete: "off",
     placeholder: "strata_...", required: true, "aria-label": "API token" });
   const form = h("form", { id: "login" }, h("h1", {}, "Log in"),
-    h("p", { class: "muted" }, "Paste an API token (`strata serve` prints the first one; "
-      + "`strata tokens create` makes more). It is kept in this tab's session storage only."),
+    h("p", { class: "muted" }, "Paste an API token (", h("code", {}, "strata serve"),
+      " prints the first one; ", h("code", {}, "strata tokens create"), " makes more). It is kept "
+      + "in this tab's session storage only, and sent only in the Authorization header."),
     h("div", { class: "row" }, input, h("button", { type: "submit" }, "Log in")));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -85,8 +86,7 @@ async function route() {
     if (signal.aborted || error?.name === "AbortError") return;
     report(error);
     if (token.get()) {
-      view.replaceChildren(h("p", {}, h("a", { href: "#/streams" }, "Back to the streams"),
-        h("span", { class: "muted" }, ` (${problemText(error)})`)));
+      view.replaceChildren(h("p", {}, h("a", { href: "#/streams" }, "Back to the streams")));
     }
   }
 }
