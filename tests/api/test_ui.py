@@ -130,7 +130,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """`strata serve` holding a stream `news` with two trained tasks and a schedule."""
     if not Path(CHROMIUM).is_file():
         pytest.fail("chromium is not installed: `make browser` (Debian's package) installs it")
-    with strata_serve(tmp_path_factory.mktemp("ui")) as (url, token):
+    folder = tmp_path_factory.mktemp("ui")
+    with strata_serve(folder) as (url, token):
+        assert f"dashboard: {url}/ui" in (folder / "serve.log").read_text()
         http = httpx.Client(base_url=f"{url}/v1", timeout=30,
                             headers={"Authorization": f"Bearer {token}"})  # fmt: skip
         s = Site(url=url, token=token, http=http)
