@@ -33,7 +33,7 @@ function clearReport() {
 }
 
 function navigate(target) {
-  if (location.hash === target) route();
+  if (location.hash === target) route();  // the same page again: read it afresh
   else location.hash = target;
 }
 
@@ -64,7 +64,8 @@ function showLogin() {
   input.focus();
 }
 
-async function route() {
+// Show the page the hash names; `quiet`: redraw the shown page in place (no "Loading…").
+async function route({ quiet = false } = {}) {
   current?.abort();
   current = new AbortController();
   const { signal } = current;
@@ -77,10 +78,11 @@ async function route() {
   const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
   const [name = "streams", ...rest] = parts;
   const page = name === "streams" && rest.length ? streamPage : ROUTES[name];
-  view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
+  if (!quiet) view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
+  const refresh = () => { if (!signal.aborted) route({ quiet: true }); };
   try {
     if (!page) throw new Problem(0, { detail: `no such page: #/${parts.join("/")}` });
-    const shown = await page(rest, { signal, navigate, report });
+    const shown = await page(rest, { signal, navigate, report, refresh });
     if (!signal.aborted) view.replaceChildren(shown);
   } catch (error) {
     if (signal.aborted || error?.name === "AbortError") return;
@@ -96,5 +98,5 @@ logout.addEventListener("click", () => {
   clearReport();
   showLogin();
 });
-window.addEventListener("hashchange", route);
+window.addEventListener("hashchange", () => route());
 route();

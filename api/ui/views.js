@@ -1,6 +1,6 @@
-// The dashboard's pages. Each takes the route's parts and a context {signal, navigate, report}
-// and returns the element to show; a failed main request throws its Problem (the app shows its
-// detail), a failed part of a page shows its detail in its own section.
+// The dashboard's pages. Each takes the route's parts and a context {signal, navigate, report,
+// refresh} and returns the element to show; a failed main request throws its Problem (the app
+// shows its detail), a failed part of a page shows its detail in its own section.
 
 import { allPages, api, followJob, lineagePath, Problem } from "./api.js";
 import { fixed, h, href, link, problemText, section, table, when } from "./dom.js";
@@ -138,7 +138,9 @@ function jobsTable(jobs, ctx) {
   let live = 0;
   const rows = newest.map((job) => {
     const widget = progressWidget(job);
-    if (!TERMINAL.has(job.state) && live++ < LIVE_JOBS) follow(job, widget, ctx);
+    // a job that ends changes the page (evaluations, adapters, snapshots): read it again
+    const ended = (event) => { if (event.event === "end") ctx.refresh(); };
+    if (!TERMINAL.has(job.state) && live++ < LIVE_JOBS) follow(job, widget, ctx, ended);
     return [link(`#${job.id}`, "jobs", job.id), job.kind, widget.el, job.error?.message ?? "",
       when(job.created_at)];
   });

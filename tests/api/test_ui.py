@@ -231,10 +231,10 @@ def test_log_in_and_see_a_streams_heat_map(page: Any, site: Site) -> None:
 
 @pytest.mark.slow
 def test_watch_a_jobs_progress_bar_reach_done(page: Any, site: Site) -> None:
+    """On the job's page, and in the stream's jobs table (which then shows what the job made)."""
     _log_in(page, site)
-    page.goto(f"{site.url}/ui/#/streams/news")
-    page.wait_for_selector("#jobs")
-    job = site.submit("color", 2, hyperparams={"max_steps": 300})  # a few seconds of training
+    slow = {"hyperparams": {"max_steps": 300}}  # a few seconds of training
+    job = site.submit("color", 2, **slow)
     with page.expect_request(f"**/v1/jobs/{job['id']}/events/stream"):  # followed live
         page.goto(f"{site.url}/ui/#/jobs/{job['id']}")
     bar = page.locator("#progress progress")
@@ -246,6 +246,19 @@ def test_watch_a_jobs_progress_bar_reach_done(page: Any, site: Site) -> None:
     page.wait_for_selector("#outcome details")  # the finished job read once its stream ended
     events = page.inner_text("#events")  # the job's events, as they came
     assert "train job started" in events and "step 1/300" in events
+    page.screenshot(path=str(ARTIFACTS / "job-done.png"), full_page=True)
+
+    r = site.http.post("/streams/news/tasks/color/retrain", json={"params": slow})
+    assert r.status_code == 202, r.text
+    again = r.json()["id"]
+    with page.expect_request(f"**/v1/jobs/{again}/events/stream"):
+        page.goto(f"{site.url}/ui/#/streams/news")
+    row = page.locator(f"#jobs progress[data-job='{again}']")
+    assert row.get_attribute("data-state") in ("queued", "running")
+    # when it ends, the page is read again: the retrain's adapter version is listed
+    page.wait_for_selector("#adapter-table td:text-is('v2')", timeout=120_000)
+    assert row.get_attribute("data-state") == "succeeded" and row.evaluate("b => b.value") == 1
+    assert "color" in page.locator("#matrix thead").inner_text()
 
 
 @pytest.mark.slow
