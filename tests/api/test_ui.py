@@ -309,6 +309,18 @@ def test_a_wrong_token_and_a_missing_stream_show_the_problem_detail(page: Any, s
     page.wait_for_selector("#problem-detail")
     assert page.inner_text("#problem-detail") == missing.json()["detail"]
     assert "404" in page.inner_text("#problem") and "Back to the streams" in page.inner_text("main")
+    # an action the token may not take: the page stays, with the detail above it
+    made = site.http.post("/tokens", json={"name": "viewer", "scopes": ["read"]})
+    assert made.status_code == 201, made.text
+    page.click("#logout")
+    page.goto(f"{site.url}/ui/#/streams/news")
+    page.fill("#token", made.json()["token"])
+    page.click("#login button[type=submit]")  # and on to the page the address names
+    page.wait_for_selector("#matrix")
+    page.click("#evaluate")
+    page.wait_for_selector("#problem-detail")
+    assert page.inner_text("#problem-detail") == "this token lacks the 'write' scope"
+    assert page.is_visible("#matrix") and page.url.endswith("#/streams/news")
 
 
 READ = """async (chunks) => {
