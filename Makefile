@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install compose-tool audit
+.PHONY: demo test lint install compose-tool browser audit
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,10 +33,17 @@ compose-tool:
 		apt-get install -y -q docker-compose >/dev/null 2>&1 \
 		|| { apt-get update -q >/dev/null && apt-get install -y -q docker-compose >/dev/null; }; }
 
+# tests/api/test_ui.py drives Debian's chromium with Playwright (no browser is downloaded).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
+
 # Known vulnerabilities in the locked dependency set (needs PyPI's JSON API or OSV).
 audit: $(BIN)/.installed
 	$(BIN)/pip install --quiet pip-audit
 	$(BIN)/pip-audit -r requirements.lock --no-deps --disable-pip --progress-spinner off
 
-test: $(BIN)/.installed lint compose-tool
+test: $(BIN)/.installed lint compose-tool browser
 	$(BIN)/pytest -q

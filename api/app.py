@@ -1,4 +1,5 @@
-"""The FastAPI application: /v1 routes, /health, problem+json errors, upload size limits.
+"""The FastAPI application: /v1 routes, /health, the dashboard at /ui, problem+json errors,
+upload size limits.
 
     app = create_app(instance, dispatcher)
 
@@ -20,7 +21,7 @@ from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors, metrics
+from api import dashboard, errors, metrics
 from api.routes import (
     adapters,
     datasets,
@@ -84,6 +85,7 @@ def create_app(
                    schedules, token_routes, webhooks):  # fmt: skip
         v1.include_router(module.router)
     app.include_router(v1)
+    dashboard.mount(app)  # /ui: static files, no token (the page calls /v1 with one)
 
     checks: dict[str, Callable[[], object]] = {
         "database": lambda: inst.registry.leases.holder("health"),

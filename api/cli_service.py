@@ -44,6 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         app = create_app(inst, worker, InProcessPredictor(inst))
         freeze_startup_objects()
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"dashboard: http://{host}:{args.port}/ui (log in with a token)", flush=True)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
         uvicorn.Server(config).run(sockets=[sock])
     finally:

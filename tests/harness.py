@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import uvicorn
@@ -52,6 +54,39 @@ def serve(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def strata_serve(folder: Path, *, workers: int = 1) -> Iterator[tuple[str, str]]:
+    """`strata serve` as a user starts it (its own process, SQLite and a local artifact
+    directory in `folder`/data, in-process worker threads) on a free port; yields its URL and
+    the first admin token it prints. Its log is `folder`/serve.log."""
+    port = free_port()
+    log = (folder / "serve.log").open("w+")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--data-dir", str(folder / "data"),
+         "--port", str(port), "--workers", str(workers)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError(Path(log.name).read_text())
+        found = re.search(r"STRATA_TOKEN=(strata_\S+)", Path(log.name).read_text())
+        assert found, "serve did not print the first admin token"
+        yield url, found.group(1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
 
 
 def server_env(

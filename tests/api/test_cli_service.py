@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -19,47 +18,18 @@ import pytest
 from api.cli import main
 from continual.data import synthetic_tasks
 from continual.models import build_tiny_llama
+from tests.harness import free_port, strata_serve
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """(url, admin token) of a `strata serve` process on a fresh data directory."""
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("w+")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--data-dir", str(tmp_path / "data"),
-         "--port", str(port), "--workers", "1"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        else:
-            raise AssertionError(Path(log.name).read_text())
-        found = re.search(r"STRATA_TOKEN=(strata_\S+)", Path(log.name).read_text())
-        assert found, "serve did not print the first admin token"
-        yield url, found.group(1)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    with strata_serve(tmp_path) as (url, token):
+        yield url, token
 
 
 def _write_task(folder: Path) -> Path:
@@ -161,7 +131,7 @@ def test_strata_api_serves_from_several_processes(tmp_path: Path) -> None:
     made = subprocess.run([*cli, "tokens", "create", "--scope", "read"], env=env, cwd=REPO,
                           capture_output=True, text=True, check=True)  # fmt: skip
     secret = made.stdout.strip().splitlines()[-1]
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([*cli, "api", "--port", str(port), "--workers", "2"], env=env,
                             cwd=REPO, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
