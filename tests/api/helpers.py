@@ -4,11 +4,12 @@ for a job, and the CLI's client answered by a test's app."""
 from __future__ import annotations
 
 import json
+import random
 import time
 from typing import Any
 
 from api.client import ApiError, StrataClient
-from continual.data import synthetic_tasks
+from continual.data import Example, synthetic_tasks
 from tests.api.conftest import Api
 
 FAST = {"max_steps": 4, "batch_size": 8}
@@ -75,3 +76,19 @@ class _InProcess(StrataClient):
 
     def close(self) -> None:
         pass
+
+
+def _files(examples: tuple[Example, ...], test: tuple[Example, ...]) -> dict[str, Any]:
+    def lines(xs: tuple[Example, ...]) -> str:
+        return "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n"
+                       for e in xs)  # fmt: skip
+
+    return {"train": ("train.jsonl", lines(examples)), "test": ("test.jsonl", lines(test))}
+
+
+def _shuffled(examples: tuple[Example, ...], labels: list[str]) -> tuple[Example, ...]:
+    """The same prompts, each with a label it does not have."""
+    rng = random.Random(0)
+    wrong = [[x for x in labels if " " + x != e.completion] for e in examples]
+    return tuple(Example(prompt=e.prompt, completion=" " + rng.choice(w))
+                 for e, w in zip(examples, wrong, strict=True))  # fmt: skip

@@ -5,31 +5,14 @@ and refused, and `production` stays where it was. Predictions default to `produc
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
-from continual.data import Example, synthetic_tasks
+from continual.data import synthetic_tasks
 from tests.api.conftest import Api
-from tests.api.helpers import _problem, _stream
+from tests.api.helpers import _files, _problem, _shuffled, _stream
 from workers.runner import run_job
 
 STEADY: dict[str, Any] = {}  # the defaults: 10 epochs, enough for the tiny model to learn
-
-
-def _files(examples: tuple[Example, ...], test: tuple[Example, ...]) -> dict[str, Any]:
-    def lines(xs: tuple[Example, ...]) -> str:
-        return "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n"
-                       for e in xs)  # fmt: skip
-
-    return {"train": ("train.jsonl", lines(examples)), "test": ("test.jsonl", lines(test))}
-
-
-def _shuffled(examples: tuple[Example, ...], labels: list[str]) -> tuple[Example, ...]:
-    """The same prompts, each with a label it does not have."""
-    rng = random.Random(0)
-    wrong = [[x for x in labels if " " + x != e.completion] for e in examples]
-    return tuple(Example(prompt=e.prompt, completion=" " + rng.choice(w))
-                 for e, w in zip(examples, wrong, strict=True))  # fmt: skip
 
 
 def _retrain(api: Api, **body: Any) -> dict[str, Any]:

@@ -15,85 +15,27 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 
-from api.app import create_app
 from continual.data import synthetic_tasks
-from registry.instance import Instance, open_instance
-from registry.settings import StrataSettings
-from services.broker import CeleryDispatcher, CeleryPredictor, make_celery
-from services.dispatch import Dispatcher
 from services.predict import PredictQuery
 from services.scheduler import tick
 from services.webhooks import deliver_due
-from tests.harness import Receiver, celery_workers, serve, server_env, settings_kwargs
-from workers.inprocess import InProcessWorker
+from tests.e2e.helpers import Service, _job, _jsonl, _wait
+from tests.harness import Receiver
 from workers.predict import InProcessPredictor
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"max_steps": 6, "batch_size": 8, "rank": 4}
-TIMEOUT_S = 420
 HOOK_SECRET = "e2e-webhook-secret-1"
-WORKER_KNOBS = {"heartbeat_s": "1", "lease_s": "30", "stale_after_s": "60", "checkpoint_every": "3"}
-
-
-@dataclass
-class Service:
-    url: str
-    inst: Instance
-    dispatcher: Dispatcher
-    headers: dict[str, str]
-
-
-@pytest.fixture(params=["server", "embedded"])
-def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]:
-    if request.param == "server":
-        env = server_env(request, tmp_path)
-        env.update({f"STRATA_{k.upper()}": v for k, v in WORKER_KNOBS.items()})
-        settings = StrataSettings(**settings_kwargs(env))
-        inst = open_instance(settings, upgrade=False)
-        celery = make_celery(settings)
-        dispatcher: Dispatcher = CeleryDispatcher(celery)
-        # the API process asks a predict worker (a third process) and never loads a model
-        predictor = CeleryPredictor(celery, timeout_s=120)
-        with celery_workers(env, tmp_path / "workers", count=2) as workers:
-            workers.start("predict", queues="predict", pool="threads")
-            with serve(create_app(inst, dispatcher, predictor)) as url:
-                yield _service(url, inst, dispatcher)
-        redis.Redis.from_url(settings.broker_url).flushdb()
-    else:
-        knobs = {k: float(v) if "." in v or k.endswith("_s") else int(v)
-                 for k, v in WORKER_KNOBS.items()}  # fmt: skip
-        settings = StrataSettings(data_dir=tmp_path / "embedded", **knobs)
-        inst = open_instance(settings)
-        worker = InProcessWorker(inst, threads=2, scheduler=False).start()
-        try:
-            with serve(create_app(inst, worker, InProcessPredictor(inst))) as url:
-                yield _service(url, inst, worker)
-        finally:
-            worker.stop(timeout=60)
-    inst.close()
-
-
-def _service(url: str, inst: Instance, dispatcher: Dispatcher) -> Service:
-    _, secret = inst.registry.tokens.create(name="e2e", scopes=["admin"])
-    return Service(url, inst, dispatcher, {"Authorization": f"Bearer {secret}"})
-
-
-def _jsonl(examples: Any) -> str:
-    return "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n"
-                   for e in examples)  # fmt: skip
 
 
 def _submit(svc: Service, stream: str, name: str, seed: int, **hyper: Any) -> dict[str, Any]:
@@ -108,21 +50,6 @@ def _submit(svc: Service, stream: str, name: str, seed: int, **hyper: Any) -> di
                    headers=svc.headers, timeout=60)  # fmt: skip
     assert r.status_code == 202, r.text
     return dict(r.json()["job"])
-
-
-def _job(svc: Service, job_id: int) -> dict[str, Any]:
-    return dict(httpx.get(f"{svc.url}/v1/jobs/{job_id}", headers=svc.headers, timeout=30).json())
-
-
-def _wait(svc: Service, ids: list[int], until: tuple[str, ...] = ("succeeded", "failed",
-          "cancelled")) -> list[dict[str, Any]]:  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        jobs = [_job(svc, i) for i in ids]
-        if all(j["state"] in until for j in jobs):
-            return jobs
-        time.sleep(0.5)
-    raise AssertionError(f"jobs did not reach {until}: {[(j['id'], j['state']) for j in jobs]}")
 
 
 def _span(job: dict[str, Any]) -> tuple[datetime, datetime]:
