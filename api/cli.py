@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from api import cli_client, cli_datasets, cli_service
+from api import cli_admin, cli_client, cli_datasets, cli_service
 from api.pairs import parse_pairs
 from api.render import lineage_tree, matrix_report
 from registry.entities import JobState, NodeKind, NodeRef
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="upgrade the database (STRATA_DATABASE_URL) to head")
     migrate.set_defaults(func=cmd_migrate)
     cli_service.register(sub)
-    cli_client.register(sub)
+    cli_admin.register(sub, cli_client.register(sub))
     cli_datasets.register(sub)
     return parser
 

@@ -26,9 +26,7 @@ from api.cli_views import (
 )
 from api.client import DEFAULT_URL, StrataClient
 from api.pairs import parse_pairs
-from registry.entities import (
-    NodeKind,
-)
+from registry.entities import NodeKind
 from registry.errors import InvalidValue
 from services.options import METHODS, options_help
 
@@ -227,7 +225,8 @@ def schedules_delete(c: StrataClient, a: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, Any]:
+    """The commands; returns the `streams` and `adapters` groups for `api.cli_admin`'s."""
     common = connection_options()
 
     def group(name: str, help_: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
@@ -348,6 +347,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     command(schedules, "delete", schedules_delete).add_argument(
         "target", nargs="+", metavar="STREAM ID", help="the stream and the schedule's id"
     )
+    return {"streams": streams, "adapters": adapters}
 
 
 def connection_options() -> argparse.ArgumentParser:

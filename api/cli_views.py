@@ -31,7 +31,10 @@ def _show(value: Any) -> None:
 
 
 def adapters_list(c: StrataClient, a: argparse.Namespace) -> int:
-    params = {"task": a.task} if a.task else {}
+    params: dict[str, Any] = {"task": a.task} if a.task else {}
+    search = {"tag": getattr(a, "tag", None), "min_accuracy": getattr(a, "min_accuracy", None),
+              "order_by": getattr(a, "order_by", "id")}  # fmt: skip
+    params |= {k: v for k, v in search.items() if v is not None and v != "id"}
     for v in c.pages(f"/streams/{a.stream}/adapters", **params):
         aliases = ",".join(v["aliases"])
         acc = v["metrics"].get("accuracy")

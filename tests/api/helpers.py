@@ -65,14 +65,15 @@ def _wait(api: Api, job_id: int, timeout: float = 300) -> dict[str, Any]:
 class _InProcess(StrataClient):
     """The CLI's client, answered by the test's app instead of a server."""
 
-    def __init__(self, api: Api) -> None:
-        self.api = api
+    def __init__(self, api: Api, scope: str = "read") -> None:
+        self.api, self.scope = api, scope
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        r = self.api.client.request(method, "/v1" + path, headers=self.api.auth("read"), **kwargs)
+        headers = self.api.auth(self.scope)
+        r = self.api.client.request(method, "/v1" + path, headers=headers, **kwargs)
         if r.status_code >= 400:
             raise ApiError(r.status_code, r.json())
-        return r.json()
+        return r.json() if r.content else None
 
     def close(self) -> None:
         pass
