@@ -27,6 +27,9 @@ def test_a_deleted_stream_is_gone_until_restored(api: Api) -> None:
     assert gone.json()["name"] == "s1"  # the name it had, not the one it is set aside under
     _problem(c.get("/v1/streams/s1", headers=h), 404, "stream")
     assert c.get(f"/v1/jobs/{waiting['id']}", headers=h).json()["state"] == "cancelled"
+    jobs = len(c.get("/v1/jobs", headers=h).json()["data"])
+    _problem(c.post("/v1/streams/s1/tasks/t1/retrain", json={}, headers=h), 404, "stream")
+    assert len(c.get("/v1/jobs", headers=h).json()["data"]) == jobs  # a deleted task: no job
     assert [s["name"] for s in c.get("/v1/streams", headers=h).json()["data"]] == []
     back = c.post("/v1/streams/s1/restore", headers=h)
     assert back.status_code == 200 and back.json()["name"] == "s1", back.text
