@@ -127,9 +127,7 @@ def tasks_submit(c: StrataClient, a: argparse.Namespace) -> int:
         dataset=a.dataset,
     )
     job = out["job"]
-    print(
-        f"task {out['task']['name']} (position {out['task']['position']}): job {job['id']} queued"
-    )
+    print(f"task {out['task']['position'] + 1}: {out['task']['name']}: job {job['id']} queued")
     return watch(c, job["id"]) if a.watch else 0
 
 

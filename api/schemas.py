@@ -96,7 +96,8 @@ class TaskPublic(_Out):
     id: int
     stream_id: int
     name: str
-    position: int
+    position: int = Field(description="Its index in the stream, from 0: text calls the task at "
+                          "position 0 `task 1`.")  # fmt: skip
     dataset_id: int
     dataset_digest: str
     created_at: datetime
@@ -246,7 +247,8 @@ class LineageGraphPublic(BaseModel):
 
 
 class MeasuredStatePublic(BaseModel):
-    after_position: int = Field(description="The newest task this state has learned (-1: base).")
+    after_position: int = Field(description="The position (from 0) of the newest task this "
+                                "state has learned; -1: the base.")  # fmt: skip
     state: str = Field(description='The state, as "v<snapshot> + task@vN, ..."')
     snapshot_version: int
     adapters: list[str] = Field(description="task@version of every adapter applied")

@@ -37,7 +37,7 @@ class AccuracyMatrix:
         """R[t][i], raising when that cell was not measured."""
         value = self.values[t][i]
         if value is None:
-            raise ValueError(f"accuracy of task {i} after task {t} was not measured")
+            raise ValueError(f"accuracy of task {i + 1} after task {t + 1} was not measured")
         return value
 
     @property

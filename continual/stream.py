@@ -215,14 +215,14 @@ def _consolidate(
     if fold.exact and not (fold.max_logit_diff or 0.0) <= fold_tolerance(fold.model):
         raise ValueError(f"the fold changed the logits by {fold.max_logit_diff:.3g}")
     folded = evaluate_all(fold.model)
-    checks = [TaskCheck(task=f"task {i}", before=b, after=a, learned=i <= after_task)
+    checks = [TaskCheck(task=f"task {i + 1}", before=b, after=a, learned=i <= after_task)
               for i, (b, a) in enumerate(zip(routed, folded, strict=True))]  # fmt: skip
     table, published = drop_table(checks), True
     try:
         check_drops(checks, max_drop=max_drop)
     except ConsolidationRegressed:
         published = False
-    logger.info("fold after task %d (%s):\n%s", after_task,
+    logger.info("fold after task %d (%s):\n%s", after_task + 1,
                 "published" if published else "refused", table)  # fmt: skip
     report = FoldReport(after_task=after_task, routed=routed, folded=folded,
                         mean_gates=fold.mean_gates, max_logit_diff=fold.max_logit_diff,

@@ -119,7 +119,7 @@ def record_row(
             value=score.value,
             num_examples=score.num_examples,
         )
-        where = "base" if after_position < 0 else f"after task {after_position}"
+        where = "base" if after_position < 0 else f"after task {after_position + 1}"  # 1-based
         reporter.event(
             f"evaluated {task.name} ({where}): {score.metric}={score.value:.4f}",
             metrics={score.metric: score.value},

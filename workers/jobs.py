@@ -296,7 +296,7 @@ def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     dirs += [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
     state = method.strategy().inference_model(base, history=dirs)
     position = {t.id: t.position for t in tasks}[newest.task_id]
-    reporter.event(f"evaluating the state after task {position} on {len(tasks)} tasks")
+    reporter.event(f"evaluating the state after task {position + 1} on {len(tasks)} tasks")
     evaluate_row(
         inst, reporter, state, tokenizer, datasets, after_position=position,
         snapshot_id=snapshot.id, adapter_version_id=newest.id, limit=limit,

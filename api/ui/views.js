@@ -79,7 +79,7 @@ function overview(stream, ctx) {
 }
 
 function tasksTable(tasks) {
-  return table(["#", "task", "dataset", "created"], tasks.map((t) => [t.position, t.name,
+  return table(["#", "task", "dataset", "created"], tasks.map((t) => [t.position + 1, t.name,
     h("code", { title: t.dataset_digest }, t.dataset_digest.slice(0, 12)),
     when(t.created_at)]), { empty: "No tasks yet." });
 }

@@ -38,7 +38,7 @@ def test_unmeasured_cells() -> None:
     assert m.backward_transfer == pytest.approx(-0.2)
     assert m.forgetting == pytest.approx(0.2)
     assert AccuracyMatrix(values=m.values, baseline=(0.1, 0.2)).forward_transfer is None
-    with pytest.raises(ValueError, match="task 0 after task 0 was not measured"):
+    with pytest.raises(ValueError, match="task 1 after task 1 was not measured"):
         _ = AccuracyMatrix(values=((None, 0.1), (0.6, 0.9))).backward_transfer
 
 
