@@ -130,8 +130,12 @@ def main() -> None:
     }
     logger.info("%d examples, %d steps; relora_every=%d", len(task.train), steps, every)
     untrained = evaluate(copy.deepcopy(base).to(args.device), tok, task, max_length=args.max_length)
-    rows = [run_one(name, base=base, tok=tok, task=task, hyper=hyper, device=args.device)
-            for name, hyper in runs.items()]  # fmt: skip
+    rows = []
+    for name, hyper in runs.items():  # each run's row as soon as it is measured
+        rows.append(run_one(name, base=base, tok=tok, task=task, hyper=hyper, device=args.device))
+        logger.info("%s", rows[-1])
+        if args.out is not None:
+            args.out.write_text(json.dumps({"partial": [asdict(r) for r in rows]}, indent=1))
     print(f"\n{args.model}, {args.task}: {len(task.train)} train / {len(task.test)} test "
           f"examples, {steps} steps, untrained accuracy {untrained:.3f}\n")  # fmt: skip
     print(
