@@ -141,7 +141,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     from services.gc import collect_garbage
 
-    inst = open_instance(StrataSettings(), upgrade=False)
+    settings = StrataSettings(data_dir=args.data_dir) if args.data_dir else StrataSettings()
+    if settings.database_url is None and not (settings.data_dir / "registry.db").is_file():
+        where = settings.data_dir
+        print(f"no Strata instance in {where}: pass --data-dir (or set STRATA_DATA_DIR or "
+              "STRATA_DATABASE_URL) as the server has it", file=sys.stderr)  # fmt: skip
+        return 2
+    inst = open_instance(settings, upgrade=False)
     with tqdm(desc="looking at blobs", unit="blob", disable=None) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -219,6 +225,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "every STRATA_GC_INTERVAL_S)",
     )  # fmt: skip
     gc.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
+    gc.add_argument("--data-dir", type=Path, help="the embedded instance's directory, as `strata "
+                    "serve --data-dir` has it (default: STRATA_DATA_DIR or .strata)")  # fmt: skip
     gc.add_argument("--grace", type=_seconds, default=None, metavar="S",
                     help="keep blobs written or reused within S seconds, referenced or not "
                     "(default STRATA_GC_GRACE_S, 86400)")  # fmt: skip

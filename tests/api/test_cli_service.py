@@ -226,3 +226,8 @@ def test_gc_reports_then_removes_what_nothing_references(
     inst = open_instance(StrataSettings())
     assert not inst.artifacts.exists(stray)
     inst.close()
+    monkeypatch.delenv("STRATA_DATA_DIR")
+    assert main(["gc", "--data-dir", str(tmp_path / "data"), "--dry-run"]) == 0
+    assert "would remove 0 of 0 blobs" in capsys.readouterr().out
+    assert main(["gc", "--data-dir", str(tmp_path / "elsewhere")]) == 2
+    assert "no Strata instance in" in capsys.readouterr().err
