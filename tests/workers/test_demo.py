@@ -111,8 +111,7 @@ def test_the_composed_stream_routes_and_consolidates_per_its_policy(instance: In
     seq, composed = result.runs
     stream = instance.registry.streams.get_by_id(composed.stream.id)
     assert stream.method == "am-lora"
-    assert stream.method_options == {**COMPOSED_OPTIONS, "sparsity_weight": 0.01,
-                                     "selector_lr_scale": 1.0, "lambda2": 0.0}  # fmt: skip
+    assert stream.method_options == COMPOSED_OPTIONS
     assert stream.consolidation == {"every_tasks": 2, "max_drop": 100.0}
     assert stream.hyperparams == instance.registry.streams.get_by_id(seq.stream.id).hyperparams
     kinds = [(p["method"], p["kind"], p.get("position", p.get("after_task"))) for p in started]
