@@ -56,8 +56,8 @@ class _DemoProgress:
         elif kind == "event" and payload["message"].startswith(SHOWN_EVENTS):
             self.close()
             message = payload["message"]
-            if message.startswith("failed"):  # a refused fold's table was shown just before
-                message = message.split("\n")[0]
+            if message.startswith("failed: folding would drop"):  # its table came just before
+                message = "refused" + message.split("\n")[0].removeprefix("failed").rstrip(":")
             progress.write("   " + message.replace("\n", "\n   "))
 
     def close(self) -> None:
