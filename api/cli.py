@@ -9,90 +9,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from api import cli_admin, cli_client, cli_datasets, cli_service
+from api import cli_admin, cli_client, cli_datasets, cli_demo, cli_service, progress
 from api.pairs import parse_pairs
-from api.render import lineage_tree, matrix_report
-from registry.entities import JobState, NodeKind, NodeRef
 from registry.errors import InvalidValue, RegistryError
 from registry.instance import open_instance
 from registry.settings import StrataSettings
 from services.errors import code_of
 
 
-class _DemoProgress:
-    """One progress bar per training job, fed by the job's listener."""
-
-    def __init__(self) -> None:
-        self.bar: tqdm | None = None
-        self.label = ""
-
-    def job_started(self, _kind: str, payload: dict[str, Any]) -> None:
-        self.close()
-        self.label = f"task {payload['position'] + 1}: {payload['task']}"
-        tqdm.write(f"\n== job #{payload['job_id']}: learning {self.label}")
-
-    def __call__(self, kind: str, payload: dict[str, Any]) -> None:
-        if kind == "step":
-            if self.bar is None:
-                self.bar = tqdm(total=payload["total_steps"], desc=self.label, unit="step")
-            self.bar.set_postfix(
-                loss=f"{payload['loss']:.3f}", tok_s=f"{payload['tokens_per_s']:.0f}"
-            )
-            self.bar.update(payload["step"] - self.bar.n)
-        elif kind == "event" and payload["message"].startswith(
-            ("evaluated", "published", "failed")
-        ):
-            self.close()
-            tqdm.write(f"   {payload['message']}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
-    from workers.demo import run_demo
-
-    hf_logging.disable_progress_bar()  # our own bar is the one that matters
-    settings = StrataSettings(data_dir=args.data_dir)
-    inst = open_instance(settings)
-    started = time.monotonic()
-    progress = _DemoProgress()
-    where = settings.data_dir.resolve()
-    print(f"Strata demo: embedded instance in {where} (SQLite + local artifacts)")
-    print("importing the tiny base model as snapshot v0 ...")
-    result = run_demo(
-        inst, seed=args.seed, train_size=args.train_size, test_size=args.test_size,
-        on_job_start=progress.job_started, listener=progress,
-    )  # fmt: skip
-    progress.close()
-    reg = inst.registry
-    failed = [j for j in result.jobs if j.state is not JobState.SUCCEEDED]
-    print(f"\n== stream '{result.stream.name}': accuracy matrix (row t: after learning task t)")
-    print(matrix_report(reg.evaluations.matrix(result.stream.id)))
-    last = reg.adapters.list_versions(stream_id=result.stream.id)[-1:]
-    if last:
-        print(f"\n== lineage of the newest adapter ({last[0].task_name} v{last[0].version})")
-        print(lineage_tree(reg.lineage.ancestors(NodeRef(NodeKind.ADAPTER, last[0].id))))
-    print(f"\ndone in {time.monotonic() - started:.0f} s")
-    for job in failed:
-        print(
-            f"job #{job.id} {job.state}: {job.error.message if job.error else ''}", file=sys.stderr
-        )
-    inst.close()
-    return 1 if failed else 0
-
-
 class _BenchProgress:
     """A progress bar per (method, task) of a bench run."""
 
     def __init__(self) -> None:
-        self.bar: tqdm | None = None
+        self.bar: progress.Bar | None = None
         self.tasks: dict[str, int] = {}  # tasks begun, per method
 
     def step(self, method: str, step: int, total_steps: int, loss: float) -> None:
@@ -101,7 +30,7 @@ class _BenchProgress:
                 self.bar.close()
             self.tasks[method] = self.tasks.get(method, 0) + 1
             desc = f"{method} #{self.tasks[method]}"
-            self.bar = tqdm(total=total_steps, desc=desc, unit="step")
+            self.bar = progress.bar(total=total_steps, desc=desc, unit="step")
         assert self.bar is not None
         self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         self.bar.update(step - self.bar.n)
@@ -112,7 +41,9 @@ class _BenchProgress:
         if bar is None or bar.unit != "example" or bar.total != row_total or bar.n >= row_total:
             if self.bar is not None:
                 self.bar.close()
-            bar = self.bar = tqdm(total=row_total, desc=f"{method} evaluating", unit="example")
+            bar = self.bar = progress.bar(
+                total=row_total, desc=f"{method} evaluating", unit="example"
+            )
         bar.update(n)
 
     def row(self, method: str, t: int, row: tuple[float, ...]) -> None:
@@ -121,7 +52,7 @@ class _BenchProgress:
             self.bar.close()
             self.bar = None
         where = "untrained base" if t < 0 else f"{method} after task {t + 1}"
-        tqdm.write(f"{where}: " + " ".join(f"{100 * v:.1f}" for v in row))
+        progress.write(f"{where}: " + " ".join(f"{100 * v:.1f}" for v in row))
 
     def fold(self, method: str, report: Any) -> None:
         """Print a consolidation's routed and folded accuracy per task as soon as measured."""
@@ -129,7 +60,8 @@ class _BenchProgress:
             self.bar.close()
             self.bar = None
         state = "published" if report.published else "refused: the stream goes on unfolded"
-        tqdm.write(f"{method} fold after task {report.after_task + 1} ({state}):\n{report.table}")
+        after = report.after_task + 1
+        progress.write(f"{method} fold after task {after} ({state}):\n{report.table}")
 
 
 def _parse_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
@@ -146,8 +78,9 @@ def _parse_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from workers.bench import BenchConfig, run_bench, write_reports
 
+    progress.quiet_libraries()
     out = args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
-    progress = _BenchProgress()
+    bars = _BenchProgress()
     try:
         cfg = BenchConfig(
             data=args.data, order=tuple(args.order.split(",")),
@@ -158,9 +91,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             max_drop=args.max_drop,
         )  # fmt: skip
         results = run_bench(
-            cfg, out_dir=out, on_step=progress.step, on_row=progress.row,
-            on_fold=progress.fold,
-            on_scored=progress.scored,
+            cfg, out_dir=out, on_step=bars.step, on_row=bars.row,
+            on_fold=bars.fold,
+            on_scored=bars.scored,
             on_result=lambda done: write_reports(cfg, done, out),  # kept if the run is stopped
         )  # fmt: skip
     except Exception as exc:  # the task data's or the settings' fault: said, not traced
@@ -168,8 +101,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if progress.bar is not None:
-        progress.bar.close()
+    if bars.bar is not None:
+        bars.bar.close()
     write_reports(cfg, results, out)
     print((out / "results.md").read_text())
     print(f"results in {out}/ (results.json, results.md, matrix-<method>.png)")
@@ -188,12 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="learn three generated tasks in sequence, no servers needed")
-    demo.add_argument("--data-dir", type=Path, default=Path(".strata/demo"))
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--train-size", type=int, default=256, help="training examples per task")
-    demo.add_argument("--test-size", type=int, default=64, help="test examples per task")
-    demo.set_defaults(func=cmd_demo)
+    cli_demo.register(sub)
 
     bench = sub.add_parser("bench", help="compare strategies on a CL_Benchmark task sequence")
     bench.add_argument("--data", type=Path, required=True, help="a CL_Benchmark-format folder")

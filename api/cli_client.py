@@ -12,8 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from api import progress
 from api.cli_views import (
     _show,
     adapters_alias,
@@ -165,7 +164,9 @@ def jobs_watch(c: StrataClient, a: argparse.Namespace) -> int:
 
 def watch(c: StrataClient, job_id: int) -> int:
     """A live progress bar from the job's event stream; the exit code says how it ended."""
-    bar = tqdm(total=100, desc=f"job {job_id}", unit="%", bar_format="{l_bar}{bar}| {postfix}")
+    bar = progress.bar(
+        total=100, desc=f"job {job_id}", unit="%", bar_format="{l_bar}{bar}| {postfix}"
+    )
     state = "queued"
     try:
         for event, data in c.job_events(job_id):
@@ -182,7 +183,7 @@ def watch(c: StrataClient, job_id: int) -> int:
                         eta=f"{metrics.get('eta_s')}s",
                     )
                 else:
-                    tqdm.write(f"  {data['message']}")
+                    progress.write(f"  {data['message']}")
             elif event == "end":
                 state = data["state"]
     finally:

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+from api import progress
 from registry.instance import Instance, open_instance
 from registry.settings import StrataSettings
 
@@ -40,6 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     (settings.data_dir / "imports").mkdir(parents=True, exist_ok=True)
     inst = open_instance(settings)
     _first_token(inst)
+    progress.quiet_libraries()  # a server's log: no "Loading weights" bars from its worker
     worker = InProcessWorker(inst, threads=args.workers).start()
     try:
         app = create_app(inst, worker, InProcessPredictor(inst))

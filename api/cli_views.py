@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from tqdm import tqdm
-
+from api import progress
 from api.client import StrataClient
 from api.render import lineage_tree, matrix_report
 from registry.entities import (
@@ -62,13 +61,13 @@ def snapshots_download(c: StrataClient, a: argparse.Namespace) -> int:
 def _download(c: StrataClient, path: str, dest: Path, format: str) -> None:
     """A byte-counting progress bar; its total is the archive's length when the server sent it
     (always for `tar`)."""
-    with tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+    with progress.bar(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024) as bar:
 
-        def progress(done: int, total: int | None) -> None:
+        def advance(done: int, total: int | None) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        c.download(path, dest, params={"format": format}, progress=progress)
+        c.download(path, dest, params={"format": format}, progress=advance)
 
 
 def adapters_alias(c: StrataClient, a: argparse.Namespace) -> int:

@@ -56,3 +56,37 @@ def matrix_report(matrix: EvaluationMatrix) -> str:
         mark = "*" if st.in_lineage else " "
         lines.append(f"{mark} {st.kind:<11} {where:<20} {st.label:<40} {cells}")
     return "\n".join(lines)
+
+
+def side_by_side(matrices: dict[str, EvaluationMatrix]) -> str:
+    """ACC and BWT of several streams over the same tasks, one row per stream (3 decimals, as
+    in `matrix_report`)."""
+    width = max(len("method"), *(len(name) for name in matrices))
+    lines = [f"{'method':<{width}}    ACC     BWT"]
+    for name, matrix in matrices.items():
+        m = accuracy_matrix(matrix)
+        bwt = m.backward_transfer
+        lines.append(f"{name:<{width}}  {m.average_accuracy:.3f}  "
+                     + ("     -" if bwt is None else f"{bwt:+.3f}"))  # fmt: skip
+    return "\n".join(lines)
+
+
+def bwt_comparison(name: str, matrix: EvaluationMatrix, *, against: str,
+                   baseline: EvaluationMatrix) -> str:  # fmt: skip
+    """One line on what the difference of backward transfer means, from the values as printed
+    (3 decimals): how many accuracy points of the earlier tasks `name` kept that `against` lost,
+    or that it did not."""
+    ours, theirs = accuracy_matrix(matrix), accuracy_matrix(baseline)
+    if ours.backward_transfer is None or theirs.backward_transfer is None:
+        return "one task only: there is nothing to forget yet, so no comparison"
+    a, b = round(ours.backward_transfer, 3), round(theirs.backward_transfer, 3)
+    points = round(100 * (a - b), 1)
+    both = f"(BWT {a:+.3f} vs {b:+.3f}; ACC {ours.average_accuracy:.3f} vs " \
+           f"{theirs.average_accuracy:.3f})"  # fmt: skip
+    if points > 0:
+        return (f"{name} kept {points:.1f} points more of the earlier tasks than {against}, on "
+                f"average over them, after learning the last one {both}")  # fmt: skip
+    if points < 0:
+        return (f"{name} did not forget less than {against} here: it lost {-points:.1f} points "
+                f"more of the earlier tasks {both}")  # fmt: skip
+    return f"{name} and {against} kept the earlier tasks equally well {both}"

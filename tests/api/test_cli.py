@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from api.cli import main
-from api.render import lineage_tree, matrix_report
+from api.render import bwt_comparison, lineage_tree, matrix_report, side_by_side
 from registry.entities import (
     EvaluationMatrix,
     LineageEdge,
@@ -20,18 +21,65 @@ from registry.entities import (
 
 
 @pytest.mark.slow
-def test_strata_demo_prints_matrix_and_lineage(
+def test_strata_demo_prints_both_matrices_and_what_they_mean(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["demo", "--data-dir", str(tmp_path), "--train-size", "96", "--test-size", "24"]
     assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "after sentiment" in out and "after color" in out and "ACC " in out and "BWT " in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "== stream 'demo-seq-lora', seq-lora" in out
+    assert "== stream 'demo-composed', composed" in out
+    for task in ("sentiment", "topic", "color"):  # a row per task in each matrix
+        assert len(re.findall(rf"^after {task} +\| ", out, flags=re.M)) == 2, task
+    assert "queued consolidation job" in out and "routed vs folded accuracy per task" in out
+    assert re.search(r"the fold after task 2 was (published|refused)", out)
+    # the side-by-side table repeats each matrix's own ACC and BWT
+    summaries = re.findall(r"^ACC (\d\.\d{3})  BWT ([+-]\d\.\d{3})", out, flags=re.M)
+    assert len(summaries) == 2  # both matrices' summary lines
+    table = dict(re.findall(r"^(seq-lora|composed) +(\d\.\d{3}  [+-]\d\.\d{3})$", out, re.M))
+    assert [tuple(table[m].split()) for m in ("seq-lora", "composed")] == summaries
+    (line,) = [x for x in out.splitlines() if x.startswith("composed ") and "seq-lora" in x]
+    bwt = {m: float(table[m].split()[1]) for m in table}
+    points = round(100 * (bwt["composed"] - bwt["seq-lora"]), 1)
+    assert f"(BWT {bwt['composed']:+.3f} vs {bwt['seq-lora']:+.3f};" in line
+    if points > 0:
+        assert line.startswith(f"composed kept {points:.1f} points more of the earlier tasks")
+    elif points < 0:
+        assert line.startswith(f"composed did not forget less than seq-lora here: it lost "
+                               f"{-points:.1f} points more")  # fmt: skip
+    else:
+        assert "equally" in line
     assert "lineage of the newest adapter (color v1)" in out
-    assert "trained_on: demo snapshot v0" in out
+    assert "trained_on: demo-composed snapshot v0" in out
     assert (tmp_path / "registry.db").exists() and (tmp_path / "artifacts").is_dir()
-    assert main(args) == 0  # a second run in the same directory uses a fresh stream name
-    assert "stream 'demo-2'" in capsys.readouterr().out
+    # not on a terminal (captured): plain progress lines, no redrawn bars, a few KB in all
+    assert "\r" not in captured.err and len(out) + len(captured.err) < 16_000
+    assert re.search(r"^seq-lora task 1: sentiment: (\d+)/\1 step \(100%\)", captured.err, re.M)
+    assert main(args) == 0  # a second run in the same directory uses fresh stream names
+    assert "stream 'demo-seq-lora-2'" in capsys.readouterr().out
+
+
+def test_the_comparison_line_follows_the_numbers() -> None:
+    def matrix(rows: list[list[float]]) -> EvaluationMatrix:
+        return EvaluationMatrix(task_names=("a", "b"), values=tuple(map(tuple, rows)),
+                                baseline=(0.5, 0.5), metric="accuracy")  # fmt: skip
+
+    seq = matrix([[0.9, 0.4], [0.6, 0.9]])  # BWT -0.300
+    kept = matrix([[0.9, 0.4], [0.85, 0.9]])  # BWT -0.050
+    assert bwt_comparison("composed", kept, against="seq-lora", baseline=seq) == (
+        "composed kept 25.0 points more of the earlier tasks than seq-lora, on average over "
+        "them, after learning the last one (BWT -0.050 vs -0.300; ACC 0.875 vs 0.750)"
+    )
+    assert bwt_comparison("composed", seq, against="seq-lora", baseline=kept).startswith(
+        "composed did not forget less than seq-lora here: it lost 25.0 points more"
+    )
+    assert "equally" in bwt_comparison("composed", seq, against="seq-lora", baseline=seq)
+    assert side_by_side({"seq-lora": seq, "composed": kept}).splitlines() == [
+        "method      ACC     BWT",
+        "seq-lora  0.750  -0.300",
+        "composed  0.875  -0.050",
+    ]
 
 
 def test_lineage_tree_draws_shared_nodes_once() -> None:

@@ -11,10 +11,11 @@ from peft import PeftModel
 from continual.data import synthetic_tasks
 from continual.evaluation import rank_classification
 from registry.artifacts import get_tree
-from registry.entities import AdapterStatus, JobState, NodeKind, NodeRef
+from registry.entities import AdapterStatus, JobKind, JobState, NodeKind, NodeRef
 from registry.errors import AlreadyExists, InvalidValue
 from registry.instance import Instance
 from services.streams import submit_task
+from workers.bench import COMPOSED_OPTIONS
 from workers.demo import run_demo
 from workers.models import load_snapshot
 from workers.runner import run_job
@@ -27,22 +28,30 @@ SIZES = {"train_size": 192, "test_size": 48}
 
 def test_demo_learns_three_tasks_in_sequence(instance: Instance, tmp_path: Path) -> None:
     seen: list[str] = []
-    result = run_demo(instance, seed=0, listener=lambda kind, _p: seen.append(kind), **SIZES)
+    started: list[dict[str, object]] = []
+    result = run_demo(
+        instance, seed=0, listener=lambda kind, _p: seen.append(kind), max_drop=0.0,
+        on_job_start=lambda _k, payload: started.append(payload), **SIZES,
+    )  # fmt: skip
+    seq, composed = result.runs
+    assert (seq.method, composed.method) == ("seq-lora", "composed")
+    assert (seq.stream.name, composed.stream.name) == ("demo-seq-lora", "demo-composed")
     reg = instance.registry
-    assert [j.state for j in result.jobs] == [JobState.SUCCEEDED] * 3
-    assert all(j.progress == 1.0 and j.attempts == 1 for j in result.jobs)
+    assert [j.state for j in seq.jobs] == [JobState.SUCCEEDED] * 3
+    assert all(j.progress == 1.0 and j.attempts == 1 for j in seq.jobs)
     assert "step" in seen and "event" in seen
+    assert seq.failed == () and composed.failed == ()
 
-    versions = reg.adapters.list_versions(stream_id=result.stream.id)
+    versions = reg.adapters.list_versions(stream_id=seq.stream.id)
     names = [t.name for t in synthetic_tasks(seed=0, train_size=4, test_size=1)]
     assert [(v.task_name, v.version, v.status) for v in versions] == [
         (n, 1, AdapterStatus.READY) for n in names
     ]
     first, second = versions[0].id, versions[1].id
     assert [v.depends_on for v in versions] == [(), (first,), (first, second)]
-    assert all(v.base_snapshot_id == result.base.id for v in versions)
+    assert all(v.base_snapshot_id == seq.base.id for v in versions)
 
-    matrix = reg.evaluations.matrix(result.stream.id)
+    matrix = reg.evaluations.matrix(seq.stream.id)
     assert matrix.task_names == tuple(names)
     assert len(matrix.values) == 3 and all(v is not None for row in matrix.values for v in row)
     assert all(b is not None for b in matrix.baseline)
@@ -58,7 +67,7 @@ def test_demo_learns_three_tasks_in_sequence(instance: Instance, tmp_path: Path)
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
-    base, tokenizer = load_snapshot(instance, result.base)
+    base, tokenizer = load_snapshot(instance, seq.base)
     peft_model = PeftModel.from_pretrained(base, exported)
     task_data = synthetic_tasks(seed=0, **SIZES)[2]
     with torch.no_grad():
@@ -68,12 +77,60 @@ def test_demo_learns_three_tasks_in_sequence(instance: Instance, tmp_path: Path)
 
     lineage = reg.lineage.ancestors(NodeRef(NodeKind.ADAPTER, newest.id))
     kinds = [(n.kind, n.id) for n in lineage.nodes]
-    assert (NodeKind.SNAPSHOT, result.base.id) in kinds
-    assert {i for k, i in kinds if k is NodeKind.JOB} == {j.id for j in result.jobs}
+    assert (NodeKind.SNAPSHOT, seq.base.id) in kinds
+    assert {i for k, i in kinds if k is NodeKind.JOB} == {j.id for j in seq.jobs}
     assert len([k for k, _ in kinds if k is NodeKind.DATASET]) == 3
-    events = reg.jobs.events(result.jobs[0].id, limit=1000)
+    events = reg.jobs.events(seq.jobs[0].id, limit=1000)
     assert any(e.metrics and "loss" in e.metrics for e in events)
     assert any(e.message.startswith("evaluated") for e in events)
+
+    # max_drop 0: the composed stream's folds are refused (on the tiny model a fold costs a
+    # task some points) and it goes on routed, on snapshot v0; that is no failure of the demo
+    assert [after for after, _ in composed.folds] == [1, 2]  # due again after task 3
+    for _after, fold in composed.folds:
+        assert fold.state is JobState.FAILED and fold.error is not None
+        assert fold.error.code == "consolidation_regressed"
+    trained = [j for j in composed.jobs if j.kind is JobKind.TRAIN]
+    assert [j.state for j in trained] == [JobState.SUCCEEDED] * 3
+    assert [s.version for s in reg.streams.list_snapshots(composed.stream.id)] == [0]
+    assert [p["kind"] for p in started] == ["train"] * 5 + ["consolidate", "train", "consolidate"]
+    composed_matrix = reg.evaluations.matrix(composed.stream.id)
+    assert len(composed_matrix.values) == 3
+    assert all(v is not None for row in composed_matrix.values for v in row)
+
+
+def test_the_composed_stream_routes_and_consolidates_per_its_policy(instance: Instance) -> None:
+    """The second stream is `strata bench`'s composed pipeline as a stream: am-lora with its
+    router and O-LoRA's overlap term, and a consolidation queued by its policy after task 2 and
+    run before task 3, published or refused by the max_drop gate."""
+    started: list[dict[str, object]] = []
+    result = run_demo(
+        instance, seed=0, max_drop=100.0,
+        on_job_start=lambda _k, payload: started.append(payload), **SIZES,
+    )  # fmt: skip
+    seq, composed = result.runs
+    stream = instance.registry.streams.get_by_id(composed.stream.id)
+    assert stream.method == "am-lora"
+    assert stream.method_options == COMPOSED_OPTIONS
+    assert stream.consolidation == {"every_tasks": 2, "max_drop": 100.0}
+    assert stream.hyperparams == instance.registry.streams.get_by_id(seq.stream.id).hyperparams
+    kinds = [(p["method"], p["kind"], p.get("position", p.get("after_task"))) for p in started]
+    assert kinds[:3] == [("seq-lora", "train", 0), ("seq-lora", "train", 1),
+                         ("seq-lora", "train", 2)]  # fmt: skip
+    # max_drop 100: the fold after task 2 is published and task 3 trains on the new snapshot
+    assert kinds[3:6] == [("composed", "train", 0), ("composed", "train", 1),
+                          ("composed", "consolidate", 1)]  # fmt: skip
+    assert kinds[6:] == [("composed", "train", 2)]  # 1 adapter on the new snapshot: no fold
+    ((after, fold),) = composed.folds
+    assert after == 1 and fold.kind is JobKind.CONSOLIDATE and fold.state is JobState.SUCCEEDED
+    snapshots = instance.registry.streams.list_snapshots(composed.stream.id)
+    assert [s.version for s in snapshots][:2] == [0, 1]
+    versions = instance.registry.adapters.list_versions(stream_id=composed.stream.id)
+    assert [v.method for v in versions] == ["am-lora"] * 3
+    assert versions[2].base_snapshot_id == snapshots[1].id
+    assert all(j.state is JobState.SUCCEEDED for j in composed.jobs)
+    matrix = instance.registry.evaluations.matrix(composed.stream.id)
+    assert len(matrix.values) == 3 and all(v is not None for row in matrix.values for v in row)
 
 
 def test_cancelling_a_running_job_publishes_nothing(instance: Instance) -> None:
