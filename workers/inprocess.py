@@ -44,6 +44,11 @@ class InProcessWorker:
     def send(self, job: Job) -> None:
         self._queue.put(job.id)
 
+    def queue_depths(self) -> dict[str, int]:
+        """Jobs waiting for one of this process's threads (`strata_queue_depth{queue="inprocess"}`
+        of `strata serve`'s /metrics)."""
+        return {"inprocess": self._queue.qsize()}
+
     def start(self) -> InProcessWorker:
         for thread in self._threads:
             thread.start()

@@ -174,3 +174,21 @@ def test_templates_of_mounts_and_nested_routers_and_a_request_that_raised() -> N
         ("/x1/things/{thing}/parts/{part}", 200): 2, ("/x1/things/{thing}/boom", 500): 1,
         ("/static/{path}", 200): 1, ("/static/{path}", 404): 1,
     }  # fmt: skip
+
+
+def test_strata_serve_shows_the_jobs_waiting_for_its_in_process_worker(instance: Instance) -> None:
+    from registry.entities import JobKind
+    from workers.inprocess import InProcessWorker
+    from workers.predict import InProcessPredictor
+
+    worker = InProcessWorker(instance, threads=1, scheduler=False)  # not started: jobs wait
+    stream = instance.registry.streams.create(name="s", base_source={"kind": "tiny"},
+                                              method="seq-lora", hyperparams={})  # fmt: skip
+    for _ in range(2):
+        worker.send(instance.registry.jobs.create(kind=JobKind.EVALUATE, stream_id=stream.id,
+                                                  params={}))  # fmt: skip
+    with TestClient(create_app(instance, worker, InProcessPredictor(instance))) as client:
+        text = client.get("/metrics").text
+    depth = {s.labels["queue"]: s.value for f in text_string_to_metric_families(text)
+             for s in f.samples if s.name == "strata_queue_depth"}  # fmt: skip
+    assert depth == {"inprocess": 2.0}
