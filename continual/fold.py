@@ -149,7 +149,7 @@ def _fold_gated(
             layer = layers[path]
             weight = layer.base_layer.weight  # (out, in)
             lora_A, lora_B = layer.frozen_A.double(), layer.frozen_B.double()  # (n,R,in), (out,n,R)
-            gated = torch.einsum("onr,n,nri->oi", lora_B, seen.gates[path].double(), lora_A)
+            gated = torch.einsum("onr,n,nri->oi", lora_B, seen.gates[path].to(lora_A), lora_A)
             delta = _least_squares(seen.outputs[path], seen.grams[path], prior=gated)
             weight.copy_((weight.double() + delta).to(weight.dtype))  # (out, in)
             state.set_submodule(path, layer.base_layer)

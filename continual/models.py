@@ -114,6 +114,10 @@ def load_causal_lm(
         model_kwargs["use_safetensors"] = True  # never fall back to pickled .bin weights
     if dtype is not None:
         model_kwargs["dtype"] = dtype
+    # transformers 5 kernelizes a loaded model with Hub kernels by default: on a GPU that means
+    # fetching and running code from the Hub at the first train()/eval() (and failing offline).
+    # A worker runs only the code it was installed with.
+    model_kwargs["use_kernels"] = False
     # output_loading_info: a (model, info) pair, which the stubs do not describe
     with MODEL_INIT_LOCK:
         loaded: Any = AutoModelForCausalLM.from_pretrained(

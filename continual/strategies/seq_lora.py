@@ -43,7 +43,11 @@ class SeqLora:
                 base, str(history[-1]), adapter_name=self.adapter_name, is_trainable=True
             )
             rank = getattr(model.peft_config[self.adapter_name], "r", hyper.rank)
-            if rank != hyper.rank:  # it trained (and recorded) a rank it did not train
+            # ReLoRA cycles leave a rank-r adapter at r x (resets + 1): continued whole, it is
+            # trained at that rank (and its cycles reinit all of it). Any other rank change would
+            # record a rank it did not train.
+            grown = hyper.relora_every is not None and rank % hyper.rank == 0
+            if rank != hyper.rank and not grown:
                 raise InvalidHyperparameter(
                     field="rank",
                     reason=f"seq-lora continues the previous task's rank-{rank} adapter, so its "

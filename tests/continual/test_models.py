@@ -72,6 +72,20 @@ def test_load_causal_lm_from_hf_directory(
     assert not loaded.training
 
 
+def test_a_loaded_model_is_never_kernelized_with_hub_kernels(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """transformers 5 kernelizes from_pretrained models by default, and on a GPU its first
+    train() fetches kernels from the Hub (seen on an H200: offline, every training job failed).
+    A worker runs only the code it was installed with."""
+    model, _ = build_tiny_llama(seed=1, tokenizer=tokenizer)
+    _save(model, tokenizer, tmp_path)
+    loaded, _ = load_causal_lm(tmp_path)
+    assert loaded.use_kernels is False
+    loaded.train()  # switching modes must not kernelize either
+    assert loaded.use_kernels is False
+
+
 def test_load_causal_lm_falls_back_to_eos_padding(tmp_path: Path) -> None:
     tok = build_tokenizer()
     tok.pad_token = None

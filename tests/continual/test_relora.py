@@ -310,6 +310,28 @@ def test_the_saved_adapter_reproduces_the_trained_model(
     assert compared == set(fresh)
 
 
+def test_seq_lora_continues_an_adapter_that_cycles_grew(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    """Task 1's cycles leave rank 4 x 2; task 2 (same settings) continues that adapter whole
+    and its reset stacks another 8 rows. Found on an H200 run: task 2 was refused as a rank
+    change. A rank the cycles cannot explain is still refused."""
+    strategy = get_strategy("seq-lora")
+    tasks = synthetic_tasks(seed=0, train_size=32, test_size=4)
+    hyper = LoraHyperparams(rank=4, max_steps=8, batch_size=8, learning_rate=1e-2,
+                            relora_every=4, relora_warmup=1)  # fmt: skip
+    first = strategy.prepare(make_base(), history=[], hyper=hyper)
+    assert train(first, tokenizer, tasks[0].train, hyper).relora_resets == 1
+    strategy.save_adapter(first, tmp_path / "t0")
+    second = strategy.prepare(make_base(), history=[tmp_path / "t0"], hyper=hyper)
+    assert train(second, tokenizer, tasks[1].train, hyper).relora_resets == 1
+    strategy.save_adapter(second, tmp_path / "t1")
+    assert peft.LoraConfig.from_pretrained(str(tmp_path / "t1")).r == 8 * 2
+    for other in (LoraHyperparams(rank=3, relora_every=4), LoraHyperparams(rank=4)):
+        with pytest.raises(InvalidHyperparameter, match="rank cannot change"):
+            strategy.prepare(make_base(), history=[tmp_path / "t0"], hyper=other)
+
+
 @pytest.mark.parametrize("method", ["seq-lora", "am-lora"])
 def test_a_resumed_run_with_cycles_equals_the_uninterrupted_run(
     make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path, method: str
