@@ -128,6 +128,11 @@ def main() -> None:
             rank=args.wide * args.rank, alpha=2.0 * args.wide * args.rank, **common
         ),
     }
+    if args.runs is not None:  # e.g. only the wide baseline: --runs wide
+        picked = {"plain": 0, "relora": 1, "wide": 2}
+        runs = {
+            k: v for i, (k, v) in enumerate(runs.items()) if i in [picked[r] for r in args.runs]
+        }
     logger.info("%d examples, %d steps; relora_every=%d", len(task.train), steps, every)
     untrained = evaluate(copy.deepcopy(base).to(args.device), tok, task, max_length=args.max_length)
     rows = []
@@ -175,7 +180,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
+    p.add_argument(
+        "--runs", type=lambda v: v.split(","), default=None,
+        help="a comma-separated subset of plain,relora,wide (default: all three)",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.runs is not None and not set(args.runs) <= {"plain", "relora", "wide"}:
+        p.error("--runs takes plain, relora and wide")
     if args.cycles < 2:
         p.error("--cycles must be >= 2 (at least one reset)")
     return args
