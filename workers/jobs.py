@@ -66,7 +66,10 @@ def _plan(inst: Instance, job: Job) -> _TrainPlan:
         snapshot = reg.streams.current_snapshot(stream.id)
         tasks = {t.id: t.position for t in reg.tasks.list_tasks(stream.id)}
         state = reg.adapters.stream_state(stream_id=stream.id, snapshot_id=snapshot.id)
-        history = [v for v in state if tasks[v.task_id] < task.position]
+        if job.kind is JobKind.RETRAIN:  # beside every other task's adapter, as the newest
+            history = [v for v in state if v.task_id != task.id]
+        else:
+            history = [v for v in state if tasks[v.task_id] < task.position]
     datasets = [
         (t, load_dataset(inst, reg.tasks.get_version(t.id).dataset))
         for t in reg.tasks.list_tasks(stream.id)
@@ -295,7 +298,7 @@ def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     dirs = memory_dirs(inst, snapshot, method.method)  # folded tasks first, as in training
     dirs += [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
     state = method.strategy().inference_model(base, history=dirs)
-    position = {t.id: t.position for t in tasks}[newest.task_id]
+    position = max({t.id: t.position for t in tasks}[v.task_id] for v in adapters)
     reporter.event(f"evaluating the state after task {position + 1} on {len(tasks)} tasks")
     evaluate_row(
         inst, reporter, state, tokenizer, datasets, after_position=position,

@@ -256,7 +256,9 @@ class SqlAdapterStore:
             return _entity(s, restore_version(s, task_id, version, retention_days))
 
     def stream_state(self, *, stream_id: int, snapshot_id: int) -> list[AdapterVersion]:
-        """The newest ready version of each task trained on `snapshot_id`, in task order."""
+        """The newest ready version of each task trained on `snapshot_id`, in the order they
+        were trained (a retrained task's version comes after every version it was trained beside:
+        am-lora's newest adapter holds the selector and router statistics of all of them)."""
         with self._db.tx() as s:
             newest = (
                 select(func.max(AdapterVersionRow.id))
@@ -270,9 +272,8 @@ class SqlAdapterStore:
             )
             rows = s.scalars(
                 select(AdapterVersionRow)
-                .join(TaskRow, TaskRow.id == AdapterVersionRow.task_id)
                 .where(AdapterVersionRow.id.in_(newest))
-                .order_by(TaskRow.position)
+                .order_by(AdapterVersionRow.id)
             )
             return _entities(s, list(rows))
 

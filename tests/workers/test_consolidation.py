@@ -17,6 +17,7 @@ from registry.entities import Job, JobKind, JobState, NodeKind, NodeRef
 from registry.errors import InvalidValue
 from registry.instance import Instance
 from registry.settings import StrataSettings
+from services.retraining import retrain_task
 from services.setup import recorded_setup
 from services.streams import submit_task
 from services.trees import fetch_tree
@@ -286,6 +287,34 @@ def test_am_lora_folds_keep_routing_the_folded_tasks_to_the_snapshot(inst: Insta
     v2 = reg.streams.current_snapshot(am.id)
     stats = load_file(str(memory_dirs(inst, v2, "am-lora")[0] / "router.safetensors"))
     assert stats["router.counts"].tolist() == [48.0, 48.0, 48.0]
+
+
+def test_retraining_a_folded_am_lora_task_keeps_the_stream_servable(inst: Instance) -> None:
+    """a and b folded into v1, c learned on it, then a retrained: the new a adapter is trained
+    beside c as the stream's newest (its selector mixes both), so evaluation and predict rebuild
+    the state. Before, it was trained beside nothing and every later evaluate job failed."""
+    reg = inst.registry
+    am, _ = create_stream(inst, name="am", base={"kind": "tiny"}, method="am-lora",
+                          hyperparams=QV, consolidation={"max_drop": 100})  # fmt: skip
+    _train(inst, am, "a", 0)
+    _train(inst, am, "b", 1)
+    assert _consolidate(inst, am.id).state is JobState.SUCCEEDED
+    _train(inst, am, "c", 2)
+    c = reg.adapters.list_versions(stream_id=am.id)[-1]
+    _, _, job = retrain_task(inst, stream=am, task_name="a", params={"eval_limit": 6})
+    done = execute(inst, Recorder(), job.id, worker="w")
+    assert done is not None and done.state is JobState.SUCCEEDED, done
+    v1 = reg.streams.current_snapshot(am.id)
+    state = reg.adapters.stream_state(stream_id=am.id, snapshot_id=v1.id)
+    a = reg.adapters.find_by_job(job.id)
+    assert a is not None and [v.id for v in state] == [c.id, a.id] and a.depends_on == (c.id,)
+    evaluate = reg.jobs.create(kind=JobKind.EVALUATE, stream_id=am.id)
+    evaluated = execute(inst, Recorder(), evaluate.id, worker="w")
+    assert evaluated is not None and evaluated.state is JobState.SUCCEEDED, evaluated.error
+    data = synthetic_tasks(seed=0, train_size=24, test_size=6)[0]
+    answer = predict(inst, am, [data.test[0].prompt], labels=list(data.labels or ()))
+    assert [v.id for v in answer.adapters] == [c.id, a.id]
+    assert _consolidate(inst, am.id).state is JobState.SUCCEEDED  # and it folds again
 
 
 def tokenizer_ids(inst: Instance, snapshot: Any, text: str) -> list[int]:

@@ -93,7 +93,7 @@ def test_concurrent_version_allocation_is_unique(registry: SqlRegistry) -> None:
     assert sorted(versions) == list(range(1, 13))
 
 
-def test_stream_state_is_newest_ready_per_task_in_order(registry: SqlRegistry) -> None:
+def test_stream_state_is_newest_ready_per_task_in_training_order(registry: SqlRegistry) -> None:
     stream_id, v0 = _stream(registry)
     _, _, va = _trained(registry, stream_id, v0, "a")
     tb, _, vb = _trained(registry, stream_id, v0, "b", deps=[va.id])
@@ -106,6 +106,13 @@ def test_stream_state_is_newest_ready_per_task_in_order(registry: SqlRegistry) -
     )
     state = registry.adapters.stream_state(stream_id=stream_id, snapshot_id=v0)
     assert [v.id for v in state] == [va.id, vb.id]
+    ta = registry.tasks.get_by_id(va.task_id)  # a retrained: in training order, a comes last
+    va2 = registry.adapters.create_version(
+        task_id=ta.id, method="m", hyperparams={}, base_snapshot_id=v0, dataset_id=va.dataset_id
+    )
+    registry.adapters.mark_ready(va2.id, artifact_digest="d" * 64, metrics={})
+    state = registry.adapters.stream_state(stream_id=stream_id, snapshot_id=v0)
+    assert [v.id for v in state] == [vb.id, va2.id]
 
 
 def test_listing_adapter_versions_takes_the_same_queries_for_any_page_size(
