@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -78,6 +78,7 @@ class Fold:
     mean_gates: tuple[float, ...] | None  # am-lora: adapter i's mean gate on its task's tokens
     subspace: Subspace | None  # the memory's subspace: every folded task's A rows
     statistics: dict[str, Tensor] | None  # am-lora's router statistics of every folded task
+    rows: tuple[str, ...] | None = None  # each statistics row's task label, when known
 
     def write_memory(self, out_dir: Path) -> bool:
         """Write the memory of the folded tasks as `out_dir / MEMORY_DIR`; whether there is one."""
@@ -86,7 +87,7 @@ class Fold:
         memory = Path(out_dir) / MEMORY_DIR
         save_memory_adapter(self.subspace, memory)
         if self.statistics is not None:
-            write_memory_statistics(self.statistics, memory)
+            write_memory_statistics(self.statistics, memory, rows=self.rows)
         return True
 
 
@@ -97,18 +98,24 @@ def fold_state(
     history: Sequence[Path],
     probes: Sequence[Sequence[Tensor]],
     by_block: bool | None = None,
+    labels: Sequence[str] | None = None,
 ) -> Fold:
     """Fold `state`, the model `method`'s `inference_model` built from `history` (a memory of
     earlier folds first, if any, then the adapters), into its base weights. `probes[i]` holds
-    token-id tensors (1, T) of the task of the i-th adapter after the memory. Edits `state`'s
-    weights in place."""
+    token-id tensors (1, T) of the task of the i-th adapter after the memory; `labels[i]`, if
+    given, its task's label, recorded with am-lora's router rows (after the memory's own).
+    Edits `state`'s weights in place."""
     if method not in FOLDABLE:
         raise ValueError(f"{method} streams cannot be consolidated (known: {FOLDABLE})")
     memory = Path(history[0]) if history and is_memory(Path(history[0])) else None
     previous = load_memory_adapter(memory) if memory is not None else None
     if method in GATED_METHODS:
         block = FOLD_BY_BLOCK if by_block is None else by_block
-        return _fold_gated(state, probes=probes, previous=previous, by_block=block)
+        fold = _fold_gated(state, probes=probes, previous=previous, by_block=block)
+        folded_rows = fold.rows  # the memory's labels the router was built with
+        if fold.statistics is None or labels is None or folded_rows is None:
+            return replace(fold, rows=None)
+        return replace(fold, rows=(*folded_rows, *labels))
     if not isinstance(state, PeftModel):
         raise ValueError(f"{method} does not build a PEFT model to fold")
     inputs = [p for task in probes for p in task]
@@ -158,8 +165,10 @@ def _fold_gated(
             gates[path] = seen.gates[path]
     router = getattr(state, ROUTER_MODULE, None)
     statistics = None
+    folded_rows = None
     if isinstance(router, TaskRouter):
         statistics = router.statistics()
+        folded_rows = router.folded_rows
         router.remove()
         delattr(state, ROUTER_MODULE)
     subspace = subspace_of(rows, out_features=out_features, previous=previous)
@@ -168,8 +177,9 @@ def _fold_gated(
     changed = sorted(f"{path}.weight" for path in layers)
     model: PreTrainedModel = state  # type: ignore[assignment]  # the base, with its layers back
     return Fold(
-        model, changed, False, None, tuple(float(g) for g in per_task), subspace, statistics
-    )
+        model, changed, False, None, tuple(float(g) for g in per_task), subspace, statistics,
+        folded_rows,
+    )  # fmt: skip
 
 
 def _blocks(paths: list[str]) -> list[list[str]]:

@@ -113,7 +113,7 @@ def _fold_checked(
     # prompts cut where training cut them, as the training jobs' own evaluations do
     cut = setup.hyper.max_length
     clock = _Clock()
-    dirs = memory_dirs(inst, snapshot, method)
+    dirs = memory_dirs(inst, snapshot, method, learned=[v.task_id for v in adapters])
     dirs += [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
     base, tokenizer = load_snapshot(inst, snapshot)
     state = setup.strategy().inference_model(base, history=dirs)
@@ -126,7 +126,8 @@ def _fold_checked(
     reporter.progress(0.3)
     data = {task.id: d for task, d in datasets}
     probes = [probe_sequences(tokenizer, data[v.task_id], max_length=cut) for v in adapters]
-    fold = fold_state(state, method=method, history=dirs, probes=probes)
+    labels = [str(v.task_id) for v in adapters]  # the memory's router rows name their tasks
+    fold = fold_state(state, method=method, history=dirs, probes=probes, labels=labels)
     clock.lap("seconds_fold")
     if fold.exact:
         _check_exact(reporter, fold.max_logit_diff, fold.model, snapshot, clock)

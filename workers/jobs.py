@@ -92,7 +92,8 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     if plan.published is None and _already_trained(inst, job, plan, reporter):
         return
     strategy = plan.setup.strategy()
-    memory = memory_dirs(inst, plan.snapshot, plan.setup.method)  # O-LoRA: folded tasks
+    learned = [v.task_id for v in plan.history] + [plan.task.id]
+    memory = memory_dirs(inst, plan.snapshot, plan.setup.method, learned=learned)  # folded tasks
     history_dirs = memory + [fetch_tree(inst, v.artifact_digest or "") for v in plan.history]
     limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
     base, tokenizer = load_snapshot(inst, plan.snapshot)
@@ -295,7 +296,8 @@ def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
         return
     newest = adapters[-1]
     method = recorded_setup(newest)
-    dirs = memory_dirs(inst, snapshot, method.method)  # folded tasks first, as in training
+    learned = [v.task_id for v in adapters]
+    dirs = memory_dirs(inst, snapshot, method.method, learned=learned)  # folded tasks first
     dirs += [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
     state = method.strategy().inference_model(base, history=dirs)
     position = max({t.id: t.position for t in tasks}[v.task_id] for v in adapters)

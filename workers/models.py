@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from continual.consolidation import MEMORY_DIR
 from continual.errors import MissingWeights
 from continual.models import build_tiny_llama, load_causal_lm
+from continual.strategies.am_lora_files import memory_rows, memory_without
 from registry.artifacts import (
     put_tree,
     read_manifest,
@@ -27,7 +28,7 @@ from registry.entities import Snapshot
 from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
 from services.imports import check_source
-from services.trees import fetch_tree
+from services.trees import fetch_tree, tree_cache_path
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +204,32 @@ def model_device(name: str) -> torch.device:
     return device
 
 
-def memory_dirs(inst: Instance, snapshot: Snapshot, method: str) -> list[Path]:
+def memory_dirs(
+    inst: Instance, snapshot: Snapshot, method: str, *, learned: Collection[int] = ()
+) -> list[Path]:
     """The memory of the tasks folded into `snapshot` (first in its history), if any: o-lora's
-    and am-lora's (`continual.fold.WITH_MEMORY`)."""
+    and am-lora's (`continual.fold.WITH_MEMORY`). `learned`: the tasks of the adapters beside it
+    (and of the one being trained). A folded am-lora task among them was retrained since its
+    fold: its router row is left out (a local copy of the memory without it), so its inputs go
+    to its new adapter rather than to the snapshot."""
     if method not in ("o-lora", "am-lora"):
         return []
     memory = fetch_tree(inst, snapshot.artifact_digest) / MEMORY_DIR
-    return [memory] if memory.is_dir() else []
+    if not memory.is_dir():
+        return []
+    rows = memory_rows(memory) if method == "am-lora" else None
+    drop = sorted({str(t) for t in learned} & set(rows or ()))
+    if not drop:
+        return [memory]
+    dest = tree_cache_path(inst, snapshot.artifact_digest).with_name(
+        f"{snapshot.artifact_digest}.memory-without-{'-'.join(drop)}"
+    )
+    if not dest.exists():  # built aside, then renamed into place (trees never change)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=".memory-", dir=dest.parent))
+        memory_without(memory, staged / MEMORY_DIR, drop=drop)
+        try:
+            staged.rename(dest)
+        except OSError:  # another process put it there first
+            shutil.rmtree(staged, ignore_errors=True)
+    return [dest / MEMORY_DIR]

@@ -254,7 +254,7 @@ def _model(
             return _cache[key]
     base, tokenizer = load_snapshot(inst, snapshot)
     # the memory of folded tasks first (am-lora routes them to the snapshot itself)
-    dirs = memory_dirs(inst, snapshot, method)
+    dirs = memory_dirs(inst, snapshot, method, learned=[a.task_id for a in adapters])
     dirs += [fetch_tree(inst, a.artifact_digest or "") for a in adapters]
     strategy = recorded_setup(adapters[-1]).strategy() if adapters else get_strategy(method)
     model = strategy.inference_model(base, history=dirs)

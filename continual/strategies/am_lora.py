@@ -57,6 +57,7 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 import logging
 import weakref
 from collections.abc import Sequence
@@ -72,12 +73,14 @@ from continual.config import LoraHyperparams
 from continual.errors import InvalidHyperparameter
 from continual.options import AmLoraOptions
 from continual.strategies.am_lora_files import (
+    FOLDED_ROWS_KEY,
     SELECTOR_FILE,
     Memory,
     adapter_modules,
     load_adapters,
     load_selector,
     load_statistics,
+    saved_folded_rows,
     split_history,
 )
 from continual.strategies.am_lora_layer import AmLoraLinear
@@ -174,8 +177,10 @@ class AmLora:
             )
         dim = int(embedding.weight.shape[1])
         folded = memory.num_tasks if memory is not None else 0
+        rows = memory.rows if memory is not None else ()
         if adapters:
-            stats = load_statistics(adapters[-1], folded + len(adapters), dim)
+            stats = _newest_statistics(adapters[-1], folded_rows=rows, folded=folded,
+                                       adapters=len(adapters), dim=dim)  # fmt: skip
         elif memory is not None and memory.statistics is not None:
             stats = memory.statistics
         else:
@@ -202,6 +207,7 @@ class AmLora:
             learning=learning,
             num_folded=folded,
         ).to(embedding.weight.device)
+        router.folded_rows = rows  # saved with the new adapter's statistics
         base.add_module(ROUTER_MODULE, router)
         router.install(base.get_decoder())
         return True
@@ -258,6 +264,8 @@ class AmLora:
         save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         num_adapters = next(iter(layers.values())).num_adapters
         metadata = {"format": "pt", "method": self.name, "num_adapters": str(num_adapters)}
+        if isinstance(router, TaskRouter) and router.folded_rows is not None:
+            metadata[FOLDED_ROWS_KEY] = json.dumps(list(router.folded_rows))
         save_file(selector, str(out_dir / SELECTOR_FILE), metadata=metadata)
         logger.info("saved am-lora adapter %d to %s", num_adapters, out_dir)
 
@@ -290,6 +298,31 @@ class AmLora:
             base.set_submodule(path, layer)
         self._route(base, memory=memory, adapters=adapters, learning=False)
         return base.eval()
+
+
+def _newest_statistics(
+    newest: Path,
+    *,
+    folded_rows: tuple[str, ...] | None,
+    folded: int,
+    adapters: int,
+    dim: int,
+) -> dict[str, Tensor] | None:
+    """The router statistics saved with the newest adapter, their folded rows matched by label
+    to the memory's (`folded_rows`): a memory the worker stripped of retrained tasks' rows
+    drops the same rows here. Unlabelled files must agree by count."""
+    saved = saved_folded_rows(newest)
+    if saved is None or folded_rows is None or saved == folded_rows:
+        return load_statistics(newest, folded + adapters, dim)
+    stats = load_statistics(newest, len(saved) + adapters, dim)
+    if stats is None:
+        return None
+    missing = [label for label in folded_rows if label not in saved]
+    if missing:
+        raise ValueError(f"{newest}: its router statistics lack the folded rows {missing}")
+    keep = [saved.index(label) for label in folded_rows]
+    keep += list(range(len(saved), len(saved) + adapters))
+    return {MEANS: stats[MEANS][keep], COUNTS: stats[COUNTS][keep], WITHIN: stats[WITHIN]}
 
 
 def _overlap_groups(model: nn.Module, *, memory: Memory | None) -> tuple[PenaltyGroup, ...]:

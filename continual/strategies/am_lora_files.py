@@ -15,8 +15,10 @@ adapter that still sits on the snapshot, oldest first:
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Sequence
+import shutil
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,8 @@ from continual.strategies.common import (
 
 SELECTOR_FILE = "selector.safetensors"
 MEMORY_ROUTER_FILE = "router.safetensors"
+ROWS_KEY = "rows"  # router.safetensors metadata: the label of each folded task's row (JSON)
+FOLDED_ROWS_KEY = "folded_rows"  # selector.safetensors metadata: the memory rows it was built on
 STATISTICS = frozenset({MEANS, COUNTS, WITHIN})
 Selector = tuple[Tensor, Tensor]  # (weight (n, out), bias (n + 1,)) of one layer
 
@@ -49,6 +53,7 @@ class Memory:
 
     down: dict[str, Tensor]  # module path -> the folded subspace's A rows (k, d_in), as stored
     statistics: dict[str, Tensor] | None  # the router's statistics of the folded tasks
+    rows: tuple[str, ...] | None = None  # each statistics row's task label, if recorded
 
     @property
     def num_tasks(self) -> int:
@@ -87,14 +92,61 @@ def read_memory(memory_dir: Path) -> Memory:
     statistics = load_file(str(router))
     if set(statistics) != STATISTICS:
         raise ValueError(f"{router} does not hold the router's statistics")
-    return Memory(down=down, statistics=statistics)
+    rows = memory_rows(memory_dir)
+    if rows is not None and len(rows) != statistics[COUNTS].shape[0]:
+        raise ValueError(f"{router} labels {len(rows)} rows of {statistics[COUNTS].shape[0]}")
+    return Memory(down=down, statistics=statistics, rows=rows)
 
 
-def write_memory_statistics(statistics: dict[str, Tensor], memory_dir: Path) -> None:
-    """Save the router's statistics of the folded tasks beside the memory adapter."""
+def memory_rows(memory_dir: Path) -> tuple[str, ...] | None:
+    """The task label of each row of a memory's router statistics (None: not recorded, or no
+    router)."""
+    router = Path(memory_dir) / MEMORY_ROUTER_FILE
+    if not router.is_file():
+        return None
+    with safe_open(str(router), framework="pt") as f:
+        return _labels((f.metadata() or {}).get(ROWS_KEY), router)
+
+
+def _labels(raw: str | None, path: Path) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    labels = json.loads(raw)
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"{path}: its row labels are not a list of strings")
+    return tuple(labels)
+
+
+def write_memory_statistics(
+    statistics: dict[str, Tensor], memory_dir: Path, *, rows: Sequence[str] | None = None
+) -> None:
+    """Save the router's statistics of the folded tasks beside the memory adapter, with each
+    row's task label when `rows` gives them (the worker's task ids)."""
     tensors = {key: statistics[key].float().contiguous() for key in STATISTICS}
     metadata = {"format": "pt", "strata": "am-lora-memory"}
+    if rows is not None:
+        if len(rows) != tensors[COUNTS].shape[0]:
+            raise ValueError(f"{len(rows)} row labels for {tensors[COUNTS].shape[0]} rows")
+        metadata[ROWS_KEY] = json.dumps(list(rows))
     save_file(tensors, str(Path(memory_dir) / MEMORY_ROUTER_FILE), metadata=metadata)
+
+
+def memory_without(memory_dir: Path, out_dir: Path, *, drop: Collection[str]) -> Path:
+    """A copy of a memory whose router statistics lack the rows labelled in `drop`: folded tasks
+    the stream has learned again since (a retrain), whose inputs then go to their new adapter
+    instead of the snapshot. The O-LoRA subspace is the memory's, unchanged."""
+    memory = read_memory(memory_dir)
+    if memory.statistics is None or memory.rows is None:
+        raise ValueError(f"{memory_dir} has no labelled router statistics")
+    keep = [i for i, label in enumerate(memory.rows) if label not in drop]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        shutil.copyfile(Path(memory_dir) / name, out_dir / name)
+    stats = memory.statistics
+    kept = {MEANS: stats[MEANS][keep], COUNTS: stats[COUNTS][keep], WITHIN: stats[WITHIN]}
+    write_memory_statistics(kept, out_dir, rows=[memory.rows[i] for i in keep])
+    return out_dir
 
 
 def adapter_modules(adapter_dir: Path) -> set[str]:
@@ -197,3 +249,11 @@ def load_statistics(adapter_dir: Path, num_tasks: int, dim: int) -> dict[str, Te
             f"in this model's {dim}-wide embedding"
         )
     return stats
+
+
+def saved_folded_rows(adapter_dir: Path) -> tuple[str, ...] | None:
+    """The labels of the memory rows the newest adapter's router statistics start with (None:
+    not recorded)."""
+    path = Path(adapter_dir) / SELECTOR_FILE
+    with safe_open(str(path), framework="pt") as f:
+        return _labels((f.metadata() or {}).get(FOLDED_ROWS_KEY), path)

@@ -111,6 +111,7 @@ class TaskRouter(nn.Module):
         if not 0 <= num_folded <= means.shape[0]:
             raise ValueError(f"{num_folded} folded tasks of {means.shape[0]} with statistics")
         self.num_folded = num_folded
+        self.folded_rows: tuple[str, ...] | None = None  # the folded tasks' labels, if known
         self._hooks: list[Any] = []
         self.register_buffer("means", means.to(torch.float64))
         self.register_buffer("counts", counts.to(torch.float64))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
 from continual.config import LoraHyperparams
@@ -18,6 +19,13 @@ from continual.consolidation import (
     save_memory_adapter,
 )
 from continual.options import OLoraOptions
+from continual.strategies.am_lora_files import (
+    memory_rows,
+    memory_without,
+    read_memory,
+    write_memory_statistics,
+)
+from continual.strategies.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MEMORY_MARK
 from continual.strategies.inc_lora import IncLora
 from continual.strategies.o_lora import OLora
 from tests.continual.test_inc_o_lora import IDS, _random_adapter, _summed_reference
@@ -121,3 +129,29 @@ def test_o_lora_keeps_new_adapters_orthogonal_to_folded_tasks(
     orthogonal = OLora(OLoraOptions(orthogonal_init=True))
     model = orthogonal.prepare(make_base(), history=[tmp_path / "memory"], hyper=hyper)
     assert float(orthogonal.extra_loss(model) or 0) < 1e-4
+
+
+def test_a_memory_without_retrained_tasks_keeps_the_other_rows_and_the_subspace(
+    tmp_path: Path,
+) -> None:
+    """A memory's router rows carry their tasks' labels; `memory_without` leaves out the rows of
+    tasks learned again (their inputs go to their new adapters), keeping the rest, their labels
+    and the O-LoRA subspace. Labels that do not match the rows are refused."""
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    (memory / ADAPTER_CONFIG).write_text("{}")
+    save_file({"x": torch.ones(2)}, str(memory / ADAPTER_WEIGHTS), metadata={"strata": MEMORY_MARK})
+    stats = {"router.means": torch.arange(6.0).reshape(3, 2), "router.counts":
+             torch.tensor([4.0, 5.0, 6.0]), "router.within": torch.eye(2)}  # fmt: skip
+    with pytest.raises(ValueError, match="2 row labels for 3 rows"):
+        write_memory_statistics(stats, memory, rows=["7", "8"])
+    write_memory_statistics(stats, memory, rows=["7", "8", "9"])
+    assert memory_rows(memory) == ("7", "8", "9")
+    kept = read_memory(memory_without(memory, tmp_path / "kept", drop={"8", "42"}))
+    assert kept.rows == ("7", "9") and kept.statistics is not None
+    assert kept.statistics["router.counts"].tolist() == [4.0, 6.0]
+    assert kept.statistics["router.means"].tolist() == [[0.0, 1.0], [4.0, 5.0]]
+    assert torch.equal(kept.statistics["router.within"], torch.eye(2))
+    assert (tmp_path / "kept" / ADAPTER_WEIGHTS).read_bytes() == (
+        memory / ADAPTER_WEIGHTS
+    ).read_bytes()

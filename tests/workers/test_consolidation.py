@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from continual import fold as continual_fold
 from continual.data import synthetic_tasks
+from continual.strategies.am_lora_files import memory_rows
+from continual.strategies.am_lora_router import ROUTER_MODULE
 from registry.artifacts import read_manifest
 from registry.entities import Job, JobKind, JobState, NodeKind, NodeRef
 from registry.errors import InvalidValue
@@ -314,7 +316,33 @@ def test_retraining_a_folded_am_lora_task_keeps_the_stream_servable(inst: Instan
     data = synthetic_tasks(seed=0, train_size=24, test_size=6)[0]
     answer = predict(inst, am, [data.test[0].prompt], labels=list(data.labels or ()))
     assert [v.id for v in answer.adapters] == [c.id, a.id]
+    # a's router row left the memory: its inputs go to its new adapter, b's still to v1 alone
+    memory = memory_dirs(inst, v1, "am-lora", learned=[c.task_id, a.task_id])
+    b_id = reg.tasks.get(stream_id=am.id, name="b").id
+    assert memory_rows(memory[0]) == (str(b_id),)
+    assert memory_rows(memory_dirs(inst, v1, "am-lora")[0]) == (str(a.task_id), str(b_id))
+    history = [*memory, *(fetch_tree(inst, v.artifact_digest or "") for v in state)]
+    model = (
+        recorded_setup(a).strategy().inference_model(load_snapshot(inst, v1)[0], history=history)
+    )
+    plain = load_snapshot(inst, v1)[0].eval()
+    router = getattr(model, ROUTER_MODULE)
+    assert router.num_folded == 1  # b alone: c and the new a have adapters
+    for seed in (0, 1):  # a's input: to its new adapter; b's: to the snapshot alone
+        prompt = synthetic_tasks(seed=seed, train_size=24, test_size=6)[seed].test[0].prompt
+        ids = torch.tensor([tokenizer_ids(inst, v1, prompt)])
+        with torch.no_grad():
+            features = model.get_input_embeddings()(ids).mean(dim=1)  # (1, d)
+            folded_mass = float(router.log_posterior(features)[0, :1].exp().sum())
+            same = torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+        assert (folded_mass < 0.1 and not same) if seed == 0 else (folded_mass > 0.9 and same)
     assert _consolidate(inst, am.id).state is JobState.SUCCEEDED  # and it folds again
+    v2 = reg.streams.current_snapshot(am.id)
+    assert memory_rows(memory_dirs(inst, v2, "am-lora")[0]) == (
+        str(b_id),
+        str(c.task_id),
+        str(a.task_id),
+    )
 
 
 def tokenizer_ids(inst: Instance, snapshot: Any, text: str) -> list[int]:
