@@ -8,9 +8,13 @@ adapter that still sits on the snapshot, oldest first:
 - the memory is a PEFT LoRA adapter with B = 0 whose A rows span the input subspace of every
   folded task (O-LoRA's memory: the orthogonality penalty reads it like an earlier adapter, and
   it changes no output), plus `router.safetensors`, the task router's statistics of the folded
-  tasks. It is never mixed as an adapter: the snapshot itself serves the folded tasks.
+  tasks, each row labelled with its task (metadata `rows`, the labels the worker gave the
+  fold). It is never mixed as an adapter: the snapshot itself serves the folded tasks.
 - each task directory is a plain PEFT LoRA adapter plus `selector.safetensors` (see `am_lora`);
-  the newest one's router statistics cover the folded tasks first, then every adapter's task.
+  the newest one's router statistics cover the folded tasks first (their labels in metadata
+  `folded_rows`), then every adapter's task. A worker whose stream learned a folded task again
+  passes a copy of the memory without that task's row (`memory_without`); the newest adapter's
+  folded rows are matched to the memory's by label.
 """
 
 from __future__ import annotations
