@@ -13,6 +13,9 @@ from registry.instance import Instance
 from services.dispatch import Dispatcher
 
 TIMEOUT_S = 420
+# Every request of the e2e tests waits this long: on two busy cores (CI beside benchmarks) the
+# API's first answer took over httpx's default 5 s.
+http = httpx.Client(timeout=60)
 WORKER_KNOBS = {"heartbeat_s": "1", "lease_s": "30", "stale_after_s": "60", "checkpoint_every": "3"}
 
 
@@ -35,7 +38,7 @@ def _jsonl(examples: Any) -> str:
 
 
 def _job(svc: Service, job_id: int) -> dict[str, Any]:
-    return dict(httpx.get(f"{svc.url}/v1/jobs/{job_id}", headers=svc.headers, timeout=30).json())
+    return dict(http.get(f"{svc.url}/v1/jobs/{job_id}", headers=svc.headers, timeout=30).json())
 
 
 def _wait(svc: Service, ids: list[int], until: tuple[str, ...] = ("succeeded", "failed",

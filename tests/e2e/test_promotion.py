@@ -8,18 +8,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 import pytest
 
 from continual.data import synthetic_tasks
 from tests.api.helpers import _files, _shuffled
-from tests.e2e.helpers import Service, _wait
+from tests.e2e.helpers import Service, _wait, http
 
 pytestmark = pytest.mark.slow
 
 
 def _post(svc: Service, path: str, **kwargs: Any) -> dict[str, Any]:
-    r = httpx.post(f"{svc.url}/v1/streams{path}", headers=svc.headers, timeout=60, **kwargs)
+    r = http.post(f"{svc.url}/v1/streams{path}", headers=svc.headers, timeout=60, **kwargs)
     assert r.status_code in (201, 202), r.text
     body: dict[str, Any] = r.json()
     return body
@@ -33,7 +32,7 @@ def _decided(svc: Service, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _production(svc: Service) -> int:
-    r = httpx.get(f"{svc.url}/v1/streams/gate/tasks/t1/adapters/production",
+    r = http.get(f"{svc.url}/v1/streams/gate/tasks/t1/adapters/production",
                   headers=svc.headers, timeout=30)  # fmt: skip
     assert r.status_code == 200, r.text
     return int(r.json()["version"])

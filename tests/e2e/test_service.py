@@ -20,14 +20,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from continual.data import synthetic_tasks
 from services.predict import PredictQuery
 from services.scheduler import tick
 from services.webhooks import deliver_due
-from tests.e2e.helpers import Service, _job, _jsonl, _wait
+from tests.e2e.helpers import Service, _job, _jsonl, _wait, http
 from tests.harness import Receiver
 from workers.predict import InProcessPredictor
 
@@ -46,7 +45,7 @@ def _submit(svc: Service, stream: str, name: str, seed: int, **hyper: Any) -> di
         "train": ("train.jsonl", _jsonl(task.train)),
         "test": ("test.jsonl", _jsonl(task.test)),
     }
-    r = httpx.post(f"{svc.url}/v1/streams/{stream}/tasks", data=data, files=files,
+    r = http.post(f"{svc.url}/v1/streams/{stream}/tasks", data=data, files=files,
                    headers=svc.headers, timeout=60)  # fmt: skip
     assert r.status_code == 202, r.text
     return dict(r.json()["job"])
@@ -64,10 +63,10 @@ def test_two_streams_train_in_order_side_by_side_with_lineage_cancel_and_schedul
     receiver.down = True
     hook = {"url": receiver.url, "events": ["job.finished", "adapter.promoted",
             "adapter.refused"], "secret": HOOK_SECRET}  # fmt: skip
-    assert httpx.post(f"{svc.url}/v1/webhooks", json=hook, headers=svc.headers).status_code == 201
+    assert http.post(f"{svc.url}/v1/webhooks", json=hook, headers=svc.headers).status_code == 201
     for name in ("news", "reviews"):
         body = {"name": name, "base": {"kind": "tiny"}, "hyperparams": FAST}
-        r = httpx.post(f"{svc.url}/v1/streams", headers=svc.headers, timeout=60, json=body)
+        r = http.post(f"{svc.url}/v1/streams", headers=svc.headers, timeout=60, json=body)
         assert r.status_code == 202, r.text  # their imports run first, on the workers
 
     # five submissions at once over HTTP; each stream's own are issued in order
@@ -91,23 +90,23 @@ def test_two_streams_train_in_order_side_by_side_with_lineage_cancel_and_schedul
     assert len({j["worker"] for j in done}) == 2  # both workers took jobs
 
     # lineage: the third news adapter was trained on the first two, its dataset, snapshot v0
-    versions = httpx.get(f"{svc.url}/v1/streams/news/adapters", headers=svc.headers).json()["data"]
+    versions = http.get(f"{svc.url}/v1/streams/news/adapters", headers=svc.headers).json()["data"]
     assert [(v["task_name"], v["version"]) for v in versions] == [("n0", 1), ("n1", 1), ("n2", 1)]
     third = versions[2]
     assert third["depends_on"] == [versions[0]["id"], versions[1]["id"]]
-    graph = httpx.get(f"{svc.url}/v1/lineage/adapter/{third['id']}", headers=svc.headers).json()
+    graph = http.get(f"{svc.url}/v1/lineage/adapter/{third['id']}", headers=svc.headers).json()
     nodes = {f"{x['kind']}:{x['id']}" for x in graph["nodes"]}
     assert {f"adapter:{v['id']}" for v in versions} <= nodes
     assert f"dataset:{third['dataset_id']}" in nodes and f"job:{n[2]['id']}" in nodes
-    snap = httpx.get(f"{svc.url}/v1/streams/news/snapshots/0", headers=svc.headers).json()
+    snap = http.get(f"{svc.url}/v1/streams/news/snapshots/0", headers=svc.headers).json()
     assert f"snapshot:{snap['id']}" in nodes
-    ev = httpx.get(f"{svc.url}/v1/streams/news/evaluations", headers=svc.headers).json()
+    ev = http.get(f"{svc.url}/v1/streams/news/evaluations", headers=svc.headers).json()
     assert len(ev["values"]) == 3 and ev["backward_transfer"] is not None
 
     # a prediction through the app's predictor (the server's runs on the predict worker) is
     # the one this process computes from the same stored state
     query = {"inputs": ["some words to classify", "and more"], "task": "n1"}
-    said = httpx.post(f"{svc.url}/v1/streams/news/predict", json=query, headers=svc.headers,
+    said = http.post(f"{svc.url}/v1/streams/news/predict", json=query, headers=svc.headers,
                       timeout=120)  # fmt: skip
     assert said.status_code == 200, said.text
     here = InProcessPredictor(svc.inst).predict(
@@ -120,36 +119,36 @@ def test_two_streams_train_in_order_side_by_side_with_lineage_cancel_and_schedul
     long = _submit(svc, "reviews", "slow", seed=5, max_steps=100_000, batch_size=8, rank=4)
     _wait(svc, [long["id"]], until=("running",))
     time.sleep(1)
-    httpx.post(f"{svc.url}/v1/jobs/{long['id']}/cancel", headers=svc.headers)
+    http.post(f"{svc.url}/v1/jobs/{long['id']}/cancel", headers=svc.headers)
     assert _wait(svc, [long["id"]])[0]["state"] == "cancelled"
-    slow = httpx.get(f"{svc.url}/v1/streams/reviews/adapters", params={"task": "slow"},
+    slow = http.get(f"{svc.url}/v1/streams/reviews/adapters", params={"task": "slow"},
                      headers=svc.headers).json()["data"]  # fmt: skip
     assert slow == []
 
     # n1's data grows (dataset version 2, uploaded over HTTP); then a schedule fires once per
     # due time, only from the leading scheduler, and retrains n1 on its newest version
     task = synthetic_tasks(seed=7, train_size=32, test_size=6)[1]
-    grown = httpx.post(
+    grown = http.post(
         f"{svc.url}/v1/streams/news/tasks/n1/datasets", headers=svc.headers, timeout=60,
         data={"labels": json.dumps(list(task.labels or ()))},
         files={"train": ("train.jsonl", _jsonl(task.train)),
                "test": ("test.jsonl", _jsonl(task.test))},
     )  # fmt: skip
     assert grown.status_code == 201 and grown.json()["version"] == 2, grown.text
-    made = httpx.post(f"{svc.url}/v1/streams/news/schedules", headers=svc.headers, json={
+    made = http.post(f"{svc.url}/v1/streams/news/schedules", headers=svc.headers, json={
         "kind": "retrain", "cron": "*/5 * * * *", "task": "n1"}).json()  # fmt: skip
     due = datetime.fromisoformat(made["next_run_at"])
     for holder, offset in (("a", 1), ("a", 2), ("b", 3)):
         tick(svc.inst, svc.dispatcher, holder=holder, now=due + timedelta(seconds=offset))
-    jobs = httpx.get(f"{svc.url}/v1/jobs", params={"stream": "news"}, headers=svc.headers).json()
+    jobs = http.get(f"{svc.url}/v1/jobs", params={"stream": "news"}, headers=svc.headers).json()
     retrains = [j for j in jobs["data"] if j["kind"] == "retrain"]
     assert len(retrains) == 1 and retrains[0]["params"]["schedule_id"] == made["id"]
     assert retrains[0]["params"]["dataset_version"] == 2
     assert _wait(svc, [retrains[0]["id"]])[0]["state"] == "succeeded"
-    n1 = httpx.get(f"{svc.url}/v1/streams/news/adapters", params={"task": "n1"},
+    n1 = http.get(f"{svc.url}/v1/streams/news/adapters", params={"task": "n1"},
                    headers=svc.headers).json()["data"]  # fmt: skip
     assert [v["version"] for v in n1] == [1, 2]
-    listed = httpx.get(f"{svc.url}/v1/streams/news/schedules", headers=svc.headers).json()
+    listed = http.get(f"{svc.url}/v1/streams/news/schedules", headers=svc.headers).json()
     assert listed["data"][0]["last_job_id"] == retrains[0]["id"]
 
     # every train job decided its promotion; the webhook receiver, down while the ticks above
