@@ -46,6 +46,7 @@ from workers.models import load_source
 
 logger = logging.getLogger("relora_rank")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl_benchmark"
+RUNS = ("plain", "relora", "wide")  # --runs: r, r in cycles, wide x r; in that order
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,8 @@ def main() -> None:
         ),
     }
     if args.runs is not None:  # e.g. only the wide baseline: --runs wide
-        picked = {"plain": 0, "relora": 1, "wide": 2}
-        runs = {
-            k: v for i, (k, v) in enumerate(runs.items()) if i in [picked[r] for r in args.runs]
-        }
+        chosen = zip(RUNS, runs.items(), strict=True)
+        runs = {name: hyper for key, (name, hyper) in chosen if key in args.runs}
     logger.info("%d examples, %d steps; relora_every=%d", len(task.train), steps, every)
     untrained = evaluate(copy.deepcopy(base).to(args.device), tok, task, max_length=args.max_length)
     rows = []
@@ -182,11 +181,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
     p.add_argument(
         "--runs", type=lambda v: v.split(","), default=None,
-        help="a comma-separated subset of plain,relora,wide (default: all three)",
+        help=f"a comma-separated subset of {','.join(RUNS)} (default: all three)",
     )  # fmt: skip
     args = p.parse_args()
-    if args.runs is not None and not set(args.runs) <= {"plain", "relora", "wide"}:
-        p.error("--runs takes plain, relora and wide")
+    if args.runs is not None and not set(args.runs) <= set(RUNS):
+        p.error(f"--runs takes {', '.join(RUNS)}")
     if args.cycles < 2:
         p.error("--cycles must be >= 2 (at least one reset)")
     return args

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,11 +111,8 @@ def fold_state(
     previous = load_memory_adapter(memory) if memory is not None else None
     if method in GATED_METHODS:
         block = FOLD_BY_BLOCK if by_block is None else by_block
-        fold = _fold_gated(state, probes=probes, previous=previous, by_block=block)
-        folded_rows = fold.rows  # the memory's labels the router was built with
-        if fold.statistics is None or labels is None or folded_rows is None:
-            return replace(fold, rows=None)
-        return replace(fold, rows=(*folded_rows, *labels))
+        return _fold_gated(state, probes=probes, previous=previous, by_block=block,
+                           labels=labels)  # fmt: skip
     if not isinstance(state, PeftModel):
         raise ValueError(f"{method} does not build a PEFT model to fold")
     inputs = [p for task in probes for p in task]
@@ -140,6 +137,7 @@ def _fold_gated(
     probes: Sequence[Sequence[Tensor]],
     previous: Subspace | None,
     by_block: bool,
+    labels: Sequence[str] | None,
 ) -> Fold:
     layers = am_lora_layers(state)
     n = next(iter(layers.values())).num_adapters
@@ -165,10 +163,11 @@ def _fold_gated(
             gates[path] = seen.gates[path]
     router = getattr(state, ROUTER_MODULE, None)
     statistics = None
-    folded_rows = None
+    labelled = None  # the memory's row labels the router was built with, then the adapters'
     if isinstance(router, TaskRouter):
         statistics = router.statistics()
-        folded_rows = router.folded_rows
+        if router.folded_rows is not None and labels is not None:
+            labelled = (*router.folded_rows, *labels)
         router.remove()
         delattr(state, ROUTER_MODULE)
     subspace = subspace_of(rows, out_features=out_features, previous=previous)
@@ -178,7 +177,7 @@ def _fold_gated(
     model: PreTrainedModel = state  # type: ignore[assignment]  # the base, with its layers back
     return Fold(
         model, changed, False, None, tuple(float(g) for g in per_task), subspace, statistics,
-        folded_rows,
+        labelled,
     )  # fmt: skip
 
 

@@ -48,10 +48,9 @@ from registry.instance import Instance
 from services.datasets import load_dataset
 from services.policy import DEFAULT_MAX_DROP, check_max_drop
 from services.setup import recorded_setup
-from services.trees import fetch_tree
 from workers.evaluation import TaskScore, record_row, score_row
 from workers.jobs import DEFAULT_EVAL_LIMIT
-from workers.models import load_snapshot, memory_dirs, store_derived
+from workers.models import load_snapshot, state_dirs, store_derived
 from workers.reporting import JobReporter
 
 log = logging.getLogger(__name__)
@@ -113,8 +112,7 @@ def _fold_checked(
     # prompts cut where training cut them, as the training jobs' own evaluations do
     cut = setup.hyper.max_length
     clock = _Clock()
-    dirs = memory_dirs(inst, snapshot, method, learned=[v.task_id for v in adapters])
-    dirs += [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
+    dirs = state_dirs(inst, snapshot, method, adapters)
     base, tokenizer = load_snapshot(inst, snapshot)
     state = setup.strategy().inference_model(base, history=dirs)
     clock.lap("seconds_load")

@@ -26,7 +26,7 @@ from services.retraining import replay_examples
 from services.setup import TrainingSetup, recorded_setup, training_setup
 from services.trees import fetch_tree
 from workers.evaluation import evaluate_row
-from workers.models import load_snapshot, memory_dirs
+from workers.models import load_snapshot, state_dirs
 from workers.promotion import promote
 from workers.reporting import JobReporter
 
@@ -92,9 +92,10 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
     if plan.published is None and _already_trained(inst, job, plan, reporter):
         return
     strategy = plan.setup.strategy()
-    learned = [v.task_id for v in plan.history] + [plan.task.id]
-    memory = memory_dirs(inst, plan.snapshot, plan.setup.method, learned=learned)  # folded tasks
-    history_dirs = memory + [fetch_tree(inst, v.artifact_digest or "") for v in plan.history]
+    history_dirs = state_dirs(
+        inst, plan.snapshot, plan.setup.method, plan.history, training=plan.task.id
+    )
+    folded = len(history_dirs) > len(plan.history)  # a memory of folded tasks came first
     limit = int(job.params.get("eval_limit", DEFAULT_EVAL_LIMIT))
     base, tokenizer = load_snapshot(inst, plan.snapshot)
     max_length = plan.setup.hyper.max_length  # evaluation cuts prompts as training does
@@ -111,7 +112,7 @@ def train_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
         model = strategy.prepare(base, history=history_dirs, hyper=plan.setup.hyper)
         digest, metrics = _fit(inst, job, reporter, model=model, strategy=strategy,
                                tokenizer=tokenizer, plan=plan, data=data,
-                               memory=bool(memory))  # fmt: skip
+                               memory=folded)  # fmt: skip
         version = reg.adapters.create_version(
             task_id=plan.task.id, method=plan.setup.method, hyperparams=plan.setup.record(),
             base_snapshot_id=plan.snapshot.id, dataset_id=plan.dataset_id,
@@ -296,9 +297,7 @@ def evaluate_job(inst: Instance, job: Job, reporter: JobReporter) -> None:
         return
     newest = adapters[-1]
     method = recorded_setup(newest)
-    learned = [v.task_id for v in adapters]
-    dirs = memory_dirs(inst, snapshot, method.method, learned=learned)  # folded tasks first
-    dirs += [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
+    dirs = state_dirs(inst, snapshot, method.method, adapters)  # folded tasks first
     state = method.strategy().inference_model(base, history=dirs)
     position = max({t.id: t.position for t in tasks}[v.task_id] for v in adapters)
     reporter.event(f"evaluating the state after task {position + 1} on {len(tasks)} tasks")

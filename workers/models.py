@@ -7,7 +7,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from registry.artifacts import (
     split_per_tensor,
 )
 from registry.artifacts.weights import SHARD_INDEX, TENSOR_DIR, tensor_file, tensor_file_bytes
-from registry.entities import Snapshot
+from registry.entities import AdapterVersion, Snapshot
 from registry.errors import InvalidValue, InvalidWeights
 from registry.instance import Instance
 from services.imports import check_source
@@ -202,6 +202,22 @@ def model_device(name: str) -> torch.device:
             f"{name}: this process sees {torch.cuda.device_count()} CUDA GPU(s)", field="device"
         )
     return device
+
+
+def state_dirs(
+    inst: Instance,
+    snapshot: Snapshot,
+    method: str,
+    adapters: Sequence[AdapterVersion],
+    *,
+    training: int | None = None,
+) -> list[Path]:
+    """A strategy's history for `adapters` on `snapshot`: the memory of its folded tasks first
+    (`memory_dirs`; the adapters' tasks and the task `training` count as learned again), then
+    each adapter's tree, in the given order."""
+    learned = [v.task_id for v in adapters] + ([] if training is None else [training])
+    dirs = memory_dirs(inst, snapshot, method, learned=learned)
+    return dirs + [fetch_tree(inst, v.artifact_digest or "") for v in adapters]
 
 
 def memory_dirs(

@@ -43,8 +43,7 @@ from services.datasets import load_dataset
 from services.predict import PredictCancelled, PredictQuery, error_reply, unwrap
 from services.promotion import PRODUCTION
 from services.setup import recorded_setup
-from services.trees import fetch_tree
-from workers.models import load_snapshot, memory_dirs
+from workers.models import load_snapshot, state_dirs
 
 CACHE_SIZE = 2
 
@@ -254,8 +253,7 @@ def _model(
             return _cache[key]
     base, tokenizer = load_snapshot(inst, snapshot)
     # the memory of folded tasks first (am-lora routes them to the snapshot itself)
-    dirs = memory_dirs(inst, snapshot, method, learned=[a.task_id for a in adapters])
-    dirs += [fetch_tree(inst, a.artifact_digest or "") for a in adapters]
+    dirs = state_dirs(inst, snapshot, method, adapters)
     strategy = recorded_setup(adapters[-1]).strategy() if adapters else get_strategy(method)
     model = strategy.inference_model(base, history=dirs)
     with _lock:

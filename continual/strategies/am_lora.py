@@ -81,6 +81,7 @@ from continual.strategies.am_lora_files import (
     load_selector,
     load_statistics,
     saved_folded_rows,
+    select_rows,
     split_history,
 )
 from continual.strategies.am_lora_layer import AmLoraLinear
@@ -322,7 +323,7 @@ def _newest_statistics(
         raise ValueError(f"{newest}: its router statistics lack the folded rows {missing}")
     keep = [saved.index(label) for label in folded_rows]
     keep += list(range(len(saved), len(saved) + adapters))
-    return {MEANS: stats[MEANS][keep], COUNTS: stats[COUNTS][keep], WITHIN: stats[WITHIN]}
+    return select_rows(stats, keep)
 
 
 def _overlap_groups(model: nn.Module, *, memory: Memory | None) -> tuple[PenaltyGroup, ...]:

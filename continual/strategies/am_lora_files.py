@@ -135,6 +135,13 @@ def write_memory_statistics(
     save_file(tensors, str(Path(memory_dir) / MEMORY_ROUTER_FILE), metadata=metadata)
 
 
+def select_rows(statistics: dict[str, Tensor], rows: Sequence[int]) -> dict[str, Tensor]:
+    """Router statistics of only the task rows `rows`, in that order (the shared within-task
+    scatter kept whole)."""
+    return {MEANS: statistics[MEANS][list(rows)], COUNTS: statistics[COUNTS][list(rows)],
+            WITHIN: statistics[WITHIN]}  # fmt: skip
+
+
 def memory_without(memory_dir: Path, out_dir: Path, *, drop: Collection[str]) -> Path:
     """A copy of a memory whose router statistics lack the rows labelled in `drop`: folded tasks
     the stream has learned again since (a retrain), whose inputs then go to their new adapter
@@ -147,8 +154,7 @@ def memory_without(memory_dir: Path, out_dir: Path, *, drop: Collection[str]) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         shutil.copyfile(Path(memory_dir) / name, out_dir / name)
-    stats = memory.statistics
-    kept = {MEANS: stats[MEANS][keep], COUNTS: stats[COUNTS][keep], WITHIN: stats[WITHIN]}
+    kept = select_rows(memory.statistics, keep)
     write_memory_statistics(kept, out_dir, rows=[memory.rows[i] for i in keep])
     return out_dir
 
