@@ -20,8 +20,17 @@ LAMBDA1_NORMS = ("sum", "mean")  # the overlap summed (the paper's), or per laye
 LAMBDA2_NORMS = ("params", "update")  # what lambda2 weighs: the paper's, or the weight change
 
 
-def _number(default: float, help: str, *, low: float = 0.0, exclusive: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "low": low, "exclusive": exclusive})
+def _number(
+    default: float,
+    help: str,
+    *,
+    low: float = 0.0,
+    exclusive: bool = False,
+    high: float | None = None,
+) -> Any:
+    """A number >= low (> low if `exclusive`) and, with `high`, < high."""
+    meta = {"help": help, "low": low, "exclusive": exclusive, "high": high}
+    return field(default=default, metadata=meta)
 
 
 def _choice(default: str, choices: tuple[str, ...], help: str) -> Any:
@@ -41,7 +50,8 @@ class MethodOptions:
                     raise InvalidHyperparameter(field=f.name, reason=reason)
             elif "low" in meta:
                 number = check_number(value, field=f.name, low=meta["low"],
-                                      low_inclusive=not meta["exclusive"])  # fmt: skip
+                                      low_inclusive=not meta["exclusive"],
+                                      high=meta["high"])  # fmt: skip
                 object.__setattr__(self, f.name, number)
             elif isinstance(f.default, bool) and not isinstance(value, bool):
                 reason = f"must be true or false, got {value!r}"
@@ -101,6 +111,10 @@ class AmLoraOptions(MethodOptions):
     lambda1_norm: str = _choice(
         "mean", LAMBDA1_NORMS, "How the overlap is pooled: summed, or the mean per layer and "
         "earlier rank.")  # fmt: skip
+    initial_share: float = _number(
+        0.5, "The new adapter's share of every token's mixture when its task starts, against "
+        "the earlier adapters and the zero adapter together (0 < share < 1).",
+        exclusive=True, high=1.0)  # fmt: skip
 
 
 METHOD_OPTIONS: dict[str, type[MethodOptions]] = {

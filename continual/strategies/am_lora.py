@@ -143,6 +143,7 @@ class AmLora:
                 dropout=hyper.dropout,
                 selector_weight=weight,
                 selector_bias=bias,
+                initial_share=self.options.initial_share,
             )
             scale = self.options.selector_lr_scale  # 1: the run's group
             set_lr_scale(layer.selector_weight, scale)

@@ -94,6 +94,27 @@ def test_registry_and_options() -> None:
     assert info.value.field == "rank"
 
 
+@pytest.mark.parametrize("share", [0.5, 0.9, 0.2])
+def test_a_new_adapter_starts_with_its_initial_share(share: float) -> None:
+    """`initial_share` is the new adapter's weight in every token's mixture at its start,
+    against the zero adapter and the earlier adapters together (whatever their logits)."""
+    generator = torch.Generator().manual_seed(0)
+    earlier = stack_adapters(
+        [(torch.randn(2, 12, generator=generator), torch.randn(10, 2, generator=generator), 1.0)]
+    )
+    layer = AmLoraLinear(torch.nn.Linear(12, 10), frozen=earlier, rank=2, alpha=2.0,
+                         selector_bias=torch.tensor([0.3, -1.2]), initial_share=share)  # fmt: skip
+    x = torch.randn(3, 5, 12, generator=generator)
+    h = (x @ layer.stacked()[0].T).unflatten(-1, (-1, layer.stack_rank))
+    g = layer.gates(h, layer.stacked()[1])
+    torch.testing.assert_close(g[..., -1], torch.full((3, 5), share))
+    assert get_strategy("am-lora", initial_share=0.9).options.initial_share == 0.9  # type: ignore[attr-defined]
+    for bad in (0, 1, 1.5, -0.1, float("nan"), True):
+        with pytest.raises(InvalidHyperparameter) as info:
+            get_strategy("am-lora", initial_share=bad)
+        assert info.value.field == "initial_share"
+
+
 @pytest.mark.parametrize("new_rank", [None, 2, 6])
 def test_layer_matches_the_branch_by_branch_reference(new_rank: int | None) -> None:
     generator = torch.Generator().manual_seed(0)
