@@ -22,6 +22,8 @@ def _field_schema(f: dataclasses.Field[Any]) -> dict[str, Any]:
     elif "low" in meta:
         bound = "exclusiveMinimum" if meta["exclusive"] else "minimum"
         schema.update(type="number", **{bound: meta["low"]})
+        if meta.get("high") is not None:
+            schema["exclusiveMaximum"] = meta["high"]
     elif isinstance(f.default, bool):
         schema["type"] = "boolean"
     return schema

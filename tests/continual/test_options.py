@@ -42,6 +42,8 @@ def test_every_strategy_has_its_options_and_takes_them() -> None:
         ("o-lora", {"orthogonal_init": 1}, "orthogonal_init", "true or false"),
         ("am-lora", {"selector_lr_scale": 0}, "selector_lr_scale", "> 0"),
         ("am-lora", {"routing_weight": float("inf")}, "routing_weight", "finite"),
+        ("am-lora", {"initial_share": 1}, "initial_share", "< 1.0"),
+        ("am-lora", {"initial_share": 0}, "initial_share", "> 0"),
         ("am-lora", {"orthogonal_init": True}, "orthogonal_init", "not an option of method"),
         ("seq-lora", {"lambda1": 0.5}, "lambda1", "its options: none"),
         ("magic", {}, "method", "unknown method"),

@@ -217,11 +217,14 @@ def test_method_options_are_documented_per_method_and_checked_by_field(
     lambda1 = by_method["o-lora options"]["properties"]["lambda1"]
     assert lambda1["type"] == "number" and lambda1["default"] == 0.5 and lambda1["minimum"] == 0
     assert by_method["am-lora options"]["properties"]["lambda1_norm"]["enum"] == ["sum", "mean"]
+    share = by_method["am-lora options"]["properties"]["initial_share"]
+    assert share["exclusiveMinimum"] == 0 and share["exclusiveMaximum"] == 1
     assert by_method["seq-lora options"]["properties"] == {}
     h = api.auth("write")
     for method, bad, field in [
         ("o-lora", {"lambda1": -1}, "lambda1"),
         ("am-lora", {"lambda1_norm": "max"}, "lambda1_norm"),
+        ("am-lora", {"initial_share": 1.0}, "initial_share"),
         ("inc-lora", {"lambda1": 0.5}, "lambda1"),
     ]:
         body = {"name": "s", "base": {"kind": "tiny"}, "method": method, "method_options": bad}
