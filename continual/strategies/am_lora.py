@@ -26,9 +26,10 @@ Design choices:
   of every layer trains (the rows of earlier adapters too: the selector learns to weigh all
   adapters with each task). With routing, only the new adapter's row does; the earlier rows and
   the zero logit are held as saved. Earlier adapters are frozen parameters that no gradient
-  reaches. A new adapter's selector row starts with a zero dense layer and a bias equal to the
-  logsumexp of the earlier logits (about half the weight at the start of its task without
-  routing; see `am_lora_layer._head_start`).
+  reaches. A new adapter's selector row starts with a zero dense layer and a bias that gives it
+  `initial_share` of every token's weight at the start of its task (default one half: the
+  logsumexp of the earlier logits; see `am_lora_layer._head_start`). Its output is scaled by
+  that share, so the share sets how fast the task is learned at a given learning rate.
 - **Selector learning rate**: `selector_lr_scale` (default 1) times the run's. Adam moves a
   logit by about the learning rate per step, so at a LoRA rate (1e-3) and a short task the
   selector stays near its start: without routing, each new adapter takes about half of every
