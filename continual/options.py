@@ -18,6 +18,7 @@ from continual.errors import InvalidHyperparameter
 
 LAMBDA1_NORMS = ("sum", "mean")  # the overlap summed (the paper's), or per layer and earlier rank
 LAMBDA2_NORMS = ("params", "update")  # what lambda2 weighs: the paper's, or the weight change
+ROUTING_SCOPES = ("causal", "prompt")  # am-lora's router: per token prefix, or the whole prompt
 
 
 def _number(
@@ -111,6 +112,9 @@ class AmLoraOptions(MethodOptions):
     lambda1_norm: str = _choice(
         "mean", LAMBDA1_NORMS, "How the overlap is pooled: summed, or the mean per layer and "
         "earlier rank.")  # fmt: skip
+    routing_scope: str = _choice(
+        "causal", ROUTING_SCOPES, "What routes each token: the sequence up to it (causal), or "
+        "the whole prompt (the first pass of a sequence).")  # fmt: skip
     initial_share: float = _number(
         0.5, "The new adapter's share of every token's mixture when its task starts, against "
         "the earlier adapters and the zero adapter together (0 < share < 1).",

@@ -209,6 +209,7 @@ class AmLora:
             weight=self.options.routing_weight,
             learning=learning,
             num_folded=folded,
+            scope=self.options.routing_scope,
         ).to(embedding.weight.device)
         router.folded_rows = rows  # saved with the new adapter's statistics
         base.add_module(ROUTER_MODULE, router)

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from continual.checkpoint import mark_train_state
+from continual.options import ROUTING_SCOPES
 from continual.strategies.am_lora_layer import AmLoraLinear
 
 SHRINKAGE = 0.5
@@ -59,7 +60,7 @@ ROUTER_MODULE = "am_lora_router"
 SERVED_BY_SNAPSHOT = 0.999
 """Posterior mass on the folded tasks from which a sequence is served by the snapshot alone."""
 MEANS, COUNTS, WITHIN = "router.means", "router.counts", "router.within"
-_Continued = tuple[Tensor, Tensor, Tensor | None]  # embedding sums, token counts, served
+_Continued = tuple[Tensor, Tensor, Tensor | None]  # embedding sums, token counts, decision
 """Keys of a task stream's statistics in an AM-LoRA selector file."""
 
 
@@ -94,8 +95,12 @@ class TaskRouter(nn.Module):
         weight: float,
         learning: bool,
         num_folded: int = 0,
+        scope: str = "causal",
     ) -> None:
         super().__init__()
+        if scope not in ROUTING_SCOPES:
+            raise ValueError(f"routing scope {scope!r} is not one of {', '.join(ROUTING_SCOPES)}")
+        self.scope = scope
         dim = embedding.weight.shape[1]
         fits = means.shape[1:] == (dim,) and counts.shape == means.shape[:1]
         if not fits or within.shape != (dim, dim):
@@ -202,26 +207,34 @@ class TaskRouter(nn.Module):
         """The layers' prior (B, T, adapters) for an inference pass over masked embeddings
         `weighted` (B, T, d), and whether no sequence of it needs an adapter.
 
-        A sequence the router gives to the folded tasks (their posterior mass at least
-        `SERVED_BY_SNAPSHOT`, on the whole of its first pass: the prompt, when a cache is
-        continued) is served by the snapshot alone: every adapter's prior is -inf at each of
-        its tokens, so its gates are exactly the zero adapter's, in any batch. When every
+        Each sequence's first pass (the prompt, when a cache is continued) decides its task
+        posterior on the whole of that pass; the passes that continue its cache keep it. With
+        the `prompt` scope every token is routed by that decision; with `causal`, each token by
+        the sequence up to it (the first tokens of a prompt, alike in every task, then go to a
+        mixture).
+
+        A sequence the router gives to the folded tasks (their decided posterior mass at least
+        `SERVED_BY_SNAPSHOT`) is served by the snapshot alone: every adapter's prior is -inf at
+        each of its tokens, so its gates are exactly the zero adapter's, in any batch. When every
         sequence of a pass is, the layers skip the adapters' branches: a folded task costs
         what the snapshot costs."""
-        sums, counts, served = self._continued(past, batch=len(weighted))
+        sums, counts, decided = self._continued(past, batch=len(weighted))
         sums = sums[:, None] + weighted.cumsum(dim=1)  # (B, T, d): this token and before
         counts = counts[:, None] + mask.cumsum(dim=1)[..., None]  # (B, T, 1)
         log_p = self.log_posterior(sums / counts.clamp(min=1.0))
         if log_p is None:
-            self._pending = (sums[:, -1], counts[:, -1], served)
+            self._pending = (sums[:, -1], counts[:, -1], decided)
             return None, False
+        if decided is None:  # a new pass: decide on the whole of it
+            decided = log_p[:, -1]  # (B, tasks)
+        if self.scope == "prompt":
+            log_p = decided[:, None].expand_as(log_p)
         prior = (self.weight * log_p).float()[..., self.num_folded :]  # folded tasks: none
+        served = None
         if self.num_folded:
-            if served is None:  # a new pass: decide on the whole sequence
-                folded = log_p[:, -1, : self.num_folded].exp().sum(dim=-1)  # (B,)
-                served = folded >= SERVED_BY_SNAPSHOT
+            served = decided[:, : self.num_folded].exp().sum(dim=-1) >= SERVED_BY_SNAPSHOT
             prior = prior.masked_fill(served[:, None, None], float("-inf"))
-        self._pending = (sums[:, -1], counts[:, -1], served)
+        self._pending = (sums[:, -1], counts[:, -1], decided)
         return prior, served is not None and bool(served.all())
 
     def _after_decoder(
@@ -253,9 +266,9 @@ class TaskRouter(nn.Module):
         return embeds, embeds.new_ones(embeds.shape[:2])
 
     def _continued(self, past: Any, *, batch: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Embedding sums (B, d), token counts (B, 1) and which sequences the snapshot serves
-        (B,) of the sequences `past` caches (zeros and None for a new pass). A cache repeated k
-        times per sequence (prefix scoring) repeats them."""
+        """Embedding sums (B, d), token counts (B, 1) and the log posterior decided on their
+        first pass (B, tasks) of the sequences `past` caches (zeros and None for a new pass). A
+        cache repeated k times per sequence (prefix scoring) repeats them."""
         dim = self.means.shape[1]
         zeros = (self.means.new_zeros(batch, dim), self.means.new_zeros(batch, 1), None)
         if past is None or _cached_length(past) == 0:
@@ -266,15 +279,15 @@ class TaskRouter(nn.Module):
             found = None
         if found is None:
             return zeros  # a cache filled without the router: route on the new tokens alone
-        sums, counts, served = found
+        sums, counts, decided = found
         if batch != len(sums):
             if batch % len(sums):
                 raise ValueError(f"a cache of {len(sums)} sequences continued by {batch}")
             sums = sums.repeat_interleave(batch // len(sums), dim=0)
             counts = counts.repeat_interleave(batch // len(counts), dim=0)
-            if served is not None:
-                served = served.repeat_interleave(batch // len(served), dim=0)
-        return sums, counts, served
+            if decided is not None:
+                decided = decided.repeat_interleave(batch // len(decided), dim=0)
+        return sums, counts, decided
 
     def _learn(self, features: Tensor) -> Tensor | None:
         """Add the new task's sequences (B, d) to its statistics; the prior of its training

@@ -1,5 +1,6 @@
-"""AM-LoRA's task router: statistics of each task's sequences, a causal prior on the selector's
-scores, earlier tasks kept out of a new task's training, and the files that carry it all."""
+"""AM-LoRA's task router: statistics of each task's sequences, a causal (or whole-prompt) prior on
+the selector's scores, earlier tasks kept out of a new task's training, and the files that carry
+it all."""
 
 from __future__ import annotations
 
@@ -162,6 +163,45 @@ def test_routing_is_causal_and_a_kv_cache_routes_alike(
     assert int(again) == int(generated[0, -1])  # the cached steps routed as one full pass
     assert step is not None and layer.route_logits is not None and step.shape[1] == 1
     torch.testing.assert_close(step[:, -1], layer.route_logits[:, -1], atol=1e-5, rtol=0)
+
+
+def test_prompt_scope_routes_every_token_of_a_prompt_by_the_whole_prompt(
+    make_base: MakeBase, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    """`routing_scope=prompt`: a sequence's first pass decides its task on the whole of it, and
+    every token of that pass and of the passes that continue its cache gets that decision (the
+    causal scope routes a prompt's first tokens by those tokens alone)."""
+    tasks = synthetic_tasks(seed=0, train_size=32, test_size=6)[:2]
+    history = _stream(make_base, tokenizer, tasks, tmp_path, strategy=AmLora())
+    causal = AmLora().inference_model(make_base(), history=history)
+    prompt = AmLora(AmLoraOptions(routing_scope="prompt")).inference_model(
+        make_base(), history=history
+    )
+    assert _router(prompt).scope == "prompt" and _router(causal).scope == "causal"
+    by_causal = next(iter(am_lora_layers(causal).values()))
+    by_prompt = next(iter(am_lora_layers(prompt).values()))
+    for index, task in enumerate(tasks):
+        # The prompt opens with the other task's first word, then goes on as its own.
+        opening = tasks[1 - index].test[0].prompt.split()[0]
+        ids = tokenizer(f"{opening} {task.test[0].prompt}", return_tensors="pt")
+        with torch.no_grad():
+            causal(**ids)
+            prompt(**ids)
+        assert by_causal.route_logits is not None and by_prompt.route_logits is not None
+        decided = by_causal.route_logits[:, -1:]  # the causal prior of the whole prompt
+        torch.testing.assert_close(
+            by_prompt.route_logits, decided.expand_as(by_prompt.route_logits)
+        )
+        assert by_prompt.route_logits[0, 0, index].exp() > 0.9  # its first token too
+        assert by_causal.route_logits[0, 0, index].exp() < 0.5  # the causal scope: the other
+        generated = prompt.generate(**ids, min_new_tokens=3, max_new_tokens=3, do_sample=False)
+        assert generated.shape[1] == ids["input_ids"].shape[1] + 3
+        step = by_prompt.route_logits  # a cached step keeps the prompt's decision
+        assert step is not None and step.shape[1] == 1
+        torch.testing.assert_close(step[:, 0], decided[:, 0])
+    with pytest.raises(InvalidHyperparameter) as info:
+        get_strategy("am-lora", routing_scope="sequence")
+    assert info.value.field == "routing_scope"
 
 
 def test_a_rebuilt_model_routes_like_the_one_that_trained(
