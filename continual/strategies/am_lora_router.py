@@ -22,6 +22,12 @@ lacks without keeping any earlier data:
   label after a prompt routes the prompt alike whichever label follows, and a prompt scored in
   one pass or through a KV cache gets the same prior. The selector still weighs the zero
   adapter against the adapters, and mixes the adapters of tasks the router cannot tell apart.
+- **Or a prior of the whole prompt** (`routing_scope=prompt`): a prompt's first tokens (an
+  instruction alike in every task) say little about its task, and the causal prior routes them by
+  that little. With the `prompt` scope each sequence's first pass is routed as a whole: every
+  token gets the posterior of the whole pass, and the passes that continue its KV cache keep it.
+  A prompt scored through a cache is then routed by the prompt alone; scored in one pass with a
+  label, by both (a few tokens more).
   With one task, or any task without statistics (a stream started without routing), there is no
   prior: the selector mixes alone.
 - **Training knows the task.** While task t trains, its inputs are task t's by definition: the
