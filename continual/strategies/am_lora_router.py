@@ -22,14 +22,14 @@ lacks without keeping any earlier data:
   label after a prompt routes the prompt alike whichever label follows, and a prompt scored in
   one pass or through a KV cache gets the same prior. The selector still weighs the zero
   adapter against the adapters, and mixes the adapters of tasks the router cannot tell apart.
+  With one task, or any task without statistics (a stream started without routing), there is no
+  prior: the selector mixes alone.
 - **Or a prior of the whole prompt** (`routing_scope=prompt`): a prompt's first tokens (an
   instruction alike in every task) say little about its task, and the causal prior routes them by
   that little. With the `prompt` scope each sequence's first pass is routed as a whole: every
   token gets the posterior of the whole pass, and the passes that continue its KV cache keep it.
   A prompt scored through a cache is then routed by the prompt alone; scored in one pass with a
   label, by both (a few tokens more).
-  With one task, or any task without statistics (a stream started without routing), there is no
-  prior: the selector mixes alone.
 - **Training knows the task.** While task t trains, its inputs are task t's by definition: the
   earlier adapters' scores get -inf, so the new adapter learns alone (beside the zero adapter),
   as it will be used once the router sends its task's inputs to it. The earlier rows of the
@@ -216,8 +216,7 @@ class TaskRouter(nn.Module):
         Each sequence's first pass (the prompt, when a cache is continued) decides its task
         posterior on the whole of that pass; the passes that continue its cache keep it. With
         the `prompt` scope every token is routed by that decision; with `causal`, each token by
-        the sequence up to it (the first tokens of a prompt, alike in every task, then go to a
-        mixture).
+        the sequence up to it (the first tokens of a prompt by those few tokens alone).
 
         A sequence the router gives to the folded tasks (their decided posterior mass at least
         `SERVED_BY_SNAPSHOT`) is served by the snapshot alone: every adapter's prior is -inf at
