@@ -117,6 +117,7 @@ def test_a_new_adapter_starts_with_its_initial_share(share: float) -> None:
 
 @pytest.mark.parametrize("new_rank", [None, 2, 6])
 def test_layer_matches_the_branch_by_branch_reference(new_rank: int | None) -> None:
+    torch.manual_seed(0)  # the base layer and the new A: the same draw whatever ran before
     generator = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(12, 10)
     ranks = (3, 4, 2)  # padded to the largest in the stack
@@ -139,7 +140,8 @@ def test_layer_matches_the_branch_by_branch_reference(new_rank: int | None) -> N
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator))
         adapters.append((layer.lora_A, layer.lora_B, layer.scaling))
     x = torch.randn(2, 5, 12, generator=generator)
-    torch.testing.assert_close(layer(x), _reference(layer, x, adapters), rtol=1e-5, atol=1e-5)
+    # float32 sums of up to four branches in two orders: 1e-4 (a wrong mixture is off by O(1))
+    torch.testing.assert_close(layer(x), _reference(layer, x, adapters), rtol=1e-4, atol=1e-4)
     assert layer.num_adapters == n
 
 
