@@ -66,8 +66,10 @@ ROUTER_MODULE = "am_lora_router"
 SERVED_BY_SNAPSHOT = 0.999
 """Posterior mass on the folded tasks from which a sequence is served by the snapshot alone."""
 MEANS, COUNTS, WITHIN = "router.means", "router.counts", "router.within"
-_Continued = tuple[Tensor, Tensor, Tensor | None]  # embedding sums, token counts, decision
 """Keys of a task stream's statistics in an AM-LoRA selector file."""
+_Continued = tuple[Tensor, Tensor, Tensor | None]
+"""What a KV cache's sequences carry to the pass that continues them: their embedding sums,
+token counts, and the log posterior decided on their first pass."""
 
 
 class TaskRouter(nn.Module):
