@@ -52,6 +52,7 @@ from continual.consolidation import (
 )
 from continual.data import TaskData
 from continual.errors import ConsolidationRegressed
+from continual.fold_distill import DistillSettings, distill, final_hidden
 from continual.strategies.am_lora import am_lora_layers
 from continual.strategies.am_lora_files import is_memory, write_memory_statistics
 from continual.strategies.am_lora_layer import AmLoraLinear
@@ -65,6 +66,7 @@ PROBES_PER_TASK = 16  # sequences of each adapter's task: the exact check, am-lo
 RIDGE = 1e-2  # am-lora's fold: pull towards the mean-gate fold, relative to the input energy
 FOLD_BY_BLOCK = False  # am-lora's fold: True fits block by block on partly folded inputs
 WITH_MEMORY = ("o-lora", "am-lora")  # methods that keep a memory of the folded tasks
+DISTILL = DistillSettings()  # am-lora's fold: the distillation that corrects the fitted fold
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class Fold:
     subspace: Subspace | None  # the memory's subspace: every folded task's A rows
     statistics: dict[str, Tensor] | None  # am-lora's router statistics of every folded task
     rows: tuple[str, ...] | None = None  # each statistics row's task label, when known
+    distill_losses: tuple[float, ...] = ()  # am-lora: each distillation step's KL (nats/token)
 
     def write_memory(self, out_dir: Path) -> bool:
         """Write the memory of the folded tasks as `out_dir / MEMORY_DIR`; whether there is one."""
@@ -99,12 +102,14 @@ def fold_state(
     probes: Sequence[Sequence[Tensor]],
     by_block: bool | None = None,
     labels: Sequence[str] | None = None,
+    distillation: DistillSettings | None = None,
 ) -> Fold:
     """Fold `state`, the model `method`'s `inference_model` built from `history` (a memory of
     earlier folds first, if any, then the adapters), into its base weights. `probes[i]` holds
     token-id tensors (1, T) of the task of the i-th adapter after the memory; `labels[i]`, if
     given, its task's label, recorded with am-lora's router rows (after the memory's own).
-    Edits `state`'s weights in place."""
+    `distillation` (default `DISTILL`): how am-lora's fitted fold is then corrected
+    (`continual.fold_distill`). Edits `state`'s weights in place."""
     if method not in FOLDABLE:
         raise ValueError(f"{method} streams cannot be consolidated (known: {FOLDABLE})")
     memory = Path(history[0]) if history and is_memory(Path(history[0])) else None
@@ -112,7 +117,7 @@ def fold_state(
     if method in GATED_METHODS:
         block = FOLD_BY_BLOCK if by_block is None else by_block
         return _fold_gated(state, probes=probes, previous=previous, by_block=block,
-                           labels=labels)  # fmt: skip
+                           labels=labels, distillation=distillation or DISTILL)  # fmt: skip
     if not isinstance(state, PeftModel):
         raise ValueError(f"{method} does not build a PEFT model to fold")
     inputs = [p for task in probes for p in task]
@@ -138,11 +143,14 @@ def _fold_gated(
     previous: Subspace | None,
     by_block: bool,
     labels: Sequence[str] | None,
+    distillation: DistillSettings,
 ) -> Fold:
     layers = am_lora_layers(state)
     n = next(iter(layers.values())).num_adapters
     if len(probes) != n or not all(probes):
         raise ValueError(f"am-lora's fold needs probe sequences for each of its {n} adapters")
+    sequences = [ids for task in probes for ids in task]
+    teacher = final_hidden(state, sequences) if distillation.steps else []
     rows: dict[str, list[Tensor]] = {}
     out_features: dict[str, int] = {}
     gates: dict[str, Tensor] = {}
@@ -175,9 +183,16 @@ def _fold_gated(
     logger.info("am-lora fold: mean gates %s", [round(float(g), 3) for g in per_task])
     changed = sorted(f"{path}.weight" for path in layers)
     model: PreTrainedModel = state  # type: ignore[assignment]  # the base, with its layers back
+    losses: list[float] = []
+    if distillation.steps:
+        with torch.enable_grad():
+            model, losses = distill(model, teacher=teacher, sequences=sequences,
+                                    targets=sorted(layers), settings=distillation)  # fmt: skip
+        model.requires_grad_(False)
+        logger.info("am-lora fold: distilled, KL %.4f -> %.4f", losses[0], losses[-1])
     return Fold(
         model, changed, False, None, tuple(float(g) for g in per_task), subspace, statistics,
-        labelled,
+        labelled, tuple(losses),
     )  # fmt: skip
 
 
@@ -264,12 +279,13 @@ def fold_tolerance(model: nn.Module) -> float:
 
 
 def probe_sequences(
-    tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int
+    tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int, count: int | None = None
 ) -> list[Tensor]:
-    """A few training sequences of a task (prompt and completion, cut as training cut them;
-    test examples when it has no training split), each (1, T): a fold's probes."""
+    """The first `count` (default `PROBES_PER_TASK`) training sequences of a task (prompt and
+    completion, cut as training cut them; test examples when it has no training split), each
+    (1, T): a fold's probes."""
     probes = []
-    for ex in (data.train or data.test)[:PROBES_PER_TASK]:
+    for ex in (data.train or data.test)[: PROBES_PER_TASK if count is None else count]:
         ids = encode_pair(tokenizer, prompt=ex.prompt, completion=ex.completion,
                           add_eos=False, max_length=max_length).ids  # fmt: skip
         probes.append(torch.tensor([ids]))

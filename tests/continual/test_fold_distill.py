@@ -1,0 +1,89 @@
+"""`continual.fold_distill`: the distillation that corrects am-lora's fitted fold."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from continual.config import LoraHyperparams
+from continual.fold import fold_state
+from continual.fold_distill import DistillSettings
+from continual.strategies import get_strategy
+from continual.strategies.am_lora import am_lora_layers
+
+MakeBase = Callable[..., LlamaForCausalLM]
+
+
+def _two_adapters(make_base: MakeBase, root: Path) -> list[Path]:
+    """Two am-lora adapters with random B and a random selector: gates that vary per token, so
+    the fitted fold is not exact."""
+    strategy, history = get_strategy("am-lora", routing_weight=0), []
+    for seed in (0, 1):
+        model = strategy.prepare(make_base(), history=history, hyper=LoraHyperparams(rank=4))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in am_lora_layers(model).values():
+                assert layer.lora_B is not None
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.3)
+                layer.selector_weight.copy_(
+                    torch.randn(layer.selector_weight.shape, generator=generator)
+                )
+        strategy.save_adapter(model, root / f"a{seed}")
+        history.append(root / f"a{seed}")
+    return history
+
+
+def _kl(teacher: torch.Tensor, student: torch.Tensor) -> float:
+    return float(
+        F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
+                 reduction="sum") / teacher.shape[1]
+    )  # fmt: skip
+
+
+def test_distillation_brings_the_fitted_fold_closer_to_the_routed_model(
+    make_base: MakeBase, tmp_path: Path
+) -> None:
+    history = _two_adapters(make_base, tmp_path)
+    generator = torch.Generator().manual_seed(7)
+    probes = [[torch.randint(3, 200, (1, 12), generator=generator) for _ in range(4)]
+              for _ in history]  # fmt: skip
+    held_out = [torch.randint(3, 200, (1, 12), generator=generator) for _ in range(4)]
+    strategy = get_strategy("am-lora", routing_weight=0)
+
+    def fold(steps: int) -> tuple[float, float, tuple[float, ...], list[str]]:
+        state = strategy.inference_model(make_base(), history=history)
+        with torch.no_grad():
+            routed = [state(input_ids=ids).logits for ids in (*probes[0], *probes[1])]
+            routed_new = [state(input_ids=ids).logits for ids in held_out]
+        settings = DistillSettings(steps=steps, rank=4, learning_rate=1e-2, batch=8)
+        done = fold_state(state, method="am-lora", history=history, probes=probes,
+                          distillation=settings)  # fmt: skip
+        with torch.no_grad():
+            seen = [done.model(input_ids=ids).logits for ids in (*probes[0], *probes[1])]
+            new = [done.model(input_ids=ids).logits for ids in held_out]
+        on_probes = sum(_kl(t, s) for t, s in zip(routed, seen, strict=True)) / len(seen)
+        elsewhere = sum(_kl(t, s) for t, s in zip(routed_new, new, strict=True)) / len(new)
+        return on_probes, elsewhere, done.distill_losses, list(done.model.state_dict())
+
+    fitted, fitted_new, none, keys = fold(0)
+    corrected, corrected_new, losses, corrected_keys = fold(40)
+    assert none == () and len(losses) == 40
+    assert losses[0] == pytest.approx(fitted, rel=1e-3)  # a batch of all 8: the fitted fold
+    assert corrected < 0.5 * fitted  # and ends closer on the sequences it was given
+    assert corrected_new < fitted_new  # and on others
+    assert corrected_keys == keys  # merged: a plain model again, no LoRA branch left
+    assert fitted > 1e-4  # the fitted fold alone is not exact here
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("steps", -1), ("rank", 0), ("batch", 0), ("learning_rate", 0.0), ("steps", 1.5)],
+)
+def test_bad_distillation_settings_are_refused(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        DistillSettings(**{field: value})  # type: ignore[arg-type]
