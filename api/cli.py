@@ -11,6 +11,7 @@ from typing import Any
 
 from api import cli_admin, cli_client, cli_datasets, cli_demo, cli_service, progress
 from api.pairs import parse_pairs
+from continual.config import FOLD_DISTILL_STEPS
 from registry.errors import InvalidValue, RegistryError
 from registry.instance import open_instance
 from registry.settings import StrataSettings
@@ -88,7 +89,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             train_per_task=args.train_per_task, eval_per_task=args.eval_per_task, seed=args.seed,
             device=args.device, hyperparams=parse_pairs(args.set), metric=args.metric,
             options=_parse_options(args.option), consolidate_after=args.consolidate_after,
-            max_drop=args.max_drop,
+            max_drop=args.max_drop, distill_steps=args.distill_steps,
         )  # fmt: skip
         results = run_bench(
             cfg, out_dir=out, on_step=bars.step, on_row=bars.row,
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-drop", type=float, default=2.0,
         help="accuracy points a fold that is not exact (am-lora) may cost any task; past it the "
         "fold is refused and the stream goes on unfolded (default 2)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--distill-steps", type=int, default=FOLD_DISTILL_STEPS, metavar="N",
+        help="steps of distillation that correct a fold that is not exact (am-lora) before it is "
+        f"checked; 0: the fitted fold alone (default {FOLD_DISTILL_STEPS})",
     )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
 

@@ -25,6 +25,7 @@ from api.cli_views import (
 )
 from api.client import DEFAULT_URL, StrataClient
 from api.pairs import parse_pairs
+from continual.config import FOLD_DISTILL_STEPS
 from registry.entities import NodeKind
 from registry.errors import InvalidValue
 from services.options import METHODS, options_help
@@ -48,6 +49,10 @@ def _sets(pairs: list[str], flag: str = "--set") -> dict[str, Any]:
 
 # -- streams and tasks ---------------------------------------------------------------------------
 MAX_DROP_HELP = "accuracy points any task may lose to a fold that is not exact (am-lora); default 2"
+DISTILL_HELP = (
+    f"steps of distillation that correct a fold that is not exact (am-lora); 0: none; "
+    f"default {FOLD_DISTILL_STEPS}"
+)
 
 
 def streams_create(c: StrataClient, a: argparse.Namespace) -> int:
@@ -57,7 +62,11 @@ def streams_create(c: StrataClient, a: argparse.Namespace) -> int:
         "method": a.method,
         "hyperparams": _sets(a.set),
         "method_options": _sets(a.option, "--option"),
-        "consolidation": {"every_tasks": a.every_tasks, "max_drop": a.max_drop},
+        "consolidation": {
+            "every_tasks": a.every_tasks,
+            "max_drop": a.max_drop,
+            "distill_steps": a.distill_steps,
+        },
     }
     made = c.request("POST", "/streams", json=body)
     _show(made)  # the stream is importing: its job stores the base model as snapshot v0
@@ -77,14 +86,15 @@ def streams_show(c: StrataClient, a: argparse.Namespace) -> int:
 
 
 def streams_policy(c: StrataClient, a: argparse.Namespace) -> int:
-    body = {k: getattr(a, k) for k in ("every_tasks", "max_adapters", "max_rank", "max_drop")}
+    keys = ("every_tasks", "max_adapters", "max_rank", "max_drop", "distill_steps")
+    body = {k: getattr(a, k) for k in keys}
     s = c.request("PUT", f"/streams/{a.name}/consolidation", json=body)
     print(f"{s['name']}: consolidation policy {s['consolidation'] or 'off'}")
     return 0
 
 
 def streams_consolidate(c: StrataClient, a: argparse.Namespace) -> int:
-    body = {} if a.max_drop is None else {"max_drop": a.max_drop}
+    body = {k: getattr(a, k) for k in ("max_drop", "distill_steps") if getattr(a, k) is not None}
     job = c.request("POST", f"/streams/{a.name}/consolidate", json=body)
     print(f"consolidation job {job['id']} queued")
     return watch(c, job["id"]) if a.watch else 0
@@ -249,6 +259,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
                    help="an option of the method (listed below), e.g. lambda1=0.1")  # fmt: skip
     p.add_argument("--every-tasks", type=int, help="consolidate every N tasks")
     p.add_argument("--max-drop", type=float, help=MAX_DROP_HELP)
+    p.add_argument("--distill-steps", type=int, help=DISTILL_HELP)
     p.add_argument("--no-wait", action="store_true", help="do not follow the import job")
     command(streams, "list", streams_list)
     command(streams, "show", streams_show).add_argument("name")
@@ -258,9 +269,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     p.add_argument("--max-adapters", type=int)
     p.add_argument("--max-rank", type=int)
     p.add_argument("--max-drop", type=float, help=MAX_DROP_HELP)
+    p.add_argument("--distill-steps", type=int, help=DISTILL_HELP)
     p = command(streams, "consolidate", streams_consolidate, "fold the adapters into a snapshot")
     p.add_argument("name")
     p.add_argument("--max-drop", type=float, help=MAX_DROP_HELP + " (this fold only)")
+    p.add_argument("--distill-steps", type=int, help=DISTILL_HELP + " (this fold only)")
     p.add_argument("--watch", action="store_true")
 
     snapshots = group("snapshots", "list a stream's snapshots; roll back to one")

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from registry.store.adapters import MAX_VERSION
 from services.options import METHODS, options_schema
+from services.policy import DEFAULT_DISTILL_STEPS, MAX_DISTILL_STEPS
 
 
 class _Out(BaseModel):
@@ -48,6 +49,11 @@ class ConsolidationPolicy(_In):
     max_drop: float | None = Field(
         default=None, ge=0, le=100, description="Publish a fold that is not exact (am-lora) "
         "only if no task loses more accuracy points than this (default 2)."
+    )  # fmt: skip
+    distill_steps: int | None = Field(
+        default=None, ge=0, le=MAX_DISTILL_STEPS, description="Steps of distillation from the "
+        f"routed state that correct a fold that is not exact (am-lora) before it is checked; "
+        f"0: the fitted fold alone (default {DEFAULT_DISTILL_STEPS})."
     )  # fmt: skip
 
 
@@ -203,6 +209,11 @@ class ConsolidateRequest(_In):
     max_drop: float | None = Field(
         default=None, ge=0, le=100, description="Accuracy points any task may lose to a fold "
         "that is not exact (am-lora); default: the stream's consolidation policy's, else 2."
+    )  # fmt: skip
+    distill_steps: int | None = Field(
+        default=None, ge=0, le=MAX_DISTILL_STEPS, description="Steps of distillation that "
+        "correct a fold that is not exact (am-lora); default: the stream's consolidation "
+        f"policy's, else {DEFAULT_DISTILL_STEPS}."
     )  # fmt: skip
 
 

@@ -46,13 +46,15 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
-        "--probes", type=int, default=fold.PROBES_PER_TASK,
-        help="sequences of each task the fold is fitted (and distilled) on",
+        "--probes", type=int, default=fold.SEQUENCES_PER_TASK,
+        help="sequences of each task the fold is distilled on (fitted on the first "
+        f"{fold.PROBES_PER_TASK})",
     )  # fmt: skip
     parser.add_argument("--distill-steps", default="0")
     parser.add_argument("--distill-rank", type=int, default=8)
     parser.add_argument("--distill-lr", type=float, default=1e-3)
     parser.add_argument("--distill-batch", type=int, default=8)
+    parser.add_argument("--routed", help="the routed row (points, comma-separated) when known")
     args = parser.parse_args()
     order = tuple(args.order.split(","))
     cfg = BenchConfig(data=args.data, order=order, methods=(args.method,), model=args.model,
@@ -78,7 +80,10 @@ def main() -> None:
         row = evaluate_tasks(model, tokenizer, tasks, max_length=hyper.max_length)  # type: ignore[arg-type]
         return [round(100 * v, 1) for v in row]
 
-    routed = measure(strategy.inference_model(copy.deepcopy(pristine), history=history))
+    if args.routed:
+        routed = [float(v) for v in args.routed.split(",")]
+    else:
+        routed = measure(strategy.inference_model(copy.deepcopy(pristine), history=history))
     print(json.dumps({"routed": routed, "order": order, "options": options}), flush=True)
     probes = [fold.probe_sequences(tokenizer, t, max_length=hyper.max_length, count=args.probes)
               for t in tasks]  # fmt: skip

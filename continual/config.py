@@ -27,6 +27,7 @@ MAX_RANK = 4096  # past any hidden size trained here; a larger r only allocates
 EXACT_METHODS = ("seq-lora", "inc-lora", "o-lora")
 GATED_METHODS = ("am-lora",)
 FOLDABLE = EXACT_METHODS + GATED_METHODS
+FOLD_DISTILL_STEPS = 64  # distillation steps correcting a gated fold (`continual.fold_distill`)
 RELORA_PRUNE_DEFAULT = 0.99  # ReLoRA's magnitude pruning of the optimizer state at a reset
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,12 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from continual.batching import encode_pair
-from continual.config import EXACT_METHODS, FOLDABLE, GATED_METHODS  # noqa: F401  (re-exported)
+from continual.config import (  # noqa: F401  (re-exported)
+    EXACT_METHODS,
+    FOLD_DISTILL_STEPS,
+    FOLDABLE,
+    GATED_METHODS,
+)
 from continual.consolidation import (
     MEMORY_DIR,
     Subspace,
@@ -62,11 +67,12 @@ logger = logging.getLogger(__name__)
 
 FOLD_ATOL = 1e-3  # fp32: summing B A into W reorders float additions, nothing more
 FOLD_ATOL_HALF = 5e-2  # bf16 / fp16 weights round to ~3 significant digits when cast back
-PROBES_PER_TASK = 16  # sequences of each adapter's task: the exact check, am-lora's fold
+PROBES_PER_TASK = 16  # sequences of each adapter's task: the exact check, am-lora's fitted fold
+SEQUENCES_PER_TASK = 64  # what `probe_sequences` draws: the fit takes the first PROBES_PER_TASK
 RIDGE = 1e-2  # am-lora's fold: pull towards the mean-gate fold, relative to the input energy
 FOLD_BY_BLOCK = False  # am-lora's fold: True fits block by block on partly folded inputs
 WITH_MEMORY = ("o-lora", "am-lora")  # methods that keep a memory of the folded tasks
-DISTILL = DistillSettings()  # am-lora's fold: the distillation that corrects the fitted fold
+DISTILL = DistillSettings(steps=FOLD_DISTILL_STEPS)  # am-lora's fold: corrects the fitted fold
 
 
 @dataclass(frozen=True)
@@ -103,13 +109,16 @@ def fold_state(
     by_block: bool | None = None,
     labels: Sequence[str] | None = None,
     distillation: DistillSettings | None = None,
+    on_distill_step: Callable[[int, int, float], None] | None = None,
 ) -> Fold:
     """Fold `state`, the model `method`'s `inference_model` built from `history` (a memory of
     earlier folds first, if any, then the adapters), into its base weights. `probes[i]` holds
     token-id tensors (1, T) of the task of the i-th adapter after the memory; `labels[i]`, if
     given, its task's label, recorded with am-lora's router rows (after the memory's own).
-    `distillation` (default `DISTILL`): how am-lora's fitted fold is then corrected
-    (`continual.fold_distill`). Edits `state`'s weights in place."""
+    The exact check and am-lora's fitted fold use the first `PROBES_PER_TASK` of each task's
+    sequences; `distillation` (default `DISTILL`), which corrects am-lora's fitted fold
+    (`continual.fold_distill`), trains on all of them and reports each step as
+    `on_distill_step(step, steps, kl)`. Edits `state`'s weights in place."""
     if method not in FOLDABLE:
         raise ValueError(f"{method} streams cannot be consolidated (known: {FOLDABLE})")
     memory = Path(history[0]) if history and is_memory(Path(history[0])) else None
@@ -117,10 +126,11 @@ def fold_state(
     if method in GATED_METHODS:
         block = FOLD_BY_BLOCK if by_block is None else by_block
         return _fold_gated(state, probes=probes, previous=previous, by_block=block,
-                           labels=labels, distillation=distillation or DISTILL)  # fmt: skip
+                           labels=labels, distillation=distillation or DISTILL,
+                           on_distill_step=on_distill_step)  # fmt: skip
     if not isinstance(state, PeftModel):
         raise ValueError(f"{method} does not build a PEFT model to fold")
-    inputs = [p for task in probes for p in task]
+    inputs = [p for task in probes for p in task[:PROBES_PER_TASK]]
     reference = _logits(state, inputs)
     subspace = folded_subspace(state, previous=previous) if method in WITH_MEMORY else None
     changed = folded_weight_names(state)
@@ -144,6 +154,7 @@ def _fold_gated(
     by_block: bool,
     labels: Sequence[str] | None,
     distillation: DistillSettings,
+    on_distill_step: Callable[[int, int, float], None] | None,
 ) -> Fold:
     layers = am_lora_layers(state)
     n = next(iter(layers.values())).num_adapters
@@ -151,6 +162,7 @@ def _fold_gated(
         raise ValueError(f"am-lora's fold needs probe sequences for each of its {n} adapters")
     sequences = [ids for task in probes for ids in task]
     teacher = final_hidden(state, sequences) if distillation.steps else []
+    probes = [task[:PROBES_PER_TASK] for task in probes]
     rows: dict[str, list[Tensor]] = {}
     out_features: dict[str, int] = {}
     gates: dict[str, Tensor] = {}
@@ -186,8 +198,12 @@ def _fold_gated(
     losses: list[float] = []
     if distillation.steps:
         with torch.enable_grad():
-            model, losses = distill(model, teacher=teacher, sequences=sequences,
-                                    targets=sorted(layers), settings=distillation)  # fmt: skip
+            model, losses = distill(
+                model, teacher=teacher, sequences=sequences, targets=sorted(layers),
+                settings=distillation,
+                on_step=None if on_distill_step is None
+                else lambda step, kl: on_distill_step(step, distillation.steps, kl),
+            )  # fmt: skip
         model.requires_grad_(False)
         logger.info("am-lora fold: distilled, KL %.4f -> %.4f", losses[0], losses[-1])
     return Fold(
@@ -281,11 +297,11 @@ def fold_tolerance(model: nn.Module) -> float:
 def probe_sequences(
     tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int, count: int | None = None
 ) -> list[Tensor]:
-    """The first `count` (default `PROBES_PER_TASK`) training sequences of a task (prompt and
+    """The first `count` (default `SEQUENCES_PER_TASK`) training sequences of a task (prompt and
     completion, cut as training cut them; test examples when it has no training split), each
     (1, T): a fold's probes."""
     probes = []
-    for ex in (data.train or data.test)[: PROBES_PER_TASK if count is None else count]:
+    for ex in (data.train or data.test)[: SEQUENCES_PER_TASK if count is None else count]:
         ids = encode_pair(tokenizer, prompt=ex.prompt, completion=ex.completion,
                           add_eos=False, max_length=max_length).ids  # fmt: skip
         probes.append(torch.tensor([ids]))

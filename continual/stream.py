@@ -29,6 +29,7 @@ from continual.fold import (
     fold_tolerance,
     probe_sequences,
 )
+from continual.fold_distill import DistillSettings
 from continual.metrics import AccuracyMatrix
 from continual.strategies import Strategy
 from continual.training import TrainingCallbacks, TrainResult, train
@@ -47,6 +48,7 @@ class FoldReport:
     max_logit_diff: float | None  # exact folds
     published: bool  # False: the fold lost more than max_drop points; the stream kept its state
     table: str
+    distill_losses: tuple[float, ...] = ()  # am-lora: the distillation's KL per step
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ def learn_stream(
     consolidate_after: int | None = None,
     max_drop: float = 2.0,
     on_fold: Callable[[FoldReport], None] | None = None,
+    distillation: DistillSettings | None = None,
 ) -> StreamResult:
     """Train `tasks` in order; after each, rebuild the stream's model from the saved adapters
     and evaluate every task. `make_base` must return a fresh base each call (PEFT edits the
@@ -132,7 +135,8 @@ def learn_stream(
 
     `consolidate_after` K: after the K-th task, fold the stream's state into its base as a
     consolidation job does (`continual.fold`; exact folds are checked against the adapted
-    model, am-lora's against `max_drop`) and learn the later tasks on the folded base."""
+    model, am-lora's against `max_drop`, after `distillation`, default `continual.fold.DISTILL`)
+    and learn the later tasks on the folded base."""
     check_metric(metric)
     start = time.perf_counter()
 
@@ -174,7 +178,7 @@ def learn_stream(
             report, folded, memory = _consolidate(
                 strategy, make_base(), tokenizer, tasks[since : index + 1], history, hyper,
                 routed=rows[-1], evaluate_all=evaluate_all, max_drop=max_drop, after_task=index,
-                out_dir=Path(out_dir) / f"fold-after-{index:02d}",
+                out_dir=Path(out_dir) / f"fold-after-{index:02d}", distillation=distillation,
             )  # fmt: skip
             folds.append(report)
             if on_fold is not None:
@@ -206,12 +210,14 @@ def _consolidate(
     max_drop: float,
     after_task: int,
     out_dir: Path,
+    distillation: DistillSettings | None,
 ) -> tuple[FoldReport, PreTrainedModel | None, list[Path]]:
     """Fold the state `history` builds on `base`; (the report, the folded model and the new
     history, its memory) when the fold passes its check, else (the report, None, [])."""
     state = strategy.inference_model(base, history=history)
     probes = [probe_sequences(tokenizer, task, max_length=hyper.max_length) for task in tasks]
-    fold = fold_state(state, method=strategy.name, history=history, probes=probes)
+    fold = fold_state(state, method=strategy.name, history=history, probes=probes,
+                      distillation=distillation)  # fmt: skip
     if fold.exact and not (fold.max_logit_diff or 0.0) <= fold_tolerance(fold.model):
         raise ValueError(f"the fold changed the logits by {fold.max_logit_diff:.3g}")
     folded = evaluate_all(fold.model)
@@ -226,7 +232,8 @@ def _consolidate(
                 "published" if published else "refused", table)  # fmt: skip
     report = FoldReport(after_task=after_task, routed=routed, folded=folded,
                         mean_gates=fold.mean_gates, max_logit_diff=fold.max_logit_diff,
-                        published=published, table=table)  # fmt: skip
+                        published=published, table=table,
+                        distill_losses=fold.distill_losses)  # fmt: skip
     if not published:
         return report, None, []
     memory = [out_dir / MEMORY_DIR] if fold.write_memory(out_dir) else []

@@ -7,13 +7,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from continual.config import FOLDABLE
+from continual.config import FOLD_DISTILL_STEPS, FOLDABLE
 from registry.entities import Job, JobKind, Stream
 from registry.errors import InvalidValue
 from registry.instance import Instance
 
 log = logging.getLogger(__name__)
-__all__ = ["FOLDABLE", "check_max_drop", "check_policy", "due", "queue_if_due"]
+__all__ = [
+    "FOLDABLE",
+    "check_distill_steps",
+    "check_max_drop",
+    "check_policy",
+    "due",
+    "queue_if_due",
+]
 
 DEFAULT_MAX_DROP = 2.0  # accuracy points a task may lose to a fold that is not exact
 POLICY = {
@@ -22,21 +29,30 @@ POLICY = {
     "max_rank": "fold when their ranks add up to more than this",
 }
 GATE = {"max_drop": "accuracy points any task may lose to a fold that is not exact (am-lora)"}
+FOLD = {"distill_steps": "steps of distillation that correct a fold that is not exact (am-lora)"}
+DEFAULT_DISTILL_STEPS = FOLD_DISTILL_STEPS
+MAX_DISTILL_STEPS = 10_000
 
 
 def check_policy(policy: object, *, method: str) -> dict[str, Any]:
     """A stream's consolidation policy: positive integers for any of `POLICY`'s keys (when to
-    fold), and `max_drop`, a number >= 0 (how much a fold may cost)."""
+    fold), `max_drop`, a number >= 0 (how much a fold may cost), and `distill_steps`, a whole
+    number >= 0 (how a fold that is not exact is corrected)."""
     if not isinstance(policy, dict):
         raise InvalidValue("must be an object", field="consolidation")
     out: dict[str, Any] = {}
     for key, value in policy.items():
-        if key not in POLICY and key not in GATE:
-            raise InvalidValue(f"unknown policy key (known: {sorted({**POLICY, **GATE})})",
+        if key not in POLICY and key not in GATE and key not in FOLD:
+            raise InvalidValue(f"unknown policy key (known: {sorted({**POLICY, **GATE, **FOLD})})",
                                field=key)  # fmt: skip
         if value is None:
             continue
-        out[key] = check_max_drop(value) if key in GATE else _positive_int(value, field=key)
+        if key in GATE:
+            out[key] = check_max_drop(value)
+        elif key in FOLD:
+            out[key] = check_distill_steps(value)
+        else:
+            out[key] = _positive_int(value, field=key)
     if set(out) & set(POLICY) and method not in FOLDABLE:
         raise InvalidValue(f"{method} streams cannot be consolidated", field="consolidation")
     return out
@@ -47,6 +63,13 @@ def check_max_drop(value: object) -> float:
         raise InvalidValue(f"must be a number of points in [0, 100], got {value!r}",
                            field="max_drop")  # fmt: skip
     return float(value)
+
+
+def check_distill_steps(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DISTILL_STEPS:
+        raise InvalidValue(f"must be a whole number in [0, {MAX_DISTILL_STEPS}], got {value!r}",
+                           field="distill_steps")  # fmt: skip
+    return value
 
 
 def _positive_int(value: object, *, field: str) -> int:

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from continual.config import LoraHyperparams
+from continual.config import FOLD_DISTILL_STEPS, LoraHyperparams
 from continual.data import TaskData, load_cl_benchmark
 from continual.errors import InvalidHyperparameter
+from continual.fold_distill import DistillSettings
 from continual.metrics import AccuracyMatrix
 from continual.strategies import Strategy, get_strategy
 from continual.stream import FoldReport, check_metric, evaluate_tasks, learn_stream
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MULTITASK = "multitask"
 COMPOSED = "composed"
+MAX_DISTILL_STEPS = 10_000  # services.policy keeps the same bound
 COMPOSED_OPTIONS: dict[str, Any] = {"routing_weight": 1.0, "lambda1": 0.5, "lambda1_norm": "mean"}
 """The composed settings: am-lora with task routing and O-LoRA's overlap term (the per-layer
 mean) between each new adapter and the earlier ones; with `--consolidate-after` its adapters
@@ -61,6 +63,7 @@ class BenchConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> its options
     consolidate_after: int | None = None  # fold every sequential method's state after task K
     max_drop: float = 2.0  # points a fold that is not exact may cost any task
+    distill_steps: int = FOLD_DISTILL_STEPS  # the distillation correcting a fold that is not exact
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,7 @@ def run_bench(
             metric=cfg.metric, callbacks=callbacks_for(method), on_row=report(method),
             on_scored=scored(method), consolidate_after=cfg.consolidate_after,
             max_drop=cfg.max_drop,
+            distillation=DistillSettings(steps=cfg.distill_steps, seed=cfg.seed),
             on_fold=folded(method),
         )  # fmt: skip
         steps = sum(r.steps for r in res.train_results)
@@ -197,6 +201,15 @@ def check_bench(cfg: BenchConfig) -> None:
     if not 0 <= cfg.max_drop <= 100:
         raise InvalidHyperparameter(
             field="max_drop", reason=f"must be in [0, 100], got {cfg.max_drop}"
+        )
+    if (
+        isinstance(cfg.distill_steps, bool)
+        or not isinstance(cfg.distill_steps, int)
+        or not (0 <= cfg.distill_steps <= MAX_DISTILL_STEPS)
+    ):
+        raise InvalidHyperparameter(
+            field="distill_steps",
+            reason=f"must be a whole number in [0, {MAX_DISTILL_STEPS}], got {cfg.distill_steps}",
         )
     for method, options in cfg.options.items():
         if method not in cfg.methods:

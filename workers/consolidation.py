@@ -10,7 +10,9 @@ onto it, after checking what the fold changed.
    - am-lora's per-token mixture has no exact fold: every task is measured on the routed state
      first, and the fold is published only if no task's accuracy on the folded state drops by
      more than `max_drop` points (the job's parameter, else the stream's consolidation policy,
-     else `services.policy.DEFAULT_MAX_DROP`). Otherwise the job fails with
+     else `services.policy.DEFAULT_MAX_DROP`), after a distillation from the routed state
+     corrects the fitted fold (`distill_steps`, looked up the same way;
+     `continual.fold_distill`). Otherwise the job fails with
      `consolidation_regressed` and the per-task table of routed and folded accuracy; nothing
      is stored.
    Either way the stream stays on its old snapshot when the check fails.
@@ -41,12 +43,18 @@ from continual.fold import (
     fold_tolerance,
     probe_sequences,
 )
+from continual.fold_distill import DistillSettings
 from registry.artifacts import read_manifest
 from registry.entities import AdapterVersion, Job, Snapshot, Task
 from registry.errors import Conflict, InvalidValue
 from registry.instance import Instance
 from services.datasets import load_dataset
-from services.policy import DEFAULT_MAX_DROP, check_max_drop
+from services.policy import (
+    DEFAULT_DISTILL_STEPS,
+    DEFAULT_MAX_DROP,
+    check_distill_steps,
+    check_max_drop,
+)
 from services.setup import recorded_setup
 from workers.evaluation import TaskScore, record_row, score_row
 from workers.jobs import DEFAULT_EVAL_LIMIT
@@ -72,12 +80,17 @@ def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:
     max_drop = check_max_drop(
         job.params.get("max_drop", stream.consolidation.get("max_drop", DEFAULT_MAX_DROP))
     )
+    distill_steps = check_distill_steps(
+        job.params.get("distill_steps",
+                       stream.consolidation.get("distill_steps", DEFAULT_DISTILL_STEPS))
+    )  # fmt: skip
     tasks = reg.tasks.list_tasks(job.stream_id)
     datasets = [(t, load_dataset(inst, reg.tasks.get_version(t.id).dataset)) for t in tasks]
     reporter.event(f"folding {len(adapters)} {method} adapters into snapshot v{snapshot.version}")
     fold, scores = _fold_checked(
-        inst, job, reporter, snapshot, adapters, datasets, max_drop=max_drop
-    )
+        inst, job, reporter, snapshot, adapters, datasets, max_drop=max_drop,
+        distill_steps=distill_steps,
+    )  # fmt: skip
     started = time.perf_counter()
     digest, sizes = _store(inst, fold, parent=snapshot)
     stored: dict[str, float] = {**sizes, "seconds_store": round(time.perf_counter() - started, 3)}
@@ -103,6 +116,7 @@ def _fold_checked(
     datasets: list[tuple[Task, TaskData]],
     *,
     max_drop: float,
+    distill_steps: int,
 ) -> tuple[Fold, list[TaskScore]]:
     """The fold (checked: exact within tolerance, or no task past `max_drop`) and every task's
     score on the folded model."""
@@ -125,7 +139,19 @@ def _fold_checked(
     data = {task.id: d for task, d in datasets}
     probes = [probe_sequences(tokenizer, data[v.task_id], max_length=cut) for v in adapters]
     labels = [str(v.task_id) for v in adapters]  # the memory's router rows name their tasks
-    fold = fold_state(state, method=method, history=dirs, probes=probes, labels=labels)
+    if method in GATED_METHODS and distill_steps:
+        reporter.event(f"fitting the fold, then {distill_steps} steps of distillation from the "
+                       "routed state")  # fmt: skip
+
+    def distilled(step: int, steps: int, kl: float) -> None:
+        reporter.progress(0.3 + 0.2 * step / steps)
+        if step == 1 or step == steps or step % 16 == 0:
+            reporter.event(f"distillation step {step}/{steps}: KL {kl:.4f} nats/token",
+                           metrics={"distill_step": step, "distill_kl": kl})  # fmt: skip
+
+    fold = fold_state(state, method=method, history=dirs, probes=probes, labels=labels,
+                      distillation=DistillSettings(steps=distill_steps),
+                      on_distill_step=distilled)  # fmt: skip
     clock.lap("seconds_fold")
     if fold.exact:
         _check_exact(reporter, fold.max_logit_diff, fold.model, snapshot, clock)

@@ -113,6 +113,8 @@ def consolidate(
     params: dict[str, Any] = {"reason": "requested", "eval_limit": body.eval_limit}
     if body.max_drop is not None:
         params["max_drop"] = body.max_drop
+    if body.distill_steps is not None:
+        params["distill_steps"] = body.distill_steps
     job = inst.registry.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=stream.id, params=params)
     enqueue(inst, dispatcher, job)
     return inst.registry.jobs.get(job.id)

@@ -23,6 +23,7 @@ from continual.fold import (
     mean_gates,
     probe_sequences,
 )
+from continual.fold_distill import DistillSettings
 from continual.strategies import get_strategy
 from continual.strategies.am_lora import am_lora_layers
 from continual.strategies.am_lora_files import is_memory
@@ -73,7 +74,8 @@ def test_a_constant_gate_makes_the_gated_fold_exact_and_its_weights_follow_the_f
         + torch.sigmoid(torch.tensor(0.4)) * (layer.frozen_B[:, 0] @ layer.frozen_A[0])
         for p, layer in layers.items()
     }
-    fold = fold_state(state, method="am-lora", history=[path], probes=[[IDS]])
+    fitted = DistillSettings(steps=0)  # the fitted fold alone: the formula
+    fold = fold_state(state, method="am-lora", history=[path], probes=[[IDS]], distillation=fitted)
     assert fold.exact is False and fold.mean_gates is not None
     assert fold.mean_gates[0] == pytest.approx(float(torch.sigmoid(torch.tensor(0.4))), abs=1e-6)
     for p, weight in expected.items():

@@ -130,11 +130,12 @@ def test_bench_consolidates_after_task_k_through_the_fold_jobs_use(
         "bench", "--data", str(cl_dir), "--order", "sport_food,food_weather",
         "--methods", "o-lora,composed", "--model", "tiny", "--train-per-task", "32",
         "--eval-per-task", "8", "--set", "max_steps=4", "--consolidate-after", "1",
-        "--max-drop", "100", "--out", str(out),
+        "--max-drop", "100", "--distill-steps", "5", "--out", str(out),
     ])  # fmt: skip
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["consolidate_after"] == 1
+    assert results["config"]["distill_steps"] == 5
     olora, composed = results["methods"]
     for method in (olora, composed):
         (fold,) = method["folds"]
@@ -146,6 +147,9 @@ def test_bench_consolidates_after_task_k_through_the_fold_jobs_use(
     assert olora["folds"][0]["max_logit_diff"] < 1e-3 and olora["folds"][0]["mean_gates"] is None
     (gate,) = composed["folds"][0]["mean_gates"]
     assert 0 < gate < 1 and composed["folds"][0]["max_logit_diff"] is None
+    # am-lora's fitted fold is then distilled from the routed state; an exact fold is not
+    assert len(composed["folds"][0]["distill_losses"]) == 5
+    assert olora["folds"][0]["distill_losses"] == []
     for method in ("o-lora", "composed"):
         assert (out / "adapters" / method / "fold-after-00" / "olora_memory").is_dir()
     assert (out / "adapters" / "composed" / "fold-after-00" / "olora_memory" /
@@ -169,6 +173,7 @@ def test_bench_consolidates_after_task_k_through_the_fold_jobs_use(
         (["--methods", "seq-lora", "--option", "lambda1=1"], "METHOD.KEY=VALUE"),
         (["--consolidate-after", "1"], "consolidate_after"),  # one task: nothing comes after
         (["--max-drop", "-1"], "max_drop"),
+        (["--distill-steps", "-1"], "distill_steps"),
         (["--methods", "composed", "--option", "composed.lambda1=-1"], "lambda1"),
     ],
 )

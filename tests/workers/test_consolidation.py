@@ -191,7 +191,10 @@ def test_unverified_folds_and_empty_streams_leave_the_stream_on_its_snapshot(
     assert "stays on snapshot v0" in failed.error.message
     assert inst.registry.streams.current_snapshot(empty.id).id == empty_v0.id
     assert len(inst.registry.streams.list_snapshots(empty.id)) == 1
-    for policy, field in (({"max_drop": -1}, "max_drop"), ({"max_drop": "2"}, "max_drop")):
+    bad = [({"max_drop": -1}, "max_drop"), ({"max_drop": "2"}, "max_drop"),
+           ({"distill_steps": -1}, "distill_steps"), ({"distill_steps": 1.5}, "distill_steps"),
+           ({"distill_steps": True}, "distill_steps")]  # fmt: skip
+    for policy, field in bad:
         with pytest.raises(InvalidValue) as exc:
             create_stream(inst, name="t", base={"kind": "tiny"}, consolidation=policy)
         assert exc.value.field == field
@@ -236,6 +239,34 @@ def test_a_fold_that_drops_a_task_past_max_drop_publishes_nothing(
     passed = _consolidate(inst, am.id)  # the policy's max_drop, 100, lets the same fold through
     assert passed.state is JobState.SUCCEEDED, passed.error
     assert reg.streams.current_snapshot(am.id).version == 1
+
+
+def _distilled(inst: Instance, job_id: int) -> list[tuple[int, float]]:
+    return [
+        (int(e.metrics["distill_step"]), float(e.metrics["distill_kl"]))
+        for e in inst.registry.jobs.events(job_id, limit=1000)
+        if e.metrics and "distill_step" in e.metrics
+    ]
+
+
+def test_an_am_lora_fold_is_distilled_as_the_policy_or_the_request_says(inst: Instance) -> None:
+    reg = inst.registry
+    policy = {"max_drop": 100, "distill_steps": 17}
+    am, _ = create_stream(inst, name="am", base={"kind": "tiny"}, method="am-lora",
+                          hyperparams=QV, consolidation=policy)  # fmt: skip
+    _train(inst, am, "a", 0)
+    _train(inst, am, "b", 1)
+    by_policy = _consolidate(inst, am.id)
+    assert by_policy.state is JobState.SUCCEEDED, by_policy.error
+    steps = _distilled(inst, by_policy.id)
+    assert [s for s, _ in steps] == [1, 16, 17]  # reported: the first, every 16th, the last
+    assert all(kl >= 0 for _, kl in steps)
+    _train(inst, am, "c", 2)
+    job = reg.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=am.id, params={"distill_steps": 0})
+    fitted = execute(inst, Recorder(), job.id, worker="w")
+    assert fitted is not None and fitted.state is JobState.SUCCEEDED, fitted.error
+    assert _distilled(inst, fitted.id) == []  # the request's 0 over the policy's 17
+    assert reg.streams.current_snapshot(am.id).version == 2
 
 
 def test_am_lora_folds_keep_routing_the_folded_tasks_to_the_snapshot(inst: Instance) -> None:

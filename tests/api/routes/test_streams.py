@@ -323,6 +323,16 @@ def test_consolidation_routes_refuse_what_cannot_be_folded(api: Api) -> None:
     assert policy.json()["consolidation"] == {"every_tasks": 2, "max_drop": 3.5}
     _problem(c.put("/v1/streams/am/consolidation", json={"max_drop": 101}, headers=h), 422,
              "max_drop")  # fmt: skip
+    # and corrected by distillation: the request's steps, else the policy's
+    distilled = c.post("/v1/streams/am/consolidate", json={"distill_steps": 0}, headers=h)
+    assert distilled.status_code == 202 and distilled.json()["params"]["distill_steps"] == 0
+    for bad in (-1, 10_001, 2.5, "many"):
+        _problem(c.post("/v1/streams/am/consolidate", json={"distill_steps": bad}, headers=h),
+                 422, "distill_steps")  # fmt: skip
+        _problem(c.put("/v1/streams/am/consolidation", json={"distill_steps": bad}, headers=h),
+                 422, "distill_steps")  # fmt: skip
+    policy = c.put("/v1/streams/am/consolidation", json={"distill_steps": 128}, headers=h)
+    assert policy.json()["consolidation"] == {"distill_steps": 128}
     am2 = {"name": "am2", "base": {"kind": "tiny"}, "method": "am-lora",
            "consolidation": {"every_tasks": 1}}  # fmt: skip
     assert c.post("/v1/streams", headers=h, json=am2).status_code == 202
