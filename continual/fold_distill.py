@@ -64,7 +64,7 @@ def final_hidden(model: nn.Module, sequences: Sequence[Tensor]) -> list[Tensor]:
     finally:
         handle.remove()
     if len(seen) != len(sequences):
-        raise RuntimeError("the output head ran once per sequence")
+        raise RuntimeError("the output head did not run once per sequence")
     return [h.float().cpu() for h in seen]
 
 
@@ -93,6 +93,7 @@ def distill(
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
     device = next(peft_model.parameters()).device
+    dtype = next(head.parameters()).dtype  # the teacher's states were kept in float32
     order: list[int] = []
     losses: list[float] = []
     peft_model.train()
@@ -104,7 +105,8 @@ def distill(
                 order = torch.randperm(len(sequences), generator=generator).tolist()
             index = order.pop()
             with torch.no_grad():
-                target = F.log_softmax(head(teacher[index].to(device)).float(), dim=-1)
+                hidden = teacher[index].to(device=device, dtype=dtype)
+                target = F.log_softmax(head(hidden).float(), dim=-1)
             logits = peft_model(input_ids=sequences[index].to(device)).logits.float()
             kl = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True,
                           reduction="sum") / logits.shape[1]  # fmt: skip
