@@ -11,11 +11,11 @@ from typing import Any
 
 from api import cli_admin, cli_client, cli_datasets, cli_demo, cli_service, progress
 from api.pairs import parse_pairs
-from continual.config import FOLD_DISTILL_STEPS
 from registry.errors import InvalidValue, RegistryError
 from registry.instance import open_instance
 from registry.settings import StrataSettings
 from services.errors import code_of
+from services.policy import DEFAULT_DISTILL_STEPS
 
 
 class _BenchProgress:
@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fold is refused and the stream goes on unfolded (default 2)",
     )  # fmt: skip
     bench.add_argument(
-        "--distill-steps", type=int, default=FOLD_DISTILL_STEPS, metavar="N",
+        "--distill-steps", type=int, default=DEFAULT_DISTILL_STEPS, metavar="N",
         help="steps of distillation that correct a fold that is not exact (am-lora) before it is "
-        f"checked; 0: the fitted fold alone (default {FOLD_DISTILL_STEPS})",
+        f"checked; 0: the fitted fold alone (default {DEFAULT_DISTILL_STEPS})",
     )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
 

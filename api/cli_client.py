@@ -25,10 +25,10 @@ from api.cli_views import (
 )
 from api.client import DEFAULT_URL, StrataClient
 from api.pairs import parse_pairs
-from continual.config import FOLD_DISTILL_STEPS
 from registry.entities import NodeKind
 from registry.errors import InvalidValue
 from services.options import METHODS, options_help
+from services.policy import DEFAULT_DISTILL_STEPS
 
 Command = Callable[[StrataClient, argparse.Namespace], int]
 
@@ -51,7 +51,7 @@ def _sets(pairs: list[str], flag: str = "--set") -> dict[str, Any]:
 MAX_DROP_HELP = "accuracy points any task may lose to a fold that is not exact (am-lora); default 2"
 DISTILL_HELP = (
     f"steps of distillation that correct a fold that is not exact (am-lora); 0: none; "
-    f"default {FOLD_DISTILL_STEPS}"
+    f"default {DEFAULT_DISTILL_STEPS}"
 )
 
 
