@@ -1,12 +1,12 @@
 """Fold one trained am-lora / composed state several ways and measure each fold per task.
 
 A `strata bench` run keeps its adapters (`OUT/adapters/METHOD/NN-task`). This script rebuilds
-the state the first `--folded` of them make (the same method options as the run), measures every
-folded task on it (routed), then folds it once per variant (`continual.fold.fold_state`, as a
-consolidation job does) and measures the folded model alone: one line of JSON per variant with
-the per-task drop. Variants differ in the distillation that corrects the fitted fold
-(`continual.fold_distill`): `--distill-steps 0,48` folds twice, fitted only and corrected by 48
-steps.
+the state its first adapters make, one per `--order` task (with the run's method options),
+measures every folded task on it (routed), then folds it once per variant
+(`continual.fold.fold_state`, as a consolidation job does) and measures the folded model alone:
+one line of JSON per variant with the per-task drop. Variants differ in the distillation that
+corrects the fitted fold (`continual.fold_distill`): `--distill-steps 0,48` folds twice, fitted
+only and corrected by 48 steps.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fold_variants.py \
         --adapters bench-results/o2-2tasks-share9-prompt-s1/adapters/composed \
@@ -25,6 +25,7 @@ import json
 import time
 from pathlib import Path
 
+from api.pairs import parse_pairs
 from continual import fold
 from continual.config import LoraHyperparams
 from continual.fold_distill import DistillSettings
@@ -60,13 +61,7 @@ def main() -> None:
     cfg = BenchConfig(data=args.data, order=order, methods=(args.method,), model=args.model,
                       train_per_task=args.train_per_task, eval_per_task=args.eval_per_task,
                       seed=args.seed)  # fmt: skip
-    options = {}
-    for pair in args.option:
-        key, _, value = pair.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    options = parse_pairs(args.option, flag="--option")
     strategy = bench_strategy(args.method, options)
     history = sorted(p for p in args.adapters.iterdir() if p.is_dir())[: len(order)]
     if [p.name.split("-", 1)[1] for p in history] != list(order):

@@ -28,6 +28,7 @@ EXACT_METHODS = ("seq-lora", "inc-lora", "o-lora")
 GATED_METHODS = ("am-lora",)
 FOLDABLE = EXACT_METHODS + GATED_METHODS
 FOLD_DISTILL_STEPS = 64  # distillation steps correcting a gated fold (`continual.fold_distill`)
+MAX_FOLD_DISTILL_STEPS = 10_000  # the most a policy, a request or `strata bench` may ask for
 RELORA_PRUNE_DEFAULT = 0.99  # ReLoRA's magnitude pruning of the optimizer state at a reset
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from continual.config import FOLD_DISTILL_STEPS, FOLDABLE
+from continual.config import FOLD_DISTILL_STEPS, FOLDABLE, MAX_FOLD_DISTILL_STEPS
 from registry.entities import Job, JobKind, Stream
 from registry.errors import InvalidValue
 from registry.instance import Instance
@@ -31,7 +31,7 @@ POLICY = {
 GATE = {"max_drop": "accuracy points any task may lose to a fold that is not exact (am-lora)"}
 FOLD = {"distill_steps": "steps of distillation that correct a fold that is not exact (am-lora)"}
 DEFAULT_DISTILL_STEPS = FOLD_DISTILL_STEPS
-MAX_DISTILL_STEPS = 10_000
+MAX_DISTILL_STEPS = MAX_FOLD_DISTILL_STEPS
 
 
 def check_policy(policy: object, *, method: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from continual.config import FOLD_DISTILL_STEPS, LoraHyperparams
+from continual.config import FOLD_DISTILL_STEPS, MAX_FOLD_DISTILL_STEPS, LoraHyperparams
 from continual.data import TaskData, load_cl_benchmark
 from continual.errors import InvalidHyperparameter
 from continual.fold_distill import DistillSettings
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 MULTITASK = "multitask"
 COMPOSED = "composed"
-MAX_DISTILL_STEPS = 10_000  # services.policy keeps the same bound
 COMPOSED_OPTIONS: dict[str, Any] = {"routing_weight": 1.0, "lambda1": 0.5, "lambda1_norm": "mean"}
 """The composed settings: am-lora with task routing and O-LoRA's overlap term (the per-layer
 mean) between each new adapter and the earlier ones; with `--consolidate-after` its adapters
@@ -205,11 +204,12 @@ def check_bench(cfg: BenchConfig) -> None:
     if (
         isinstance(cfg.distill_steps, bool)
         or not isinstance(cfg.distill_steps, int)
-        or not (0 <= cfg.distill_steps <= MAX_DISTILL_STEPS)
+        or not (0 <= cfg.distill_steps <= MAX_FOLD_DISTILL_STEPS)
     ):
         raise InvalidHyperparameter(
             field="distill_steps",
-            reason=f"must be a whole number in [0, {MAX_DISTILL_STEPS}], got {cfg.distill_steps}",
+            reason=f"must be a whole number in [0, {MAX_FOLD_DISTILL_STEPS}], "
+            f"got {cfg.distill_steps}",
         )
     for method, options in cfg.options.items():
         if method not in cfg.methods:
