@@ -30,7 +30,13 @@ from workers.models import load_source
 
 
 def run(
-    *, seed: int, lambda1: float, train_size: int, test_size: int, distill_steps: int
+    *,
+    seed: int,
+    lambda1: float,
+    train_size: int,
+    test_size: int,
+    distill_steps: int,
+    answer_share: float | None = None,
 ) -> dict[str, object]:
     tasks = synthetic_tasks(seed=seed, train_size=train_size, test_size=test_size)
     pristine, tokenizer = load_source({"kind": "tiny", "seed": seed})
@@ -41,7 +47,7 @@ def run(
             strategy=strategy, make_base=lambda: copy.deepcopy(pristine), tokenizer=tokenizer,
             tasks=tasks, hyper=LoraHyperparams(seed=seed), out_dir=Path(tmp),
             measure_baseline=False, consolidate_after=2, max_drop=100.0,
-            distillation=DistillSettings(steps=distill_steps, seed=seed),
+            distillation=DistillSettings(steps=distill_steps, seed=seed, answer_share=answer_share),
         )  # fmt: skip
     (report,) = res.folds
     drops = [100 * (r - f) for r, f in zip(report.routed[:2], report.folded[:2], strict=True)]
@@ -51,6 +57,7 @@ def run(
         "fold": "by-block" if fold.FOLD_BY_BLOCK else "joint",
         "ridge": fold.RIDGE,
         "distill_steps": distill_steps,
+        "answer_share": answer_share,
         "routed": [round(100 * v, 1) for v in report.routed],
         "folded": [round(100 * v, 1) for v in report.folded],
         "max_drop_points": round(max(drops), 1),
@@ -78,15 +85,23 @@ def main() -> None:
         "--distill-steps", default=str(fold.DISTILL.steps),
         help="comma-separated: one run per value (0: the fitted fold alone)",
     )  # fmt: skip
+    parser.add_argument(
+        "--answer-share", default="none",
+        help="comma-separated: the distillation's share of the loss on the completions "
+        "(none: every position alike)",
+    )  # fmt: skip
     args = parser.parse_args()
+    shares = [None if v == "none" else float(v) for v in args.answer_share.split(",")]
     fold.FOLD_BY_BLOCK = args.fold == "by-block"
     fold.RIDGE = args.ridge
     for seed in (int(s) for s in args.seeds.split(",")):
         for lambda1 in (float(v) for v in args.lambda1.split(",")):
             for steps in (int(v) for v in args.distill_steps.split(",")):
-                result = run(seed=seed, lambda1=lambda1, train_size=args.train_size,
-                             test_size=args.test_size, distill_steps=steps)  # fmt: skip
-                print(json.dumps(result), flush=True)
+                for share in shares:
+                    result = run(seed=seed, lambda1=lambda1, train_size=args.train_size,
+                                 test_size=args.test_size, distill_steps=steps,
+                                 answer_share=share)  # fmt: skip
+                    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

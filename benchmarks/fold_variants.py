@@ -6,7 +6,8 @@ measures every folded task on it (routed), then folds it once per variant
 (`continual.fold.fold_state`, as a consolidation job does) and measures the folded model alone:
 one line of JSON per variant with the per-task drop. Variants differ in the distillation that
 corrects the fitted fold (`continual.fold_distill`): `--distill-steps 0,48` folds twice, fitted
-only and corrected by 48 steps.
+only and corrected by 48 steps; `--distill-rank` and `--answer-share` (the share of the loss on
+the completions) take lists too, and every combination is folded.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fold_variants.py \
         --adapters bench-results/o2-2tasks-share9-prompt-s1/adapters/composed \
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import time
 from pathlib import Path
@@ -52,7 +54,11 @@ def main() -> None:
         f"{fold.PROBES_PER_TASK})",
     )  # fmt: skip
     parser.add_argument("--distill-steps", default="0")
-    parser.add_argument("--distill-rank", type=int, default=8)
+    parser.add_argument("--distill-rank", default="8", help="ranks, comma-separated")
+    parser.add_argument(
+        "--answer-share", default="none",
+        help="shares of the loss on the completions, comma-separated (none: positions alike)",
+    )  # fmt: skip
     parser.add_argument("--distill-lr", type=float, default=1e-3)
     parser.add_argument("--distill-batch", type=int, default=8)
     parser.add_argument("--routed", help="the routed row (points, comma-separated) when known")
@@ -82,19 +88,24 @@ def main() -> None:
     print(json.dumps({"routed": routed, "order": order, "options": options}), flush=True)
     probes = [fold.probe_sequences(tokenizer, t, max_length=hyper.max_length, count=args.probes)
               for t in tasks]  # fmt: skip
-    for steps in (int(s) for s in args.distill_steps.split(",")):
-        settings = DistillSettings(steps=steps, rank=args.distill_rank,
-                                   learning_rate=args.distill_lr, batch=args.distill_batch,
-                                   seed=args.seed)  # fmt: skip
+    prompts = [fold.prompt_lengths(tokenizer, t, max_length=hyper.max_length, count=args.probes)
+               for t in tasks]  # fmt: skip
+    shares = [None if v == "none" else float(v) for v in args.answer_share.split(",")]
+    ranks = [int(v) for v in args.distill_rank.split(",")]
+    steps_list = [int(v) for v in args.distill_steps.split(",")]
+    for steps, rank, share in itertools.product(steps_list, ranks, shares):
+        settings = DistillSettings(steps=steps, rank=rank, learning_rate=args.distill_lr,
+                                   batch=args.distill_batch, seed=args.seed,
+                                   answer_share=share)  # fmt: skip
         state = strategy.inference_model(copy.deepcopy(pristine), history=history)
         start = time.perf_counter()
         done = fold.fold_state(state, method="am-lora", history=history, probes=probes,
-                               distillation=settings)  # fmt: skip
+                               distillation=settings, prompts=prompts)  # fmt: skip
         seconds = time.perf_counter() - start
         folded = measure(done.model)
         losses = done.distill_losses
         print(json.dumps({
-            "probes": args.probes, "distill_steps": steps, "rank": args.distill_rank,
+            "probes": args.probes, "distill_steps": steps, "rank": rank, "answer_share": share,
             "lr": args.distill_lr, "fold_seconds": round(seconds, 1), "folded": folded,
             "drops": [round(r - f, 1) for r, f in zip(routed, folded, strict=True)],
             "kl_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else None,

@@ -40,7 +40,7 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from continual.batching import encode_pair
+from continual.batching import Encoded, encode_pair
 from continual.config import (  # noqa: F401  (re-exported)
     EXACT_METHODS,
     FOLD_DISTILL_STEPS,
@@ -112,6 +112,7 @@ def fold_state(
     labels: Sequence[str] | None = None,
     distillation: DistillSettings | None = None,
     on_distill_step: Callable[[int, int, float], None] | None = None,
+    prompts: Sequence[Sequence[int]] | None = None,
 ) -> Fold:
     """Fold `state`, the model `method`'s `inference_model` built from `history` (a memory of
     earlier folds first, if any, then the adapters), into its base weights. `probes[i]` holds
@@ -120,7 +121,9 @@ def fold_state(
     The exact check and am-lora's fitted fold use the first `PROBES_PER_TASK` of each task's
     sequences; `distillation` (default `DISTILL`), which corrects am-lora's fitted fold
     (`continual.fold_distill`), trains on all of them and reports each step as
-    `on_distill_step(step, steps, kl)`. Edits `state`'s weights in place."""
+    `on_distill_step(step, steps, kl)`; `prompts[i][j]`, the prompt length of `probes[i][j]`,
+    lets it weight the completions (`DistillSettings.answer_share`). Edits `state`'s weights in
+    place."""
     if method not in FOLDABLE:
         raise ValueError(f"{method} streams cannot be consolidated (known: {FOLDABLE})")
     memory = Path(history[0]) if history and is_memory(Path(history[0])) else None
@@ -129,7 +132,7 @@ def fold_state(
         block = FOLD_BY_BLOCK if by_block is None else by_block
         return _fold_gated(state, probes=probes, previous=previous, by_block=block,
                            labels=labels, distillation=distillation or DISTILL,
-                           on_distill_step=on_distill_step)  # fmt: skip
+                           on_distill_step=on_distill_step, prompts=prompts)  # fmt: skip
     if not isinstance(state, PeftModel):
         raise ValueError(f"{method} does not build a PEFT model to fold")
     inputs = [p for task in probes for p in task[:PROBES_PER_TASK]]
@@ -157,12 +160,17 @@ def _fold_gated(
     labels: Sequence[str] | None,
     distillation: DistillSettings,
     on_distill_step: Callable[[int, int, float], None] | None,
+    prompts: Sequence[Sequence[int]] | None,
 ) -> Fold:
     layers = am_lora_layers(state)
     n = next(iter(layers.values())).num_adapters
     if len(probes) != n or not all(probes):
         raise ValueError(f"am-lora's fold needs probe sequences for each of its {n} adapters")
     sequences = [ids for task in probes for ids in task]
+    lengths = None if prompts is None else [n for task in prompts for n in task]
+    weighted = distillation.steps > 0 and distillation.answer_share is not None
+    if (weighted and lengths is None) or (lengths is not None and len(lengths) != len(sequences)):
+        raise ValueError("am-lora's fold needs one prompt length per probe sequence")
     teacher = final_hidden(state, sequences) if distillation.steps else []
     probes = [task[:PROBES_PER_TASK] for task in probes]
     rows: dict[str, list[Tensor]] = {}
@@ -202,7 +210,7 @@ def _fold_gated(
         with torch.enable_grad():
             model, losses = distill(
                 model, teacher=teacher, sequences=sequences, targets=sorted(layers),
-                settings=distillation,
+                settings=distillation, prompt_lengths=lengths,
                 on_step=None if on_distill_step is None
                 else lambda step, kl: on_distill_step(step, distillation.steps, kl),
             )  # fmt: skip
@@ -296,18 +304,32 @@ def fold_tolerance(model: nn.Module) -> float:
     return FOLD_ATOL if next(model.parameters()).dtype == torch.float32 else FOLD_ATOL_HALF
 
 
+def encode_probes(
+    tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int, count: int | None = None
+) -> list[Encoded]:
+    """The first `count` (default `SEQUENCES_PER_TASK`) training pairs of a task (prompt and
+    completion, cut as training cut them; test examples when it has no training split)."""
+    return [
+        encode_pair(tokenizer, prompt=ex.prompt, completion=ex.completion, add_eos=False,
+                    max_length=max_length)
+        for ex in (data.train or data.test)[: SEQUENCES_PER_TASK if count is None else count]
+    ]  # fmt: skip
+
+
 def probe_sequences(
     tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int, count: int | None = None
 ) -> list[Tensor]:
-    """The first `count` (default `SEQUENCES_PER_TASK`) training sequences of a task (prompt and
-    completion, cut as training cut them; test examples when it has no training split), each
-    (1, T): a fold's probes."""
-    probes = []
-    for ex in (data.train or data.test)[: SEQUENCES_PER_TASK if count is None else count]:
-        ids = encode_pair(tokenizer, prompt=ex.prompt, completion=ex.completion,
-                          add_eos=False, max_length=max_length).ids  # fmt: skip
-        probes.append(torch.tensor([ids]))
-    return probes
+    """`encode_probes`' sequences, each (1, T): a fold's probes."""
+    return [torch.tensor([e.ids]) for e in encode_probes(tokenizer, data, max_length=max_length,
+                                                         count=count)]  # fmt: skip
+
+
+def prompt_lengths(
+    tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int, count: int | None = None
+) -> list[int]:
+    """The prompt length of each of `probe_sequences`' sequences (its completion follows)."""
+    return [e.prompt_len for e in encode_probes(tokenizer, data, max_length=max_length,
+                                                count=count)]  # fmt: skip
 
 
 def _logits(model: nn.Module, inputs: Sequence[Tensor]) -> list[Tensor]:

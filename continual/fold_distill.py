@@ -30,13 +30,16 @@ from transformers import PreTrainedModel
 @dataclass(frozen=True)
 class DistillSettings:
     """How a fold is corrected: `steps` optimiser steps (0: not at all) of `batch` sequences,
-    a LoRA branch of `rank` on every folded layer, AdamW at `learning_rate`."""
+    a LoRA branch of `rank` on every folded layer, AdamW at `learning_rate`. `answer_share`
+    (None: every position alike) is the share of each sequence's loss put on the positions
+    that predict its completion (the label a task is scored on), the rest on its prompt's."""
 
     steps: int = 0
     rank: int = 8
     learning_rate: float = 1e-3
     batch: int = 8
     seed: int = 0
+    answer_share: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "rank", "batch"):
@@ -47,6 +50,10 @@ class DistillSettings:
             raise ValueError("distillation rank and batch must be at least 1")
         if not self.learning_rate > 0:
             raise ValueError(f"distillation learning_rate must be > 0, not {self.learning_rate}")
+        if self.answer_share is not None and not 0.0 <= self.answer_share <= 1.0:
+            raise ValueError(
+                f"distillation answer_share must be in [0, 1], not {self.answer_share}"
+            )
 
 
 @torch.no_grad()
@@ -75,14 +82,22 @@ def distill(
     sequences: Sequence[Tensor],
     targets: Sequence[str],
     settings: DistillSettings,
+    prompt_lengths: Sequence[int] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[PreTrainedModel, list[float]]:
     """Train a LoRA branch on the `targets` layers (module paths) of `model` so that its
     distributions on `sequences` match those the final hidden states `teacher` give through
-    `model`'s own output head, and merge it. Returns the merged model and each step's loss
-    (the mean KL per token, nats). `on_step(step, loss)` reports every step."""
+    `model`'s own output head, and merge it. `prompt_lengths[i]` (tokens before sequence i's
+    completion) is needed when `settings.answer_share` is set. Returns the merged model and
+    each step's loss (the weighted KL per token, nats). `on_step(step, loss)` reports every
+    step."""
     if len(teacher) != len(sequences) or not sequences:
         raise ValueError("distillation needs one teacher state per sequence, and a sequence")
+    weights = [
+        position_weights(int(ids.shape[1]), None if prompt_lengths is None else prompt_lengths[i],
+                         answer_share=settings.answer_share)
+        for i, ids in enumerate(sequences)
+    ]  # fmt: skip
     if settings.steps == 0:
         return model, []
     head = _head(model)
@@ -108,8 +123,9 @@ def distill(
                 hidden = teacher[index].to(device=device, dtype=dtype)
                 target = F.log_softmax(head(hidden).float(), dim=-1)
             logits = peft_model(input_ids=sequences[index].to(device)).logits.float()
-            kl = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True,
-                          reduction="sum") / logits.shape[1]  # fmt: skip
+            per_position = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True,
+                                    reduction="none").sum(dim=-1)  # (1, T)  # fmt: skip
+            kl = (per_position[0] * weights[index].to(device)).sum()
             (kl / settings.batch).backward()
             total += float(kl.detach()) / settings.batch
         optimizer.step()
@@ -119,6 +135,26 @@ def distill(
     peft_model.eval()
     merged: PreTrainedModel = peft_model.merge_and_unload()  # type: ignore[assignment]
     return merged, losses
+
+
+def position_weights(
+    length: int, prompt_length: int | None, *, answer_share: float | None
+) -> Tensor:
+    """(length,) weights summing to 1 over a sequence's positions: alike when `answer_share` is
+    None (or the sequence has no completion); else `answer_share` spread over the positions
+    that predict a completion token (prompt_length - 1 .. length - 2) and the rest over the
+    others."""
+    alike = torch.full((length,), 1.0 / length)
+    if answer_share is None:
+        return alike
+    if prompt_length is None:
+        raise ValueError("an answer_share needs each sequence's prompt length")
+    answer = torch.zeros(length, dtype=torch.bool)
+    answer[max(prompt_length - 1, 0) : length - 1] = True
+    n_answer = int(answer.sum())
+    if n_answer == 0 or n_answer == length:
+        return alike
+    return torch.where(answer, answer_share / n_answer, (1.0 - answer_share) / (length - n_answer))
 
 
 def _head(model: nn.Module) -> nn.Module:

@@ -28,6 +28,7 @@ from continual.fold import (
     fold_state,
     fold_tolerance,
     probe_sequences,
+    prompt_lengths,
 )
 from continual.fold_distill import DistillSettings
 from continual.metrics import AccuracyMatrix
@@ -216,8 +217,9 @@ def _consolidate(
     history, its memory) when the fold passes its check, else (the report, None, [])."""
     state = strategy.inference_model(base, history=history)
     probes = [probe_sequences(tokenizer, task, max_length=hyper.max_length) for task in tasks]
+    prompts = [prompt_lengths(tokenizer, task, max_length=hyper.max_length) for task in tasks]
     fold = fold_state(state, method=strategy.name, history=history, probes=probes,
-                      distillation=distillation)  # fmt: skip
+                      distillation=distillation, prompts=prompts)  # fmt: skip
     if fold.exact and not (fold.max_logit_diff or 0.0) <= fold_tolerance(fold.model):
         raise ValueError(f"the fold changed the logits by {fold.max_logit_diff:.3g}")
     folded = evaluate_all(fold.model)

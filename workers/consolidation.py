@@ -42,6 +42,7 @@ from continual.fold import (
     fold_state,
     fold_tolerance,
     probe_sequences,
+    prompt_lengths,
 )
 from continual.fold_distill import DistillSettings
 from registry.artifacts import read_manifest
@@ -138,6 +139,7 @@ def _fold_checked(
     reporter.progress(0.3)
     data = {task.id: d for task, d in datasets}
     probes = [probe_sequences(tokenizer, data[v.task_id], max_length=cut) for v in adapters]
+    prompts = [prompt_lengths(tokenizer, data[v.task_id], max_length=cut) for v in adapters]
     labels = [str(v.task_id) for v in adapters]  # the memory's router rows name their tasks
     if method in GATED_METHODS and distill_steps:
         reporter.event(f"fitting the fold, then {distill_steps} steps of distillation from the "
@@ -151,7 +153,7 @@ def _fold_checked(
 
     fold = fold_state(state, method=method, history=dirs, probes=probes, labels=labels,
                       distillation=DistillSettings(steps=distill_steps),
-                      on_distill_step=distilled)  # fmt: skip
+                      on_distill_step=distilled, prompts=prompts)  # fmt: skip
     clock.lap("seconds_fold")
     if fold.exact:
         _check_exact(reporter, fold.max_logit_diff, fold.model, snapshot, clock)

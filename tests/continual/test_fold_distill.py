@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 
 from continual.config import LoraHyperparams
 from continual.fold import fold_state
-from continual.fold_distill import DistillSettings
+from continual.fold_distill import DistillSettings, position_weights
 from continual.strategies import get_strategy
 from continual.strategies.am_lora import am_lora_layers
 
@@ -82,8 +82,43 @@ def test_distillation_brings_the_fitted_fold_closer_to_the_routed_model(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("steps", -1), ("rank", 0), ("batch", 0), ("learning_rate", 0.0), ("steps", 1.5)],
-)
+    [("steps", -1), ("rank", 0), ("batch", 0), ("learning_rate", 0.0), ("steps", 1.5),
+     ("answer_share", 1.5), ("answer_share", -0.1)],
+)  # fmt: skip
 def test_bad_distillation_settings_are_refused(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         DistillSettings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_an_answer_share_puts_that_share_of_the_loss_on_the_completion() -> None:
+    alike = position_weights(10, 7, answer_share=None)
+    assert torch.allclose(alike, torch.full((10,), 0.1))
+    # prompt of 7 tokens, completion of 3: positions 6, 7, 8 predict the completion's tokens
+    weights = position_weights(10, 7, answer_share=0.6)
+    assert float(weights.sum()) == pytest.approx(1.0)
+    assert float(weights[6:9].sum()) == pytest.approx(0.6)
+    assert torch.allclose(weights[6:9], torch.full((3,), 0.2))
+    assert torch.allclose(weights[[0, 1, 2, 3, 4, 5, 9]], torch.full((7,), 0.4 / 7))
+    assert float(position_weights(10, 7, answer_share=1.0)[:6].sum()) == 0.0
+    # a sequence with no completion (cut away) falls back to every position alike
+    assert torch.allclose(position_weights(10, 10, answer_share=0.6), alike)
+    with pytest.raises(ValueError, match="prompt length"):
+        position_weights(10, None, answer_share=0.5)
+
+
+def test_a_fold_weighting_the_answers_needs_a_prompt_length_per_sequence(
+    make_base: MakeBase, tmp_path: Path
+) -> None:
+    history = _two_adapters(make_base, tmp_path)
+    probes = [[torch.randint(3, 200, (1, 12)) for _ in range(2)] for _ in history]
+    state = get_strategy("am-lora", routing_weight=0).inference_model(make_base(), history=history)
+    settings = DistillSettings(steps=2, rank=2, answer_share=0.5)
+    with pytest.raises(ValueError, match="prompt length"):
+        fold_state(state, method="am-lora", history=history, probes=probes,
+                   distillation=settings, prompts=[[8, 8], [8]])  # fmt: skip
+    with pytest.raises(ValueError, match="prompt length"):
+        fold_state(state, method="am-lora", history=history, probes=probes,
+                   distillation=settings)  # fmt: skip
+    done = fold_state(state, method="am-lora", history=history, probes=probes,
+                      distillation=settings, prompts=[[8, 8], [9, 9]])  # fmt: skip
+    assert len(done.distill_losses) == 2
