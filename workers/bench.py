@@ -12,7 +12,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from continual.config import FOLD_DISTILL_STEPS, MAX_FOLD_DISTILL_STEPS, LoraHyperparams
 from continual.data import TaskData, load_cl_benchmark
 from continual.errors import InvalidHyperparameter
-from continual.fold_distill import DistillSettings
+from continual.fold import DISTILL
 from continual.metrics import AccuracyMatrix
 from continual.strategies import Strategy, get_strategy
 from continual.stream import FoldReport, check_metric, evaluate_tasks, learn_stream
@@ -170,7 +170,7 @@ def run_bench(
             metric=cfg.metric, callbacks=callbacks_for(method), on_row=report(method),
             on_scored=scored(method), consolidate_after=cfg.consolidate_after,
             max_drop=cfg.max_drop,
-            distillation=DistillSettings(steps=cfg.distill_steps, seed=cfg.seed),
+            distillation=replace(DISTILL, steps=cfg.distill_steps, seed=cfg.seed),
             on_fold=folded(method),
         )  # fmt: skip
         steps = sum(r.steps for r in res.train_results)

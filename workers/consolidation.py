@@ -28,11 +28,13 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from continual.data import TaskData
 from continual.fold import (
+    DISTILL,
     FOLDABLE,
     GATED_METHODS,
     Fold,
@@ -44,7 +46,6 @@ from continual.fold import (
     probe_sequences,
     prompt_lengths,
 )
-from continual.fold_distill import DistillSettings
 from registry.artifacts import read_manifest
 from registry.entities import AdapterVersion, Job, Snapshot, Task
 from registry.errors import Conflict, InvalidValue
@@ -152,7 +153,7 @@ def _fold_checked(
                            metrics={"distill_step": step, "distill_kl": kl})  # fmt: skip
 
     fold = fold_state(state, method=method, history=dirs, probes=probes, labels=labels,
-                      distillation=DistillSettings(steps=distill_steps),
+                      distillation=replace(DISTILL, steps=distill_steps),
                       on_distill_step=distilled, prompts=prompts)  # fmt: skip
     clock.lap("seconds_fold")
     if fold.exact:
