@@ -43,6 +43,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from continual.batching import Encoded, encode_pair
 from continual.config import (  # noqa: F401  (re-exported)
     EXACT_METHODS,
+    FOLD_DISTILL_ANSWER_SHARE,
     FOLD_DISTILL_STEPS,
     FOLDABLE,
     GATED_METHODS,
@@ -74,7 +75,8 @@ SEQUENCES_PER_TASK = 64  # what `probe_sequences` draws: the fit takes the first
 RIDGE = 1e-2  # am-lora's fold: pull towards the mean-gate fold, relative to the input energy
 FOLD_BY_BLOCK = False  # am-lora's fold: True fits block by block on partly folded inputs
 WITH_MEMORY = ("o-lora", "am-lora")  # methods that keep a memory of the folded tasks
-DISTILL = DistillSettings(steps=FOLD_DISTILL_STEPS)  # am-lora's fold: corrects the fitted fold
+# am-lora's fold: corrects the fitted fold
+DISTILL = DistillSettings(steps=FOLD_DISTILL_STEPS, answer_share=FOLD_DISTILL_ANSWER_SHARE)
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,8 @@ def fold_state(
     sequences; `distillation` (default `DISTILL`), which corrects am-lora's fitted fold
     (`continual.fold_distill`), trains on all of them and reports each step as
     `on_distill_step(step, steps, kl)`; `prompts[i][j]`, the prompt length of `probes[i][j]`,
-    lets it weight the completions (`DistillSettings.answer_share`). Edits `state`'s weights in
-    place."""
+    lets it weight the completions (`DistillSettings.answer_share`; without `prompts` every
+    position counts alike). Edits `state`'s weights in place."""
     if method not in FOLDABLE:
         raise ValueError(f"{method} streams cannot be consolidated (known: {FOLDABLE})")
     memory = Path(history[0]) if history and is_memory(Path(history[0])) else None
@@ -168,8 +170,7 @@ def _fold_gated(
         raise ValueError(f"am-lora's fold needs probe sequences for each of its {n} adapters")
     sequences = [ids for task in probes for ids in task]
     lengths = None if prompts is None else [n for task in prompts for n in task]
-    weighted = distillation.steps > 0 and distillation.answer_share is not None
-    if (weighted and lengths is None) or (lengths is not None and len(lengths) != len(sequences)):
+    if lengths is not None and len(lengths) != len(sequences):
         raise ValueError("am-lora's fold needs one prompt length per probe sequence")
     teacher = final_hidden(state, sequences) if distillation.steps else []
     probes = [task[:PROBES_PER_TASK] for task in probes]

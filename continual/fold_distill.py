@@ -39,7 +39,7 @@ class DistillSettings:
     learning_rate: float = 1e-3
     batch: int = 8
     seed: int = 0
-    answer_share: float | None = None
+    answer_share: float | None = None  # `continual.fold.DISTILL` sets it
 
     def __post_init__(self) -> None:
         for name in ("steps", "rank", "batch"):
@@ -88,14 +88,15 @@ def distill(
     """Train a LoRA branch on the `targets` layers (module paths) of `model` so that its
     distributions on `sequences` match those the final hidden states `teacher` give through
     `model`'s own output head, and merge it. `prompt_lengths[i]` (tokens before sequence i's
-    completion) is needed when `settings.answer_share` is set. Returns the merged model and
+    completion) lets `settings.answer_share` weight the completions; without them every
+    position counts alike. Returns the merged model and
     each step's loss (the weighted KL per token, nats). `on_step(step, loss)` reports every
     step."""
     if len(teacher) != len(sequences) or not sequences:
         raise ValueError("distillation needs one teacher state per sequence, and a sequence")
     weights = [
         position_weights(int(ids.shape[1]), None if prompt_lengths is None else prompt_lengths[i],
-                         answer_share=settings.answer_share)
+                         answer_share=None if prompt_lengths is None else settings.answer_share)
         for i, ids in enumerate(sequences)
     ]  # fmt: skip
     if settings.steps == 0:

@@ -249,8 +249,17 @@ def _distilled(inst: Instance, job_id: int) -> list[tuple[int, float]]:
     ]
 
 
-def test_an_am_lora_fold_is_distilled_as_the_policy_or_the_request_says(inst: Instance) -> None:
+def test_an_am_lora_fold_is_distilled_as_the_policy_or_the_request_says(
+    inst: Instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reg = inst.registry
+    given: list[dict[str, Any]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> continual_fold.Fold:
+        given.append(kwargs)
+        return continual_fold.fold_state(*args, **kwargs)
+
+    monkeypatch.setattr(consolidation, "fold_state", spy)
     policy = {"max_drop": 100, "distill_steps": 17}
     am, _ = create_stream(inst, name="am", base={"kind": "tiny"}, method="am-lora",
                           hyperparams=QV, consolidation=policy)  # fmt: skip
@@ -261,6 +270,12 @@ def test_an_am_lora_fold_is_distilled_as_the_policy_or_the_request_says(inst: In
     steps = _distilled(inst, by_policy.id)
     assert [s for s, _ in steps] == [1, 16, 17]  # reported: the first, every 16th, the last
     assert all(kl >= 0 for _, kl in steps)
+    # the loss is weighted towards each probe's completion: the job gives every prompt length
+    (call,) = given
+    assert call["distillation"] == dataclasses.replace(continual_fold.DISTILL, steps=17)
+    assert call["distillation"].answer_share == continual_fold.FOLD_DISTILL_ANSWER_SHARE
+    for probes, prompts in zip(call["probes"], call["prompts"], strict=True):
+        assert all(0 < n < ids.shape[1] for ids, n in zip(probes, prompts, strict=True))
     _train(inst, am, "c", 2)
     job = reg.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=am.id, params={"distill_steps": 0})
     fitted = execute(inst, Recorder(), job.id, worker="w")
