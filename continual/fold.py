@@ -20,7 +20,7 @@
   docs/notes/2026-12-03-folding-am-lora.md,
   for one pass over the probes per block). The fitted fold is then corrected end to end by
   distillation from the routed state (`continual.fold_distill`, `DISTILL`; 2026-12-05: order 2
-  seed 1's prompt-scoped fold lost agnews 3.5 points instead of 26.0). The folded tasks are then
+  seed 1's prompt-scoped fold lost agnews 1.0 points instead of 26.0). The folded tasks are then
   served by the snapshot itself: the memory keeps the router's statistics of every folded task,
   and a later task's router sends their inputs to no adapter (the zero adapter). The fold is
   not exact, so the caller measures every task before and after and gates it (`check_drops`);

@@ -7,10 +7,11 @@ with) are given a different adapter in each task, which no single weight reprodu
 layer. The distillation works on the whole model instead: a LoRA branch on every folded layer
 of the fitted snapshot (B = 0, so it starts as the fitted fold) is trained so that the folded
 model's next-token distributions match the routed model's on the folded tasks' sequences
-(KL(routed || folded) at every position), then merged into the weights. Nothing but those
-sequences is needed: the routed model is run once over them first, and only its final hidden
-states are kept (the output head is not part of any adapter, so the folded model's own head
-turns them back into the routed model's logits).
+(KL(routed || folded) at every position; `answer_share` of each sequence's loss on the positions
+that predict its completion, the label a task is scored on), then merged into the weights.
+Nothing but those sequences is needed: the routed model is run once over them first, and only
+its final hidden states are kept (the output head is not part of any adapter, so the folded
+model's own head turns them back into the routed model's logits).
 
 PEFT builds the branch (`get_peft_model`) and merges it (`merge_and_unload`).
 """
