@@ -169,7 +169,7 @@ def _fold_gated(
     if len(probes) != n or not all(probes):
         raise ValueError(f"am-lora's fold needs probe sequences for each of its {n} adapters")
     sequences = [ids for task in probes for ids in task]
-    lengths = None if prompts is None else [n for task in prompts for n in task]
+    lengths = None if prompts is None else [length for task in prompts for length in task]
     if lengths is not None and len(lengths) != len(sequences):
         raise ValueError("am-lora's fold needs one prompt length per probe sequence")
     teacher = final_hidden(state, sequences) if distillation.steps else []

@@ -90,9 +90,8 @@ def distill(
     distributions on `sequences` match those the final hidden states `teacher` give through
     `model`'s own output head, and merge it. `prompt_lengths[i]` (tokens before sequence i's
     completion) lets `settings.answer_share` weight the completions; without them every
-    position counts alike. Returns the merged model and
-    each step's loss (the weighted KL per token, nats). `on_step(step, loss)` reports every
-    step."""
+    position counts alike. Returns the merged model and each step's loss (the weighted KL per
+    token, nats). `on_step(step, loss)` reports every step."""
     if len(teacher) != len(sequences) or not sequences:
         raise ValueError("distillation needs one teacher state per sequence, and a sequence")
     weights = [
