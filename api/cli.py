@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--methods", default="seq-lora",
         help="comma-separated: seq-lora, inc-lora, o-lora, am-lora, composed (am-lora with "
-        "routing and O-LoRA's overlap term), multitask",
+        "prompt routing, initial share 0.9 and O-LoRA's overlap term), multitask",
     )  # fmt: skip
     bench.add_argument("--model", default="tiny", help="tiny, smollm2, a model dir or a .gguf")
     bench.add_argument("--train-per-task", type=int, default=500)

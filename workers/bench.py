@@ -33,10 +33,19 @@ log = logging.getLogger(__name__)
 
 MULTITASK = "multitask"
 COMPOSED = "composed"
-COMPOSED_OPTIONS: dict[str, Any] = {"routing_weight": 1.0, "lambda1": 0.5, "lambda1_norm": "mean"}
-"""The composed settings: am-lora with task routing and O-LoRA's overlap term (the per-layer
+COMPOSED_OPTIONS: dict[str, Any] = {
+    "routing_weight": 1.0,
+    "lambda1": 0.5,
+    "lambda1_norm": "mean",
+    "initial_share": 0.9,
+    "routing_scope": "prompt",
+}
+"""The composed settings: am-lora with task routing (each prompt routed as a whole), each new
+adapter starting with 0.9 of every token's mixture, and O-LoRA's overlap term (the per-layer
 mean) between each new adapter and the earlier ones; with `--consolidate-after` its adapters
-fold into the base and the router keeps serving the folded tasks from it."""
+fold into the base and the router keeps serving the folded tasks from it. Share 0.9 with the
+prompt scope ended with a higher ACC than share 0.5 with the causal router on both orders and
+every seed measured (BENCHMARKS.md, "am-lora's initial share and routing scope")."""
 
 
 def bench_strategy(method: str, options: dict[str, Any]) -> Strategy:

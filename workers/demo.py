@@ -56,9 +56,10 @@ def _refused(job: Job) -> bool:
 
 def demo_streams(max_drop: float = DEMO_MAX_DROP) -> dict[str, dict[str, Any]]:
     """What each demo stream is created with: plain seq-lora, and the composed pipeline of
-    `strata bench --methods composed` as a stream (am-lora with task routing and O-LoRA's
-    overlap term, folded into a new snapshot every 2 tasks when no task drops more than
-    `max_drop` points). Both keep the default hyperparameters, which suit the tiny model."""
+    `strata bench --methods composed` as a stream (am-lora with task routing by whole prompts,
+    new adapters at 0.9 of the mixture, and O-LoRA's overlap term, folded into a new snapshot
+    every 2 tasks when no task drops more than `max_drop` points). Both keep the default
+    hyperparameters, which suit the tiny model."""
     composed = {
         "method": "am-lora",
         "method_options": dict(COMPOSED_OPTIONS),
