@@ -119,3 +119,18 @@ def test_a_fold_weighting_the_answers_takes_a_prompt_length_per_sequence(
     done = fold_state(state, method="am-lora", history=history, probes=probes,
                       distillation=settings, prompts=[[8, 8], [9, 9]])  # fmt: skip
     assert len(done.distill_losses) == 2
+
+    def first_loss(share: float | None, prompts: list[list[int]] | None) -> float:
+        state = get_strategy("am-lora", routing_weight=0).inference_model(
+            make_base(), history=history
+        )
+        settings = DistillSettings(steps=1, rank=2, batch=4, answer_share=share)
+        return fold_state(state, method="am-lora", history=history, probes=probes,
+                          distillation=settings, prompts=prompts).distill_losses[0]  # fmt: skip
+
+    # the first step's loss is the fitted fold's KL, weighted as asked: by the completions'
+    # positions only at share 1, alike with no share or no prompt lengths
+    alike = first_loss(None, None)
+    assert first_loss(None, [[8, 8], [9, 9]]) == pytest.approx(alike)
+    assert first_loss(1.0, None) == pytest.approx(alike)
+    assert first_loss(1.0, [[8, 8], [9, 9]]) != pytest.approx(alike, rel=1e-3)
