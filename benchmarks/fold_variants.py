@@ -86,10 +86,10 @@ def main() -> None:
     else:
         routed = measure(strategy.inference_model(copy.deepcopy(pristine), history=history))
     print(json.dumps({"routed": routed, "order": order, "options": options}), flush=True)
-    probes = [fold.probe_sequences(tokenizer, t, max_length=hyper.max_length, count=args.probes)
-              for t in tasks]  # fmt: skip
-    prompts = [fold.prompt_lengths(tokenizer, t, max_length=hyper.max_length, count=args.probes)
-               for t in tasks]  # fmt: skip
+    probes, prompts = zip(
+        *(fold.task_probes(tokenizer, t, max_length=hyper.max_length, count=args.probes)
+          for t in tasks), strict=True,
+    )  # fmt: skip
     shares = [None if v == "none" else float(v) for v in args.answer_share.split(",")]
     ranks = [int(v) for v in args.distill_rank.split(",")]
     steps_list = [int(v) for v in args.distill_steps.split(",")]

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from continual.errors import InvalidHyperparameter
 
@@ -32,6 +32,18 @@ FOLD_DISTILL_STEPS = 64  # distillation steps correcting a gated fold (`continua
 # agnews lost 1.0 point instead of 3.5 with every position alike)
 FOLD_DISTILL_ANSWER_SHARE = 0.5
 MAX_FOLD_DISTILL_STEPS = 10_000  # the most a policy, a request or `strata bench` may ask for
+
+
+def is_distill_steps(value: object) -> TypeGuard[int]:
+    """Whether `value` is a number of distillation steps a fold may be asked for: a whole number
+    in [0, MAX_FOLD_DISTILL_STEPS] (a policy, a consolidate request, `strata bench`)."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and 0 <= value <= MAX_FOLD_DISTILL_STEPS
+    )
+
+
 RELORA_PRUNE_DEFAULT = 0.99  # ReLoRA's magnitude pruning of the optimizer state at a reset
 
 

@@ -324,16 +324,16 @@ def probe_sequences(
     tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int, count: int | None = None
 ) -> list[Tensor]:
     """`encode_probes`' sequences, each (1, T): a fold's probes."""
-    return [torch.tensor([e.ids]) for e in encode_probes(tokenizer, data, max_length=max_length,
-                                                         count=count)]  # fmt: skip
+    return task_probes(tokenizer, data, max_length=max_length, count=count)[0]
 
 
-def prompt_lengths(
+def task_probes(
     tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int, count: int | None = None
-) -> list[int]:
-    """The prompt length of each of `probe_sequences`' sequences (its completion follows)."""
-    return [e.prompt_len for e in encode_probes(tokenizer, data, max_length=max_length,
-                                                count=count)]  # fmt: skip
+) -> tuple[list[Tensor], list[int]]:
+    """`probe_sequences`' sequences and the prompt length of each (its completion follows):
+    a task's `probes` and `prompts` for `fold_state`, from one encoding."""
+    encoded = encode_probes(tokenizer, data, max_length=max_length, count=count)
+    return [torch.tensor([e.ids]) for e in encoded], [e.prompt_len for e in encoded]
 
 
 def _logits(model: nn.Module, inputs: Sequence[Tensor]) -> list[Tensor]:

@@ -94,13 +94,13 @@ def distill(
     token, nats). `on_step(step, loss)` reports every step."""
     if len(teacher) != len(sequences) or not sequences:
         raise ValueError("distillation needs one teacher state per sequence, and a sequence")
+    if settings.steps == 0:
+        return model, []
     weights = [
         position_weights(int(ids.shape[1]), None if prompt_lengths is None else prompt_lengths[i],
                          answer_share=None if prompt_lengths is None else settings.answer_share)
         for i, ids in enumerate(sequences)
     ]  # fmt: skip
-    if settings.steps == 0:
-        return model, []
     head = _head(model)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.rank, lora_dropout=0.0,
                         target_modules=list(targets))  # fmt: skip

@@ -27,8 +27,7 @@ from continual.fold import (
     drop_table,
     fold_state,
     fold_tolerance,
-    probe_sequences,
-    prompt_lengths,
+    task_probes,
 )
 from continual.fold_distill import DistillSettings
 from continual.metrics import AccuracyMatrix
@@ -216,8 +215,9 @@ def _consolidate(
     """Fold the state `history` builds on `base`; (the report, the folded model and the new
     history, its memory) when the fold passes its check, else (the report, None, [])."""
     state = strategy.inference_model(base, history=history)
-    probes = [probe_sequences(tokenizer, task, max_length=hyper.max_length) for task in tasks]
-    prompts = [prompt_lengths(tokenizer, task, max_length=hyper.max_length) for task in tasks]
+    probes, prompts = zip(
+        *(task_probes(tokenizer, task, max_length=hyper.max_length) for task in tasks), strict=True
+    )
     fold = fold_state(state, method=strategy.name, history=history, probes=probes,
                       distillation=distillation, prompts=prompts)  # fmt: skip
     if fold.exact and not (fold.max_logit_diff or 0.0) <= fold_tolerance(fold.model):

@@ -7,7 +7,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from continual.config import FOLD_DISTILL_STEPS, FOLDABLE, MAX_FOLD_DISTILL_STEPS
+from continual.config import (
+    FOLD_DISTILL_STEPS,
+    FOLDABLE,
+    MAX_FOLD_DISTILL_STEPS,
+    is_distill_steps,
+)
 from registry.entities import Job, JobKind, Stream
 from registry.errors import InvalidValue
 from registry.instance import Instance
@@ -66,7 +71,7 @@ def check_max_drop(value: object) -> float:
 
 
 def check_distill_steps(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DISTILL_STEPS:
+    if not is_distill_steps(value):
         raise InvalidValue(f"must be a whole number in [0, {MAX_DISTILL_STEPS}], got {value!r}",
                            field="distill_steps")  # fmt: skip
     return value

@@ -19,7 +19,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from continual.config import FOLD_DISTILL_STEPS, MAX_FOLD_DISTILL_STEPS, LoraHyperparams
+from continual.config import (
+    FOLD_DISTILL_STEPS,
+    MAX_FOLD_DISTILL_STEPS,
+    LoraHyperparams,
+    is_distill_steps,
+)
 from continual.data import TaskData, load_cl_benchmark
 from continual.errors import InvalidHyperparameter
 from continual.fold import DISTILL
@@ -210,11 +215,7 @@ def check_bench(cfg: BenchConfig) -> None:
         raise InvalidHyperparameter(
             field="max_drop", reason=f"must be in [0, 100], got {cfg.max_drop}"
         )
-    if (
-        isinstance(cfg.distill_steps, bool)
-        or not isinstance(cfg.distill_steps, int)
-        or not (0 <= cfg.distill_steps <= MAX_FOLD_DISTILL_STEPS)
-    ):
+    if not is_distill_steps(cfg.distill_steps):
         raise InvalidHyperparameter(
             field="distill_steps",
             reason=f"must be a whole number in [0, {MAX_FOLD_DISTILL_STEPS}], "

@@ -43,8 +43,7 @@ from continual.fold import (
     drop_table,
     fold_state,
     fold_tolerance,
-    probe_sequences,
-    prompt_lengths,
+    task_probes,
 )
 from registry.artifacts import read_manifest
 from registry.entities import AdapterVersion, Job, Snapshot, Task
@@ -139,8 +138,9 @@ def _fold_checked(
         clock.lap("seconds_evaluate")
     reporter.progress(0.3)
     data = {task.id: d for task, d in datasets}
-    probes = [probe_sequences(tokenizer, data[v.task_id], max_length=cut) for v in adapters]
-    prompts = [prompt_lengths(tokenizer, data[v.task_id], max_length=cut) for v in adapters]
+    probes, prompts = zip(
+        *(task_probes(tokenizer, data[v.task_id], max_length=cut) for v in adapters), strict=True
+    )
     labels = [str(v.task_id) for v in adapters]  # the memory's router rows name their tasks
     if method in GATED_METHODS and distill_steps:
         reporter.event(f"fitting the fold, then {distill_steps} steps of distillation from the "
