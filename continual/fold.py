@@ -320,6 +320,12 @@ def encode_probes(
     ]  # fmt: skip
 
 
+def probe_count(method: str) -> int:
+    """How many sequences of each task a fold of `method` reads: am-lora's distillation trains
+    on `SEQUENCES_PER_TASK`; an exact fold checks its logits on the first `PROBES_PER_TASK`."""
+    return SEQUENCES_PER_TASK if method in GATED_METHODS else PROBES_PER_TASK
+
+
 def probe_sequences(
     tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int, count: int | None = None
 ) -> list[Tensor]:

@@ -27,6 +27,7 @@ from continual.fold import (
     drop_table,
     fold_state,
     fold_tolerance,
+    probe_count,
     task_probes,
 )
 from continual.fold_distill import DistillSettings
@@ -215,8 +216,10 @@ def _consolidate(
     """Fold the state `history` builds on `base`; (the report, the folded model and the new
     history, its memory) when the fold passes its check, else (the report, None, [])."""
     state = strategy.inference_model(base, history=history)
+    count = probe_count(strategy.name)
     probes, prompts = zip(
-        *(task_probes(tokenizer, task, max_length=hyper.max_length) for task in tasks), strict=True
+        *(task_probes(tokenizer, t, max_length=hyper.max_length, count=count) for t in tasks),
+        strict=True,
     )
     fold = fold_state(state, method=strategy.name, history=history, probes=probes,
                       distillation=distillation, prompts=prompts)  # fmt: skip

@@ -43,6 +43,7 @@ from continual.fold import (
     drop_table,
     fold_state,
     fold_tolerance,
+    probe_count,
     task_probes,
 )
 from registry.artifacts import read_manifest
@@ -139,7 +140,11 @@ def _fold_checked(
     reporter.progress(0.3)
     data = {task.id: d for task, d in datasets}
     probes, prompts = zip(
-        *(task_probes(tokenizer, data[v.task_id], max_length=cut) for v in adapters), strict=True
+        *(
+            task_probes(tokenizer, data[v.task_id], max_length=cut, count=probe_count(method))
+            for v in adapters
+        ),
+        strict=True,
     )
     labels = [str(v.task_id) for v in adapters]  # the memory's router rows name their tasks
     if method in GATED_METHODS and distill_steps:

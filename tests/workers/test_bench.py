@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from api.cli import main
+from continual import fold as continual_fold
+from continual import stream
 
 WORDS = {
     "Sports": ["match", "goal", "team", "coach"],
@@ -123,8 +126,18 @@ def test_bench_exact_match_metric_and_method_options(cl_dir: Path, tmp_path: Pat
 
 
 def test_bench_consolidates_after_task_k_through_the_fold_jobs_use(
-    cl_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    cl_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    probed: dict[str, list[int]] = {}
+
+    def spy(state: Any, **kwargs: Any) -> continual_fold.Fold:
+        probed[kwargs["method"]] = [len(p) for p in kwargs["probes"]]
+        return continual_fold.fold_state(state, **kwargs)
+
+    monkeypatch.setattr(stream, "fold_state", spy)
     out = tmp_path / "out"
     code = main([
         "bench", "--data", str(cl_dir), "--order", "sport_food,food_weather",
@@ -150,6 +163,8 @@ def test_bench_consolidates_after_task_k_through_the_fold_jobs_use(
     # am-lora's fitted fold is then distilled from the routed state; an exact fold is not
     assert len(composed["folds"][0]["distill_losses"]) == 5
     assert olora["folds"][0]["distill_losses"] == []
+    # the exact fold checks the first PROBES_PER_TASK pairs; the distillation trains on all 32
+    assert probed == {"o-lora": [continual_fold.PROBES_PER_TASK], "am-lora": [32]}
     for method in ("o-lora", "composed"):
         assert (out / "adapters" / method / "fold-after-00" / "olora_memory").is_dir()
     assert (out / "adapters" / "composed" / "fold-after-00" / "olora_memory" /

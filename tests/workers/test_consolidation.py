@@ -68,9 +68,16 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_two_consolidations_fold_exactly_share_tensors_trace_lineage_and_roll_back(
-    inst: Instance,
+    inst: Instance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reg = inst.registry
+    given: list[dict[str, Any]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> continual_fold.Fold:
+        given.append(kwargs)
+        return continual_fold.fold_state(*args, **kwargs)
+
+    monkeypatch.setattr(consolidation, "fold_state", spy)
     stream, v0 = create_stream(inst, name="s", base={"kind": "tiny"}, method="o-lora",
                                hyperparams=QV)  # fmt: skip
     _train(inst, stream, "a", 0)
@@ -87,6 +94,9 @@ def test_two_consolidations_fold_exactly_share_tensors_trace_lineage_and_roll_ba
     )
     job = _consolidate(inst, stream.id)
     assert job.state is JobState.SUCCEEDED, job.error
+    # an exact fold is checked on the first PROBES_PER_TASK of each task's 24 training pairs
+    (call,) = given
+    assert [len(p) for p in call["probes"]] == [continual_fold.PROBES_PER_TASK] * 2
     v1 = reg.streams.current_snapshot(stream.id)
     assert v1.version == 1 and v1.parent_id == v0.id
     assert v1.folded_adapter_ids == tuple(v.id for v in folded_versions)
@@ -276,6 +286,7 @@ def test_an_am_lora_fold_is_distilled_as_the_policy_or_the_request_says(
     assert call["distillation"].answer_share == continual_fold.FOLD_DISTILL_ANSWER_SHARE
     for probes, prompts in zip(call["probes"], call["prompts"], strict=True):
         assert all(0 < n < ids.shape[1] for ids, n in zip(probes, prompts, strict=True))
+    assert [len(p) for p in call["probes"]] == [24, 24]  # all (up to SEQUENCES_PER_TASK)
     _train(inst, am, "c", 2)
     job = reg.jobs.create(kind=JobKind.CONSOLIDATE, stream_id=am.id, params={"distill_steps": 0})
     fitted = execute(inst, Recorder(), job.id, worker="w")
