@@ -86,10 +86,8 @@ def main() -> None:
     else:
         routed = measure(strategy.inference_model(copy.deepcopy(pristine), history=history))
     print(json.dumps({"routed": routed, "order": order, "options": options}), flush=True)
-    probes, prompts = zip(
-        *(fold.task_probes(tokenizer, t, max_length=hyper.max_length, count=args.probes)
-          for t in tasks), strict=True,
-    )  # fmt: skip
+    probes, prompts = fold.fold_probes(tokenizer, tasks, max_length=hyper.max_length,
+                                       count=args.probes)  # fmt: skip
     shares = [None if v == "none" else float(v) for v in args.answer_share.split(",")]
     ranks = [int(v) for v in args.distill_rank.split(",")]
     steps_list = [int(v) for v in args.distill_steps.split(",")]

@@ -342,6 +342,23 @@ def task_probes(
     return [torch.tensor([e.ids]) for e in encoded], [e.prompt_len for e in encoded]
 
 
+def fold_probes(
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[TaskData],
+    *,
+    max_length: int,
+    count: int | None = None,
+) -> tuple[list[list[Tensor]], list[list[int]]]:
+    """`task_probes` of each task in order: `fold_state`'s `probes` and `prompts`."""
+    probes: list[list[Tensor]] = []
+    prompts: list[list[int]] = []
+    for data in tasks:
+        sequences, lengths = task_probes(tokenizer, data, max_length=max_length, count=count)
+        probes.append(sequences)
+        prompts.append(lengths)
+    return probes, prompts
+
+
 def _logits(model: nn.Module, inputs: Sequence[Tensor]) -> list[Tensor]:
     device = next(model.parameters()).device
     with torch.no_grad():

@@ -25,10 +25,10 @@ from continual.fold import (
     TaskCheck,
     check_drops,
     drop_table,
+    fold_probes,
     fold_state,
     fold_tolerance,
     probe_count,
-    task_probes,
 )
 from continual.fold_distill import DistillSettings
 from continual.metrics import AccuracyMatrix
@@ -216,11 +216,8 @@ def _consolidate(
     """Fold the state `history` builds on `base`; (the report, the folded model and the new
     history, its memory) when the fold passes its check, else (the report, None, [])."""
     state = strategy.inference_model(base, history=history)
-    count = probe_count(strategy.name)
-    probes, prompts = zip(
-        *(task_probes(tokenizer, t, max_length=hyper.max_length, count=count) for t in tasks),
-        strict=True,
-    )
+    probes, prompts = fold_probes(tokenizer, tasks, max_length=hyper.max_length,
+                                  count=probe_count(strategy.name))  # fmt: skip
     fold = fold_state(state, method=strategy.name, history=history, probes=probes,
                       distillation=distillation, prompts=prompts)  # fmt: skip
     if fold.exact and not (fold.max_logit_diff or 0.0) <= fold_tolerance(fold.model):

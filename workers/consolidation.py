@@ -41,10 +41,10 @@ from continual.fold import (
     TaskCheck,
     check_drops,
     drop_table,
+    fold_probes,
     fold_state,
     fold_tolerance,
     probe_count,
-    task_probes,
 )
 from registry.artifacts import read_manifest
 from registry.entities import AdapterVersion, Job, Snapshot, Task
@@ -139,13 +139,8 @@ def _fold_checked(
         clock.lap("seconds_evaluate")
     reporter.progress(0.3)
     data = {task.id: d for task, d in datasets}
-    probes, prompts = zip(
-        *(
-            task_probes(tokenizer, data[v.task_id], max_length=cut, count=probe_count(method))
-            for v in adapters
-        ),
-        strict=True,
-    )
+    probes, prompts = fold_probes(tokenizer, [data[v.task_id] for v in adapters], max_length=cut,
+                                  count=probe_count(method))  # fmt: skip
     labels = [str(v.task_id) for v in adapters]  # the memory's router rows name their tasks
     if method in GATED_METHODS and distill_steps:
         reporter.event(f"fitting the fold, then {distill_steps} steps of distillation from the "
