@@ -320,10 +320,11 @@ def encode_probes(
     ]  # fmt: skip
 
 
-def probe_count(method: str) -> int:
-    """How many sequences of each task a fold of `method` reads: am-lora's distillation trains
-    on `SEQUENCES_PER_TASK`; an exact fold checks its logits on the first `PROBES_PER_TASK`."""
-    return SEQUENCES_PER_TASK if method in GATED_METHODS else PROBES_PER_TASK
+def probe_count(method: str, *, distill: bool = True) -> int:
+    """How many sequences of each task a fold of `method` reads: am-lora's distillation (when
+    `distill`) trains on `SEQUENCES_PER_TASK`; its fit, and an exact fold's logit check, read the
+    first `PROBES_PER_TASK`."""
+    return SEQUENCES_PER_TASK if method in GATED_METHODS and distill else PROBES_PER_TASK
 
 
 def probe_sequences(

@@ -140,7 +140,7 @@ def _fold_checked(
     reporter.progress(0.3)
     data = {task.id: d for task, d in datasets}
     probes, prompts = fold_probes(tokenizer, [data[v.task_id] for v in adapters], max_length=cut,
-                                  count=probe_count(method))  # fmt: skip
+                                  count=probe_count(method, distill=distill_steps > 0))  # fmt: skip
     labels = [str(v.task_id) for v in adapters]  # the memory's router rows name their tasks
     if method in GATED_METHODS and distill_steps:
         reporter.event(f"fitting the fold, then {distill_steps} steps of distillation from the "

@@ -16,11 +16,14 @@ from continual.config import LoraHyperparams
 from continual.data import synthetic_tasks
 from continual.errors import ConsolidationRegressed, InvalidHyperparameter
 from continual.fold import (
+    PROBES_PER_TASK,
+    SEQUENCES_PER_TASK,
     TaskCheck,
     check_drops,
     drop_table,
     fold_state,
     mean_gates,
+    probe_count,
     probe_sequences,
 )
 from continual.fold_distill import DistillSettings
@@ -234,3 +237,12 @@ def test_a_folded_tasks_sequences_are_served_by_the_snapshot_alone_in_any_batch(
         both[0, -folded_ids.shape[1] :], alone["folded"][0], atol=1e-5, rtol=0
     )
     torch.testing.assert_close(both[1, -live_ids.shape[1] :], alone["live"][0], atol=1e-5, rtol=0)
+
+
+def test_a_fold_encodes_only_the_sequences_it_reads() -> None:
+    # am-lora's distillation trains on many sequences; its fit and the exact folds' check on few
+    assert PROBES_PER_TASK < SEQUENCES_PER_TASK
+    assert probe_count("am-lora") == SEQUENCES_PER_TASK
+    assert probe_count("am-lora", distill=False) == PROBES_PER_TASK
+    for method in ("seq-lora", "inc-lora", "o-lora"):
+        assert probe_count(method) == probe_count(method, distill=False) == PROBES_PER_TASK

@@ -292,6 +292,10 @@ def test_an_am_lora_fold_is_distilled_as_the_policy_or_the_request_says(
     fitted = execute(inst, Recorder(), job.id, worker="w")
     assert fitted is not None and fitted.state is JobState.SUCCEEDED, fitted.error
     assert _distilled(inst, fitted.id) == []  # the request's 0 over the policy's 17
+    # a fit without distillation reads only the probes its least squares uses
+    assert given[1]["probes"] and all(
+        len(p) == continual_fold.PROBES_PER_TASK for p in given[1]["probes"]
+    )
     assert reg.streams.current_snapshot(am.id).version == 2
 
 
