@@ -79,12 +79,15 @@ def main() -> None:
     cov_first = _input_second_moments(base, tok, first, args.sequences, args.max_length)
     cov_second = _input_second_moments(base, tok, second, args.sequences, args.max_length)
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    spectra: dict[int, tuple[Tensor, Tensor]] = {}  # q/k/v (gate/up) share one moment tensor
     for path, cov in cov_first.items():
         if path not in trained:
             continue
         kind = path.rsplit(".", 1)[-1]
-        values, vectors = torch.linalg.eigh(cov)
-        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+        if id(cov) not in spectra:
+            values, vectors = torch.linalg.eigh(cov)
+            spectra[id(cov)] = values.flip(0).clamp_min(0), vectors.flip(1)
+        values, vectors = spectra[id(cov)]
         total = float(values.sum())
         rank = trained[path].shape[0]
         row = rows[kind]
@@ -153,20 +156,30 @@ def _base_path(name: str) -> str:
 def _input_second_moments(
     model: nn.Module, tok: PreTrainedTokenizerBase, task: TaskData, count: int, max_length: int
 ) -> dict[str, Tensor]:
-    """Linear layer path -> sum of x x^T over every token's input x, float64."""
+    """Linear layer path -> sum of x x^T over every token's input x, float64. Layers that read
+    the same input (a block's q/k/v, its gate/up) share one tensor, computed once."""
     moments: dict[str, Tensor] = {}
+    reader: dict[str, str] = {}  # layer path -> the first layer seen reading the same input
+    seen: dict[int, tuple[Tensor, str]] = {}  # this forward's inputs, held so ids stay unique
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.startswith("model.layers."):
 
             def hook(_: nn.Module, args: tuple[Tensor, ...], name: str = name) -> None:
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                moments[name] = moments.get(name, 0) + x.T @ x
+                x = args[0]
+                if id(x) in seen:
+                    reader[name] = seen[id(x)][1]
+                    return
+                seen[id(x)] = (x, name)
+                reader[name] = name
+                flat = x.reshape(-1, x.shape[-1]).double()
+                moments[name] = moments.get(name, 0) + flat.T @ flat
 
             hooks.append(module.register_forward_pre_hook(hook))
     try:
         model.eval()
         for example in task.train[:count]:
+            seen.clear()
             encoded = encode_pair(
                 tok,
                 prompt=example.prompt,
@@ -178,7 +191,7 @@ def _input_second_moments(
     finally:
         for handle in hooks:
             handle.remove()
-    return moments
+    return {name: moments[first] for name, first in reader.items()}
 
 
 if __name__ == "__main__":
