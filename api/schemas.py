@@ -81,7 +81,10 @@ class StreamPublic(_Out):
     base_source: dict[str, Any]
     method: str
     hyperparams: dict[str, Any]
-    method_options: dict[str, Any]
+    method_options: dict[str, Any] = Field(
+        description="The method's options as the stream trains with them, defaults included "
+        "(streams created before 2026-12-05 store only those given)."
+    )
     consolidation: dict[str, Any]
     state: str = Field(description="importing (its import job has not finished), ready, or "
                        "failed (the import failed: the name may be used again)")  # fmt: skip

@@ -16,9 +16,11 @@ if TYPE_CHECKING:
     from continual.strategies import Strategy
 
 
-def check_method_options(method: str, options: dict[str, Any]) -> None:
-    """InvalidHyperparameter (with the field) for an unknown method or a bad option."""
-    method_options(method, options)
+def resolved_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with `method`'s defaults for what they leave out: what a stream stores and an
+    adapter version records, so that a later release's defaults change neither. Raises
+    InvalidHyperparameter (with the field) for an unknown method or a bad option."""
+    return method_options(method, options).to_dict()
 
 
 JOB_PARAMS = frozenset(
@@ -29,7 +31,8 @@ JOB_PARAMS = frozenset(
 
 @dataclass(frozen=True)
 class TrainingSetup:
-    """How a job trains: its method, the method's options and the LoRA hyperparameters."""
+    """How a job trains: its method, the method's options (every one, defaults included) and the
+    LoRA hyperparameters."""
 
     method: str
     options: dict[str, Any]
@@ -84,10 +87,8 @@ def training_setup(
     for field, value in (("hyperparams", overrides), ("options", job_options)):
         if not isinstance(value, dict):
             raise InvalidHyperparameter(field=field, reason="must be an object")
-    setup = TrainingSetup(
+    return TrainingSetup(
         method=chosen,
-        options={**inherited, **job_options},
+        options=resolved_options(chosen, {**inherited, **job_options}),
         hyper=LoraHyperparams.from_dict({**hyperparams, **overrides}),
     )
-    check_method_options(setup.method, setup.options)
-    return setup

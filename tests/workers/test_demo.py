@@ -10,6 +10,7 @@ from peft import PeftModel
 
 from continual.data import synthetic_tasks
 from continual.evaluation import rank_classification
+from continual.options import AmLoraOptions
 from registry.artifacts import get_tree
 from registry.entities import AdapterStatus, JobKind, JobState, NodeKind, NodeRef
 from registry.errors import AlreadyExists, InvalidValue
@@ -111,7 +112,7 @@ def test_the_composed_stream_routes_and_consolidates_per_its_policy(instance: In
     seq, composed = result.runs
     stream = instance.registry.streams.get_by_id(composed.stream.id)
     assert stream.method == "am-lora"
-    assert stream.method_options == COMPOSED_OPTIONS
+    assert stream.method_options == {**AmLoraOptions().to_dict(), **COMPOSED_OPTIONS}
     assert stream.consolidation == {"every_tasks": 2, "max_drop": 100.0}
     assert stream.hyperparams == instance.registry.streams.get_by_id(seq.stream.id).hyperparams
     kinds = [(p["method"], p["kind"], p.get("position", p.get("after_task"))) for p in started]

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from continual.data import synthetic_tasks
+from continual.options import OLoraOptions
 from registry.entities import Job, JobKind, JobState
 from registry.errors import InvalidValue, NotFound
 from registry.instance import Instance
@@ -219,7 +220,10 @@ def test_a_streams_method_options_reach_its_jobs_and_are_recorded(inst: Instance
     options = {"lambda1": 0.25, "orthogonal_init": True}
     stream, _ = create_stream(inst, name="s", base={"kind": "tiny"}, method="o-lora",
                               method_options=options)  # fmt: skip
-    assert inst.registry.streams.get("s").method_options == options
+    # stored with every default, so that a later release's defaults do not change the stream
+    pinned = {**OLoraOptions().to_dict(), **options}
+    assert inst.registry.streams.get("s").method_options == pinned
+    assert set(pinned) > set(options)
     a = _submit(inst, stream, "a")
     data = synthetic_tasks(seed=1, train_size=24, test_size=6)[1]
     _, b = submit_task(inst, stream=stream, name="b", data=data, format="synthetic", params={
@@ -228,9 +232,15 @@ def test_a_streams_method_options_reach_its_jobs_and_are_recorded(inst: Instance
     for job in (a, b):
         assert execute(inst, out, job.id, worker="w").state is JobState.SUCCEEDED  # type: ignore[union-attr]
     first, second = inst.registry.adapters.list_versions(stream_id=stream.id)
-    assert (first.method, first.hyperparams["method_options"]) == ("o-lora", options)
+    assert (first.method, first.hyperparams["method_options"]) == ("o-lora", pinned)
     # a job that switches method does not inherit the stream's o-lora options
     assert (second.method, second.hyperparams["method_options"]) == ("inc-lora", {})
+    # a job's own options override the stream's, the rest recorded as the stream has them
+    _, c = submit_task(inst, stream=stream, name="c", data=data, format="synthetic", params={
+        "options": {"lambda1_norm": "mean"}, "hyperparams": FAST, "eval_limit": 6})  # fmt: skip
+    assert execute(inst, out, c.id, worker="w").state is JobState.SUCCEEDED  # type: ignore[union-attr]
+    third = inst.registry.adapters.list_versions(stream_id=stream.id)[-1]
+    assert third.hyperparams["method_options"] == {**pinned, "lambda1_norm": "mean"}
     bad = [({"method_options": {"lambda1": -1}}, "lambda1"),
            ({"method_options": {"bogus": 1}}, "bogus"),
            ({"method": "seq-lora", "method_options": {"lambda1": 1}}, "lambda1")]  # fmt: skip
