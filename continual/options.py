@@ -88,8 +88,9 @@ class OLoraOptions(MethodOptions):
         "params", LAMBDA2_NORMS, "What lambda2 weighs: the adapter's parameters (the paper's) "
         "or its weight change B @ A.")  # fmt: skip
     lambda1_norm: str = _choice(
-        "sum", LAMBDA1_NORMS, "How the overlap is pooled: summed over layers and earlier "
-        "tasks (the paper's), or their mean.")  # fmt: skip
+        "mean", LAMBDA1_NORMS, "How the overlap is pooled: averaged over layers per earlier "
+        "rank, or summed over layers and earlier tasks (the paper's, which learns new tasks "
+        "less well).")  # fmt: skip
 
 
 @dataclass(frozen=True)

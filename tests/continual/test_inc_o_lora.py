@@ -159,7 +159,8 @@ def test_o_lora_penalty_matches_reference_and_reaches_only_the_new_adapter(
     first = OLora(OLoraOptions(lambda2=0.0))
     model = first.prepare(make_base(), history=[], hyper=HYPER)
     assert first.extra_loss(model) is None  # no earlier task, no L2
-    strategy = OLora(OLoraOptions(lambda1=0.5, lambda2=0.01))
+    # the paper's pooling: the overlap summed over layers and earlier tasks
+    strategy = OLora(OLoraOptions(lambda1=0.5, lambda2=0.01, lambda1_norm="sum"))
     model = strategy.prepare(make_base(), history=history, hyper=HYPER)
     assert model.base_model.active_adapters == ["history", "task2"]
     extra = strategy.extra_loss(model)
@@ -172,7 +173,7 @@ def test_o_lora_penalty_matches_reference_and_reaches_only_the_new_adapter(
     torch.testing.assert_close(extra.double(), expected, rtol=1e-5, atol=0)
     model.train()
     _grads_only_on(model, "task2", extra)
-    l1_only = OLora(OLoraOptions(lambda1=2.0))
+    l1_only = OLora(OLoraOptions(lambda1=2.0, lambda1_norm="sum"))
     model = l1_only.prepare(make_base(), history=history[:1], hyper=HYPER)
     assert model.base_model.active_adapters == ["task0", "task1"]  # one earlier: nothing folded
     extra = l1_only.extra_loss(model)
@@ -185,10 +186,11 @@ def test_o_lora_penalty_matches_reference_and_reaches_only_the_new_adapter(
 def test_o_lora_mean_norm_averages_the_overlap_over_layers_per_earlier_rank(
     make_base: MakeBase, history: list[Path]
 ) -> None:
-    summed = OLora(OLoraOptions(lambda1=0.5))
+    summed = OLora(OLoraOptions(lambda1=0.5, lambda1_norm="sum"))
     model = summed.prepare(make_base(), history=history, hyper=HYPER)
     raw = summed.extra_loss(model)
-    mean = OLora(OLoraOptions(lambda1=0.5, lambda1_norm="mean"))
+    mean = OLora(OLoraOptions(lambda1=0.5))  # the default pooling
+    assert mean.options.lambda1_norm == "mean"
     model = mean.prepare(make_base(), history=history, hyper=HYPER)
     states = [load_file(adapter / "adapter_model.safetensors") for adapter in history]
     per_layer = []
@@ -319,7 +321,7 @@ def test_o_lora_overlap_falls_during_training(
     hyper = LoraHyperparams(rank=4, max_steps=30, batch_size=2, learning_rate=1e-2)
     overlaps: dict[str, tuple[float, float]] = {}
     models: dict[str, PeftModel] = {}
-    for strategy in (IncLora(), OLora(OLoraOptions(lambda1=0.5))):
+    for strategy in (IncLora(), OLora(OLoraOptions(lambda1=0.5, lambda1_norm="sum"))):
         model = strategy.prepare(make_base(), history=history, hyper=hyper)
         before = subspace_overlap(model)
         state = {k: v.clone() for k, v in model.state_dict().items() if ".task2." not in k}
@@ -353,12 +355,16 @@ def test_streams_o_lora_forgets_less_than_seq_lora(
 
     Measured BWT over seeds 0-2 (tasks, LoRA init and base seeded alike): seq-lora -0.35 / -0.48
     / -0.55, inc-lora -0.44 / -0.42 / -0.17, o-lora -0.13 / -0.14 / -0.16. inc-lora is not
-    reliably better than seq-lora (seed 0 is worse), so only o-lora's advantage is asserted."""
+    reliably better than seq-lora (seed 0 is worse), so only o-lora's advantage is asserted.
+    o-lora with the paper's pooling (`sum`): on this tiny model the summed term protects; the
+    default per-layer mean, a small fraction of it, left seed 0 at -0.36, as inc-lora. On SmolLM2
+    the sum held new tasks back and protected no more (BENCHMARKS.md)."""
     tasks = synthetic_tasks(seed=0)
     results = {}
+    options: dict[str, dict[str, str]] = {"o-lora": {"lambda1_norm": "sum"}}
     for name in ("seq-lora", "inc-lora", "o-lora"):
         results[name] = learn_stream(
-            strategy=get_strategy(name),
+            strategy=get_strategy(name, **options.get(name, {})),
             make_base=make_base,
             tokenizer=tokenizer,
             tasks=tasks,

@@ -90,3 +90,41 @@ def test_0005_makes_streams_written_before_ready(registry: SqlRegistry) -> None:
     migrate(engine, "head")
     assert registry.streams.get("s").state is StreamState.READY
     assert registry.streams.current_snapshot(stream.id).artifact_digest == "a" * 64
+
+
+def test_0007_pins_the_pooling_o_lora_streams_and_versions_were_trained_with(
+    registry: SqlRegistry,
+) -> None:
+    def stream(name: str, method: str, options: dict[str, object]) -> tuple[int, int]:
+        s = registry.streams.create(name=name, base_source={"kind": "tiny"}, method=method,
+                                    hyperparams={}, method_options=options)  # fmt: skip
+        snap = registry.streams.add_snapshot(stream_id=s.id, artifact_digest="a" * 64, source={})
+        ds = registry.tasks.add_dataset(digest=name[0] * 64, format="jsonl", num_train=1,
+                                        num_test=1, size_bytes=1, labels=None)  # fmt: skip
+        task, _ = registry.tasks.submit(stream_id=s.id, name="t", dataset_id=ds.id)
+        hyper = {"rank": 8, "method_options": options}
+        v = registry.adapters.create_version(
+            task_id=task.id, method=method, hyperparams=hyper, base_snapshot_id=snap.id,
+            dataset_id=ds.id,
+        )  # fmt: skip
+        return s.id, v.id
+
+    engine = registry.engine
+    cfg = alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0006")
+    # written before: o-lora with the old default left out, o-lora with mean chosen, and am-lora
+    old = stream("a", "o-lora", {"lambda1": 0.25})
+    chosen = stream("b", "o-lora", {"lambda1_norm": "mean"})
+    other = stream("c", "am-lora", {})
+    migrate(engine, "head")
+    for (stream_id, version_id), options in (
+        (old, {"lambda1": 0.25, "lambda1_norm": "sum"}),
+        (chosen, {"lambda1_norm": "mean"}),
+        (other, {}),
+    ):
+        assert registry.streams.get_by_id(stream_id).method_options == options
+        version = registry.adapters.get_by_id(version_id)
+        assert version.hyperparams == {"rank": 8, "method_options": options}
+    assert _diff(registry.engine.url.render_as_string(hide_password=False)) == []

@@ -237,10 +237,10 @@ def test_a_streams_method_options_reach_its_jobs_and_are_recorded(inst: Instance
     assert (second.method, second.hyperparams["method_options"]) == ("inc-lora", {})
     # a job's own options override the stream's, the rest recorded as the stream has them
     _, c = submit_task(inst, stream=stream, name="c", data=data, format="synthetic", params={
-        "options": {"lambda1_norm": "mean"}, "hyperparams": FAST, "eval_limit": 6})  # fmt: skip
+        "options": {"lambda1_norm": "sum"}, "hyperparams": FAST, "eval_limit": 6})  # fmt: skip
     assert execute(inst, out, c.id, worker="w").state is JobState.SUCCEEDED  # type: ignore[union-attr]
     third = inst.registry.adapters.list_versions(stream_id=stream.id)[-1]
-    assert third.hyperparams["method_options"] == {**pinned, "lambda1_norm": "mean"}
+    assert third.hyperparams["method_options"] == {**pinned, "lambda1_norm": "sum"}
     bad = [({"method_options": {"lambda1": -1}}, "lambda1"),
            ({"method_options": {"bogus": 1}}, "bogus"),
            ({"method": "seq-lora", "method_options": {"lambda1": 1}}, "lambda1")]  # fmt: skip

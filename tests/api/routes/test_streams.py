@@ -233,7 +233,7 @@ def test_method_options_are_documented_per_method_and_checked_by_field(
     with pytest.raises(SystemExit):
         main(["streams", "create", "--help"])
     shown = capsys.readouterr().out
-    assert "o-lora:" in shown and "lambda1_norm (default 'sum')" in shown
+    assert "o-lora:" in shown and "lambda1_norm (default 'mean')" in shown
     assert "sparsity_weight (default 0.01)" in shown
 
 
