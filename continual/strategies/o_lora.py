@@ -13,8 +13,8 @@ implementation (defaults lambda1=0.5, lambda2=0 are theirs as well). That sum is
 `lambda1_norm="sum"`. The default, `"mean"`, divides each ||A_i A_t^T||_1 by r_i and averages over
 the layers: summed over SmolLM2's 210 adapted layers the term held new tasks back (agnews learned
 to 70 where inc-lora reached 82.5) and forgot more (BWT -7.3), while the mean learned every task
-of both CL_Benchmark orders as inc-lora did, ending at BWT -6.0 and -3.0 (BENCHMARKS.md; why no
-pooling can forget much less: docs/notes/2026-12-05-olora-premise.md).
+of both CL_Benchmark orders as inc-lora did, ending at BWT -6.0 and -3.0 on seed 0
+(BENCHMARKS.md; why no pooling can forget much less: docs/notes/2026-12-05-olora-premise.md).
 
 Why absolute entries rather than squared: the goal is exact orthogonality. A squared penalty's
 gradient, 2 P A_i, vanishes as the overlap P = A_i A_t^T shrinks, so it leaves a small residual

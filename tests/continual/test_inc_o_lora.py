@@ -357,8 +357,8 @@ def test_streams_o_lora_forgets_less_than_seq_lora(
     / -0.55, inc-lora -0.44 / -0.42 / -0.17, o-lora -0.13 / -0.14 / -0.16. inc-lora is not
     reliably better than seq-lora (seed 0 is worse), so only o-lora's advantage is asserted.
     o-lora with the paper's pooling (`sum`): on this tiny model the summed term protects; the
-    default per-layer mean, a small fraction of it, left seed 0 at -0.36, as inc-lora. On SmolLM2
-    the sum held new tasks back and protected no more (BENCHMARKS.md)."""
+    default per-layer mean, a small fraction of it, left seed 0 at -0.36 (inc-lora -0.44). On
+    SmolLM2 the sum held new tasks back and protected no more (BENCHMARKS.md)."""
     tasks = synthetic_tasks(seed=0)
     results = {}
     options: dict[str, dict[str, str]] = {"o-lora": {"lambda1_norm": "sum"}}
