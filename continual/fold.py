@@ -320,11 +320,13 @@ def encode_probes(
     ]  # fmt: skip
 
 
-def probe_count(method: str, *, distill: bool = True) -> int:
-    """How many sequences of each task a fold of `method` reads: am-lora's distillation (when
-    `distill`) trains on `SEQUENCES_PER_TASK`; its fit, and an exact fold's logit check, read the
-    first `PROBES_PER_TASK`."""
-    return SEQUENCES_PER_TASK if method in GATED_METHODS and distill else PROBES_PER_TASK
+def probe_count(method: str, distillation: DistillSettings | None = None) -> int:
+    """How many sequences of each task `fold_state(method=method, distillation=distillation)`
+    reads: am-lora's distillation (default `DISTILL`), unless it has no steps, trains on
+    `SEQUENCES_PER_TASK`; its fit, and an exact fold's logit check, read the first
+    `PROBES_PER_TASK`."""
+    distills = (distillation or DISTILL).steps > 0
+    return SEQUENCES_PER_TASK if method in GATED_METHODS and distills else PROBES_PER_TASK
 
 
 def probe_sequences(

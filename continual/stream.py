@@ -22,7 +22,6 @@ from continual.data import TaskData
 from continual.errors import ConsolidationRegressed, InvalidHyperparameter
 from continual.evaluation import exact_match, rank_classification
 from continual.fold import (
-    DISTILL,
     TaskCheck,
     check_drops,
     drop_table,
@@ -217,9 +216,8 @@ def _consolidate(
     """Fold the state `history` builds on `base`; (the report, the folded model and the new
     history, its memory) when the fold passes its check, else (the report, None, [])."""
     state = strategy.inference_model(base, history=history)
-    distill = (distillation or DISTILL).steps > 0
     probes, prompts = fold_probes(tokenizer, tasks, max_length=hyper.max_length,
-                                  count=probe_count(strategy.name, distill=distill))  # fmt: skip
+                                  count=probe_count(strategy.name, distillation))  # fmt: skip
     fold = fold_state(state, method=strategy.name, history=history, probes=probes,
                       distillation=distillation, prompts=prompts)  # fmt: skip
     if fold.exact and not (fold.max_logit_diff or 0.0) <= fold_tolerance(fold.model):

@@ -139,8 +139,9 @@ def _fold_checked(
         clock.lap("seconds_evaluate")
     reporter.progress(0.3)
     data = {task.id: d for task, d in datasets}
+    distillation = replace(DISTILL, steps=distill_steps)
     probes, prompts = fold_probes(tokenizer, [data[v.task_id] for v in adapters], max_length=cut,
-                                  count=probe_count(method, distill=distill_steps > 0))  # fmt: skip
+                                  count=probe_count(method, distillation))  # fmt: skip
     labels = [str(v.task_id) for v in adapters]  # the memory's router rows name their tasks
     if method in GATED_METHODS and distill_steps:
         reporter.event(f"fitting the fold, then {distill_steps} steps of distillation from the "
@@ -153,7 +154,7 @@ def _fold_checked(
                            metrics={"distill_step": step, "distill_kl": kl})  # fmt: skip
 
     fold = fold_state(state, method=method, history=dirs, probes=probes, labels=labels,
-                      distillation=replace(DISTILL, steps=distill_steps),
+                      distillation=distillation,
                       on_distill_step=distilled, prompts=prompts)  # fmt: skip
     clock.lap("seconds_fold")
     if fold.exact:

@@ -4,6 +4,7 @@ overlap term (against earlier adapters and against the folded tasks' memory)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from continual.config import LoraHyperparams
 from continual.data import synthetic_tasks
 from continual.errors import ConsolidationRegressed, InvalidHyperparameter
 from continual.fold import (
+    DISTILL,
     PROBES_PER_TASK,
     SEQUENCES_PER_TASK,
     TaskCheck,
@@ -242,7 +244,8 @@ def test_a_folded_tasks_sequences_are_served_by_the_snapshot_alone_in_any_batch(
 def test_a_fold_encodes_only_the_sequences_it_reads() -> None:
     # am-lora's distillation trains on many sequences; its fit and the exact folds' check on few
     assert PROBES_PER_TASK < SEQUENCES_PER_TASK
-    assert probe_count("am-lora") == SEQUENCES_PER_TASK
-    assert probe_count("am-lora", distill=False) == PROBES_PER_TASK
+    fitted = dataclasses.replace(DISTILL, steps=0)  # am-lora's fit without the distillation
+    assert probe_count("am-lora") == probe_count("am-lora", DISTILL) == SEQUENCES_PER_TASK
+    assert probe_count("am-lora", fitted) == PROBES_PER_TASK
     for method in ("seq-lora", "inc-lora", "o-lora"):
-        assert probe_count(method) == probe_count(method, distill=False) == PROBES_PER_TASK
+        assert probe_count(method) == probe_count(method, fitted) == PROBES_PER_TASK
