@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from continual.data import TaskData
-from registry.entities import Dataset, Job, Stream, StreamState, Task
-from registry.errors import AlreadyExists, NotFound
+from registry.entities import Dataset, Job, JobKind, Stream, StreamState, Task
+from registry.errors import AlreadyExists, Conflict, NotFound
 from registry.instance import Instance
 from registry.validation import check_name
 from services.datasets import dataset_blob
@@ -140,3 +140,22 @@ def submit_existing(
     return inst.registry.tasks.submit(
         stream_id=stream.id, name=name, dataset_id=dataset.id, params=params
     )
+
+
+def check_foldable_state(inst: Instance, stream: Stream) -> None:
+    """Refuse (409) a consolidation that would find nothing to fold when it runs: no adapter on
+    the stream's current snapshot and no training job queued or running ahead of it."""
+    if inst.registry.jobs.open_kinds(stream.id) & {JobKind.TRAIN, JobKind.RETRAIN}:
+        return  # the consolidation runs after them, on the adapters they make
+    try:
+        snapshot = inst.registry.streams.current_snapshot(stream.id)
+    except NotFound:
+        raise Conflict(
+            f"the stream is {stream.state} and has no task queued: nothing to fold",
+            field="stream",
+        ) from None
+    if not inst.registry.adapters.stream_state(stream_id=stream.id, snapshot_id=snapshot.id):
+        raise Conflict(
+            f"no adapters on snapshot v{snapshot.version} to fold, and no training queued",
+            field="stream",
+        )

@@ -21,7 +21,7 @@ from registry.errors import InvalidValue
 from services.dispatch import enqueue
 from services.policy import FOLDABLE, check_policy
 from services.promotion import check_gate
-from services.streams import queue_stream
+from services.streams import check_foldable_state, queue_stream
 
 router = APIRouter(prefix="/streams", tags=["streams"])
 
@@ -107,9 +107,12 @@ def consolidate(
 ) -> object:
     """Queue a consolidation: after the stream's earlier jobs, its adapters are folded into a
     new base snapshot that becomes current. An exact fold is verified against the adapted
-    model; am-lora's is published only if no task drops more than `max_drop` points."""
+    model; am-lora's is published only if no task drops more than `max_drop` points. 409
+    when there would be nothing to fold: no adapter on the current snapshot and no training
+    job queued or running ahead of it."""
     if stream.method not in FOLDABLE:
         raise InvalidValue(f"{stream.method} streams cannot be consolidated", field="method")
+    check_foldable_state(inst, stream)
     params: dict[str, Any] = {"reason": "requested", "eval_limit": body.eval_limit}
     if body.max_drop is not None:
         params["max_drop"] = body.max_drop

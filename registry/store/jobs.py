@@ -244,6 +244,12 @@ class SqlJobStore:
             row.checkpoint_digest, row.checkpoint_step = digest, step
             return convert.job(row)
 
+    def open_kinds(self, stream_id: int) -> set[JobKind]:
+        """The kinds of the stream's queued or running jobs."""
+        query = select(JobRow.kind).where(JobRow.stream_id == stream_id, JobRow.state.in_(_OPEN))
+        with self._db.tx() as s:
+            return {JobKind(kind) for kind in s.scalars(query.distinct())}
+
     def next_in_stream(self, stream_id: int) -> Job | None:
         """The stream's earliest unfinished state-changing job, if it is waiting to run."""
         with self._db.tx() as s:

@@ -112,6 +112,21 @@ def test_retrain_on_a_version_with_replay_publishes_the_next_adapter(api: Api) -
     assert adapters[0]["dataset_id"] != version2.dataset.id
 
 
+def test_a_cron_consolidation_with_nothing_new_to_fold_succeeds_and_stores_nothing(
+    api: Api,
+) -> None:
+    api.create_stream({"name": "s", "base": {"kind": "tiny"}})
+    h = api.auth("write")
+    body = {"kind": "consolidate", "cron": "@hourly"}
+    made = api.client.post("/v1/streams/s/schedules", headers=h, json=body).json()
+    due = datetime.fromisoformat(made["next_run_at"]) + timedelta(seconds=1)
+    (fired,) = fire_due(api.inst, api.dispatcher, now=due)
+    assert run_job(api.inst, fired.id).state == "succeeded"
+    events = api.client.get(f"/v1/jobs/{fired.id}/events", headers=h).json()["data"]
+    assert any(e["message"].startswith("nothing to fold") for e in events), events
+    assert api.client.get("/v1/streams/s/snapshots", headers=h).json()["count"] == 1
+
+
 def test_a_cron_retrain_takes_the_newest_version_and_skips_trained_data(api: Api) -> None:
     _trained(api)
     h = api.auth("write")

@@ -308,10 +308,15 @@ def test_consolidation_routes_refuse_what_cannot_be_folded(api: Api) -> None:
     assert policy.json()["consolidation"] == {"max_rank": 64}
     _problem(c.put("/v1/streams/s/consolidation", json={"max_rank": 0}, headers=h), 422, "max_rank")
     _problem(c.put("/v1/streams/s/consolidation", json={"often": 1}, headers=h), 422, "often")
+    # nothing to fold, and no training queued that would make something: refused up front
+    _problem(c.post("/v1/streams/s/consolidate", json={}, headers=h), 409, "stream")
+    assert api.dispatcher.sent == imported
+    train = _submit(api, "s", "t1").json()["job"]["id"]  # a queued training job: it will
     queued = c.post("/v1/streams/s/consolidate", json={}, headers=h)
     assert queued.status_code == 202 and queued.json()["kind"] == "consolidate"
-    assert api.dispatcher.sent == [*imported, queued.json()["id"]]
+    assert api.dispatcher.sent == [*imported, train, queued.json()["id"]]
     api.create_stream({"name": "am", "base": {"kind": "tiny"}, "method": "am-lora"})
+    _submit(api, "am", "t1")
     # am-lora streams fold too, gated by max_drop (the request's, else the policy's)
     folding = c.post("/v1/streams/am/consolidate", json={"max_drop": 5}, headers=h)
     assert folding.status_code == 202 and folding.json()["params"]["max_drop"] == 5
@@ -340,6 +345,10 @@ def test_consolidation_routes_refuse_what_cannot_be_folded(api: Api) -> None:
     activated = c.post("/v1/streams/s/snapshots/0/activate", headers=h)
     assert activated.status_code == 200 and activated.json()["current"] is True
     _problem(c.post("/v1/streams/s/snapshots/0/activate", headers=api.auth("read")), 403)
+    # once trained, its adapter is there to fold: accepted with no training queued
+    assert run_job(api.inst, train).state == "succeeded"
+    again = c.post("/v1/streams/s/consolidate", json={}, headers=h)
+    assert again.status_code == 202, again.text
 
 
 def test_json_bodies_nested_deeper_than_the_parser_recurses_are_refused(api: Api) -> None:
