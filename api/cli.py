@@ -21,9 +21,10 @@ from services.policy import DEFAULT_DISTILL_STEPS
 class _BenchProgress:
     """A progress bar per (method, task) of a bench run."""
 
-    def __init__(self) -> None:
+    def __init__(self, consolidate_after: int | None = None) -> None:
         self.bar: progress.Bar | None = None
         self.tasks: dict[str, int] = {}  # tasks begun, per method
+        self.consolidate_after = consolidate_after
 
     def step(self, method: str, step: int, total_steps: int, loss: float) -> None:
         if step == 1:
@@ -47,6 +48,15 @@ class _BenchProgress:
             )
         bar.update(n)
 
+    def distill(self, method: str, step: int, steps: int, kl: float) -> None:
+        """A fold's distillation (am-lora): one bar of its steps."""
+        if step == 1 or self.bar is None:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = progress.bar(total=steps, desc=f"{method} fold: distilling", unit="step")
+        self.bar.set_postfix(kl=f"{kl:.4f}", refresh=False)
+        self.bar.update(step - self.bar.n)
+
     def row(self, method: str, t: int, row: tuple[float, ...]) -> None:
         """Print each measured row of an accuracy matrix (evaluation takes minutes too)."""
         if self.bar is not None:
@@ -54,6 +64,8 @@ class _BenchProgress:
             self.bar = None
         where = "untrained base" if t < 0 else f"{method} after task {t + 1}"
         progress.write(f"{where}: " + " ".join(f"{100 * v:.1f}" for v in row))
+        if t >= 0 and t + 1 == self.consolidate_after:  # a fold comes next: minutes for am-lora
+            progress.write(f"{method}: folding tasks 1-{t + 1} into the base")
 
     def fold(self, method: str, report: Any) -> None:
         """Print a consolidation's routed and folded accuracy per task as soon as measured."""
@@ -81,7 +93,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     progress.quiet_libraries()
     out = args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
-    bars = _BenchProgress()
+    bars = _BenchProgress(consolidate_after=args.consolidate_after)
     try:
         cfg = BenchConfig(
             data=args.data, order=tuple(args.order.split(",")),
@@ -93,7 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )  # fmt: skip
         results = run_bench(
             cfg, out_dir=out, on_step=bars.step, on_row=bars.row,
-            on_fold=bars.fold,
+            on_fold=bars.fold, on_distill_step=bars.distill,
             on_scored=bars.scored,
             on_result=lambda done: write_reports(cfg, done, out),  # kept if the run is stopped
         )  # fmt: skip

@@ -126,6 +126,7 @@ def learn_stream(
     max_drop: float = 2.0,
     on_fold: Callable[[FoldReport], None] | None = None,
     distillation: DistillSettings | None = None,
+    on_distill_step: Callable[[int, int, float], None] | None = None,
 ) -> StreamResult:
     """Train `tasks` in order; after each, rebuild the stream's model from the saved adapters
     and evaluate every task. `make_base` must return a fresh base each call (PEFT edits the
@@ -136,8 +137,9 @@ def learn_stream(
 
     `consolidate_after` K: after the K-th task, fold the stream's state into its base as a
     consolidation job does (`continual.fold`; exact folds are checked against the adapted
-    model, am-lora's against `max_drop`, after `distillation`, default `continual.fold.DISTILL`)
-    and learn the later tasks on the folded base."""
+    model, am-lora's against `max_drop`, after `distillation`, default `continual.fold.DISTILL`,
+    whose steps `on_distill_step(step, steps, kl)` reports) and learn the later tasks on the
+    folded base."""
     check_metric(metric)
     start = time.perf_counter()
 
@@ -180,6 +182,7 @@ def learn_stream(
                 strategy, make_base(), tokenizer, tasks[since : index + 1], history, hyper,
                 routed=rows[-1], evaluate_all=evaluate_all, max_drop=max_drop, after_task=index,
                 out_dir=Path(out_dir) / f"fold-after-{index:02d}", distillation=distillation,
+                on_distill_step=on_distill_step,
             )  # fmt: skip
             folds.append(report)
             if on_fold is not None:
@@ -212,6 +215,7 @@ def _consolidate(
     after_task: int,
     out_dir: Path,
     distillation: DistillSettings | None,
+    on_distill_step: Callable[[int, int, float], None] | None = None,
 ) -> tuple[FoldReport, PreTrainedModel | None, list[Path]]:
     """Fold the state `history` builds on `base`; (the report, the folded model and the new
     history, its memory) when the fold passes its check, else (the report, None, [])."""
@@ -219,7 +223,8 @@ def _consolidate(
     probes, prompts = fold_probes(tokenizer, tasks, max_length=hyper.max_length,
                                   count=probe_count(strategy.name, distillation))  # fmt: skip
     fold = fold_state(state, method=strategy.name, history=history, probes=probes,
-                      distillation=distillation, prompts=prompts)  # fmt: skip
+                      distillation=distillation, prompts=prompts,
+                      on_distill_step=on_distill_step)  # fmt: skip
     if fold.exact and not (fold.max_logit_diff or 0.0) <= fold_tolerance(fold.model):
         raise ValueError(f"the fold changed the logits by {fold.max_logit_diff:.3g}")
     folded = evaluate_all(fold.model)

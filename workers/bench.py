@@ -119,6 +119,7 @@ def run_bench(
     on_row: Callable[[str, int, tuple[float, ...]], None] | None = None,
     on_scored: Callable[[str, int, int], None] | None = None,
     on_fold: Callable[[str, FoldReport], None] | None = None,
+    on_distill_step: Callable[[str, int, int, float], None] | None = None,
     on_result: Callable[[Sequence[MethodResult]], None] | None = None,
 ) -> list[MethodResult]:
     """Learn the sequence once per method; every method starts from the same base model, whose
@@ -126,7 +127,8 @@ def run_bench(
 
     `on_step(method, step, total_steps, loss)` reports every training step (its step count
     starts again at 1 with each task), `on_row(method, t, row)` every measured row (t = -1:
-    the untrained base), `on_fold(method, report)` each consolidation (`--consolidate-after`), and
+    the untrained base), `on_fold(method, report)` each consolidation (`--consolidate-after`),
+    `on_distill_step(method, step, steps, kl)` each step of an am-lora fold's distillation, and
     `on_scored(method, n, row_total)` the evaluation's progress: n more of a row's `row_total`
     test examples done. `on_result(results)` is called with the results so far each time a
     method finishes, so that a long run that is stopped keeps what it measured."""
@@ -155,6 +157,11 @@ def run_bench(
 
     def folded(method: str) -> Callable[[FoldReport], None] | None:
         return None if on_fold is None else lambda fold: on_fold(method, fold)
+
+    def distilling(method: str) -> Callable[[int, int, float], None] | None:
+        if on_distill_step is None:
+            return None
+        return lambda step, steps, kl: on_distill_step(method, step, steps, kl)
 
     def scored(method: str) -> Callable[[int], None] | None:
         return None if on_scored is None else lambda n: on_scored(method, n, row_total)
@@ -185,7 +192,7 @@ def run_bench(
             on_scored=scored(method), consolidate_after=cfg.consolidate_after,
             max_drop=cfg.max_drop,
             distillation=replace(DISTILL, steps=cfg.distill_steps, seed=cfg.seed),
-            on_fold=folded(method),
+            on_fold=folded(method), on_distill_step=distilling(method),
         )  # fmt: skip
         steps = sum(r.steps for r in res.train_results)
         results.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,11 @@ def test_bench_consolidates_after_task_k_through_the_fold_jobs_use(
     table = (out / "results.md").read_text()
     assert "composed: fold after sport_food, published" in table
     printed = capsys.readouterr()  # each fold is shown as soon as it is measured
-    assert "composed fold after task 1 (published):" in printed.out + printed.err
+    shown = printed.out + printed.err
+    assert "composed fold after task 1 (published):" in shown
+    # the fold is announced, and its distillation has a bar of its own (5 steps)
+    assert "composed: folding tasks 1-1 into the base" in shown
+    assert re.search(r"composed fold: distilling.*5/5", shown), shown
 
 
 @pytest.mark.parametrize(
