@@ -311,7 +311,7 @@ def test_consolidation_routes_refuse_what_cannot_be_folded(api: Api) -> None:
     # nothing to fold, and no training queued that would make something: refused up front
     _problem(c.post("/v1/streams/s/consolidate", json={}, headers=h), 409, "stream")
     assert api.dispatcher.sent == imported
-    train = _submit(api, "s", "t1").json()["job"]["id"]  # a queued training job: it will
+    train = _submit(api, "s", "t1").json()["job"]["id"]  # queued: it will make an adapter
     queued = c.post("/v1/streams/s/consolidate", json={}, headers=h)
     assert queued.status_code == 202 and queued.json()["kind"] == "consolidate"
     assert api.dispatcher.sent == [*imported, train, queued.json()["id"]]
