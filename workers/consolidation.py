@@ -76,8 +76,7 @@ def consolidate(inst: Instance, job: Job, reporter: JobReporter) -> None:
     adapters = reg.adapters.stream_state(stream_id=job.stream_id, snapshot_id=snapshot.id)
     if not adapters:
         if "schedule_id" in job.params:  # a schedule fires whether or not tasks came since
-            reporter.event(f"nothing to fold: no adapters on snapshot v{snapshot.version} "
-                           "since the last consolidation")  # fmt: skip
+            reporter.event(f"nothing to fold: no adapters on snapshot v{snapshot.version}")
             return
         raise Conflict(f"no adapters on snapshot v{snapshot.version} to fold", field="stream")
     method = adapters[-1].method
