@@ -120,6 +120,11 @@ class AmLoraOptions(MethodOptions):
         0.5, "The new adapter's share of every token's mixture when its task starts, against "
         "the earlier adapters and the zero adapter together (0 < share < 1).",
         exclusive=True, high=1.0)  # fmt: skip
+    warm_start: bool = field(
+        default=False,
+        metadata={"help": "Start the new adapter as a copy of the previous task's (A and B) "
+                  "instead of A random and B zero."},
+    )  # fmt: skip
 
 
 METHOD_OPTIONS: dict[str, type[MethodOptions]] = {

@@ -48,6 +48,10 @@ Design choices:
   here, or the paper's `sum`; see `o_lora`), and `lambda2` times the Frobenius norms of the new
   A and B. The overlap term keeps the adapters' input subspaces apart, which is what lets a
   consolidation sum them into one weight (`continual.fold`) with less interference.
+- **Warm start** (`warm_start`, default off): the new adapter starts as a copy of the newest
+  earlier adapter (A and B, at the new adapter's scale) instead of A random and B zero. With
+  routing a new task trains with the earlier adapters masked, so without it each task starts
+  from the bare base (or the snapshot), where inc-lora's new adapter adds to the earlier ones.
 - **After a consolidation** the history starts with the memory of the folded tasks
   (`am_lora_files`): the snapshot serves those tasks, the router keeps their statistics and
   gives their inputs to no adapter, and only the adapters trained since are mixed.
@@ -149,6 +153,8 @@ class AmLora:
             scale = self.options.selector_lr_scale  # 1: the run's group
             set_lr_scale(layer.selector_weight, scale)
             set_lr_scale(layer.selector_bias, scale)
+            if self.options.warm_start:
+                layer.start_from_last()
             base.set_submodule(path, layer)
         routed = self._route(base, memory=memory, adapters=adapters, learning=True)
         # the earlier rows are copied for the overlap term only when it is on

@@ -137,6 +137,19 @@ class AmLoraLinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
+    def start_from_last(self) -> None:
+        """Make the new adapter a copy of the newest frozen one: its A rows, and its B columns
+        rescaled to the new adapter's scale (ranks that differ copy the common leading part;
+        the rest keeps its fresh start)."""
+        if self.lora_A is None or self.lora_B is None:
+            raise ValueError("this AM-LoRA layer has no new adapter to start")
+        if self.frozen_A.shape[0] == 0:
+            return
+        rank = min(self.lora_A.shape[0], self.frozen_A.shape[1])
+        with torch.no_grad():
+            self.lora_A[:rank] = self.frozen_A[-1, :rank]
+            self.lora_B[:, :rank] = self.frozen_B[:, -1, :rank] / self.scaling
+
     def hold_history_rows(self) -> None:
         """Keep the earlier adapters' selector rows and the zero logit as they are now: the
         forward pass and `selector()` use these copies, whatever the optimiser does to the

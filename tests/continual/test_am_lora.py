@@ -415,3 +415,44 @@ def test_am_lora_stream_learns_every_task(
     assert matrix.average_accuracy > 0.9, table
     for adapter in result.adapters:
         assert sorted(f.name for f in adapter.iterdir()) == sorted([*ADAPTER_FILES, SELECTOR_FILE])
+
+
+@pytest.mark.parametrize("rank", [6, 8, 4])
+def test_warm_start_begins_the_new_adapter_as_the_previous_one(
+    make_base: MakeBase, tmp_path: Path, rank: int
+) -> None:
+    """`warm_start`: the new adapter starts as a copy of the newest earlier adapter (its update
+    B @ A at the new adapter's scale); a smaller rank copies the leading rows, a larger one
+    keeps its extra rows fresh (B zero). Without it the new adapter starts at B = 0."""
+    history = _history(make_base, tmp_path, 2)  # ranks 4 and 6
+    previous = PeftModel.from_pretrained(make_base(), str(history[-1]))
+    hyper = dataclasses.replace(HYPER, rank=rank, alpha=2.0 * rank)
+    for warm in (True, False):
+        model = AmLora(AmLoraOptions(warm_start=warm)).prepare(
+            make_base(), history=history, hyper=hyper
+        )
+        for path, layer in am_lora_layers(model).items():
+            assert layer.lora_A is not None and layer.lora_B is not None
+            lora = previous.base_model.model.get_submodule(path)
+            old_A, old_B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+            old_scale = lora.scaling["default"]
+            if not warm:
+                assert torch.count_nonzero(layer.lora_B) == 0
+                continue
+            common = min(rank, 6)
+            torch.testing.assert_close(layer.lora_A[:common], old_A[:common])
+            torch.testing.assert_close(
+                layer.lora_B[:, :common] * layer.scaling, old_B[:, :common] * old_scale
+            )
+            assert torch.count_nonzero(layer.lora_B[:, common:]) == 0
+            if rank >= 6:  # the whole update: the new adapter starts where the last one ended
+                torch.testing.assert_close(
+                    layer.lora_B @ layer.lora_A * layer.scaling, old_B @ old_A * old_scale
+                )
+    first = AmLora(AmLoraOptions(warm_start=True)).prepare(make_base(), history=[], hyper=hyper)
+    assert all(
+        torch.count_nonzero(layer.lora_B) == 0 for layer in am_lora_layers(first).values()
+    )  # nothing earlier: a fresh start
+    with pytest.raises(InvalidHyperparameter) as info:
+        get_strategy("am-lora", warm_start="yes")
+    assert info.value.field == "warm_start"
