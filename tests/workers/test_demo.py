@@ -25,13 +25,16 @@ from workers.streams import create_stream
 pytestmark = pytest.mark.slow
 
 SIZES = {"train_size": 192, "test_size": 48}
+# At these sizes the composed stream's folds on this seed cost a task points, both after task 2
+# and after task 3 (seed 0's second fold costs nothing since new adapters start warm)
+REFUSED_SEED = 1
 
 
 def test_demo_learns_three_tasks_in_sequence(instance: Instance, tmp_path: Path) -> None:
     seen: list[str] = []
     started: list[dict[str, object]] = []
     result = run_demo(
-        instance, seed=0, listener=lambda kind, _p: seen.append(kind), max_drop=0.0,
+        instance, seed=REFUSED_SEED, listener=lambda kind, _p: seen.append(kind), max_drop=0.0,
         on_job_start=lambda _k, payload: started.append(payload), **SIZES,
     )  # fmt: skip
     seq, composed = result.runs
@@ -44,7 +47,7 @@ def test_demo_learns_three_tasks_in_sequence(instance: Instance, tmp_path: Path)
     assert seq.failed == () and composed.failed == ()
 
     versions = reg.adapters.list_versions(stream_id=seq.stream.id)
-    names = [t.name for t in synthetic_tasks(seed=0, train_size=4, test_size=1)]
+    names = [t.name for t in synthetic_tasks(seed=REFUSED_SEED, train_size=4, test_size=1)]
     assert [(v.task_name, v.version, v.status) for v in versions] == [
         (n, 1, AdapterStatus.READY) for n in names
     ]
@@ -56,7 +59,10 @@ def test_demo_learns_three_tasks_in_sequence(instance: Instance, tmp_path: Path)
     assert matrix.task_names == tuple(names)
     assert len(matrix.values) == 3 and all(v is not None for row in matrix.values for v in row)
     assert all(b is not None for b in matrix.baseline)
-    chance = [1 / len(t.labels or ()) for t in synthetic_tasks(seed=0, train_size=4, test_size=1)]
+    chance = [
+        1 / len(t.labels or ())
+        for t in synthetic_tasks(seed=REFUSED_SEED, train_size=4, test_size=1)
+    ]
     for t in range(3):  # each task is learned well above chance right after training on it
         assert matrix.values[t][t] > chance[t] + 0.3, (t, matrix.values)
 
@@ -70,7 +76,7 @@ def test_demo_learns_three_tasks_in_sequence(instance: Instance, tmp_path: Path)
     ]
     base, tokenizer = load_snapshot(instance, seq.base)
     peft_model = PeftModel.from_pretrained(base, exported)
-    task_data = synthetic_tasks(seed=0, **SIZES)[2]
+    task_data = synthetic_tasks(seed=REFUSED_SEED, **SIZES)[2]
     with torch.no_grad():
         acc = rank_classification(peft_model, tokenizer, task_data.test, task_data.labels or ())
     assert acc.accuracy == pytest.approx(matrix.values[2][2], abs=1e-9)
