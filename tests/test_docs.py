@@ -156,3 +156,19 @@ def test_readme_cites_the_method_comparison_that_benchmarks_holds() -> None:
     assert len(cited) >= 10
     for value in cited:
         assert re.search(rf"\|\s*\**{re.escape(value)}\**\s*\|", bench), value
+
+
+def test_readme_composed_command_sets_the_composed_settings() -> None:
+    """README's one command for the composed pipeline on a stream sets exactly the options in
+    which `composed` (workers.bench.COMPOSED_OPTIONS) differs from am-lora's defaults."""
+    from api.pairs import parse_pairs
+    from continual.options import AmLoraOptions
+    from workers.bench import COMPOSED_OPTIONS
+
+    readme = (REPO / "README.md").read_text()
+    after = readme.split("The composed pipeline on a stream, the one command", 1)[1]
+    command = after.split("```sh\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    assert "--method am-lora" in command
+    options = parse_pairs(re.findall(r"--option (\S+)", command), flag="--option")
+    defaults = AmLoraOptions().to_dict()
+    assert options == {k: v for k, v in COMPOSED_OPTIONS.items() if defaults[k] != v}
