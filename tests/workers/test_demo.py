@@ -47,7 +47,8 @@ def test_demo_learns_three_tasks_in_sequence(instance: Instance, tmp_path: Path)
     assert seq.failed == () and composed.failed == ()
 
     versions = reg.adapters.list_versions(stream_id=seq.stream.id)
-    names = [t.name for t in synthetic_tasks(seed=REFUSED_SEED, train_size=4, test_size=1)]
+    tiny = synthetic_tasks(seed=REFUSED_SEED, train_size=4, test_size=1)
+    names = [t.name for t in tiny]
     assert [(v.task_name, v.version, v.status) for v in versions] == [
         (n, 1, AdapterStatus.READY) for n in names
     ]
@@ -59,10 +60,7 @@ def test_demo_learns_three_tasks_in_sequence(instance: Instance, tmp_path: Path)
     assert matrix.task_names == tuple(names)
     assert len(matrix.values) == 3 and all(v is not None for row in matrix.values for v in row)
     assert all(b is not None for b in matrix.baseline)
-    chance = [
-        1 / len(t.labels or ())
-        for t in synthetic_tasks(seed=REFUSED_SEED, train_size=4, test_size=1)
-    ]
+    chance = [1 / len(t.labels or ()) for t in tiny]
     for t in range(3):  # each task is learned well above chance right after training on it
         assert matrix.values[t][t] > chance[t] + 0.3, (t, matrix.values)
 
